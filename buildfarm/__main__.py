@@ -1,0 +1,5 @@
+"""`python -m buildfarm` runs the command line."""
+
+from buildfarm.cli import main
+
+main()

@@ -1,0 +1,263 @@
+"""One attempt of one build on one machine: the steps of design.md, "One build, step by step".
+
+Every step is recorded on the attempt before it starts. The steps only talk to the machine and
+the output store; how an attempt ends is decided by the exception it raises (or not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from buildfarm import derivation as drvmod
+from buildfarm.backends import Backend
+from buildfarm.datastore import attempts as records
+from buildfarm.datastore import closure
+from buildfarm.datastore.models import COULD_NOT_DELETE_OUTPUTS, MISSING_INPUTS
+from buildfarm.errors import ArchiveError, RemoteError
+from buildfarm.inventory import Machine
+from buildfarm.logs import LogWriter
+from buildfarm.outputs import OutputStore
+from buildfarm.remote import Remote
+from buildfarm.signing import SigningKey
+
+T = TypeVar("T")
+SMALL = 120.0  # seconds a store query may take
+TRANSFER = 3600.0  # seconds an import or export may take
+
+
+class SetupFailed(Exception):
+    """The machine could not start the build (design.md: setup failure)."""
+
+    def __init__(self, kind: str, paths: Sequence[str], detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.paths = tuple(paths)
+        self.detail = detail
+
+
+class BuildFailed(Exception):
+    """The builder ran and failed (or timed out)."""
+
+    def __init__(self, exit_status: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.exit_status = exit_status
+        self.reason = reason
+
+
+class TransferFailed(Exception):
+    """The outputs could not be fetched, verified or stored: retried later, elsewhere."""
+
+
+DbCall = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class AttemptRun:
+    """Everything one attempt needs; `db` runs a datastore function in the datastore thread."""
+
+    attempt_id: int
+    build_uuid: str
+    drv_path: str
+    machine: Machine
+    remote: Remote
+    backend: Backend
+    outputs: OutputStore
+    db: DbCall
+    key: SigningKey
+    log_path: str
+    max_log_bytes: int
+    on_step: Callable[[str], None] | None = None
+    on_progress: Callable[[int], None] | None = None
+
+    async def step(self, name: str, detail: str | None = None) -> None:
+        await self.db(records.step, self.attempt_id, name, detail)
+        if self.on_step is not None:
+            self.on_step(name)
+
+    async def missing(self, paths: Sequence[str]) -> list[str]:
+        if not paths:
+            return []
+        command = self.backend.missing(paths)
+        result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
+        if not result.ok:
+            raise RemoteError(f"{self.machine.name}: {_first_error(result.stderr)}")
+        return self.backend.parse_missing(result.stdout)
+
+    async def import_bundle(self, bundle_file: str, what: str) -> None:
+        command = self.backend.import_bundle()
+        result = await self.remote.run_streaming(
+            command.argv, stdin=_file_chunks(bundle_file), timeout=TRANSFER
+        )
+        if not result.ok:
+            raise SetupFailed(
+                MISSING_INPUTS, (), f"{what} could not be imported: {_first_error(result.stderr)}"
+            )
+
+    # The steps, in order.
+
+    async def push_derivations(self) -> None:
+        """Make sure the .drv closure is in the machine's store."""
+        await self.step("push-derivations")
+        known = await self.db(closure.derivations, self.drv_path)
+        sources: set[str] = set()
+        for item in known:
+            sources.update(drvmod.parse(item.contents, source=item.path).input_srcs)
+        missing = set(await self.missing([k.path for k in known] + sorted(sources)))
+        absent_sources = sorted(sources & missing)
+        if absent_sources:
+            raise SetupFailed(
+                MISSING_INPUTS, absent_sources, "input sources missing on the machine"
+            )
+        if self.drv_path in missing and self.drv_path not in {k.path for k in known}:
+            raise SetupFailed(MISSING_INPUTS, [self.drv_path], "derivation text unknown")
+        to_push = [k for k in known if k.path in missing]
+        if to_push:
+            bundle = self.outputs.derivation_bundle(
+                [(k.path, k.contents) for k in to_push], self._signer()
+            )
+            try:
+                await self.import_bundle(bundle, f"{len(to_push)} derivation(s)")
+            finally:
+                os.unlink(bundle)
+
+    async def push_inputs(self) -> list[str]:
+        """Push the input outputs the output store holds and the machine lacks; return the rest."""
+        await self.step("push-inputs")
+        needed = await self.db(closure.input_outputs, self.drv_path)
+        missing = await self.missing(needed)
+        if not missing:
+            return []
+        held = await self.db(closure.stored_closure, missing)
+        lacking = set(await self.missing([h.path for h in held]))
+        to_push = [h for h in held if h.path in lacking]
+        if to_push:
+            bundle = self.outputs.output_bundle(to_push, self._signer())
+            try:
+                await self.import_bundle(bundle, f"{len(to_push)} input output(s)")
+            finally:
+                os.unlink(bundle)
+        pushed = {h.path for h in to_push}
+        return [p for p in missing if p not in pushed]
+
+    async def dry_run(self, unavailable: Sequence[str]) -> None:
+        await self.step("dry-run")
+        command = self.backend.dry_run(self.drv_path)
+        result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
+        if not result.ok:
+            raise SetupFailed(MISSING_INPUTS, (), f"dry run failed: {_first_error(result.stderr)}")
+        plan = self.backend.parse_dry_run(result.stdout, result.stderr)
+        others = [d for d in plan.would_build if d != self.drv_path]
+        if others:
+            paths = list(unavailable) or others
+            raise SetupFailed(
+                MISSING_INPUTS, paths, f"{len(others)} input derivation(s) would be built first"
+            )
+
+    async def delete_outputs(self, outputs: Sequence[str]) -> None:
+        await self.step("delete-outputs")
+        present = sorted(set(outputs) - set(await self.missing(outputs)))
+        if not present:
+            return
+        command = self.backend.delete(present)
+        result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
+        if not result.ok:
+            raise SetupFailed(
+                COULD_NOT_DELETE_OUTPUTS, present, _first_error(result.stderr)
+            )
+
+    async def build(self) -> None:
+        await self.step("build")
+        machine = self.machine
+        command = self.backend.build(
+            self.drv_path, max_silent_time=machine.max_silent_time, timeout=machine.timeout
+        )
+        log = LogWriter(self.log_path, self.max_log_bytes)
+        await self.db(records.set_log, self.attempt_id, self.log_path)
+        try:
+            result = await self.remote.run_streaming(
+                command.argv,
+                on_stdout=log.write,
+                on_stderr=log.write,
+                # The store enforces both limits; these are the coordinator's safety net.
+                timeout=None if machine.timeout is None else machine.timeout + 60,
+                silence_timeout=None
+                if machine.max_silent_time is None
+                else machine.max_silent_time + 60,
+            )
+        finally:
+            log.close()
+        if not result.ok:
+            _kind, reason = self.backend.classify_build_failure(result.exit_status, log.tail)
+            raise BuildFailed(result.exit_status, reason)
+
+    async def fetch_outputs(self, outputs: Sequence[str]) -> list[records.OutputRecord]:
+        """Export on the machine, pull over SFTP, verify, store atomically."""
+        await self.step("export-outputs")
+        remote_file = await self.remote.mktemp()
+        local_file = self.outputs.temp_path(f"attempt-{self.attempt_id}.bundle")
+        try:
+            command = self.backend.export_to_file(outputs, remote_file)
+            result = await self.remote.run(command.argv, input=command.stdin, timeout=TRANSFER)
+            if not result.ok:
+                raise TransferFailed(f"export failed: {_first_error(result.stderr)}")
+            await self.step("fetch-outputs")
+            await self.remote.fetch(remote_file, local_file, progress=self.on_progress)
+            await self.step("verify-outputs")
+            reported = {p: await self._reported_hash(p) for p in outputs}
+            try:
+                return await asyncio.to_thread(
+                    self.outputs.import_bundle, local_file, outputs, reported, self.drv_path
+                )
+            except ArchiveError as e:
+                raise TransferFailed(str(e)) from None
+        finally:
+            if os.path.exists(local_file):
+                os.unlink(local_file)
+            await _quietly(self.remote.remove(remote_file))
+
+    async def _reported_hash(self, path: str) -> tuple[str, int | None]:
+        command = self.backend.nar_hash(path)
+        result = await self.remote.run(command.argv, input=command.stdin, timeout=TRANSFER)
+        if not result.ok:
+            raise TransferFailed(f"cannot hash {path}: {_first_error(result.stderr)}")
+        return self.backend.parse_nar_hash(result.stdout)
+
+    def _signer(self) -> SigningKey | None:
+        return self.key if self.backend.signed_imports else None
+
+    async def run(self) -> list[records.OutputRecord]:
+        outputs = sorted((await self.db(records.output_paths, self.drv_path)).values())
+        await self.push_derivations()
+        unavailable = await self.push_inputs()
+        await self.dry_run(unavailable)
+        await self.delete_outputs(outputs)
+        await self.build()
+        return await self.fetch_outputs(outputs)
+
+
+def _first_error(stderr: bytes) -> str:
+    """The most telling line of a store command's stderr (its error line, else its last)."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "error:" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else "no message"
+
+
+async def _file_chunks(path: str, size: int = 1 << 20) -> Any:
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(size)
+            if not block:
+                return
+            yield block
+
+
+async def _quietly(awaitable: Awaitable[T]) -> None:
+    with contextlib.suppress(RemoteError, OSError):
+        await awaitable

@@ -1,0 +1,164 @@
+"""Nix machines: `nix-store` commands and how to read them.
+
+Sources of every parsed string are cited from NixOS/nix: src/libmain/shared.cc (printMissing,
+printVersion), src/nix-store/nix-store.cc and src/libstore/build/*.cc. Checked against Nix 2.8
+(Debian 12's nix-bin) by tests/test_backends.py, and against newer wording from the source.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from buildfarm.backends import (
+    Command,
+    DryRun,
+    FailureKind,
+    PlanHeader,
+    check_paths,
+    check_seconds,
+    classify_failure,
+    decode,
+    first_line,
+    is_nix32_sha256,
+    parse_path_lines,
+    parse_plan,
+    shell_redirect,
+)
+from buildfarm.errors import RemoteError, UsageError
+
+# src/libmain/shared.cc printMissing (Nix >= 2.4), on stderr:
+#   "this derivation will be built:" / "these %d derivations will be built:",
+#   "this path will be fetched (%.2f MiB download, %.2f MiB unpacked):" /
+#   "these %d paths will be fetched (…):" (newer Nix: "(%s download, %s unpacked)" via
+#   renderSize), "don't know how to build these paths%s:" with " (may be caused by read-only
+#   store access)"; each followed by printMsg(lvl, "  %s", path). Nix <= 2.3 printed
+#   "these derivations will be built:" and "these paths will be fetched (…):" without a count.
+_PLAN_HEADERS = (
+    PlanHeader(re.compile(r"this derivation will be built:"), "build"),
+    PlanHeader(re.compile(r"these (?:(?P<count>\d+) )?derivations will be built:"), "build"),
+    PlanHeader(re.compile(r"this path will be fetched(?: \([^)]*\))?:"), "download"),
+    PlanHeader(
+        re.compile(r"these (?:(?P<count>\d+) )?paths will be fetched(?: \([^)]*\))?:"),
+        "download",
+    ),
+    PlanHeader(
+        re.compile(
+            r"don't know how to build these paths"
+            r"(?: \(may be caused by read-only store access\))?:"
+        ),
+        "unknown",
+    ),
+)
+
+# src/libmain/shared.cc printVersion: fmt("%1% (Nix) %2%", programName, nixVersion), e.g.
+# "nix-store (Nix) 2.8.0" (Lix prints "(Lix, like Nix)").
+_VERSION = re.compile(r"\S+ \((?P<package>[^)]*Nix[^)]*)\) (?P<version>\S+)")
+
+# src/libstore/build/worker.cc Worker::exitStatus (Nix 2.8 and newer ExitStatusFlags): 0x60 |
+# 0x04 build failure (100), | 0x01 timed out (101), | 0x02 hash mismatch (102), | 0x08 check
+# mismatch (104); other errors exit 1.
+_FAILED_STATUSES = frozenset(s for s in range(0x60, 0x70) if s & 0x0E and not s & 0x01)
+_TIMEOUT_STATUSES = frozenset(s for s in range(0x60, 0x70) if s & 0x01)
+
+# One remote command for both numbers: src/nix-store/nix-store.cc refuses two query types at
+# once ("query type '--size' conflicts with earlier flag").
+_NAR_HASH_SCRIPT = 'nix-store --query --hash "$1" && exec nix-store --query --size "$1"'
+
+
+class NixBackend:
+    """Argv builders and parsers for a machine with a Nix store."""
+
+    name = "nix"
+    # Nix imports unsigned bundles (nix-store --import) for trusted users.
+    signed_imports = False
+
+    def missing(self, paths: Sequence[str]) -> Command:
+        # src/nix-store/nix-store.cc opCheckValidity: --print-invalid prints each invalid path
+        # on its own line instead of failing.
+        return Command(("nix-store", "--check-validity", "--print-invalid", *check_paths(paths)))
+
+    def parse_missing(self, stdout: bytes) -> list[str]:
+        return parse_path_lines(stdout, "nix-store --check-validity")
+
+    def import_bundle(self) -> Command:
+        return Command(("nix-store", "--import"))
+
+    def export(self, paths: Sequence[str]) -> Command:
+        return Command(("nix-store", "--export", *check_paths(paths)))
+
+    def export_to_file(self, paths: Sequence[str], file: str) -> Command:
+        return shell_redirect(("nix-store", "--export"), check_paths(paths), file)
+
+    def dry_run(self, drv: str) -> Command:
+        (checked,) = check_paths((drv,), "derivation")
+        return Command(("nix-store", "--realise", "--dry-run", checked))
+
+    def parse_dry_run(self, stdout: bytes, stderr: bytes) -> DryRun:
+        # opRealise prints the plan (printMissing) on stderr and returns before building.
+        what = "nix-store --dry-run"
+        return parse_plan(decode(stderr, what), _PLAN_HEADERS, what)
+
+    def delete(self, paths: Sequence[str]) -> Command:
+        checked = check_paths(paths)
+        if not checked:
+            raise UsageError("nothing to delete: give at least one store path")
+        return Command(("nix-store", "--delete", *checked))
+
+    def build(self, drv: str, *, max_silent_time: int | None, timeout: int | None) -> Command:
+        # src/libstore/globals.hh: settings "max-silent-time" (alias build-max-silent-time) and
+        # "timeout" (alias build-timeout), both in seconds, 0 = no limit.
+        (checked,) = check_paths((drv,), "derivation")
+        argv = ["nix-store", "--realise", checked]
+        silent = check_seconds(max_silent_time, "max-silent-time")
+        total = check_seconds(timeout, "timeout")
+        if silent is not None:
+            argv += ["--option", "max-silent-time", str(silent)]
+        if total is not None:
+            argv += ["--option", "timeout", str(total)]
+        return Command(tuple(argv))
+
+    def classify_build_failure(
+        self, exit_status: int | None, log_tail: bytes
+    ) -> tuple[FailureKind, str]:
+        return classify_failure(
+            exit_status,
+            log_tail,
+            failed_statuses=_FAILED_STATUSES,
+            timeout_statuses=_TIMEOUT_STATUSES,
+        )
+
+    def nar_hash(self, path: str) -> Command:
+        (checked,) = check_paths((path,))
+        return Command(("sh", "-c", _NAR_HASH_SCRIPT, "nar-hash", checked))
+
+    def parse_nar_hash(self, stdout: bytes) -> tuple[str, int | None]:
+        # src/nix-store/nix-store.cc opQuery qHash: narHash.to_string(Base32, true), i.e.
+        # "sha256:<nix-base32>"; qSize: the decimal nar size.
+        lines = [line.strip() for line in decode(stdout, "nix-store --query").splitlines()]
+        lines = [line for line in lines if line]
+        if not lines:
+            raise RemoteError("nix-store --query --hash: no output")
+        digest = lines[0]
+        algorithm, _, encoded = digest.partition(":")
+        if algorithm != "sha256" or not is_nix32_sha256(encoded):
+            raise RemoteError(f"nix-store --query --hash: unexpected answer {digest[:200]!r}")
+        if len(lines) == 1:
+            return digest, None
+        if len(lines) > 2 or not lines[1].isascii() or not lines[1].isdigit():
+            raise RemoteError(f"nix-store --query --size: unexpected answer {lines[1][:200]!r}")
+        return digest, int(lines[1])
+
+    def version(self) -> Command:
+        return Command(("nix-store", "--version"))
+
+    def parse_version(self, stdout: bytes) -> str:
+        line = first_line(stdout, "nix-store --version")
+        match = _VERSION.fullmatch(line)
+        if match is None:
+            raise RemoteError(f"nix-store --version: unexpected answer {line[:200]!r}")
+        return match["version"]
+
+    def parse_build_outputs(self, stdout: bytes) -> list[str]:
+        # src/nix-store/nix-store.cc opRealise: prints each output path on its own line.
+        return parse_path_lines(stdout, "nix-store --realise")

@@ -1,0 +1,424 @@
+"""The `run` service: startup, main loop, shutdown (after uvicorn's Server).
+
+The datastore is used from one dedicated thread, so a slow disk never stalls the event loop;
+each attempt is one asyncio task; allocation runs whenever a slot frees or every tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol, TypeVar
+
+from buildfarm import scheduler
+from buildfarm.attempt import AttemptRun, BuildFailed, SetupFailed, TransferFailed
+from buildfarm.backends import get_backend
+from buildfarm.config import Settings
+from buildfarm.datastore import attempts as records
+from buildfarm.datastore import open_datastore
+from buildfarm.datastore.models import Attempt, Build, MachineState
+from buildfarm.errors import BuildfarmError, RemoteError
+from buildfarm.inventory import Inventory, Machine
+from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
+from buildfarm.outputs import OutputStore
+from buildfarm.remote import Remote
+from buildfarm.runlock import RunLock
+from buildfarm.signing import SigningKey, load_key, save_key
+
+logger = logging.getLogger("buildfarm")
+T = TypeVar("T")
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SETUP_RETRY_BASE = 5.0  # seconds a build waits after a setup failure (doubling, capped)
+SETUP_RETRY_MAX = 600.0
+LOAD_PROBE_EVERY = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    exit_when_idle: bool = False
+    grace: float = 30.0  # seconds running builds get to finish on SIGINT/SIGTERM
+    tick: float = 1.0
+    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+
+
+class Reporter(Protocol):
+    """What the user sees: the live view or one line per event."""
+
+    def event(self, line: str) -> None: ...
+    def update(self, coordinator: Coordinator) -> None: ...
+
+
+class LineReporter:
+    """One log line per event (no terminal, or --no-ui)."""
+
+    def event(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{stamp} {line}", flush=True)
+
+    def update(self, coordinator: Coordinator) -> None:
+        pass
+
+
+@dataclass
+class RunningAttempt:
+    attempt_id: int
+    build_uuid: str
+    drv_path: str
+    started: float
+    task: asyncio.Task[None] | None = None
+    step: str = "allocated"
+    transferred: int = 0
+
+
+@dataclass
+class MachineSlots:
+    """A machine's connection and what it is doing now."""
+
+    machine: Machine
+    remote: Remote
+    ready: bool = False
+    connecting: asyncio.Task[None] | None = None
+    running: dict[int, RunningAttempt] = field(default_factory=dict)
+    load: float | None = None
+    cores: int | None = None
+    load_probed: float = 0.0
+    last_error: str | None = None
+    retiring: bool = False
+
+    @property
+    def free(self) -> int:
+        return 0 if self.retiring else self.machine.max_builds - len(self.running)
+
+    def overloaded(self) -> bool:
+        threshold = self.machine.overload_threshold
+        if threshold is None or self.load is None or not self.cores:
+            return False
+        return self.load / self.cores > threshold
+
+
+class Coordinator:
+    def __init__(
+        self, settings: Settings, inventory: Inventory, options: RunOptions, reporter: Reporter
+    ) -> None:
+        self.settings = settings
+        self.inventory = inventory
+        self.options = options
+        self.reporter = reporter
+        self.machines: dict[str, MachineSlots] = {}
+        self.should_exit = False
+        self.force_exit = False
+        self.started = time.time()
+        self.finished: list[float] = []  # completion times, for builds per minute
+        self.queue_depth: dict[str, int] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datastore")
+        self._wake = asyncio.Event()
+        self._lock = RunLock(settings.db_url, settings.state_dir)
+        self._signal_handlers: dict[int, Any] = {}
+        self.outputs: OutputStore | None = None
+        self.key: SigningKey | None = None
+
+    # -- the datastore thread
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # -- lifecycle
+
+    async def serve(self) -> None:
+        self.install_signal_handlers()
+        try:
+            await self.startup()
+            try:
+                await self.main_loop()
+            finally:
+                await self.shutdown()
+        finally:
+            self.restore_signal_handlers()
+            self._executor.shutdown(wait=True)
+            self._lock.release()
+
+    async def startup(self) -> None:
+        self._lock.acquire()
+        await self.db(open_datastore, self.settings.db_url)
+        recovered = await self.db(records.recover)
+        if recovered:
+            self.reporter.event(f"{recovered} attempt(s) left running by a previous run requeued")
+        self.outputs = OutputStore(self.settings.outputs_dir)
+        self.outputs.clean_temporary()
+        self.key = self._signing_key()
+        for machine in self.inventory.machines:
+            if machine.enabled:
+                self.machines[machine.name] = MachineSlots(machine, Remote(machine))
+        names = ", ".join(self.machines) or "none"
+        self.reporter.event(f"coordinator started with machines: {names}")
+
+    def _signing_key(self) -> SigningKey:
+        try:
+            return load_key(self.settings.state_dir)
+        except BuildfarmError:
+            if os.path.exists(os.path.join(self.settings.state_dir, "signing-key.secret")):
+                raise
+        key = SigningKey.generate()
+        save_key(key, self.settings.state_dir)
+        self.reporter.event("generated a signing key (see `buildfarm key show`)")
+        return key
+
+    async def main_loop(self) -> None:
+        depth_probed = 0.0
+        while not self.should_exit:
+            await self.check_cancellations()
+            await self.allocate()
+            if time.monotonic() - depth_probed > 5:
+                depth_probed = time.monotonic()
+                self.queue_depth = await self.db(scheduler.queue_depth)
+            self.reporter.update(self)
+            if self.options.exit_when_idle and await self.idle():
+                self.reporter.event("nothing queued or running: exiting")
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.options.tick)
+
+    async def shutdown(self) -> None:
+        running = [r for m in self.machines.values() for r in m.running.values()]
+        if running and not self.force_exit:
+            self.reporter.event(
+                f"stopping: waiting up to {self.options.grace:.0f}s for {len(running)} "
+                "running build(s) (interrupt again to stop now)"
+            )
+            deadline = time.monotonic() + self.options.grace
+            while not self.force_exit and time.monotonic() < deadline:
+                if not any(m.running for m in self.machines.values()):
+                    break
+                await asyncio.sleep(0.2)
+        tasks = [
+            r.task for m in self.machines.values() for r in m.running.values() if r.task is not None
+        ]
+        for task in tasks:
+            task.cancel("coordinator stopping")
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for slots in self.machines.values():
+            if slots.connecting is not None:
+                slots.connecting.cancel()
+        await asyncio.gather(
+            *(s.remote.close() for s in self.machines.values()), return_exceptions=True
+        )
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in HANDLED_SIGNALS:
+            self._signal_handlers[sig] = signal.getsignal(sig)
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+
+    def restore_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, handler in self._signal_handlers.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+        self._wake.set()
+
+    # -- the loop's work
+
+    async def idle(self) -> bool:
+        if any(m.running for m in self.machines.values()):
+            return False
+        systems = sorted({s for m in self.machines.values() for s in m.machine.systems})
+        depth = await self.db(scheduler.queue_depth, systems)
+        return not any(depth.values())
+
+    async def check_cancellations(self) -> None:
+        running = {r.attempt_id: r for m in self.machines.values() for r in m.running.values()}
+        for attempt_id in await self.db(records.canceled, list(running)):
+            run = running[attempt_id]
+            if run.task is not None and not run.task.done():
+                self.reporter.event(f"build {run.build_uuid} canceled: stopping it")
+                run.task.cancel("canceled by a user")
+
+    def _ensure_connecting(self, slots: MachineSlots) -> None:
+        if slots.ready or slots.connecting is not None:
+            return
+        until = slots.remote.backed_off_until
+        if until is not None and until > time.time():
+            return
+        slots.connecting = asyncio.create_task(self._connect(slots))
+
+    async def _connect(self, slots: MachineSlots) -> None:
+        name = slots.machine.name
+        try:
+            await slots.remote.connect()
+            slots.ready = True
+            slots.last_error = None
+            await self.db(_note_machine, name, None, None)
+            self.reporter.event(f"machine {name} connected")
+            await self._probe_load(slots)
+        except RemoteError as e:
+            slots.last_error = str(e)
+            until = slots.remote.backed_off_until
+            await self.db(_note_machine, name, str(e), until)
+            self.reporter.event(f"machine {name} unavailable: {e}")
+        finally:
+            slots.connecting = None
+            self._wake.set()
+
+    async def _probe_load(self, slots: MachineSlots) -> None:
+        """load1 and cores, for overload_threshold and for choosing among machines."""
+        slots.load_probed = time.monotonic()
+        try:
+            result = await slots.remote.run(["sh", "-c", "nproc; cat /proc/loadavg"], timeout=30)
+            lines = result.stdout.decode().split("\n")
+            slots.cores = int(lines[0])
+            slots.load = float(lines[1].split()[0])
+        except (RemoteError, ValueError, IndexError, TimeoutError):
+            slots.load = None
+
+    def _ordered_machines(self) -> list[MachineSlots]:
+        """Free slot first, then lowest load ÷ speed."""
+
+        def key(s: MachineSlots) -> float:
+            load = s.load / (s.cores or 1) if s.load is not None else 0.0
+            return (load + len(s.running) / s.machine.max_builds) / s.machine.speed
+
+        return sorted(self.machines.values(), key=key)
+
+    async def allocate(self) -> None:
+        if self.should_exit:
+            return
+        now = time.monotonic()
+        for slots in self._ordered_machines():
+            self._ensure_connecting(slots)
+            if not slots.ready or slots.free <= 0:
+                continue
+            if now - slots.load_probed > LOAD_PROBE_EVERY and slots.machine.overload_threshold:
+                await self._probe_load(slots)
+            if slots.overloaded():
+                continue
+            slot = scheduler.Slot(
+                slots.machine.name,
+                slots.machine.systems,
+                frozenset(slots.machine.features),
+            )
+            while slots.free > 0:
+                attempt = await self.db(scheduler.allocate, slot)
+                if attempt is None:
+                    break
+                self._start(slots, attempt)
+
+    def _start(self, slots: MachineSlots, attempt: Attempt) -> None:
+        build: Build = attempt.build
+        drv_path = build.derivation.path
+        run = RunningAttempt(
+            attempt_id=attempt.id,
+            build_uuid=build.uuid,
+            drv_path=drv_path,
+            started=time.time(),
+        )
+        run.task = asyncio.create_task(self._run_attempt(slots, run), name=f"attempt-{attempt.id}")
+        slots.running[attempt.id] = run
+        self.reporter.event(f"build {build.uuid} started on {slots.machine.name} ({drv_path})")
+
+    async def _run_attempt(self, slots: MachineSlots, run: RunningAttempt) -> None:
+        machine = slots.machine
+        assert self.outputs is not None and self.key is not None
+        path = log_path(self.settings.logs_dir, run.build_uuid, run.attempt_id)
+        steps = AttemptRun(
+            attempt_id=run.attempt_id,
+            build_uuid=run.build_uuid,
+            drv_path=run.drv_path,
+            machine=machine,
+            remote=slots.remote,
+            backend=get_backend(machine.store),
+            outputs=self.outputs,
+            db=self.db,
+            key=self.key,
+            log_path=path,
+            max_log_bytes=self.options.max_log_bytes,
+            on_step=lambda name: setattr(run, "step", name),
+            on_progress=lambda n: setattr(run, "transferred", n),
+        )
+        uuid, name = run.build_uuid, machine.name
+        try:
+            stored = await steps.run()
+            await self.db(records.succeed, run.attempt_id, stored, path)
+            self.reporter.event(f"build {uuid} succeeded (on {name})")
+        except BuildFailed as e:
+            dependants = await self.db(records.fail, run.attempt_id, e.exit_status, e.reason, path)
+            self.reporter.event(f"build {uuid} failed (on {name}): {e.reason}")
+            for other in dependants:
+                self.reporter.event(f"build {other} failed: dependency-failed")
+        except SetupFailed as e:
+            failures = await self.db(_setup_failures, run.attempt_id)
+            delay = min(SETUP_RETRY_MAX, SETUP_RETRY_BASE * 2 ** max(0, failures - 1))
+            delay *= random.uniform(0.8, 1.2)
+            await self.db(
+                records.setup_failure, run.attempt_id, e.kind, e.paths, e.detail, delay
+            )
+            self.reporter.event(f"build {uuid} setup failure on {name}: {e.kind}: {e.detail}")
+        except TransferFailed as e:
+            await self.db(records.interrupt, run.attempt_id, f"transfer failed: {e}")
+            self.reporter.event(f"build {uuid} interrupted on {name}: transfer failed: {e}")
+        except RemoteError as e:
+            slots.ready = False
+            slots.last_error = str(e)
+            slots.remote.note_failure(str(e))
+            await self.db(records.interrupt, run.attempt_id, f"connection lost: {e}")
+            self.reporter.event(f"build {uuid} interrupted on {name}: {e}")
+        except OSError as e:
+            # The coordinator's own disk (full, read-only): retry later, keep running.
+            await self.db(records.interrupt, run.attempt_id, f"coordinator: {e}")
+            self.reporter.event(f"build {uuid} interrupted on {name}: {e}")
+        except asyncio.CancelledError as e:
+            reason = str(e.args[0]) if e.args else "canceled"
+            await asyncio.shield(self.db(records.interrupt, run.attempt_id, reason))
+            self.reporter.event(f"build {uuid} interrupted on {name}: {reason}")
+        except Exception as e:  # a bug must not take the farm down: log it, requeue
+            logger.exception("attempt %s on %s", run.attempt_id, name)
+            await self.db(records.interrupt, run.attempt_id, f"internal error: {e!r}")
+        finally:
+            slots.running.pop(run.attempt_id, None)
+            self.finished.append(time.time())
+            self._wake.set()
+
+
+def _setup_failures(attempt_id: int) -> int:
+    """How many setup failures this build has had in a row (for the retry delay)."""
+    from buildfarm.datastore.models import SETUP_FAILURE
+
+    build = Attempt.get_by_id(attempt_id).build
+    count = 0
+    for attempt in build.attempts.order_by(Attempt.id.desc()):
+        if attempt.id == attempt_id:
+            count += 1
+            continue
+        if attempt.result != SETUP_FAILURE:
+            break
+        count += 1
+    return count
+
+
+def _note_machine(name: str, error: str | None, backoff_until: float | None) -> None:
+    now = time.time()
+    with MachineState._meta.database.atomic():
+        state = MachineState.get_or_none(MachineState.name == name)
+        failures = 0 if error is None else (state.failures if state else 0) + 1
+        fields = {"last_error": error, "backoff_until": backoff_until, "failures": failures,
+                  "updated_at": now}
+        if state is None:
+            MachineState.create(name=name, **fields)
+        else:
+            MachineState.update(**fields).where(MachineState.name == name).execute()

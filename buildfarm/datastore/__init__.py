@@ -1,0 +1,117 @@
+"""The datastore: a Peewee database chosen by URL, migrated to the latest schema at open time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from buildfarm.errors import DatastoreError
+
+from . import migrations
+from .models import ALL_MODELS, database_proxy
+
+SQLITE_PREFIX = "sqlite://"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+BUSY_TIMEOUT_MS = 60_000
+
+
+def default_url(state_dir: str) -> str:
+    return f"{SQLITE_PREFIX}{os.path.join(os.path.abspath(state_dir), 'buildfarm.db')}"
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of an sqlite:// URL (None for other engines)."""
+    if not url.startswith(SQLITE_PREFIX):
+        return None
+    path = url[len(SQLITE_PREFIX) :]
+    if not path:
+        raise DatastoreError(f"datastore URL {url!r} names no file; use sqlite:///PATH")
+    return path
+
+
+@dataclass
+class Datastore:
+    """An open, migrated datastore; the models are bound to it while it is open."""
+
+    url: str
+    db: Any
+
+    def atomic(self) -> Any:
+        """One transaction (IMMEDIATE on SQLite, so writers queue instead of failing)."""
+        return self.db.atomic()
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    def __enter__(self) -> Datastore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _connect(url: str) -> Any:
+    import peewee as pw
+
+    path = sqlite_path(url)
+    if path is not None:
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as e:
+                raise DatastoreError(f"cannot create {parent}: {e.strerror}") from None
+        return pw.SqliteDatabase(
+            path,
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "foreign_keys": 1,
+                "busy_timeout": BUSY_TIMEOUT_MS,
+                "cache_size": -64_000,
+            },
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            lock_type="IMMEDIATE",
+        )
+    if url.startswith(POSTGRES_PREFIXES):
+        raise DatastoreError(f"{url}: PostgreSQL datastores are not supported yet")
+    raise DatastoreError(
+        f"unknown datastore URL {url!r}: use sqlite:///PATH (or postgresql://USER@HOST/DB)"
+    )
+
+
+def open_datastore(url: str, *, upto: int | None = None) -> Datastore:
+    """Open the datastore at `url`, apply pending migrations and bind the models to it."""
+    import peewee as pw
+
+    db = _connect(url)
+    try:
+        db.connect()
+        version = migrations.applied_version(db)
+        if version > migrations.LATEST:
+            raise DatastoreError(
+                f"{url}: schema version {version} is newer than this buildfarm "
+                f"understands ({migrations.LATEST}); upgrade buildfarm"
+            )
+        migrations.migrate(db, upto=upto)
+    except pw.DatabaseError as e:
+        db.close()
+        raise DatastoreError(f"cannot open datastore {url}: {e}") from None
+    database_proxy.initialize(db)
+    return Datastore(url=url, db=db)
+
+
+@contextlib.contextmanager
+def opened(url: str) -> Iterator[Datastore]:
+    store = open_datastore(url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+__all__ = ["ALL_MODELS", "Datastore", "default_url", "open_datastore", "opened", "sqlite_path"]

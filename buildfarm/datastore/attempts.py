@@ -1,0 +1,213 @@
+"""Recording what happens to an attempt: each step, and how it ends (one transaction each)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import events
+from .models import (
+    CANCELED,
+    FAILED,
+    FAILURE,
+    INTERRUPTED,
+    MISSING_INPUTS,
+    QUEUED,
+    RUNNING,
+    SETUP_FAILURE,
+    SUCCEEDED,
+    SUCCESS,
+    Attempt,
+    AttemptStep,
+    Build,
+    Derivation,
+    DerivationInput,
+    DerivationOutput,
+    MissingInput,
+    SetupFailure,
+    StoredOutput,
+    database_proxy,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRecord:
+    """An output fetched, verified and written to the output store."""
+
+    path: str
+    deriver: str
+    nar_hash: str  # "sha256:<nix-base32>"
+    nar_size: int
+    references: tuple[str, ...]
+    signature: str | None
+    file: str
+
+
+def step(attempt_id: int, name: str, detail: str | None = None) -> None:
+    now = time.time()
+    with database_proxy.atomic():
+        AttemptStep.update(ended_at=now).where(
+            (AttemptStep.attempt == attempt_id) & AttemptStep.ended_at.is_null()
+        ).execute()
+        AttemptStep.create(attempt=attempt_id, name=name, started_at=now, detail=detail)
+        Attempt.update(step=name).where(Attempt.id == attempt_id).execute()
+
+
+def set_log(attempt_id: int, log_path: str) -> None:
+    Attempt.update(log_path=log_path).where(Attempt.id == attempt_id).execute()
+
+
+def _close(attempt: Attempt, result: str, now: float, **fields: object) -> None:
+    AttemptStep.update(ended_at=now).where(
+        (AttemptStep.attempt == attempt.id) & AttemptStep.ended_at.is_null()
+    ).execute()
+    Attempt.update(result=result, ended_at=now, **fields).where(Attempt.id == attempt.id).execute()
+
+
+def record_outputs(records: Sequence[OutputRecord], now: float) -> None:
+    for r in records:
+        fields = {
+            "deriver": r.deriver,
+            "nar_hash": r.nar_hash,
+            "nar_size": r.nar_size,
+            "refs": " ".join(r.references),
+            "signature": r.signature,
+            "file": r.file,
+            "last_used_at": now,
+        }
+        if not StoredOutput.update(**fields).where(StoredOutput.path == r.path).execute():
+            StoredOutput.create(path=r.path, created_at=now, **fields)
+
+
+def succeed(attempt_id: int, records: Sequence[OutputRecord], log_path: str | None) -> None:
+    now = time.time()
+    with database_proxy.atomic():
+        attempt = Attempt.get_by_id(attempt_id)
+        record_outputs(records, now)
+        _close(attempt, SUCCESS, now, exit_status=0, log_path=log_path)
+        build = attempt.build
+        if build.state == RUNNING:
+            build.state, build.ended_at = SUCCEEDED, now
+            build.save()
+        events.record(
+            "build-success",
+            build,
+            machine=attempt.machine,
+            attempt=attempt.id,
+            log=log_path,
+            outputs={r.path: r.nar_hash for r in records},
+        )
+
+
+def fail(attempt_id: int, exit_status: int | None, reason: str, log_path: str | None) -> list[str]:
+    """The builder failed: the build ends failed, and so does every queued build waiting on it.
+    Returns the UUIDs of those dependants."""
+    now = time.time()
+    with database_proxy.atomic():
+        attempt = Attempt.get_by_id(attempt_id)
+        _close(attempt, FAILURE, now, exit_status=exit_status, detail=reason, log_path=log_path)
+        build = attempt.build
+        if build.state == RUNNING:
+            build.state, build.ended_at, build.reason = FAILED, now, reason
+            build.save()
+        events.record(
+            "build-failure",
+            build,
+            machine=attempt.machine,
+            attempt=attempt.id,
+            log=log_path,
+            result={"exit_status": exit_status, "reason": reason},
+        )
+        return fail_dependants(build.derivation.path, now)
+
+
+def fail_dependants(drv_path: str, now: float) -> list[str]:
+    """Queued builds that need `drv_path` (directly or through other queued builds) can never
+    succeed: end them `failed` with reason dependency-failed naming it."""
+    failed: list[str] = []
+    todo = [drv_path]
+    while todo:
+        path = todo.pop()
+        waiting = (
+            Build.select()
+            .join(Derivation)
+            .join(DerivationInput, on=(DerivationInput.derivation == Derivation.id))
+            .where((DerivationInput.input_path == path) & (Build.state == QUEUED))
+        )
+        for build in waiting:
+            build.state, build.ended_at = FAILED, now
+            build.reason = f"dependency-failed: {path}"
+            build.save()
+            events.record("build-failure", build, result={"reason": build.reason})
+            failed.append(build.uuid)
+            todo.append(build.derivation.path)
+    return failed
+
+
+def setup_failure(
+    attempt_id: int, kind: str, paths: Sequence[str], detail: str, defer_seconds: float
+) -> None:
+    """The machine could not start the build: the build waits a little, then is queued again."""
+    now = time.time()
+    with database_proxy.atomic():
+        attempt = Attempt.get_by_id(attempt_id)
+        _close(attempt, SETUP_FAILURE, now, detail=detail)
+        failure = SetupFailure.create(attempt=attempt, kind=kind)
+        if paths:
+            MissingInput.insert_many(
+                [{"setup_failure": failure.id, "path": p} for p in paths]
+            ).execute()
+        build = attempt.build
+        if build.state == RUNNING:
+            build.state, build.defer_until = QUEUED, now + defer_seconds
+            build.save()
+        if kind == MISSING_INPUTS:
+            events.record(
+                "build-missing-inputs",
+                build,
+                machine=attempt.machine,
+                attempt=attempt.id,
+                missing_inputs=list(paths),
+            )
+
+
+def interrupt(attempt_id: int, detail: str) -> None:
+    """Connection lost, coordinator stopping, or canceled: a running build is queued again."""
+    now = time.time()
+    with database_proxy.atomic():
+        attempt = Attempt.get_by_id(attempt_id)
+        if attempt.result is not None:
+            return
+        _close(attempt, INTERRUPTED, now, detail=detail)
+        Build.update(state=QUEUED).where(
+            (Build.id == attempt.build_id) & (Build.state == RUNNING)
+        ).execute()
+
+
+def recover(detail: str = "coordinator stopped") -> int:
+    """At start: attempts a dead coordinator left open end `interrupted`; their builds requeue."""
+    now = time.time()
+    with database_proxy.atomic():
+        open_attempts = list(Attempt.select().where(Attempt.result.is_null()))
+        for attempt in open_attempts:
+            _close(attempt, INTERRUPTED, now, detail=detail)
+        Build.update(state=QUEUED).where(Build.state == RUNNING).execute()
+    return len(open_attempts)
+
+
+def canceled(attempt_ids: Sequence[int]) -> list[int]:
+    """Which of these running attempts belong to builds a user canceled."""
+    if not attempt_ids:
+        return []
+    query = (
+        Attempt.select(Attempt.id)
+        .join(Build)
+        .where(Attempt.id.in_(list(attempt_ids)) & (Build.state == CANCELED))
+    )
+    return [a.id for a in query]
+
+
+def output_paths(drv_path: str) -> dict[str, str]:
+    query = DerivationOutput.select().join(Derivation).where(Derivation.path == drv_path)
+    return {o.name: o.path for o in query}

@@ -1,0 +1,48 @@
+"""Durable events: written in the same transaction as the state change that causes them."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .models import Build, BuildTag, Event
+
+
+def build_summary(build: Build) -> dict[str, Any]:
+    """What every event carries about its build."""
+    tags = {t.key: t.value for t in BuildTag.select().where(BuildTag.build == build)}
+    return {
+        "uuid": build.uuid,
+        "derivation": build.derivation.path,
+        "system": build.system,
+        "state": build.state,
+        "priority": build.priority,
+        "tags": tags,
+    }
+
+
+def record(name: str, build: Build | None, **data: Any) -> Event:
+    """Queue event `name` for the hooks; call inside the transaction that changes the state."""
+    payload: dict[str, Any] = {"event": name}
+    if build is not None:
+        payload["build"] = build_summary(build)
+    payload.update(data)
+    event: Event = Event.create(
+        name=name,
+        build=build,
+        payload=json.dumps(payload, sort_keys=True),
+        created_at=time.time(),
+    )
+    return event
+
+
+def pending(limit: int = 100) -> list[Event]:
+    """Events not yet delivered, oldest first."""
+    return list(
+        Event.select().where(Event.delivered_at.is_null()).order_by(Event.id).limit(limit)
+    )
+
+
+def mark_delivered(event_id: int) -> None:
+    Event.update(delivered_at=time.time()).where(Event.id == event_id).execute()

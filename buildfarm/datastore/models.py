@@ -1,0 +1,141 @@
+"""Peewee models of the current schema (the tables themselves come from migrations.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import peewee as pw
+
+database_proxy: Any = pw.DatabaseProxy()
+
+# Build states and attempt results: the words of design.md.
+QUEUED, RUNNING, SUCCEEDED = "queued", "running", "succeeded"
+FAILED, CANCELED = "failed", "canceled"
+BUILD_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+FINAL_STATES = (SUCCEEDED, FAILED, CANCELED)
+SUCCESS, FAILURE, SETUP_FAILURE, INTERRUPTED = "success", "failure", "setup-failure", "interrupted"
+ATTEMPT_RESULTS = (SUCCESS, FAILURE, SETUP_FAILURE, INTERRUPTED)
+MISSING_INPUTS, COULD_NOT_DELETE_OUTPUTS = "missing-inputs", "could-not-delete-outputs"
+
+
+class BaseModel(pw.Model):
+    id = pw.AutoField()
+
+    class Meta:
+        database = database_proxy
+        legacy_table_names = False
+
+
+class Derivation(BaseModel):
+    outputs: Any  # backrefs, made by the foreign keys below
+    inputs: Any
+    builds: Any
+    path = pw.TextField(unique=True)
+    system = pw.TextField()
+    required_features = pw.TextField(default="")
+    contents = pw.BlobField()
+    created_at = pw.FloatField()
+
+
+class DerivationOutput(BaseModel):
+    derivation = pw.ForeignKeyField(Derivation, backref="outputs", on_delete="CASCADE")
+    name = pw.TextField()
+    path = pw.TextField(index=True)
+    hash_algo = pw.TextField(default="")
+    hash = pw.TextField(default="")
+
+
+class DerivationInput(BaseModel):
+    derivation = pw.ForeignKeyField(Derivation, backref="inputs", on_delete="CASCADE")
+    input_path = pw.TextField(index=True)
+    outputs = pw.TextField()  # space-separated output names
+
+
+class Build(BaseModel):
+    tags: Any
+    attempts: Any
+    derivation_id: int
+    uuid = pw.TextField(unique=True)
+    derivation = pw.ForeignKeyField(Derivation, backref="builds")
+    system = pw.TextField()
+    required_features = pw.TextField(default="")
+    state = pw.TextField()
+    priority = pw.IntegerField(default=0)
+    created_at = pw.FloatField()
+    defer_until = pw.FloatField(null=True)
+    started_at = pw.FloatField(null=True)
+    ended_at = pw.FloatField(null=True)
+    reason = pw.TextField(null=True)
+
+
+class BuildTag(BaseModel):
+    build_id: int
+    build = pw.ForeignKeyField(Build, backref="tags", on_delete="CASCADE")
+    key = pw.TextField()
+    value = pw.TextField()
+
+
+class Attempt(BaseModel):
+    build_id: int
+    build = pw.ForeignKeyField(Build, backref="attempts", on_delete="CASCADE")
+    machine = pw.TextField()
+    started_at = pw.FloatField()
+    ended_at = pw.FloatField(null=True)
+    result = pw.TextField(null=True)
+    step = pw.TextField(default="")
+    exit_status = pw.IntegerField(null=True)
+    detail = pw.TextField(null=True)
+    log_path = pw.TextField(null=True)
+
+
+class AttemptStep(BaseModel):
+    attempt = pw.ForeignKeyField(Attempt, backref="steps", on_delete="CASCADE")
+    name = pw.TextField()
+    started_at = pw.FloatField()
+    ended_at = pw.FloatField(null=True)
+    detail = pw.TextField(null=True)
+
+
+class SetupFailure(BaseModel):
+    attempt = pw.ForeignKeyField(Attempt, backref="setup_failures", on_delete="CASCADE")
+    kind = pw.TextField()
+
+
+class MissingInput(BaseModel):
+    setup_failure = pw.ForeignKeyField(SetupFailure, backref="missing", on_delete="CASCADE")
+    path = pw.TextField()
+
+
+class MachineState(BaseModel):
+    id = None  # type: ignore[assignment]  # keyed by name
+    name = pw.TextField(primary_key=True)
+    failures = pw.IntegerField(default=0)
+    backoff_until = pw.FloatField(null=True)
+    last_error = pw.TextField(null=True)
+    updated_at = pw.FloatField()
+
+
+class Event(BaseModel):
+    name = pw.TextField()
+    build = pw.ForeignKeyField(Build, null=True, backref="events", on_delete="CASCADE")
+    payload = pw.TextField()
+    created_at = pw.FloatField()
+    delivered_at = pw.FloatField(null=True)
+
+
+class StoredOutput(BaseModel):
+    path = pw.TextField(unique=True)
+    deriver = pw.TextField(default="")
+    nar_hash = pw.TextField()
+    nar_size = pw.BigIntegerField()
+    refs = pw.TextField(default="")  # space-separated full store paths
+    signature = pw.TextField(null=True)
+    file = pw.TextField()
+    created_at = pw.FloatField()
+    last_used_at = pw.FloatField()
+
+
+ALL_MODELS = (
+    Derivation, DerivationOutput, DerivationInput, Build, BuildTag, Attempt, AttemptStep,
+    SetupFailure, MissingInput, MachineState, Event, StoredOutput,
+)

@@ -1,0 +1,592 @@
+"""The machine inventory: YAML -> frozen Machine objects.
+
+The YAML is read as a node tree (yaml.compose), not as plain Python values, so that every
+problem can be reported as ``FILE:LINE:COLUMN: what is wrong; how to fix it``. Every problem
+raises InventoryError; nothing else escapes from load() or parse().
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import difflib
+import math
+import os
+import platform
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.error import Mark
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import ReaderError
+
+from buildfarm.errors import InventoryError
+
+__all__ = ["Inventory", "Machine", "load", "local_system", "parse"]
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """One build machine, as the inventory describes it (see inventory.example.yaml)."""
+
+    name: str
+    host: str | None
+    port: int = 22
+    user: str | None = None
+    identity: str | None = None
+    known_hosts: str | None = None
+    host_key: str | None = None
+    transport: str = "ssh"
+    systems: tuple[str, ...] = ()
+    max_builds: int = 1
+    features: tuple[str, ...] = ()
+    speed: float = 1.0
+    store: str = "guix"
+    overload_threshold: float | None = None
+    max_sessions: int = 8
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 15.0
+    max_silent_time: int | None = None
+    timeout: int | None = None
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """All machines of one inventory file, in file order."""
+
+    path: str
+    machines: tuple[Machine, ...]
+
+    def machine(self, name: str) -> Machine:
+        """The machine called ``name``; KeyError if there is none."""
+        for machine in self.machines:
+            if machine.name == name:
+                return machine
+        raise KeyError(name)
+
+
+_ARCH_ALIASES = {
+    "amd64": "x86_64",
+    "x64": "x86_64",
+    "i386": "i686",
+    "i486": "i686",
+    "i586": "i686",
+    "arm64": "aarch64",
+    "armv6l": "armhf",
+    "armv7l": "armhf",
+    "armv8l": "armhf",
+    "ppc64le": "powerpc64le",
+    "ppc64": "powerpc64",
+    "ppc": "powerpc",
+}
+
+
+def local_system() -> str:
+    """This host's system type in Guix/Nix spelling, e.g. ``x86_64-linux``."""
+    arch = platform.machine().lower() or "x86_64"
+    arch = _ARCH_ALIASES.get(arch, arch)
+    kernel = platform.system().lower() or "linux"
+    system = f"{arch}-{kernel}"
+    return system if _SYSTEM_RE.fullmatch(system) else "x86_64-linux"
+
+
+def load(path: str | os.PathLike[str]) -> Inventory:
+    """Read and check the inventory file at ``path``.
+
+    Relative ``identity`` and ``known_hosts`` paths are taken relative to the file's directory.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as stream:
+            data = stream.read()
+    except OSError as exc:
+        raise InventoryError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InventoryError(
+            f"{source}:{line}:{column}: cannot read: not UTF-8 text"
+            f" (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from None
+    return parse(text, source, base_dir=os.path.dirname(os.path.abspath(source)))
+
+
+def parse(text: str, source: str = "<inventory>", *, base_dir: str | None = None) -> Inventory:
+    """Check inventory YAML ``text``; ``source`` names it in error messages.
+
+    ``base_dir``, if given, is where relative ``identity``/``known_hosts`` paths start from.
+    """
+    parser = _Parser(source, base_dir)
+    try:
+        return parser.inventory(text)
+    except RecursionError:
+        parser.fail(None, "the inventory is nested too deeply", "flatten the structure")
+
+
+# --- field checks ---------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SYSTEM_RE = re.compile(r"[a-z0-9_]+-[a-z0-9_]+")
+_FEATURE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_NAME_MAX = 64
+_HOST_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-ed448",
+    "ssh-rsa",
+    "ssh-dss",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+_TRANSPORTS = ("ssh", "local")
+_STORES = ("guix", "nix")
+
+_TAG = "tag:yaml.org,2002:"
+_SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
+_BOOLS = {"yes": True, "true": True, "on": True, "no": False, "false": False, "off": False}
+_CONSTRUCTOR = SafeConstructor()
+
+Value = str | int | float | bool | tuple[str, ...] | None
+
+
+def _show(text: str) -> str:
+    """A user's text, quoted and cut short, safe inside a one-line message."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _check_name(value: str) -> str | None:
+    if not _NAME_RE.fullmatch(value):
+        return "use letters, digits, '.', '_' and '-', starting with a letter or digit"
+    if len(value) > _NAME_MAX:
+        return f"use at most {_NAME_MAX} characters"
+    return None
+
+
+def _check_host(value: str) -> str | None:
+    if not value.strip():
+        return "write a host name or address, e.g. host: build1.example.org"
+    if any(c.isspace() for c in value):
+        return "a host name has no spaces"
+    if "@" in value:
+        return "put the user name in user: and only the host in host:"
+    if value.count(":") == 1:
+        return "put the port number in port: and only the host in host:"
+    if value.startswith("[") or "/" in value:
+        return "write a bare host name or address, e.g. host: 2001:db8::1"
+    return None
+
+
+def _check_user(value: str) -> str | None:
+    if not value or any(c.isspace() or c in "@:/" for c in value):
+        return "write a login name, or remove user: to use the current user or ~/.ssh/config"
+    return None
+
+
+def _check_path(value: str) -> str | None:
+    if not value.strip() or "\0" in value:
+        return "write a file path, e.g. ~/.ssh/id_ed25519"
+    return None
+
+
+def _check_host_key(value: str) -> str | None:
+    example = "write the key as '<type> <base64>', e.g. 'ssh-ed25519 AAAAC3Nza...'"
+    parts = value.split()
+    if len(parts) < 2:
+        return example + " (see ssh-keyscan HOST)"
+    if parts[0] not in _HOST_KEY_TYPES:
+        if parts[1] in _HOST_KEY_TYPES:
+            return "drop the host name in front of the key type"
+        close = difflib.get_close_matches(parts[0], _HOST_KEY_TYPES, n=1)
+        if close:
+            return f"unknown key type {_show(parts[0])}; did you mean {close[0]!r}?"
+        return f"unknown key type {_show(parts[0])}; use one of: " + ", ".join(_HOST_KEY_TYPES)
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        return "the key data is not valid base64; " + example
+    kind = parts[0].encode()
+    if blob[:4] != len(kind).to_bytes(4, "big") or blob[4 : 4 + len(kind)] != kind:
+        return f"the key data does not match the type {parts[0]}; copy it from ssh-keyscan"
+    return None
+
+
+def _check_system(value: str) -> str | None:
+    if _SYSTEM_RE.fullmatch(value):
+        return None
+    return "write a system as arch-kernel, e.g. x86_64-linux or aarch64-linux"
+
+
+def _check_feature(value: str) -> str | None:
+    if _FEATURE_RE.fullmatch(value):
+        return None
+    return "write a feature as one word, e.g. kvm or big-parallel"
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """How to read one machine field: its kind, limits, and an example for hints."""
+
+    kind: str  # "str" | "int" | "float" | "bool" | "list"
+    example: str
+    optional: bool = False
+    check: Callable[[str], str | None] | None = None  # for "str" and each "list" item
+    choices: tuple[str, ...] = ()  # for "str": the only values allowed
+    minimum: float | None = None
+    exclusive: bool = False  # minimum itself is not allowed
+    maximum: int | None = None
+    nonempty: bool = False  # for "list"
+    in_defaults: bool = True
+
+
+_FIELDS: dict[str, _Field] = {
+    "name": _Field("str", "name: x86-a", check=_check_name, in_defaults=False),
+    "host": _Field("str", "host: build1.example.org", True, _check_host, in_defaults=False),
+    "port": _Field("int", "port: 22", minimum=1, maximum=65535),
+    "user": _Field("str", "user: buildfarm", True, _check_user),
+    "identity": _Field("str", "identity: ~/.ssh/id_ed25519", True, _check_path),
+    "known_hosts": _Field("str", "known_hosts: ~/.ssh/known_hosts", True, _check_path),
+    "host_key": _Field("str", "host_key: 'ssh-ed25519 AAAA...'", True, _check_host_key),
+    "transport": _Field("str", "transport: ssh", choices=_TRANSPORTS),
+    "systems": _Field("list", "systems: [x86_64-linux]", check=_check_system, nonempty=True),
+    "max_builds": _Field("int", "max_builds: 4", minimum=1),
+    "features": _Field("list", "features: [kvm, big-parallel]", check=_check_feature),
+    "speed": _Field("float", "speed: 2.0", minimum=0, exclusive=True),
+    "store": _Field("str", "store: guix", choices=_STORES),
+    "overload_threshold": _Field("float", "overload_threshold: 0.8", True, minimum=0,
+                                 exclusive=True),
+    "max_sessions": _Field("int", "max_sessions: 8", minimum=1),
+    "connect_timeout": _Field("float", "connect_timeout: 10", minimum=0, exclusive=True),
+    "keepalive_interval": _Field("float", "keepalive_interval: 15", minimum=0),
+    "max_silent_time": _Field("int", "max_silent_time: 3600", True, minimum=1),
+    "timeout": _Field("int", "timeout: 86400", True, minimum=1),
+    "enabled": _Field("bool", "enabled: true"),
+}
+assert list(_FIELDS) == [f.name for f in dataclasses.fields(Machine)]
+
+_PATH_FIELDS = ("identity", "known_hosts")
+_KIND_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list": "a list",
+}
+
+
+# --- the parser -----------------------------------------------------------------------------
+
+
+class _Parser:
+    """Walks the composed node tree of one inventory; every failure goes through fail()."""
+
+    def __init__(self, source: str, base_dir: str | None) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.flattened: dict[int, dict[str, tuple[Node, Node]]] = {}  # id(mapping) -> its keys
+
+    def fail(self, mark: Mark | None, what: str, hint: str) -> NoReturn:
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+        raise InventoryError(f"{self.source}:{line}:{column}: {what}; {hint}")
+
+    def inventory(self, text: str) -> Inventory:
+        root = self.compose(text)
+        if root is None:
+            self.fail(None, "the inventory is empty", "write at least 'machines: []'")
+        top = self.mapping(root, "the inventory", "write 'defaults:' and 'machines:' keys")
+        for key, (key_node, _) in top.items():
+            if key not in ("defaults", "machines"):
+                self.unknown_key(key, key_node, ("defaults", "machines"), top_level=True)
+        defaults: dict[str, Value] = {}
+        if "defaults" in top:
+            node = top["defaults"][1]
+            if not self.is_null(node):
+                defaults = self.machine_fields(node, in_defaults=True)[0]
+        if "machines" not in top:
+            self.fail(root.start_mark, "no 'machines:' key", "add 'machines:' with a list")
+        items = top["machines"][1]
+        if self.is_null(items):
+            return Inventory(self.source, ())
+        if not isinstance(items, SequenceNode) or items.tag != _TAG + "seq":
+            self.fail(items.start_mark, "machines must be a list",
+                      "write each machine as a '- name: ...' item under 'machines:'")
+        machines: list[Machine] = []
+        first_seen: dict[str, Node] = {}
+        for item in items.value:
+            machine, name_node = self.machine(item, defaults)
+            if machine.name in first_seen:
+                first = first_seen[machine.name].start_mark.line + 1
+                at = item if name_node is first_seen[machine.name] else name_node  # via <<
+                self.fail(at.start_mark,
+                          f"duplicate machine name {_show(machine.name)} (first at line {first})",
+                          "give each machine a unique name")
+            first_seen[machine.name] = name_node
+            machines.append(machine)
+        return Inventory(self.source, tuple(machines))
+
+    def compose(self, text: str) -> Node | None:
+        try:
+            return yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            parts = [str(part) for part in (exc.context, exc.problem) if part]
+            problem = " ".join(", ".join(parts or ["syntax error"]).split())
+            self.fail(exc.problem_mark or exc.context_mark, f"invalid YAML: {problem}",
+                      _yaml_hint(problem))
+        except ReaderError as exc:
+            position = exc.position if isinstance(exc.position, int) else 0
+            mark = _mark_at(text, position)
+            code = exc.character if isinstance(exc.character, int) else 0
+            self.fail(mark, f"invalid YAML: character #x{code:04x} is not allowed",
+                      "remove it, or write it as an escape inside double quotes")
+        except RecursionError:
+            self.fail(None, "invalid YAML: nested too deeply", "flatten the structure")
+        except Exception as exc:  # a parser bug must still not escape as a traceback
+            self.fail(None, f"invalid YAML: {type(exc).__name__}",
+                      "check the YAML syntax (indentation, quotes, brackets)")
+
+    # -- node helpers
+
+    @staticmethod
+    def is_null(node: Node) -> bool:
+        return isinstance(node, ScalarNode) and node.tag == _TAG + "null"
+
+    def mapping(self, node: Node, what: str, hint: str) -> dict[str, tuple[Node, Node]]:
+        """The keys of a mapping node (with << merges), checking for duplicate keys."""
+        if not isinstance(node, MappingNode) or node.tag != _TAG + "map":
+            self.fail(node.start_mark, f"{what} must be a mapping (key: value lines)", hint)
+        return self.pairs(node, set())
+
+    def pairs(self, node: MappingNode, active: set[int]) -> dict[str, tuple[Node, Node]]:
+        if id(node) in self.flattened:  # an alias: done already (also stops alias bombs)
+            return self.flattened[id(node)]
+        if id(node) in active:
+            self.fail(node.start_mark, "a merge (<<) refers to the mapping it is in",
+                      "merge a different anchor")
+        active = active | {id(node)}
+        own: dict[str, tuple[Node, Node]] = {}
+        merged: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, ScalarNode) and key_node.tag == _TAG + "merge":
+                sources = value_node.value if isinstance(value_node, SequenceNode) else [
+                    value_node]
+                for merge_source in sources:
+                    if not isinstance(merge_source, MappingNode):
+                        self.fail(merge_source.start_mark, "'<<' must merge a mapping",
+                                  "write '<<: *anchor' where &anchor names a mapping")
+                    for key, pair in self.pairs(merge_source, active).items():
+                        merged.setdefault(key, pair)
+                continue
+            if not isinstance(key_node, ScalarNode) or key_node.tag not in _SCALAR_TAGS:
+                self.fail(key_node.start_mark, "a key must be a plain word",
+                          "write keys like 'port:'")
+            key = key_node.value
+            if key in own:
+                first = own[key][0].start_mark.line + 1
+                self.fail(key_node.start_mark,
+                          f"duplicate key {_show(key)} (first at line {first})",
+                          "remove one of them")
+            own[key] = (key_node, value_node)
+        result = {**merged, **own}
+        self.flattened[id(node)] = result
+        return result
+
+    def unknown_key(self, key: str, node: Node, valid: tuple[str, ...], top_level: bool = False,
+                    ) -> NoReturn:
+        close = difflib.get_close_matches(key.lower(), valid, n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        elif top_level and key in _FIELDS:
+            hint = "machine fields go under 'defaults:' or in an item of 'machines:'"
+        else:
+            hint = "valid keys are: " + ", ".join(valid)
+        self.fail(node.start_mark, f"unknown key {_show(key)}", hint)
+
+    # -- machines
+
+    def machine(self, node: Node, defaults: dict[str, Value]) -> tuple[Machine, Node]:
+        fields, nodes = self.machine_fields(node, in_defaults=False)
+        assert isinstance(node, MappingNode)
+        if "name" not in fields:
+            self.fail(node.start_mark, "this machine has no name",
+                      "add 'name: NAME' (unique; letters, digits, '.', '_', '-')")
+        name = fields["name"]
+        assert isinstance(name, str)
+        values = {**defaults, **fields}
+        if values.get("transport", "ssh") == "ssh" and values.get("host") is None:
+            self.fail(node.start_mark, f"machine {_show(name)} has no host",
+                      "add 'host: NAME' (or 'transport: local' for this host)")
+        values.setdefault("host", None)
+        if "systems" not in values:
+            values["systems"] = (local_system(),)
+        for key in _PATH_FIELDS:
+            path = values.get(key)
+            if isinstance(path, str):
+                path = os.path.expanduser(path)
+                if self.base_dir is not None:
+                    path = os.path.join(self.base_dir, path)
+                values[key] = path
+        return Machine(**values), nodes["name"]  # type: ignore[arg-type]
+
+    def machine_fields(self, node: Node, in_defaults: bool,
+                       ) -> tuple[dict[str, Value], dict[str, Node]]:
+        """The checked values of one machine mapping (or the defaults) and their value nodes."""
+        if in_defaults:
+            valid = tuple(k for k, f in _FIELDS.items() if f.in_defaults)
+            pairs = self.mapping(node, "defaults", "write 'key: value' lines under 'defaults:'")
+        else:
+            valid = tuple(_FIELDS)
+            pairs = self.mapping(node, "each machine",
+                                 "write each machine as '- name: NAME' with keys below it")
+        values: dict[str, Value] = {}
+        nodes: dict[str, Node] = {}
+        for key, (key_node, value_node) in pairs.items():
+            if key not in valid:
+                if key in _FIELDS:
+                    self.fail(key_node.start_mark, f"{key} cannot be set in defaults",
+                              f"set {key} on each machine")
+                self.unknown_key(key, key_node, valid)
+            values[key] = self.value(key, _FIELDS[key], value_node)
+            nodes[key] = value_node
+        return values, nodes
+
+    def value(self, key: str, field: _Field, node: Node) -> Value:
+        if field.optional and self.is_null(node):
+            return None
+        want = f"{key} must be {_KIND_WORDS[field.kind]}"
+        hint = f"write e.g. {field.example}"
+        if field.kind == "list":
+            return self.string_list(key, field, node, want, hint)
+        if not isinstance(node, ScalarNode):
+            self.fail(node.start_mark, f"{want}, not a {_node_kind(node)}", hint)
+        if node.tag not in _SCALAR_TAGS:
+            self.fail(node.start_mark, f"unsupported YAML tag {_show(node.tag)}",
+                      "remove the tag")
+        if node.tag == _TAG + "null":
+            self.fail(node.start_mark, f"{want}, not empty", hint + ", or remove the key")
+        if field.kind == "str":
+            return self.string(key, field, node)
+        if field.kind == "bool":
+            if node.tag == _TAG + "bool" and node.value.lower() in _BOOLS:
+                return _BOOLS[node.value.lower()]
+            self.fail(node.start_mark, f"{want}, not {_show(node.value)}", hint)
+        number = self.number(field, node, want, hint)
+        self.check_range(key, field, node, number)
+        return number
+
+    def string(self, key: str, field: _Field, node: ScalarNode) -> str:
+        text: str = node.value
+        if field.choices and text not in field.choices:
+            close = difflib.get_close_matches(text.lower(), field.choices, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "use " + " or ".join(field.choices)
+            self.fail(node.start_mark, f"unknown {key} {_show(text)}", hint)
+        problem = field.check(text) if field.check is not None else None
+        if problem is not None:
+            self.fail(node.start_mark, f"bad {key} {_show(text)}", problem)
+        return text
+
+    def string_list(self, key: str, field: _Field, node: Node, want: str, hint: str,
+                    ) -> tuple[str, ...]:
+        if not isinstance(node, SequenceNode) or node.tag != _TAG + "seq":
+            what = _show(node.value) if isinstance(node, ScalarNode) else f"a {_node_kind(node)}"
+            self.fail(node.start_mark, f"{want} of strings, not {what}", hint)
+        if field.nonempty and not node.value:
+            self.fail(node.start_mark, f"{key} must not be empty",
+                      f"{hint}, or remove the key to use this host's ({local_system()})")
+        items: list[str] = []
+        for item in node.value:
+            if (not isinstance(item, ScalarNode) or item.tag not in _SCALAR_TAGS
+                    or item.tag == _TAG + "null"):
+                self.fail(item.start_mark, f"each item of {key} must be a string", hint)
+            text = self.string(key.rstrip("s"), field, item)
+            if text in items:
+                self.fail(item.start_mark, f"{_show(text)} appears twice in {key}",
+                          "remove one of them")
+            items.append(text)
+        return tuple(items)
+
+    def number(self, field: _Field, node: ScalarNode, want: str, hint: str) -> int | float:
+        tag, text = node.tag, node.value
+        if tag == _TAG + "bool":
+            self.fail(node.start_mark, f"{want}, not the boolean {_show(text)}",
+                      f"YAML reads yes/no/on/off/true/false as booleans; {hint}")
+        try:
+            if tag == _TAG + "int":
+                number: int | float = int(_CONSTRUCTOR.construct_yaml_int(node))
+            elif tag == _TAG + "float" and field.kind == "float":
+                number = float(_CONSTRUCTOR.construct_yaml_float(node))
+            elif field.kind == "float" and node.style is None and text.strip():
+                number = float(text)  # 1e3: YAML 1.1 reads it as a string
+            else:
+                raise ValueError(text)
+        except (ValueError, IndexError, OverflowError):
+            if node.style in ("'", '"') and _looks_numeric(text):
+                self.fail(node.start_mark, f"{want}, not the quoted string {_show(text)}",
+                          f"remove the quotes; {hint}")
+            self.fail(node.start_mark, f"{want}, not {_show(text)}", hint)
+        if field.kind == "float":
+            number = float(number)
+            if not math.isfinite(number):
+                self.fail(node.start_mark, f"{want}, not {_show(text)}", hint)
+        return number
+
+    def check_range(self, key: str, field: _Field, node: Node, number: float) -> None:
+        low, high = field.minimum, field.maximum
+        if low is not None and (number < low or (field.exclusive and number == low)):
+            bound = f"greater than {low:g}" if field.exclusive else f"at least {low:g}"
+            if high is not None:
+                bound = f"between {low:g} and {high}"
+            self.fail(node.start_mark, f"{key} must be {bound}, not {node.value}",
+                      f"write e.g. {field.example}")
+        if high is not None and number > high:
+            self.fail(node.start_mark, f"{key} must be between {low:g} and {high}, not "
+                      f"{node.value}", f"write e.g. {field.example}")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text.replace("_", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def _node_kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "mapping"
+    if isinstance(node, SequenceNode):
+        return "list"
+    return "single value"
+
+
+def _yaml_hint(problem: str) -> str:
+    if "'\\t'" in problem:
+        return "indent with spaces; YAML does not allow tabs there"
+    if "mapping values are not allowed" in problem:
+        return "check the indentation, or quote a value that contains ': '"
+    if "undefined alias" in problem:
+        return "define the anchor (&name) before using it (*name)"
+    if "another document" in problem:
+        return "keep the whole inventory in one YAML document (remove the '---')"
+    return "check the YAML syntax here (indentation, quotes, brackets)"
+
+
+def _mark_at(text: str, position: int) -> Mark:
+    """The line and column PyYAML would report for a character offset."""
+    line = column = 0
+    for index, char in enumerate(text[:position]):
+        if char in "\n\x85\u2028\u2029" or (
+            char == "\r" and (index + 1 >= len(text) or text[index + 1] != "\n")
+        ):
+            line, column = line + 1, 0
+        elif char != "\ufeff":
+            column += 1
+    return Mark("<inventory>", position, line, column, None, 0)

@@ -1,0 +1,801 @@
+"""The coordinator's door to each build machine: run commands, stream builds, fetch files.
+
+One ``Remote`` per inventory machine keeps ONE asyncssh connection (and one SFTP client) open and
+reuses it for everything, reconnecting lazily when it drops. The rules that keep a farm safe live
+here and nowhere else: argv lists are quoted with ``shlex.join`` (nothing reaches a remote shell
+unquoted), host keys are always checked, at most ``max_sessions`` channels are open at once,
+every network wait is bounded (connect_timeout, keepalives), a failing machine is backed off
+(circuit breaker with exponential backoff and full jitter) without touching the others, and a
+streamed command runs in its own process group so that a timeout or a cancel kills it and all
+its children. ``transport: local`` machines get the same API over local subprocesses.
+
+Errors: everything raises ``RemoteError`` naming the machine; a command killed for running too
+long or too quietly raises ``CommandTimeoutError`` (a ``RemoteError``); a cancelled call kills its
+remote process group and re-raises ``asyncio.CancelledError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shlex
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import asyncssh
+
+from buildfarm.errors import RemoteError
+from buildfarm.inventory import Machine
+
+__all__ = ["CommandTimeoutError", "Remote", "RunResult"]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+READ_CHUNK = 64 * 1024
+SFTP_BLOCK_SIZE = 255 * 1024  # OpenSSH's sftp-server answers at most 256 KiB - 1 KiB per read
+SFTP_MAX_REQUESTS = 128
+KEEPALIVE_COUNT_MAX = 3
+CHANNEL_OPEN_RETRIES = 6
+CHANNEL_RETRY_DELAY = 0.05
+KILL_GRACE = 2.0
+# AES-GCM is hardware-accelerated on every build machine worth the name; it doubles SFTP speed.
+ENCRYPTION_ALGS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
+# The login shell execs sh, which prints its pid and execs the command: sshd made that pid a
+# session (and process group) leader, so "kill -- -PID" reaches the command and its children.
+_GROUP_WRAPPER = "exec sh -c 'echo \"$$\"; exec \"$@\"' sh "
+_KILL_SCRIPT = (
+    'kill -TERM -- "-$1" 2>/dev/null || exit 0; i=0; '
+    'while [ "$i" -lt "$2" ]; do kill -0 -- "-$1" 2>/dev/null || exit 0; sleep 0.1; '
+    'i=$((i+1)); done; kill -KILL -- "-$1" 2>/dev/null; exit 0'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What a command did. ``exit_status`` is None when it was killed by a signal.
+
+    For ``run_streaming``, ``stdout``/``stderr`` hold only what was not given to a callback.
+    """
+
+    argv: tuple[str, ...]
+    exit_status: int | None
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class CommandTimeoutError(RemoteError):
+    """A command outlived ``timeout`` or stayed silent past ``silence_timeout``; its process
+    group was killed. ``reason`` is "timeout" or "silence"; ``result`` holds the partial output."""
+
+    def __init__(self, message: str, *, reason: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.result = result
+
+
+class _Reader(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+    async def readline(self) -> bytes: ...
+
+
+class _Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def write_eof(self) -> None: ...
+
+
+class _Proc(Protocol):
+    """A started command, remote or local; ``pgid`` is known once the command has started."""
+
+    pgid: int | None
+    stdin: _Writer | None
+    stdout: _Reader
+    stderr: _Reader
+
+    async def start(self) -> None: ...
+    async def finish(self) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class _SSHProc:
+    def __init__(self, remote: Remote, process: asyncssh.SSHClientProcess[bytes], group: bool):
+        self._remote, self._process, self._group = remote, process, group
+        self.pgid: int | None = None
+        self.stdin: _Writer | None = process.stdin
+        self.stdout: _Reader = process.stdout
+        self.stderr: _Reader = process.stderr
+
+    async def start(self) -> None:
+        if self._group:
+            line = await self.stdout.readline()
+            with contextlib.suppress(ValueError):
+                self.pgid = int(line)
+
+    async def finish(self) -> int | None:
+        await self._process.wait_closed()
+        if self._process.exit_signal is not None:
+            return None
+        status = self._process.exit_status
+        if status is None:
+            raise RemoteError(f"{self._remote.machine.name}: connection lost during the command")
+        return status
+
+    def close(self) -> None:
+        self._process.close()
+
+
+class _LocalProc:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        self.pgid: int | None = process.pid
+        self.stdin: _Writer | None = process.stdin
+        assert process.stdout is not None and process.stderr is not None
+        self.stdout: _Reader = process.stdout
+        self.stderr: _Reader = process.stderr
+
+    async def start(self) -> None:
+        return None
+
+    async def finish(self) -> int | None:
+        status = await self._process.wait()
+        return None if status < 0 else status
+
+    def close(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+
+
+class _HostKeyCheck:
+    """What the last handshake learned about the machine's host key, for a useful message."""
+
+    def __init__(self) -> None:
+        self.known = False
+        self.offered: asyncssh.SSHKey | None = None
+
+
+class _Client(asyncssh.SSHClient):
+    def __init__(self, remote: Remote, check: _HostKeyCheck) -> None:
+        self._remote, self._check = remote, check
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self._conn = conn
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._remote._connection_lost(self._conn, exc)
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self._check.offered = key
+        return False
+
+
+class Remote:
+    """One machine's pooled connection; see the module docstring for the rules it keeps."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        *,
+        backoff_base: float = 1.0,
+        backoff_max: float = 300.0,
+        kill_grace: float = KILL_GRACE,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.machine = machine
+        self._local = machine.transport == "local"
+        self._backoff_base, self._backoff_max = backoff_base, backoff_max
+        self._kill_grace = kill_grace
+        self._rng = rng or random.Random()
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._sftp_conn: asyncssh.SSHClientConnection | None = None
+        self._connect_lock = asyncio.Lock()
+        self._sftp_lock = asyncio.Lock()
+        # With room for it, one channel stays reserved for kills (so a cancel never waits behind
+        # long builds) and the SFTP client stays open in one of the others.
+        reserve = 1 if machine.max_sessions >= 3 else 0
+        self._keep_sftp = reserve == 1
+        self._slots = asyncio.Semaphore(max(1, machine.max_sessions - reserve))
+        self._kill_slots = asyncio.Semaphore(1) if reserve else self._slots
+        self._failures = 0
+        self._backed_off_until: float | None = None
+        self._last_failure = ""
+        self._closing = False
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    # --- circuit breaker -------------------------------------------------------------------
+
+    @property
+    def backed_off_until(self) -> float | None:
+        """Wall-clock time (time.time()) before which calls fail fast, or None."""
+        until = self._backed_off_until
+        return until if until is not None and until > time.time() else None
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failures since the last success."""
+        return self._failures
+
+    def note_failure(self, reason: str) -> None:
+        """Count a failure and back off for a random time up to base * 2**(failures-1)."""
+        self._failures += 1
+        self._last_failure = reason
+        ceiling = min(self._backoff_max, self._backoff_base * 2 ** min(self._failures - 1, 60))
+        self._backed_off_until = time.time() + self._rng.uniform(0.0, ceiling)
+
+    def note_success(self) -> None:
+        self._failures = 0
+        self._backed_off_until = None
+        self._last_failure = ""
+
+    def _check_breaker(self) -> None:
+        until = self.backed_off_until
+        if until is not None:
+            clock = time.strftime("%H:%M:%S", time.localtime(until))
+            raise RemoteError(
+                f"{self.machine.name}: backed off until {clock} after {self._failures} "
+                f"failure(s); last: {self._last_failure}"
+            )
+
+    # --- connection ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connection unless it is open already; RemoteError says why it cannot."""
+        if not self._local:
+            self._check_breaker()
+            await self._connection()
+
+    async def close(self) -> None:
+        """Wait (bounded) for pending kills, then close SFTP and the connection."""
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=self._kill_grace + 5.0)
+        conn, self._closing = self._conn, True
+        try:
+            await self._drop_sftp()
+            if conn is not None:
+                conn.close()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(conn.wait_closed(), 5.0)
+        finally:
+            self._conn, self._closing = None, False
+
+    async def _connection(self) -> asyncssh.SSHClientConnection:
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        async with self._connect_lock:
+            conn = self._conn
+            if conn is not None and not conn.is_closed():
+                return conn
+            self._check_breaker()
+            try:
+                conn = await self._open_connection()
+            except RemoteError as exc:
+                self.note_failure(str(exc))
+                raise
+            self._conn = conn
+            self.note_success()
+            return conn
+
+    async def _open_connection(self) -> asyncssh.SSHClientConnection:
+        m = self.machine
+        where = f"{m.host}:{m.port}"
+        check = _HostKeyCheck()
+        if m.host_key:
+            try:
+                pinned = asyncssh.import_public_key(m.host_key)
+            except (ValueError, asyncssh.KeyImportError) as exc:
+                raise RemoteError(f"{m.name}: host_key is not a public key line: {exc}") from None
+            known_hosts: Any = ([pinned], [], [])
+            check.known = True
+        else:
+            path = os.path.expanduser(m.known_hosts or "~/.ssh/known_hosts")
+            try:
+                table = asyncssh.read_known_hosts(path)
+            except (OSError, ValueError) as exc:
+                raise RemoteError(
+                    f"{m.name}: cannot read known_hosts {path}: {exc}; create it "
+                    f"(ssh-keyscan -p {m.port} {m.host} >> {path}) or set host_key"
+                ) from None
+
+            def known_hosts(host: str, addr: str, port: int | None) -> Any:
+                found = table.match(host, addr, port)
+                check.known = bool(found[0] or found[1])
+                return found
+
+        keys: Any = [os.path.expanduser(m.identity)] if m.identity else ()
+        try:
+            return await asyncio.wait_for(
+                asyncssh.connect(
+                    m.host or "localhost", m.port, username=m.user, client_keys=keys,
+                    agent_path=None if m.identity else (), known_hosts=known_hosts,
+                    config=None, connect_timeout=m.connect_timeout,
+                    keepalive_interval=m.keepalive_interval,
+                    keepalive_count_max=KEEPALIVE_COUNT_MAX,
+                    encryption_algs=list(ENCRYPTION_ALGS),
+                    client_factory=lambda: _Client(self, check),
+                ),
+                m.connect_timeout + 1.0,
+            )
+        except asyncssh.HostKeyNotVerifiable:
+            raise RemoteError(self._host_key_message(check)) from None
+        except asyncssh.PermissionDenied:
+            raise RemoteError(
+                f"{m.name}: authentication failed for {m.user or '(local user)'}@{where}; "
+                f"is the public key of {m.identity or 'your default key'} in the machine's "
+                "authorized_keys?"
+            ) from None
+        except socket.gaierror as exc:
+            raise RemoteError(f"{m.name}: cannot resolve host {m.host}: {exc.strerror}") from None
+        except ConnectionRefusedError:
+            raise RemoteError(
+                f"{m.name}: connection refused by {where}; is sshd running there?"
+            ) from None
+        except TimeoutError:
+            raise RemoteError(
+                f"{m.name}: no answer from {where} within {m.connect_timeout:g}s (connect_timeout)"
+            ) from None
+        except (OSError, asyncssh.Error) as exc:
+            raise RemoteError(f"{m.name}: cannot connect to {where}: {_describe(exc)}") from None
+
+    def _host_key_message(self, check: _HostKeyCheck) -> str:
+        m = self.machine
+        offered = ""
+        if check.offered is not None:
+            offered = f" (it offered {check.offered.get_algorithm()} "
+            offered += f"{check.offered.get_fingerprint()})"
+        source = "the inventory's host_key pin" if m.host_key else (
+            m.known_hosts or "~/.ssh/known_hosts")
+        if not check.known:
+            return (
+                f"host key for {m.name} ({m.host}:{m.port}) is unknown: {source} has no entry for "
+                f"it{offered}; add it (ssh-keyscan -p {m.port} {m.host}) or set host_key"
+            )
+        return (
+            f"host key for {m.name} ({m.host}:{m.port}) does not match {source}{offered}; "
+            "if the machine was reinstalled, update known_hosts / host_key"
+        )
+
+    def _connection_lost(self, conn: asyncssh.SSHClientConnection, exc: Exception | None) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = None
+        if self._sftp is not None:
+            self._sftp = None
+            self._slots.release()
+        if exc is not None and not self._closing:
+            self.note_failure(f"connection lost: {_describe(exc)}")
+
+    async def _open_channel(self, opener: Callable[[], Awaitable[_T]]) -> _T:
+        """Open a channel, retrying sshd's brief "open failed" right after another closed."""
+        for attempt in range(CHANNEL_OPEN_RETRIES):
+            try:
+                return await asyncio.wait_for(opener(), self.machine.connect_timeout)
+            except asyncssh.ChannelOpenError:
+                if attempt == CHANNEL_OPEN_RETRIES - 1:
+                    raise
+                await asyncio.sleep(CHANNEL_RETRY_DELAY * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _boundary(self, what: str) -> AsyncIterator[None]:
+        """Turn network and OS errors into one RemoteError naming the machine."""
+        try:
+            yield
+        except (OSError, asyncssh.Error) as exc:
+            raise RemoteError(f"{self.machine.name}: {what}: {_describe(exc)}") from None
+
+    # --- commands --------------------------------------------------------------------------
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+    ) -> RunResult:
+        """Run ``argv`` and collect its output. ``check`` raises RemoteError on a non-zero exit;
+        ``timeout`` kills the command's process group and raises CommandTimeoutError."""
+        result = await self._execute(
+            argv, input=input, stdin=None, on_stdout=None, on_stderr=None,
+            timeout=timeout, silence_timeout=None, group=timeout is not None,
+        )
+        if check and not result.ok:
+            last = result.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            raise RemoteError(
+                f"{self.machine.name}: {shlex.join(result.argv)} exited with status "
+                f"{result.exit_status}" + (f": {last[0]}" if last else "")
+            )
+        return result
+
+    async def run_streaming(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: AsyncIterator[bytes] | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+        timeout: float | None = None,
+        silence_timeout: float | None = None,
+    ) -> RunResult:
+        """Run ``argv`` in its own process group, feeding ``stdin`` and handing each output chunk
+        to the callbacks as it arrives. On timeout or silence the group gets SIGTERM, then SIGKILL
+        after a grace, and CommandTimeoutError is raised; on cancel the same, then CancelledError.
+        """
+        return await self._execute(
+            argv, input=None, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr,
+            timeout=timeout, silence_timeout=silence_timeout, group=True,
+        )
+
+    async def _execute(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None,
+        stdin: AsyncIterator[bytes] | None,
+        on_stdout: Callable[[bytes], None] | None,
+        on_stderr: Callable[[bytes], None] | None,
+        timeout: float | None,
+        silence_timeout: float | None,
+        group: bool,
+    ) -> RunResult:
+        args = tuple(argv)
+        if not args:
+            raise ValueError("empty argv")
+        self._check_breaker()
+        await self._slots.acquire()
+        held = True
+        proc: _Proc | None = None
+        try:
+            async with self._boundary(f"cannot run {shlex.join(args)}"):
+                proc = await self._spawn(args, group, input is not None or stdin is not None)
+                result = await self._supervise(
+                    proc, args, input, stdin, on_stdout, on_stderr, timeout, silence_timeout
+                )
+            if self._failures:
+                self.note_success()
+            return result
+        except BaseException:
+            if proc is not None:
+                proc.close()
+                self._slots.release()
+                held = False
+                await self._shielded(self._kill_group(proc))
+            raise
+        finally:
+            if proc is not None and held:
+                proc.close()
+            if held:
+                self._slots.release()
+
+    async def _spawn(self, argv: tuple[str, ...], group: bool, wants_stdin: bool) -> _Proc:
+        if self._local:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.PIPE if wants_stdin else asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,
+                )
+            except (FileNotFoundError, PermissionError) as exc:
+                # Report it like a shell would, so both transports look alike to callers.
+                status = 127 if isinstance(exc, FileNotFoundError) else 126
+                return _FailedProc(status, f"{argv[0]}: {exc.strerror}\n".encode())
+            return _LocalProc(process)
+        command = (_GROUP_WRAPPER if group else "") + shlex.join(argv)
+        conn = await self._connection()
+        process = await self._open_channel(
+            lambda: conn.create_process(command, encoding=None)  # type: ignore[arg-type]
+        )
+        return _SSHProc(self, process, group)
+
+    async def _supervise(
+        self,
+        proc: _Proc,
+        argv: tuple[str, ...],
+        input: bytes | None,
+        stdin: AsyncIterator[bytes] | None,
+        on_stdout: Callable[[bytes], None] | None,
+        on_stderr: Callable[[bytes], None] | None,
+        timeout: float | None,
+        silence_timeout: float | None,
+    ) -> RunResult:
+        loop = asyncio.get_running_loop()
+        out, err = bytearray(), bytearray()
+        last_output = started = loop.time()
+
+        async def pump(reader: _Reader, callback: Callable[[bytes], None] | None,
+                       buffer: bytearray) -> None:
+            nonlocal last_output
+            while data := await reader.read(READ_CHUNK):
+                last_output = loop.time()
+                if callback is None:
+                    buffer += data
+                else:
+                    callback(data)
+
+        async def feed() -> None:
+            writer = proc.stdin
+            if writer is None:
+                return
+            try:
+                if input:
+                    writer.write(input)
+                    await writer.drain()
+                elif stdin is not None:
+                    async for chunk in stdin:
+                        writer.write(chunk)
+                        await writer.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the command stopped reading; its exit status tells why
+            finally:
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    writer.write_eof()
+
+        async def body() -> int | None:
+            await proc.start()
+            await _gather_or_cancel(pump(proc.stdout, on_stdout, out),
+                                    pump(proc.stderr, on_stderr, err), feed())
+            return await proc.finish()
+
+        task = asyncio.ensure_future(body())
+        try:
+            while True:
+                deadlines = []
+                if timeout is not None:
+                    deadlines.append(started + timeout)
+                if silence_timeout is not None:
+                    deadlines.append(last_output + silence_timeout)
+                wait = max(0.0, min(deadlines) - loop.time()) if deadlines else None
+                done, _ = await asyncio.wait({task}, timeout=wait)
+                if done:
+                    return RunResult(argv, task.result(), bytes(out), bytes(err))
+                now = loop.time()
+                if timeout is not None and now >= started + timeout:
+                    reason, what = "timeout", f"still running after {timeout:g}s (timeout)"
+                elif silence_timeout is not None and now >= last_output + silence_timeout:
+                    reason = "silence"
+                    what = f"silent for {silence_timeout:g}s (silence_timeout)"
+                else:
+                    continue
+                raise CommandTimeoutError(
+                    f"{self.machine.name}: {shlex.join(argv)} {what}; killed it",
+                    reason=reason, result=RunResult(argv, None, bytes(out), bytes(err)),
+                )
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a cleanup to its end even if our caller is cancelled again meanwhile."""
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+
+    async def _kill_group(self, proc: _Proc) -> None:
+        """SIGTERM the command's process group, SIGKILL it after the grace; never raises."""
+        pgid = proc.pgid
+        if pgid is None or pgid <= 1:  # never "kill -- -1"
+            return
+        try:
+            if self._local:
+                await _kill_local_group(pgid, self._kill_grace)
+                await asyncio.wait_for(proc.finish(), 5.0)  # reap it
+                return
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                return
+            steps = str(max(1, round(self._kill_grace / 0.1)))
+            command = shlex.join(["sh", "-c", _KILL_SCRIPT, "sh", str(pgid), steps])
+            async with self._kill_slots:
+                process = await self._open_channel(lambda: conn.create_process(command))
+                try:
+                    await asyncio.wait_for(process.wait(), self._kill_grace + 10.0)
+                finally:
+                    process.close()
+        except (OSError, asyncssh.Error) as exc:
+            log.warning("%s: could not kill process group %d: %s",
+                        self.machine.name, pgid, _describe(exc))
+
+    # --- files -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _sftp_client(self) -> AsyncIterator[asyncssh.SFTPClient]:
+        conn = await self._connection()
+        if not self._keep_sftp:
+            async with self._slots:
+                sftp = await self._open_channel(conn.start_sftp_client)
+                try:
+                    yield sftp
+                finally:
+                    sftp.exit()
+            return
+        async with self._sftp_lock:
+            if self._sftp is not None and self._sftp_conn is not conn:
+                self._sftp = None
+                self._slots.release()
+            if self._sftp is None:
+                await self._slots.acquire()
+                try:
+                    self._sftp = await self._open_channel(conn.start_sftp_client)
+                    self._sftp_conn = conn
+                except BaseException:
+                    self._slots.release()
+                    raise
+        yield self._sftp
+
+    async def _drop_sftp(self) -> None:
+        async with self._sftp_lock:
+            if self._sftp is not None:
+                self._sftp.exit()
+                self._sftp = None
+                self._slots.release()
+
+    async def fetch(
+        self, remote_path: str, local_path: str, *, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Copy ``remote_path`` to ``local_path`` and return its size. If ``local_path`` exists,
+        its bytes are trusted as the file's beginning and only the rest is transferred.
+        ``progress`` gets the number of bytes in ``local_path`` after every block."""
+        self._check_breaker()
+        if self._local:
+            async with self._boundary(f"cannot copy {remote_path} to {local_path}"):
+                return await _copy_local(remote_path, local_path, progress)
+        async with self._boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
+            async with await sftp.open(
+                remote_path, "rb", block_size=SFTP_BLOCK_SIZE, max_requests=SFTP_MAX_REQUESTS
+            ) as source:
+                size = (await source.stat()).size or 0
+                with open(local_path, "ab") as target:
+                    offset = target.tell()
+                    if offset > size:  # not a prefix of this file: start again
+                        target.truncate(0)
+                        offset = 0
+                    pending: dict[int, bytes] = {}
+                    # Blocks arrive out of order; writing only the contiguous prefix keeps a
+                    # partial file valid for the next resume, whatever interrupts us.
+                    async for at, data in await source.read_parallel(size - offset, offset):
+                        pending[at] = data
+                        while offset in pending:
+                            block = pending.pop(offset)
+                            target.write(block)
+                            offset += len(block)
+                            if progress is not None:
+                                progress(offset)
+            if offset != size:
+                raise RemoteError(
+                    f"{self.machine.name}: {remote_path} changed during the transfer "
+                    f"({offset} of {size} bytes)"
+                )
+            return size
+
+    async def remove(self, remote_path: str) -> None:
+        """Delete a file on the machine; a file that is already gone is fine."""
+        self._check_breaker()
+        async with self._boundary(f"cannot remove {remote_path}"):
+            if self._local:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(remote_path)
+                return
+            async with self._sftp_client() as sftp:
+                with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                    await sftp.remove(remote_path)
+
+    async def mktemp(self) -> str:
+        """A fresh, empty temporary file on the machine (the caller removes it)."""
+        if self._local:
+            self._check_breaker()
+            fd, path = tempfile.mkstemp(prefix="buildfarm.")
+            os.close(fd)
+            return path
+        result = await self.run(["mktemp", "-t", "buildfarm.XXXXXXXXXX"], check=True)
+        return result.stdout.decode().strip()
+
+
+class _FailedProc:
+    """A local command that could not start: looks like the shell's 126/127 answer."""
+
+    def __init__(self, status: int, message: bytes) -> None:
+        self.pgid: int | None = None
+        self.stdin: _Writer | None = None
+        self.stdout: _Reader = _bytes_reader(b"")
+        self.stderr: _Reader = _bytes_reader(message)
+        self._status = status
+
+    async def start(self) -> None:
+        return None
+
+    async def finish(self) -> int | None:
+        return self._status
+
+    def close(self) -> None:
+        return None
+
+
+def _bytes_reader(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def _gather_or_cancel(*coros: Coroutine[Any, Any, None]) -> None:
+    """Like gather, but the first failure cancels the others."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _kill_local_group(pgid: int, grace: float) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = loop.time() + grace
+        while loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            os.killpg(pgid, 0)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+async def _copy_local(source: str, target: str, progress: Callable[[int], None] | None) -> int:
+    """Resumable local copy, done in a thread; progress is reported on the event loop."""
+    loop = asyncio.get_running_loop()
+
+    def copy() -> int:
+        with open(source, "rb") as src, open(target, "ab") as dst:
+            size = os.fstat(src.fileno()).st_size
+            offset = dst.tell()
+            if offset > size:
+                dst.truncate(0)
+                offset = 0
+            src.seek(offset)
+            while block := src.read(1 << 20):
+                dst.write(block)
+                offset += len(block)
+                if progress is not None:
+                    loop.call_soon_threadsafe(progress, offset)
+            return offset
+
+    return await asyncio.to_thread(copy)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncssh.Error) and exc.reason:
+        return exc.reason
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc) or type(exc).__name__

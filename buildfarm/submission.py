@@ -1,0 +1,146 @@
+"""Submitting builds: read derivations (and the input derivations that can be read), record them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+import uuid as uuidlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from buildfarm import derivation as drvmod
+from buildfarm.errors import BuildfarmError, UsageError
+
+TAG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
+MAX_TAG_VALUE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    priority: int = 0
+    tags: tuple[tuple[str, str], ...] = ()
+    uuid: str | None = None
+    ignore_if_built: bool = False
+    defer_until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadDerivation:
+    """A parsed derivation with its store path and the exact bytes it was read from."""
+
+    path: str
+    drv: drvmod.Derivation
+    contents: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    uuid: str
+    derivation: str
+    created: bool  # False when --ignore-if-built found an existing build
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    """KEY=VALUE, with a key made for filtering and a value of printable text."""
+    key, sep, value = text.partition("=")
+    if not sep or not TAG_KEY.match(key):
+        raise UsageError(
+            f"bad tag {text!r}: use KEY=VALUE, KEY of letters, digits and _.:/- "
+            "(starting with a letter, digit or _)"
+        )
+    if len(value) > MAX_TAG_VALUE or any(c in value for c in "\n\r\0"):
+        raise UsageError(f"bad tag {key!r}: the value must be one line of at most 1024 characters")
+    return key, value
+
+
+def parse_time(text: str) -> float:
+    """An ISO-8601 date or date-time; without a zone it is local time."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"bad date {text!r}: use ISO 8601, e.g. 2026-12-01 or 2026-12-01T18:30:00+01:00"
+        ) from None
+    return moment.timestamp()
+
+
+def parse_uuid(text: str) -> str:
+    try:
+        return str(uuidlib.UUID(text.strip()))
+    except ValueError:
+        raise UsageError(f"{text!r} is not a UUID") from None
+
+
+def text_store_path(store_dir: str, name: str, contents: bytes, references: Iterable[str]) -> str:
+    """The store path of a text file such as a .drv (Nix's makeTextPath, which Guix shares)."""
+    from buildfarm.nar import nix_base32_encode
+
+    kind = ":".join(["text", *sorted(references)])
+    digest = hashlib.sha256(contents).hexdigest()
+    inner = f"{kind}:sha256:{digest}:{store_dir}:{name}".encode()
+    full = hashlib.sha256(inner).digest()
+    folded = bytearray(20)
+    for i, byte in enumerate(full):
+        folded[i % 20] ^= byte
+    return f"{store_dir}/{nix_base32_encode(bytes(folded))}-{name}"
+
+
+def derivation_store_path(file: str, drv: drvmod.Derivation, contents: bytes) -> str:
+    """The store path a .drv file stands for, wherever the file itself lies."""
+    base = os.path.basename(file)
+    candidate = f"{drv.store_dir}/{base}"
+    if base.endswith(".drv") and drvmod.is_store_path(candidate):
+        return candidate
+    name = drv.env_dict.get("name", "")
+    if not name:
+        raise UsageError(f"{file}: the derivation has no 'name' and the file is not a store path")
+    return text_store_path(drv.store_dir, f"{name}.drv", contents, drv.references)
+
+
+def read_derivation(file: str) -> ReadDerivation:
+    try:
+        with open(file, "rb") as handle:
+            contents = handle.read()
+    except IsADirectoryError:
+        raise BuildfarmError(f"{file}: is a directory, not a derivation") from None
+    except OSError as e:
+        raise BuildfarmError(f"{file}: {e.strerror}") from None
+    drv = drvmod.parse(contents, source=file)
+    return ReadDerivation(derivation_store_path(file, drv, contents), drv, contents)
+
+
+def read_closure(files: Sequence[str]) -> tuple[list[ReadDerivation], list[ReadDerivation]]:
+    """The derivations named, then every input derivation found on disk (in the store, or next
+    to the file that names it); a missing input is fine, a malformed one is an error."""
+    targets = [read_derivation(f) for f in files]
+    seen = {t.path for t in targets}
+    inputs: list[ReadDerivation] = []
+    todo = [(t, os.path.dirname(os.path.abspath(f))) for t, f in zip(targets, files, strict=True)]
+    while todo:
+        item, directory = todo.pop()
+        for input_path, _outputs in item.drv.input_drvs:
+            if input_path in seen:
+                continue
+            seen.add(input_path)
+            for candidate in (input_path, os.path.join(directory, os.path.basename(input_path))):
+                if os.path.isfile(candidate):
+                    found = read_derivation(candidate)
+                    inputs.append(found)
+                    todo.append((found, os.path.dirname(candidate)))
+                    break
+    return targets, inputs
+
+
+def submit(files: Sequence[str], options: SubmitOptions) -> list[Submitted]:
+    """Read every file first, then record everything in one transaction: all or nothing."""
+    from buildfarm.datastore import builds
+
+    if options.uuid is not None and len(files) != 1:
+        raise UsageError("--uuid needs exactly one derivation")
+    if not files:
+        raise UsageError("no derivation given")
+    targets, inputs = read_closure(files)
+    return builds.record_submission(targets, inputs, options, now=time.time())

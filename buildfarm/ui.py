@@ -1,0 +1,81 @@
+"""The live terminal view of `run`: machines, running builds, queue, recent events."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from buildfarm.coordinator import Coordinator
+
+
+def _elapsed(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h"
+
+
+class LiveReporter:
+    """A rich Live display, redrawn on every loop turn and every event."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = Console()
+        self.events: deque[str] = deque(maxlen=8)
+        self.live = Live(console=self.console, auto_refresh=False, transient=False)
+        self.live.start()
+        self._last: Coordinator | None = None
+
+    def event(self, line: str) -> None:
+        self.events.append(f"{time.strftime('%H:%M:%S')} {line}")
+        if self._last is not None:
+            self.update(self._last)
+
+    def update(self, coordinator: Coordinator) -> None:
+        self._last = coordinator
+        self.live.update(self._render(coordinator), refresh=True)
+
+    def stop(self) -> None:
+        self.live.stop()
+
+    def _render(self, c: Coordinator) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        machines = Table(title="machines", box=None, header_style="bold", title_justify="left")
+        for column in ("name", "state", "slots", "load", "note"):
+            machines.add_column(column.upper())
+        for slots in c.machines.values():
+            if slots.ready:
+                state = "[green]up[/]"
+            elif slots.connecting is not None:
+                state = "[yellow]connecting[/]"
+            else:
+                state = "[red]down[/]"
+            busy = len(slots.running)
+            bar = "■" * busy + "□" * max(0, slots.machine.max_builds - busy)
+            load = f"{slots.load:.2f}" if slots.load is not None else "-"
+            machines.add_row(slots.machine.name, state, bar, load, slots.last_error or "")
+        running = Table(title="running", box=None, header_style="bold", title_justify="left")
+        for column in ("build", "machine", "step", "elapsed", "derivation"):
+            running.add_column(column.upper())
+        now = time.time()
+        for slots in c.machines.values():
+            for run in slots.running.values():
+                step = run.step
+                if run.transferred:
+                    step += f" {run.transferred / 1e6:.1f} MB"
+                running.add_row(
+                    run.build_uuid[:8], slots.machine.name, step,
+                    _elapsed(now - run.started), run.drv_path.rsplit("/", 1)[-1],
+                )
+        recent = [t for t in c.finished if now - t < 600]
+        per_minute = len(recent) / min(10.0, max((now - c.started) / 60, 1 / 60))
+        queued = " ".join(f"{system}:{n}" for system, n in sorted(c.queue_depth.items()))
+        summary = Text(
+            f"queued {queued or 0}   builds/min {per_minute:.1f}   finished {len(c.finished)}"
+        )
+        return Group(machines, running, summary, Text("\n".join(self.events), style="dim"))

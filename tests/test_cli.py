@@ -1,0 +1,264 @@
+"""The command line over the core: exit codes, messages, and that bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from buildfarm.cli import cli
+
+DATA = Path(__file__).parent / "data"
+HELLO = DATA / "nix" / "76w21n1f03fs5kw8fnffphx7qrqffw6r-hello.drv"
+TOP = DATA / "nix" / "mh9rm5mn3ff418ks6pxd8ixg08wlnzqf-top.drv"
+DEP_PATH = "/nix/store/pld6g8hnp87b9d7yvkidbf4zi7hvm33k-dep.drv"
+GREP = DATA / "guix" / "63j9givlcpv1rd53sw8jz38aysmjkhhr-grep-3.8.drv"
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for var in ("BUILDFARM_DB", "BUILDFARM_INVENTORY", "BUILDFARM_HOOKS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("BUILDFARM_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+def run(*args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+
+
+def ok(*args: str, input: str | None = None) -> str:
+    result = run(*args, input=input)
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result.stdout
+
+
+def fails(*args: str, input: str | None = None) -> str:
+    """A user mistake: exit 1 and exactly one line on stderr, no traceback."""
+    result = run(*args, input=input)
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def dump(db: Path) -> list[tuple[object, ...]]:
+    """Every row of every table: what 'nothing written' is checked against."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(db)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        rows: list[tuple[object, ...]] = []
+        for table in sorted(tables):
+            rows.extend((table, *r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY 1"))
+        return rows
+    finally:
+        conn.close()
+
+
+def walk(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from walk(command, (*prefix, name))
+
+
+def test_every_command_has_help(state: Path) -> None:
+    commands = list(walk(cli))
+    assert ("submit",) in commands and ("builds", "show") in commands
+    for path in [(), *commands]:
+        out = ok(*path, "--help")
+        assert "Usage:" in out
+        command: click.Command = cli
+        for name in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[name]
+        assert command.help, f"{' '.join(path)} has no help text"
+
+
+def test_submit_prints_one_uuid_per_derivation(state: Path) -> None:
+    out = ok("submit", str(HELLO), str(GREP))
+    uuids = out.split()
+    assert len(uuids) == 2
+    for u in uuids:
+        assert str(uuidlib.UUID(u)) == u
+    listed = json.loads(ok("builds", "list", "--json"))
+    assert {b["uuid"] for b in listed} == set(uuids)
+    by_uuid = {b["uuid"]: b for b in listed}
+    assert by_uuid[uuids[0]]["derivation"] == "/nix/store/" + HELLO.name
+    assert by_uuid[uuids[1]]["derivation"] == "/gnu/store/" + GREP.name
+    assert all(b["state"] == "queued" for b in listed)
+
+
+def test_show_json_has_the_documented_fields(state: Path) -> None:
+    (u,) = ok("submit", str(TOP), "--priority", "7", "--tag", "job=nightly").split()
+    info = json.loads(ok("builds", "show", u, "--json"))
+    for key in ("uuid", "derivation", "system", "state", "priority", "tags", "outputs",
+                "created_at", "attempts"):
+        assert key in info
+    assert info["uuid"] == u
+    assert info["priority"] == 7
+    assert info["tags"] == {"job": "nightly"}
+    assert info["outputs"] == {"out": "/nix/store/b929rzxqin9xa830zfpbfbgx8wajdhdn-top"}
+    assert info["system"] == "x86_64-linux"
+    assert info["attempts"] == []
+    assert info["inputs"] == [
+        {"derivation": DEP_PATH, "outputs": ["out"], "build": None, "state": None}
+    ]
+    text = ok("builds", "show", u)
+    assert u in text and "nightly" in text
+
+
+def test_readable_input_derivations_are_recorded_without_builds(state: Path) -> None:
+    ok("submit", str(TOP))
+    conn = sqlite3.connect(state / "buildfarm.db")
+    paths = {r[0] for r in conn.execute("SELECT path FROM derivation")}
+    assert paths == {"/nix/store/" + TOP.name, DEP_PATH}
+    assert conn.execute("SELECT COUNT(*) FROM build").fetchone() == (1,)
+    assert conn.execute("SELECT COUNT(*) FROM event WHERE name='build-submitted'").fetchone() == (1,)
+
+
+def test_a_copy_outside_the_store_gets_its_store_path(state: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "hello-copy.drv"
+    shutil.copy(HELLO, copy)
+    (u,) = ok("submit", str(copy)).split()
+    info = json.loads(ok("builds", "show", u, "--json"))
+    assert info["derivation"] == "/nix/store/" + HELLO.name
+
+
+def test_stdin_paths(state: Path) -> None:
+    out = ok("submit", "-", input=f"{HELLO}\n\n{TOP}\n")
+    assert len(out.split()) == 2
+
+
+def test_uuid_tags_defer_and_filters(state: Path) -> None:
+    chosen = "6f1c2d57-2b47-4e0b-a7c6-5c0a8a5b9e10"
+    ok("submit", str(HELLO), "--uuid", chosen.upper(), "--tag", "a=1", "--tag", "b=two words",
+       "--defer-until", "2030-01-01T00:00:00+00:00")
+    ok("submit", str(GREP), "--tag", "a=2")
+    info = json.loads(ok("builds", "show", chosen, "--json"))
+    assert info["tags"] == {"a": "1", "b": "two words"}
+    assert info["defer_until"] == "2030-01-01T00:00:00+00:00"
+    assert [b["uuid"] for b in json.loads(ok("builds", "list", "--tag", "a=1", "--json"))] == [
+        chosen
+    ]
+    assert json.loads(ok("builds", "list", "--tag", "a=1", "--tag", "b=x", "--json")) == []
+    guix = json.loads(ok("builds", "list", "--system", "x86_64-linux", "--json"))
+    assert len(guix) == 2
+    assert len(json.loads(ok("builds", "list", "--limit", "1", "--json"))) == 1
+    plain = ok("builds", "list")
+    assert plain.splitlines()[0].split("\t")[:2] == ["UUID", "STATE"]
+
+
+def test_ignore_if_built_reuses_the_queued_build(state: Path) -> None:
+    (first,) = ok("submit", str(HELLO)).split()
+    (again,) = ok("submit", str(HELLO), "--ignore-if-built").split()
+    assert again == first
+    (third,) = ok("submit", str(HELLO)).split()
+    assert third != first
+
+
+def test_cancel_and_priority(state: Path) -> None:
+    (u,) = ok("submit", str(HELLO)).split()
+    ok("builds", "priority", u, "42")
+    assert json.loads(ok("builds", "show", u, "--json"))["priority"] == 42
+    assert ok("builds", "cancel", u).strip() == f"canceled {u}"
+    info = json.loads(ok("builds", "show", u, "--json"))
+    assert info["state"] == "canceled"
+    assert "cannot be canceled: it is canceled" in fails("builds", "cancel", u)
+    assert "canceled" in fails("builds", "priority", u, "1")
+    conn = sqlite3.connect(state / "buildfarm.db")
+    names = [r[0] for r in conn.execute("SELECT name FROM event ORDER BY id")]
+    assert names == ["build-submitted", "build-canceled"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("submit", "/nonexistent/x.drv"), "/nonexistent/x.drv: No such file or directory"),
+        (("submit", str(DATA / "nix" / "hello.nix")), "hello.nix: byte 0"),
+        (("submit", str(DATA / "nix" / "b929rzxqin9xa830zfpbfbgx8wajdhdn-top.nar")), "binary"),
+        (("submit", str(DATA)), "is a directory"),
+        (("submit", str(HELLO), "--tag", "novalue"), "bad tag 'novalue'"),
+        (("submit", str(HELLO), "--tag", "=x"), "bad tag"),
+        (("submit", str(HELLO), "--defer-until", "next tuesday"), "bad date 'next tuesday'"),
+        (("submit", str(HELLO), "--uuid", "not-a-uuid"), "is not a UUID"),
+        (("submit", str(HELLO), str(TOP), "--uuid", str(uuidlib.uuid4())), "exactly one"),
+        (("builds", "show", "00000000-0000-0000-0000-000000000000"), "no build with UUID"),
+        (("builds", "show", "zzz"), "is not a build UUID"),
+        (("builds", "cancel", "00000000-0000-0000-0000-000000000000"), "no build with UUID"),
+        (("builds", "priority", "00000000-0000-0000-0000-000000000000", "3"), "no build"),
+        (("builds", "list", "--tag", "x"), "bad tag"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    state: Path, args: tuple[str, ...], needle: str
+) -> None:
+    (existing,) = ok("submit", str(GREP)).split()
+    before = dump(state / "buildfarm.db")
+    line = fails(*args)
+    assert needle in line
+    assert line.startswith("Error: ")
+    assert dump(state / "buildfarm.db") == before
+    assert json.loads(ok("builds", "show", existing, "--json"))["state"] == "queued"
+
+
+def test_malformed_and_truncated_derivations_write_nothing(state: Path, tmp_path: Path) -> None:
+    ok("submit", str(GREP))
+    before = dump(state / "buildfarm.db")
+    truncated = tmp_path / "trunc.drv"
+    truncated.write_bytes(HELLO.read_bytes()[:100])
+    line = fails("submit", str(HELLO), str(truncated))
+    assert str(truncated) in line and "byte " in line
+    empty = tmp_path / "empty.drv"
+    empty.write_bytes(b"")
+    assert "byte 0" in fails("submit", str(empty))
+    assert dump(state / "buildfarm.db") == before
+
+
+def test_duplicate_uuid_writes_nothing(state: Path) -> None:
+    chosen = str(uuidlib.uuid4())
+    ok("submit", str(HELLO), "--uuid", chosen)
+    before = dump(state / "buildfarm.db")
+    assert "already exists" in fails("submit", str(GREP), "--uuid", chosen)
+    assert dump(state / "buildfarm.db") == before
+
+
+def test_cancel_is_all_or_nothing(state: Path) -> None:
+    (u,) = ok("submit", str(HELLO)).split()
+    fails("builds", "cancel", u, "00000000-0000-0000-0000-000000000000")
+    assert json.loads(ok("builds", "show", u, "--json"))["state"] == "queued"
+
+
+def test_global_options_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BUILDFARM_STATE_DIR", raising=False)
+    db = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("BUILDFARM_DB", f"sqlite://{db}")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    ok("submit", str(HELLO))
+    assert db.exists()
+    assert not (tmp_path / "home" / ".local" / "state" / "buildfarm" / "buildfarm.db").exists()
+    other = tmp_path / "other.db"
+    ok("--db", f"sqlite://{other}", "submit", str(HELLO))
+    assert len(json.loads(ok("--db", f"sqlite://{other}", "builds", "list", "--json"))) == 1
+    assert "unknown datastore URL" in fails("--db", "mysql://x", "builds", "list")
+
+
+def test_python_dash_m_entry_point(state: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "buildfarm", "--version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("buildfarm, version ")

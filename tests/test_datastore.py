@@ -1,0 +1,106 @@
+"""The datastore: SQLite settings, numbered migrations, and writers that queue instead of failing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from buildfarm.datastore import migrations, open_datastore
+from buildfarm.errors import DatastoreError
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_sqlite_pragmas(tmp_path: Path) -> None:
+    with open_datastore(f"sqlite://{tmp_path / 'a.db'}") as store:
+        pragma = lambda name: store.db.execute_sql(f"PRAGMA {name}").fetchone()[0]  # noqa: E731
+        assert pragma("journal_mode") == "wal"
+        assert pragma("foreign_keys") == 1
+        assert pragma("busy_timeout") >= 10_000
+        assert migrations.applied_version(store.db) == migrations.LATEST
+
+
+def test_migrations_are_numbered_in_order() -> None:
+    numbers = [number for number, _, _ in migrations.MIGRATIONS]
+    assert numbers == list(range(1, len(numbers) + 1))
+    assert len(numbers) >= 2
+
+
+def test_an_older_database_opens_in_a_newer_version(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'old.db'}"
+    with open_datastore(url, upto=1) as old:
+        assert migrations.applied_version(old.db) == 1
+        assert "attempt_step" not in old.db.get_tables()
+        old.db.execute_sql(
+            "INSERT INTO derivation (path, system, contents, created_at) "
+            "VALUES ('/gnu/store/aaaa-x.drv', 'x86_64-linux', x'00', 1.0)"
+        )
+        old.db.execute_sql(
+            "INSERT INTO build (uuid, derivation_id, system, state, priority, created_at) "
+            "VALUES ('11111111-1111-1111-1111-111111111111', 1, 'x86_64-linux', 'queued', 3, 2.0)"
+        )
+    with open_datastore(url) as new:
+        assert migrations.applied_version(new.db) == migrations.LATEST
+        from buildfarm.datastore import builds
+
+        info = builds.show_build("11111111-1111-1111-1111-111111111111")
+        assert info["derivation"] == "/gnu/store/aaaa-x.drv"
+        assert info["priority"] == 3
+        assert info["started_at"] is None  # a column added by migration 2
+        assert "attempt_step" in new.db.get_tables()
+    # Opening again applies nothing more.
+    with open_datastore(url) as again:
+        assert migrations.migrate(again.db) == []
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'future.db'}"
+    with open_datastore(url) as store:
+        store.db.execute_sql(
+            "INSERT INTO schema_migration (version, description, applied_at) VALUES (999, 'x', 0)"
+        )
+    with pytest.raises(DatastoreError, match="newer than this buildfarm understands"):
+        open_datastore(url)
+
+
+def test_unopenable_database_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DatastoreError, match="cannot create"):
+        open_datastore(f"sqlite://{blocker / 'sub' / 'x.db'}")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DatastoreError, match="cannot open datastore"):
+        open_datastore(f"sqlite://{junk}")
+
+
+def test_concurrent_submitters_never_see_a_locked_database(tmp_path: Path) -> None:
+    """Four processes submit at once, each in many small transactions: all land, none fails."""
+    db = tmp_path / "busy.db"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from buildfarm.datastore import open_datastore
+        from buildfarm.submission import SubmitOptions, submit
+        open_datastore("sqlite://{db}")
+        for i in range(40):
+            submit([{str(DATA / "nix" / "76w21n1f03fs5kw8fnffphx7qrqffw6r-hello.drv")!r}],
+                   SubmitOptions(tags=(("worker", sys.argv[1]),)))
+        """
+    )
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, str(n)], stderr=subprocess.PIPE)
+        for n in range(4)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err.decode()
+    with open_datastore(f"sqlite://{db}") as store:
+        count = store.db.execute_sql("SELECT COUNT(*) FROM build").fetchone()[0]
+        events = store.db.execute_sql("SELECT COUNT(*) FROM event").fetchone()[0]
+        derivations = store.db.execute_sql("SELECT COUNT(*) FROM derivation").fetchone()[0]
+    assert (count, events, derivations) == (160, 160, 1)
