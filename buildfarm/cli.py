@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -109,6 +110,12 @@ def _read_paths(paths: Sequence[str]) -> list[str]:
     help="Print the UUID of an existing queued, running or succeeded build of the same "
     "derivation instead of adding one.",
 )
+@click.option(
+    "--ignore-if-queued",
+    is_flag=True,
+    help="Print the UUID of an existing queued or running build of the same derivation "
+    "instead of adding one.",
+)
 @click.option("--defer-until", metavar="ISO-8601", help="Do not start before this time.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -119,6 +126,7 @@ def submit(
     priority: int,
     tags: tuple[str, ...],
     ignore_if_built: bool,
+    ignore_if_queued: bool,
     defer_until: str | None,
     as_json: bool,
 ) -> None:
@@ -130,6 +138,7 @@ def submit(
         tags=tuple(submission.parse_tag(t) for t in tags),
         uuid=submission.parse_uuid(uuid) if uuid is not None else None,
         ignore_if_built=ignore_if_built,
+        ignore_if_queued=ignore_if_queued,
         defer_until=submission.parse_time(defer_until) if defer_until is not None else None,
     )
     files = _read_paths(derivations)
@@ -242,10 +251,6 @@ def builds_priority(ctx: click.Context, uuid: str, priority: int) -> None:
     queries.set_priority(uuid, priority)
 
 
-def main() -> None:
-    cli(prog_name="buildfarm")
-
-
 def _load_inventory(settings: Settings) -> Any:
     import os
 
@@ -271,8 +276,37 @@ def _load_inventory(settings: Settings) -> Any:
     show_default=True,
     help="Seconds running builds get to finish on SIGINT/SIGTERM before they are stopped.",
 )
+@click.option(
+    "--hook-timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds a hook may run before it is killed.",
+)
+@click.option(
+    "--hook-workers",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Hooks running at once.",
+)
+@click.option(
+    "--hook-parallelism",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Hooks of one event running at once.",
+)
 @click.pass_context
-def run(ctx: click.Context, exit_when_idle: bool, no_ui: bool, grace: float) -> None:
+def run(
+    ctx: click.Context,
+    exit_when_idle: bool,
+    no_ui: bool,
+    grace: float,
+    hook_timeout: float,
+    hook_workers: int,
+    hook_parallelism: int,
+) -> None:
     """Run the coordinator: allocate queued builds to machines and build them."""
     import asyncio
 
@@ -280,7 +314,13 @@ def run(ctx: click.Context, exit_when_idle: bool, no_ui: bool, grace: float) -> 
 
     settings = _settings(ctx)
     inventory = _load_inventory(settings)
-    options = RunOptions(exit_when_idle=exit_when_idle, grace=grace)
+    options = RunOptions(
+        exit_when_idle=exit_when_idle,
+        grace=grace,
+        hook_timeout=hook_timeout,
+        hook_workers=hook_workers,
+        hook_parallelism=hook_parallelism,
+    )
     live = None
     reporter: Reporter
     if no_ui or not sys.stdout.isatty():
@@ -315,3 +355,34 @@ def log(ctx: click.Context, uuid: str, follow: bool) -> None:
     for chunk in read_log(path, follow=follow and running, done=done):
         out.write(chunk)
         out.flush()
+
+
+@cli.group(cls=BuildfarmGroup)
+def hooks() -> None:
+    """The hook scripts in the hooks directory and the events that fire them."""
+
+
+@hooks.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def hooks_list(ctx: click.Context, as_json: bool) -> None:
+    """Show which scripts fire on which events, in the order they run."""
+    from buildfarm.hooks import EVENTS, scripts
+    from buildfarm.render import print_json, print_table
+
+    hooks_dir = _settings(ctx).hooks_dir
+    rows = [
+        {"event": e.name, "scripts": scripts(hooks_dir, e.name), "when": e.when} for e in EVENTS
+    ]
+    if as_json:
+        print_json({"hooks_dir": hooks_dir, "events": rows})
+        return
+    print(f"hooks directory: {hooks_dir}")
+    print_table(
+        [{**r, "scripts": [os.path.basename(s) for s in r["scripts"]] or "-"} for r in rows],
+        ("event", "scripts", "when"),
+    )
+
+
+def main() -> None:
+    cli(prog_name="buildfarm")

@@ -28,6 +28,7 @@ from buildfarm.datastore import attempts as records
 from buildfarm.datastore import open_datastore
 from buildfarm.datastore.models import Attempt, Build, MachineState
 from buildfarm.errors import BuildfarmError, RemoteError
+from buildfarm.hooks import HookRunner, HookSettings
 from buildfarm.inventory import Inventory, Machine
 from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
 from buildfarm.outputs import OutputStore
@@ -46,6 +47,9 @@ LOAD_PROBE_EVERY = 20.0
 @dataclass(frozen=True, slots=True)
 class RunOptions:
     exit_when_idle: bool = False
+    hook_timeout: float = 60.0
+    hook_workers: int = 4
+    hook_parallelism: int = 2  # scripts of one event running at once
     grace: float = 30.0  # seconds running builds get to finish on SIGINT/SIGTERM
     tick: float = 1.0
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
@@ -126,6 +130,24 @@ class Coordinator:
         self._signal_handlers: dict[int, Any] = {}
         self.outputs: OutputStore | None = None
         self.key: SigningKey | None = None
+        self.hooks = HookRunner(
+            HookSettings(
+                hooks_dir=settings.hooks_dir,
+                environment={
+                    "BUILDFARM_DB": settings.db_url,
+                    "BUILDFARM_STATE_DIR": settings.state_dir,
+                    "BUILDFARM_INVENTORY": settings.inventory_path,
+                    "BUILDFARM_HOOKS_DIR": settings.hooks_dir,
+                },
+                timeout=options.hook_timeout,
+                workers=options.hook_workers,
+                per_event=options.hook_parallelism,
+                trace=os.environ.get("BUILDFARM_TRACE_HOOKS") == "1",
+            ),
+            self.db,
+            reporter.event,
+            self._wake,
+        )
 
     # -- the datastore thread
 
@@ -179,11 +201,12 @@ class Coordinator:
         while not self.should_exit:
             await self.check_cancellations()
             await self.allocate()
+            await self.hooks.dispatch()
             if time.monotonic() - depth_probed > 5:
                 depth_probed = time.monotonic()
                 self.queue_depth = await self.db(scheduler.queue_depth)
             self.reporter.update(self)
-            if self.options.exit_when_idle and await self.idle():
+            if self.options.exit_when_idle and await self.idle() and await self.hooks.idle():
                 self.reporter.event("nothing queued or running: exiting")
                 return
             self._wake.clear()
@@ -208,6 +231,9 @@ class Coordinator:
         for task in tasks:
             task.cancel("coordinator stopping")
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Events of the builds just ended get a moment; undelivered ones wait for the next run.
+        await self.hooks.dispatch()
+        await self.hooks.drain(time.monotonic() + (0 if self.force_exit else 5.0))
         for slots in self.machines.values():
             if slots.connecting is not None:
                 slots.connecting.cancel()

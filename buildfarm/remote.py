@@ -494,23 +494,24 @@ class Remote:
 
     async def _spawn(self, argv: tuple[str, ...], group: bool, wants_stdin: bool) -> _Proc:
         if self._local:
+            pipe = asyncio.subprocess.PIPE
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.PIPE if wants_stdin else asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True,
+                local = await asyncio.create_subprocess_exec(
+                    *argv, stdin=pipe if wants_stdin else asyncio.subprocess.DEVNULL,
+                    stdout=pipe, stderr=pipe, start_new_session=True,
                 )
             except (FileNotFoundError, PermissionError) as exc:
                 # Report it like a shell would, so both transports look alike to callers.
                 status = 127 if isinstance(exc, FileNotFoundError) else 126
                 return _FailedProc(status, f"{argv[0]}: {exc.strerror}\n".encode())
-            return _LocalProc(process)
+            return _LocalProc(local)
         command = (_GROUP_WRAPPER if group else "") + shlex.join(argv)
         conn = await self._connection()
-        process = await self._open_channel(
-            lambda: conn.create_process(command, encoding=None)  # type: ignore[arg-type]
-        )
-        return _SSHProc(self, process, group)
+
+        async def open_process() -> asyncssh.SSHClientProcess[bytes]:
+            return await conn.create_process(command, encoding=None)
+
+        return _SSHProc(self, await self._open_channel(open_process), group)
 
     async def _supervise(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from buildfarm.datastore import events
 from buildfarm.datastore.models import (
@@ -95,7 +96,7 @@ def queue_depth(systems: Sequence[str] | None = None) -> dict[str, int]:
     """Queued builds per system."""
     from peewee import fn
 
-    query = Build.select(Build.system, fn.COUNT(Build.id).alias("n")).where(Build.state == QUEUED)
+    query: Any = Build.select(Build.system, fn.COUNT(Build.id)).where(Build.state == QUEUED)
     if systems is not None:
         query = query.where(Build.system.in_(systems))
     return {system: count for system, count in query.group_by(Build.system).tuples()}

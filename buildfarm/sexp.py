@@ -8,8 +8,6 @@ A value is an atom (`bytes`) or a list (`tuple` of values).
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import TypeAlias
 
 from buildfarm.errors import BuildfarmError
@@ -18,8 +16,10 @@ Sexp: TypeAlias = bytes | tuple["Sexp", ...]
 """An atom (its raw bytes) or a list of s-expressions."""
 
 _WHITESPACE = frozenset(b" \t\v\f\r\n")
+# libgcrypt tests membership with strchr(), which also finds the terminating NUL: to libgcrypt a
+# NUL byte is a token character, both when reading and when choosing how to print an atom.
 _TOKEN_CHARS = frozenset(
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-./_:*+="
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-./_:*+=\x00"
 )
 _DIGITS = frozenset(b"0123456789")
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
@@ -230,13 +230,38 @@ class _Parser:
         for offset, char in enumerate(body, start + 1):
             if char not in _BASE64_CHARS:
                 raise self.fail(f"bad base64 character {_show(char)}", offset)
-        body = body.rstrip(b"=")
-        try:
-            decoded = base64.b64decode(body + b"=" * (-len(body) % 4), validate=True)
-        except binascii.Error as error:
-            raise self.fail(f"invalid base64: {error}", start) from None
+        if not body:
+            raise self.fail("empty base64 string", start)
+        decoded = _decode_base64(body)
         self.pos = end + 1
         return decoded
+
+
+_BASE64_VALUES = {char: value for value, char in enumerate(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def _decode_base64(body: bytes) -> bytes:
+    """Base64 the lenient way libgcrypt's decoder (gpgrt) reads it: padding optional, data after
+    the first '=' ignored, a lone sextet before '=' still gives a byte."""
+    out = bytearray()
+    bits = count = 0
+    for char in body:
+        if char == ord("="):
+            if count == 1:
+                out.append(bits << 2 & 0xFF)
+                count = 0
+            break
+        bits = bits << 6 | _BASE64_VALUES[char]
+        count += 1
+        if count == 4:
+            out += bits.to_bytes(3, "big")
+            bits = count = 0
+    if count == 2:
+        out.append(bits >> 4 & 0xFF)
+    elif count == 3:
+        out += (bits >> 2 & 0xFFFF).to_bytes(2, "big")
+    return bytes(out)
 
 
 def _show(char: int) -> str:
@@ -312,7 +337,7 @@ def _advanced_atom(atom: bytes) -> bytes:
         return b'""'
     if atom[0] & 0x80 or atom[0] == 0:
         return b"#" + atom.hex().upper().encode("ascii") + b"#"
-    # NUL counts as printable here: libgcrypt tests `strchr(escapes, c)`, true for c == 0.
+    # NUL counts as printable here too (the same strchr() quirk).
     if any(_is_binary_byte(c) and c not in _PRINT_ESCAPES and c != 0 for c in atom):
         return b"#" + atom.hex().upper().encode("ascii") + b"#"
     if atom[0] not in _DIGITS and all(c in _TOKEN_CHARS for c in atom):

@@ -23,7 +23,8 @@ class SubmitOptions:
     priority: int = 0
     tags: tuple[tuple[str, str], ...] = ()
     uuid: str | None = None
-    ignore_if_built: bool = False
+    ignore_if_built: bool = False  # reuse a queued, running or succeeded build
+    ignore_if_queued: bool = False  # reuse a queued or running build
     defer_until: float | None = None
 
 

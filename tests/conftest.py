@@ -13,15 +13,23 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-from testbed import DEFAULT_HOSTS, ENV_REQUIRED, Host, Testbed, TestbedError, testbed_problem
+from testbed import (
+    DEFAULT_HOSTS,
+    ENV_REQUIRED,
+    Host,
+    Testbed,
+    TestbedError,
+    private_nix_problem,
+    testbed_problem,
+)
 
-_TESTBED_FIXTURES = {"testbed", "hosts"}
+_TESTBED_FIXTURES = {"testbed", "hosts", "private_nix"}
 
 
 def _unavailable(problem: str) -> NoReturn:
     if os.environ.get(ENV_REQUIRED) == "1":
         pytest.fail(f"the test bed is required under scripts/test: {problem}", pytrace=False)
-    pytest.skip(f"no test bed: {problem} (run `bash scripts/test` as root)")
+    pytest.skip(f"test bed unavailable: {problem}; run `bash scripts/test` as root")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -29,6 +37,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _TESTBED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.testbed)
+
+
+@pytest.fixture(scope="session")
+def private_nix() -> Path:
+    """The coordinator side's private /nix: request it before calling testbed.instantiate()."""
+    problem = private_nix_problem()
+    if problem is not None:
+        _unavailable(problem)
+    return Path("/nix")
 
 
 @pytest.fixture(scope="session")

@@ -124,7 +124,8 @@ def test_readable_input_derivations_are_recorded_without_builds(state: Path) -> 
     paths = {r[0] for r in conn.execute("SELECT path FROM derivation")}
     assert paths == {"/nix/store/" + TOP.name, DEP_PATH}
     assert conn.execute("SELECT COUNT(*) FROM build").fetchone() == (1,)
-    assert conn.execute("SELECT COUNT(*) FROM event WHERE name='build-submitted'").fetchone() == (1,)
+    events = conn.execute("SELECT COUNT(*) FROM event WHERE name='build-submitted'").fetchone()
+    assert events == (1,)
 
 
 def test_a_copy_outside_the_store_gets_its_store_path(state: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The datastore: SQLite settings, numbered migrations, and writers that queue instead of failing."""
+"""The datastore: SQLite settings, numbered migrations, writers that queue instead of failing."""
 
 from __future__ import annotations
 

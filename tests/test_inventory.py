@@ -453,9 +453,14 @@ def test_fuzz_random_text(text: str) -> None:
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
                     st.sampled_from(["x86_64-linux", "guix", "nix", "ssh", "local", "h.example",
                                      "kvm", KEY, "~/.ssh/id", "0", "-1", "yes"]))
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-    max_leaves=12)
+
+
+def nested(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.one_of(st.lists(inner, max_size=4),
+                     st.dictionaries(st.text(max_size=8), inner, max_size=4))
+
+
+VALUES = st.recursive(SCALARS, nested, max_leaves=12)
 KEYS = st.one_of(st.sampled_from(FIELDS), st.sampled_from(FIELDS), st.text(max_size=10))
 MACHINES = st.dictionaries(KEYS, VALUES, max_size=8)
 

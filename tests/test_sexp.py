@@ -92,7 +92,8 @@ def test_parse_accepts_libgcrypt_syntax(text: str | bytes, expected: sexp.Sexp) 
         (b"", b'""'),
         (b"a b", b'"a b"'),
         (b'q"\'\\\n\t', b'"q\\"\\\'\\\\\\n\\t"'),
-        (b"a\x00b", b'"a\\x00b"'),  # NUL is printable for libgcrypt (strchr quirk)
+        (b"a\x00b", b"a\x00b"),  # to libgcrypt NUL is a token character (strchr quirk)
+        (b"a \x00", b'"a \\x00"'),  # ...and not binary
         (b"a\x01b", b"#610162#"),
         (b"\x00ab", b"#006162#"),
         (b"\x80", b"#80#"),

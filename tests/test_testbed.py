@@ -22,11 +22,15 @@ from testbed import (
     TEST_USER,
     Host,
     Testbed,
+    TestbedError,
     current_system,
     instantiate,
     nix_expr_trivial,
+    process_state,
     real_nix_dir,
 )
+
+from buildfarm.inventory import parse
 
 
 def _token() -> str:
@@ -99,16 +103,19 @@ def test_remote_commands_run_as_the_test_user_with_the_test_nix_conf(
     assert (Path(conf_dir) / "nix.conf").read_text() == NIX_CONF
 
 
-def test_the_coordinator_side_uses_a_private_nix() -> None:
+def test_the_coordinator_side_uses_a_private_nix(private_nix: Path) -> None:
     real = real_nix_dir()
     assert real is not None
-    assert not os.path.samestat(os.stat("/nix"), os.stat(real))
+    assert not os.path.samestat(os.stat(private_nix), os.stat(real))
 
     drv = instantiate(nix_expr_trivial(f"coordinator-{_token()}", "echo x > $out"))
 
     assert drv.startswith("/nix/store/") and drv.endswith(".drv")
     assert Path(drv).is_file()
     assert not (real / drv.removeprefix("/nix/")).exists()
+    one, two = (nix_expr_trivial(name, "echo > $out") for name in ("one", "two"))
+    with pytest.raises(TestbedError, match="one derivation"):
+        instantiate(f"[ ({one}) ({two}) ]")
 
 
 def test_special_characters_survive_the_nix_expression(hosts: list[Host]) -> None:
@@ -162,18 +169,13 @@ def test_kill_drops_open_connections_and_pause_freezes_every_process(hosts: list
     host.start()
 
     host.pause()
-    members = host._members()
-    states = {_process_state(pid) for pid in members}
+    members = host.members()
+    states = {process_state(pid) for pid in members}
     host.resume()
 
     assert host.pid in members
     assert states == {"T"}
     assert asyncio.run(_run_on(host, "echo back")) == "back\n"
-
-
-def _process_state(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def test_closing_a_testbed_ends_its_processes_and_removes_its_files(testbed: Testbed) -> None:
@@ -200,3 +202,12 @@ def test_inventory_names_every_host_with_its_key_and_port(hosts: list[Host]) -> 
     assert first["user"] == TEST_USER and first["identity"] == str(hosts[0].client_key)
     assert first["systems"] == [current_system()] and first["store"] == "nix"
     assert first["max_builds"] == 3 and "known_hosts" not in first
+
+
+def test_buildfarm_reads_the_inventory_the_testbed_writes(hosts: list[Host]) -> None:
+    inventory = parse(hosts[0].testbed.inventory_yaml(hosts, max_builds=3))
+
+    machine = inventory.machine(hosts[1].name)
+    assert (machine.host, machine.port, machine.user) == ("127.0.0.1", hosts[1].port, TEST_USER)
+    assert machine.known_hosts == str(hosts[1].known_hosts)
+    assert machine.store == "nix" and machine.max_builds == 3

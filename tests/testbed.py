@@ -90,7 +90,7 @@ def private_nix_problem() -> str | None:
     """
     private = os.environ.get(ENV_PRIVATE_NIX)
     if not private:
-        return "not run by `bash scripts/test`, which gives the tests a private /nix"
+        return "pytest was not started by scripts/test (the tests need its private /nix)"
     try:
         same = os.path.samestat(os.stat("/nix"), os.stat(private))
     except OSError as error:
@@ -182,6 +182,15 @@ def _pids_in_namespace(namespace: str) -> list[int]:
         for entry in os.scandir("/proc")
         if entry.name.isdigit() and _mount_namespace(entry.name) == namespace
     ]
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (T when stopped); "" if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def _signal_all(pids: Sequence[int], signum: int) -> None:
@@ -425,13 +434,21 @@ class Host:
         """Freeze the machine (SIGSTOP to all its processes): connections hang, nothing fails."""
         if not self.running:
             raise TestbedError(f"{self.name} is not running")
-        _signal_all(self._members(), signal.SIGSTOP)
         self.paused = True
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while True:  # wait until every process is stopped, and catch any that forked meanwhile
+            running = [pid for pid in self.members() if process_state(pid) not in "Tt"]
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{self.name}: processes {running} do not stop")
+            _signal_all(running, signal.SIGSTOP)
+            time.sleep(0.002)
 
     def resume(self) -> None:
         """Undo pause() (SIGCONT)."""
         if self.process is not None:
-            _signal_all(self._members(), signal.SIGCONT)
+            _signal_all(self.members(), signal.SIGCONT)
         self.paused = False
 
     def _require_port(self) -> int:
@@ -439,19 +456,20 @@ class Host:
             raise TestbedError(f"{self.name} was never started: it has no port yet")
         return self.port
 
-    def _members(self) -> list[int]:
+    def members(self) -> list[int]:
+        """PIDs of every process this host runs now (sshd, its connections, their commands)."""
         if self._namespace is None:
             return []
         return _pids_in_namespace(self._namespace)
 
     def _kill_namespace(self) -> None:
         for _ in range(500):
-            pids = self._members()
+            pids = self.members()
             if not pids:
                 return
             _signal_all(pids, signal.SIGKILL)
             time.sleep(0.01)
-        raise TestbedError(f"{self.name}: processes {self._members()} survive SIGKILL")
+        raise TestbedError(f"{self.name}: processes {self.members()} survive SIGKILL")
 
     def _write_config(self, port: int) -> Path:
         bed = self.testbed

@@ -163,12 +163,21 @@ def setup_failure(
             build.state, build.defer_until = QUEUED, now + defer_seconds
             build.save()
         if kind == MISSING_INPUTS:
+            from .closure import derivations_of
+
+            producers = derivations_of(paths)
             events.record(
                 "build-missing-inputs",
                 build,
                 machine=attempt.machine,
                 attempt=attempt.id,
-                missing_inputs=list(paths),
+                missing_inputs=[
+                    {
+                        "path": p,
+                        "derivation": p if p.endswith(".drv") else producers.get(p),
+                    }
+                    for p in paths
+                ],
             )
 
 

@@ -46,24 +46,32 @@ def iso(moment: float | None) -> str | None:
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds")
 
 
+def _ids_by(model: Any, column: Any, keys: Sequence[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for chunk in _chunks(keys):
+        for key, row_id in model.select(column, model.id).where(column.in_(chunk)).tuples():
+            found[key] = row_id
+    return found
+
+
 def _record_derivations(items: Sequence[ReadDerivation], now: float) -> dict[str, int]:
-    """Insert the derivations not yet known; return path -> id for all of them."""
-    ids: dict[str, int] = {}
+    """Insert the derivations not yet known (in batches); return path -> id for all of them."""
     unique = list({item.path: item for item in items}.values())
-    for chunk in _chunks([i.path for i in unique]):
-        for row in Derivation.select(Derivation.id, Derivation.path).where(
-            Derivation.path.in_(chunk)
-        ):
-            ids[row.path] = row.id
+    ids = _ids_by(Derivation, Derivation.path, [i.path for i in unique])
     new = [i for i in unique if i.path not in ids]
-    for item in new:
-        ids[item.path] = Derivation.insert(
-            path=item.path,
-            system=item.drv.system,
-            required_features=" ".join(sorted(item.drv.required_features)),
-            contents=item.contents,
-            created_at=now,
-        ).execute()
+    rows = [
+        {
+            "path": i.path,
+            "system": i.drv.system,
+            "required_features": " ".join(sorted(i.drv.required_features)),
+            "contents": i.contents,
+            "created_at": now,
+        }
+        for i in new
+    ]
+    for chunk in _chunks(rows, 100):
+        Derivation.insert_many(chunk).execute()
+    ids.update(_ids_by(Derivation, Derivation.path, [i.path for i in new]))
     outputs = [
         {
             "derivation": ids[i.path],
@@ -80,11 +88,26 @@ def _record_derivations(items: Sequence[ReadDerivation], now: float) -> dict[str
         for i in new
         for path, names in i.drv.input_drvs
     ]
-    for chunk in _chunks(outputs):
+    for chunk in _chunks(outputs, 150):
         DerivationOutput.insert_many(chunk).execute()
-    for chunk in _chunks(inputs):
+    for chunk in _chunks(inputs, 250):
         DerivationInput.insert_many(chunk).execute()
     return ids
+
+
+def _existing_builds(derivation_ids: Sequence[int], states: Sequence[str]) -> dict[int, str]:
+    """derivation id -> UUID of its oldest build in one of `states`."""
+    found: dict[int, str] = {}
+    for chunk in _chunks(list(derivation_ids)):
+        query: Any = (
+            Build.select(Build.derivation, Build.uuid)
+            .where(Build.derivation.in_(chunk) & Build.state.in_(list(states)))
+            .order_by(Build.id.desc())
+            .tuples()
+        )
+        for derivation_id, uuid in query:
+            found[derivation_id] = uuid
+    return found
 
 
 def record_submission(
@@ -93,44 +116,73 @@ def record_submission(
     options: SubmitOptions,
     now: float,
 ) -> list[Submitted]:
-    """Record derivations and one build per target, with their build-submitted events."""
+    """Record derivations and one build per target, with their build-submitted events, in one
+    transaction and in batches (100,000 submissions must take well under a minute)."""
     from buildfarm.submission import Submitted
 
-    results: list[Submitted] = []
+    reuse = (
+        (QUEUED, RUNNING, SUCCEEDED)
+        if options.ignore_if_built
+        else (QUEUED, RUNNING)
+        if options.ignore_if_queued
+        else ()
+    )
+    tags = dict(options.tags)
     with database_proxy.atomic():
         if options.uuid is not None and Build.select().where(Build.uuid == options.uuid).exists():
             raise UsageError(f"a build with UUID {options.uuid} already exists")
         ids = _record_derivations([*targets, *inputs], now)
+        existing = _existing_builds([ids[t.path] for t in targets], reuse) if reuse else {}
+        results: list[Submitted] = []
+        new_builds: list[dict[str, Any]] = []
         for target in targets:
-            if options.ignore_if_built:
-                existing = (
-                    Build.select(Build.uuid)
-                    .where(
-                        Build.derivation == ids[target.path],
-                        Build.state.in_((QUEUED, RUNNING, SUCCEEDED)),
-                    )
-                    .order_by(Build.id)
-                    .first()
-                )
-                if existing is not None:
-                    results.append(Submitted(existing.uuid, target.path, created=False))
-                    continue
-            build = Build.create(
-                uuid=options.uuid or str(uuidlib.uuid4()),
-                derivation=ids[target.path],
-                system=target.drv.system,
-                required_features=" ".join(sorted(target.drv.required_features)),
-                state=QUEUED,
-                priority=options.priority,
-                created_at=now,
-                defer_until=options.defer_until,
-            )
-            if options.tags:
-                BuildTag.insert_many(
-                    [{"build": build.id, "key": k, "value": v} for k, v in options.tags]
-                ).execute()
-            events.record("build-submitted", build)
-            results.append(Submitted(build.uuid, target.path, created=True))
+            known = existing.get(ids[target.path])
+            if known is not None:
+                results.append(Submitted(known, target.path, created=False))
+                continue
+            uuid = options.uuid or str(uuidlib.uuid4())
+            build: dict[str, Any] = {
+                "uuid": uuid,
+                "derivation": ids[target.path],
+                "system": target.drv.system,
+                "required_features": " ".join(sorted(target.drv.required_features)),
+                "state": QUEUED,
+                "priority": options.priority,
+                "created_at": now,
+                "defer_until": options.defer_until,
+            }
+            if options.ignore_if_built or options.ignore_if_queued:
+                existing[ids[target.path]] = uuid  # the same DRV twice in one call
+            new_builds.append(build)
+            results.append(Submitted(uuid, target.path, created=True))
+        for chunk in _chunks(new_builds, 100):
+            Build.insert_many(chunk).execute()
+        build_ids = _ids_by(Build, Build.uuid, [b["uuid"] for b in new_builds])
+        if tags:
+            tag_rows = [
+                {"build": build_ids[b["uuid"]], "key": k, "value": v}
+                for b in new_builds
+                for k, v in tags.items()
+            ]
+            for chunk in _chunks(tag_rows, 250):
+                BuildTag.insert_many(chunk).execute()
+        by_path = {t.path: t for t in targets}
+        payloads = []
+        for result in results:
+            if not result.created:
+                continue
+            target = by_path[result.derivation]
+            summary = {
+                "uuid": result.uuid,
+                "derivation": result.derivation,
+                "system": target.drv.system,
+                "state": QUEUED,
+                "priority": options.priority,
+                "tags": tags,
+                "outputs": target.drv.output_paths,
+            }
+            payloads.append((build_ids[result.uuid], summary))
+        events.record_many("build-submitted", payloads, now)
     return results
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from .models import Build, BuildTag, Event
+from .models import Build, BuildTag, DerivationOutput, Event
 
 
 def build_summary(build: Build) -> dict[str, Any]:
     """What every event carries about its build."""
     tags = {t.key: t.value for t in BuildTag.select().where(BuildTag.build == build)}
+    outputs = DerivationOutput.select().where(DerivationOutput.derivation == build.derivation_id)
     return {
+        "outputs": {o.name: o.path for o in outputs},
         "uuid": build.uuid,
         "derivation": build.derivation.path,
         "system": build.system,
@@ -35,6 +38,23 @@ def record(name: str, build: Build | None, **data: Any) -> Event:
         created_at=time.time(),
     )
     return event
+
+
+def record_many(
+    name: str, builds: Sequence[tuple[int, dict[str, Any]]], now: float
+) -> None:
+    """Queue one event per (build id, build summary), in batches."""
+    rows = [
+        {
+            "name": name,
+            "build": build_id,
+            "payload": json.dumps({"event": name, "build": summary}, sort_keys=True),
+            "created_at": now,
+        }
+        for build_id, summary in builds
+    ]
+    for start in range(0, len(rows), 200):
+        Event.insert_many(rows[start : start + 200]).execute()
 
 
 def pending(limit: int = 100) -> list[Event]:

@@ -1,0 +1,233 @@
+"""`buildfarm run` end to end on the real test bed: SSH hosts with private Nix stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
+
+RUN_TIMEOUT = 180
+
+
+class Farm:
+    """A coordinator's state directory and inventory, driven through the real command line."""
+
+    def __init__(self, state: Path, inventory: Path) -> None:
+        self.state = state
+        self.inventory = inventory
+        self.env = {
+            **os.environ,
+            "BUILDFARM_STATE_DIR": str(state),
+            "BUILDFARM_INVENTORY": str(inventory),
+            "BUILDFARM_HOOKS_DIR": str(state / "no-hooks"),
+        }
+        self.env.pop("BUILDFARM_DB", None)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "buildfarm", *args],
+            env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        )
+        if check:
+            assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done
+
+    def submit(self, *drvs: str, extra: tuple[str, ...] = ()) -> list[str]:
+        return self.cli("submit", *drvs, *extra).stdout.split()
+
+    def show(self, uuid: str) -> dict[str, Any]:
+        info: dict[str, Any] = json.loads(self.cli("builds", "show", uuid, "--json").stdout)
+        return info
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.cli("run", "--no-ui", "--exit-when-idle", *args, check=False)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "buildfarm", "run", "--no-ui", *args],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def write_inventory(self, hosts: list[Host], **overrides: Any) -> None:
+        self.inventory.write_text(inventory_yaml(hosts, "nix", **overrides))
+
+
+@pytest.fixture
+def farm(tmp_path: Path, testbed: Testbed, private_nix: Path) -> Iterator[Farm]:
+    yield Farm(tmp_path / "state", tmp_path / "inventory.yaml")
+
+
+def token() -> str:
+    return uuidlib.uuid4().hex[:12]
+
+
+def chain(levels: int, tag: str) -> list[str]:
+    """A dependency chain: level 0 is the leaf; each level reads the one below."""
+    expr = nix_expr_trivial(f"leaf-{tag}", f"echo leaf-{tag} > $out")
+    drvs = [instantiate(expr)]
+    for level in range(1, levels):
+        expr = nix_expr_trivial(
+            f"level{level}-{tag}",
+            f"read x < $dep; echo \"level{level} on $x\" > $out",
+            attrs={"dep": expr},
+        )
+        drvs.append(instantiate(expr))
+    return drvs
+
+
+def stored_nar(state: Path, store_path: str) -> Path:
+    return state / "outputs" / "nar" / os.path.basename(store_path)
+
+
+def test_chain_across_machines_pushes_the_leaf_output(farm: Farm, hosts: list[Host]) -> None:
+    leaf, top = chain(2, token())
+    first, second = hosts
+    farm.write_inventory([first])
+    (leaf_build,) = farm.submit(leaf)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    leaf_info = farm.show(leaf_build)
+    assert leaf_info["state"] == "succeeded", leaf_info
+    assert leaf_info["attempts"][0]["machine"] == first.name
+    leaf_out = leaf_info["outputs"]["out"]
+    assert stored_nar(farm.state, leaf_out).exists()
+    assert not second.local_path(leaf_out).exists()
+
+    farm.write_inventory([second])
+    (top_build,) = farm.submit(top)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    info = farm.show(top_build)
+    assert info["state"] == "succeeded", (info, done.stdout)
+    assert info["attempts"][0]["machine"] == second.name
+    steps = [s["name"] for s in info["attempts"][0]["steps"]]
+    assert steps[:5] == ["push-derivations", "push-inputs", "dry-run", "delete-outputs", "build"]
+    # The leaf's output went to the second machine from the output store, not rebuilt there.
+    assert second.local_path(leaf_out).read_text().startswith("leaf-")
+    top_out = info["outputs"]["out"]
+    assert stored_nar(farm.state, top_out).exists()
+    assert f"build {top_build} succeeded (on {second.name})" in done.stdout
+
+
+def test_failing_builder_ends_failed_with_its_log(farm: Farm, hosts: list[Host]) -> None:
+    tag = token()
+    drv = instantiate(nix_expr_trivial(f"fails-{tag}", f"echo about to fail {tag}; exit 3"))
+    farm.write_inventory(hosts)
+    (build,) = farm.submit(drv)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    info = farm.show(build)
+    assert info["state"] == "failed"
+    (attempt,) = info["attempts"]
+    assert attempt["result"] == "failure"
+    assert "exit code 3" in (info["reason"] or "") or attempt["exit_status"] not in (0, None)
+    log = farm.cli("log", build).stdout
+    assert f"about to fail {tag}" in log
+    assert f"build {build} failed" in done.stdout
+
+
+def test_priorities_on_a_one_slot_machine(farm: Farm, hosts: list[Host]) -> None:
+    tag = token()
+    drvs = [instantiate(nix_expr_trivial(f"p{n}-{tag}", f"echo {n} > $out")) for n in range(4)]
+    farm.write_inventory(hosts[:1], max_builds=1)
+    priorities = [0, 5, 1, 9]
+    builds = [
+        farm.submit(d, extra=("--priority", str(p)))[0]
+        for d, p in zip(drvs, priorities, strict=True)
+    ]
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    started = {b: farm.show(b)["attempts"][0]["started_at"] for b in builds}
+    order = [b for _, b in sorted(zip(priorities, builds, strict=True), reverse=True)]
+    started_order = sorted(builds, key=lambda b: (started[b], order.index(b)))
+    assert started_order == order
+    lines = [line for line in done.stdout.splitlines() if " started on " in line]
+    assert [line.split()[3] for line in lines] == order
+
+
+def test_cancel_stops_the_remote_build(farm: Farm, hosts: list[Host]) -> None:
+    tag = token()
+    drv = instantiate(nix_expr_trivial(f"slow-{tag}", f"echo start {tag}; /bin/sleep 300"))
+    farm.write_inventory(hosts[:1])
+    (build,) = farm.submit(drv)
+    coordinator = farm.start()
+    try:
+        deadline = time.monotonic() + 60
+        while farm.show(build)["attempts"][-1:] == [] or farm.show(build)["attempts"][-1][
+            "step"
+        ] != "build":
+            assert time.monotonic() < deadline, "the build never started"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while not _remote_sleep(tag):
+            assert time.monotonic() < deadline, "no remote sleep seen"
+            time.sleep(0.2)
+        farm.cli("builds", "cancel", build)
+        deadline = time.monotonic() + 15
+        while _remote_sleep(tag):
+            assert time.monotonic() < deadline, "the remote build survived its cancel"
+            time.sleep(0.2)
+        info = farm.show(build)
+        assert info["state"] == "canceled"
+        assert info["attempts"][-1]["result"] == "interrupted"
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        out, _ = coordinator.communicate(timeout=60)
+    assert coordinator.returncode == 0, out
+
+
+def _remote_sleep(tag: str) -> bool:
+    """Is the build's shell (its argv names the tag) still running on the test host?"""
+    done = subprocess.run(["pgrep", "-f", f"start {tag}"], capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def test_an_unreachable_machine_does_not_stop_the_others(
+    farm: Farm, hosts: list[Host], testbed: Testbed
+) -> None:
+    tag = token()
+    drvs = [instantiate(nix_expr_trivial(f"u{n}-{tag}", f"echo {n} > $out")) for n in range(3)]
+    text = inventory_yaml(hosts[:1], "nix")
+    text += (
+        "  - name: gone\n    host: 127.0.0.1\n    port: 1\n    systems: [x86_64-linux]\n"
+        "    store: nix\n    connect_timeout: 2\n"
+    )
+    farm.inventory.write_text(text)
+    builds = farm.submit(*drvs)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    for build in builds:
+        info = farm.show(build)
+        assert info["state"] == "succeeded"
+        assert {a["machine"] for a in info["attempts"]} == {hosts[0].name}
+    assert "machine gone unavailable" in done.stdout
+
+
+def test_a_changed_host_key_is_refused(farm: Farm, hosts: list[Host], tmp_path: Path) -> None:
+    tag = token()
+    drv = instantiate(nix_expr_trivial(f"k-{tag}", f"echo {tag} > $out"))
+    bad_known_hosts = tmp_path / "known_hosts"
+    other_key = hosts[1].known_hosts_line().split(" ", 1)[1]
+    bad_known_hosts.write_text(f"[127.0.0.1]:{hosts[0].port} {other_key}\n")
+    farm.write_inventory(hosts[:1], known_hosts=str(bad_known_hosts))
+    (build,) = farm.submit(drv)
+    coordinator = farm.start()
+    try:
+        time.sleep(3)
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        out, _ = coordinator.communicate(timeout=60)
+    assert f"machine {hosts[0].name} unavailable: host key" in out
+    info = farm.show(build)
+    assert info["state"] == "queued" and info["attempts"] == []
+    assert not hosts[0].local_path(info["outputs"]["out"]).exists()
