@@ -1,10 +1,12 @@
 """How fast buildfarm.remote pulls a file, next to the best an SSH exec channel does.
 
 Usage: python benchmarks/sftp_pull.py INVENTORY MACHINE [--size-mb 200] [--rounds 3]
+           [--max-requests N] [--block-size BYTES]
 
 On the machine it writes a random file of --size-mb, then, over one connection, times
 Remote.fetch (SFTP, parallel requests) and `cat FILE` streamed over an exec channel into a local
-file, and reports MB/s for each, their ratio, and the median cost of Remote.run(["true"]).
+file, and reports MB/s for each, their ratio, the coordinator's CPU seconds per GB for each, and
+the median cost of Remote.run(["true"]).
 Timings live here, never in the tests.
 """
 
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 
+from buildfarm import remote as remote_module
 from buildfarm.errors import BuildfarmError
 from buildfarm.inventory import load
 from buildfarm.remote import Remote
@@ -37,21 +40,23 @@ async def _bench(remote: Remote, size_mb: int, rounds: int) -> None:
     await remote.run(
         ["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={size_mb}"], check=True
     )
-    fetch_rates, cat_rates = [], []
+    fetch_rates, cat_rates, fetch_cpu, cat_cpu = [], [], [], []
     try:
         with tempfile.TemporaryDirectory() as scratch:
             target = os.path.join(scratch, "pulled")
             for _ in range(rounds):
                 if os.path.exists(target):
                     os.unlink(target)
-                began = time.perf_counter()
+                began, cpu = time.perf_counter(), time.process_time()
                 got = await remote.fetch(source, target)
                 fetch_rates.append(got / (time.perf_counter() - began) / 1e6)
+                fetch_cpu.append((time.process_time() - cpu) / size * 1e9)
 
                 with open(target, "wb") as out:
-                    began = time.perf_counter()
+                    began, cpu = time.perf_counter(), time.process_time()
                     result = await remote.run_streaming(["cat", source], on_stdout=out.write)
                     cat_rates.append(size / (time.perf_counter() - began) / 1e6)
+                    cat_cpu.append((time.process_time() - cpu) / size * 1e9)
                 if not result.ok or os.path.getsize(target) != size:
                     raise SystemExit(f"cat failed: {result.stderr!r}")
     finally:
@@ -63,6 +68,11 @@ async def _bench(remote: Remote, size_mb: int, rounds: int) -> None:
     print(f"cat over exec {size_mb} MB: {cat:.0f} MB/s  (rounds: "
           + ", ".join(f"{r:.0f}" for r in cat_rates) + ")")
     print(f"fetch / cat: {fetch / cat:.2f}")
+    # Both are bound by this process's CPU on loopback; CPU per byte is steadier than MB/s
+    # when other work shares the machine.
+    fcpu, ccpu = statistics.median(fetch_cpu), statistics.median(cat_cpu)
+    print(f"coordinator CPU: fetch {fcpu:.2f} s/GB, cat {ccpu:.2f} s/GB"
+          f" (cat / fetch: {ccpu / fcpu:.2f})")
 
 
 def main() -> None:
@@ -71,7 +81,13 @@ def main() -> None:
     parser.add_argument("machine")
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-requests", type=int, default=remote_module.SFTP_MAX_REQUESTS,
+                        help="SFTP reads in flight (for tuning)")
+    parser.add_argument("--block-size", type=int, default=remote_module.SFTP_BLOCK_SIZE,
+                        help="bytes per SFTP read (for tuning)")
     args = parser.parse_args()
+    remote_module.SFTP_MAX_REQUESTS = args.max_requests
+    remote_module.SFTP_BLOCK_SIZE = args.block_size
     try:
         machine = load(args.inventory).machine(args.machine)
         asyncio.run(_bench(Remote(machine), args.size_mb, args.rounds))

@@ -17,6 +17,7 @@ remote process group and re-raises ``asyncio.CancelledError``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -28,7 +29,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import asyncssh
 
@@ -42,7 +43,7 @@ _T = TypeVar("_T")
 
 READ_CHUNK = 64 * 1024
 SFTP_BLOCK_SIZE = 255 * 1024  # OpenSSH's sftp-server answers at most 256 KiB - 1 KiB per read
-SFTP_MAX_REQUESTS = 128
+SFTP_MAX_REQUESTS = 32  # 8 MiB in flight: more only adds bookkeeping (measured)
 KEEPALIVE_COUNT_MAX = 3
 CHANNEL_OPEN_RETRIES = 6
 CHANNEL_RETRY_DELAY = 0.05
@@ -59,10 +60,11 @@ ENCRYPTION_ALGS = (
 # The login shell execs sh, which prints its pid and execs the command: sshd made that pid a
 # session (and process group) leader, so "kill -- -PID" reaches the command and its children.
 _GROUP_WRAPPER = "exec sh -c 'echo \"$$\"; exec \"$@\"' sh "
+# dash's kill takes no "--"; "-PGID" after the signal names a process group.
 _KILL_SCRIPT = (
-    'kill -TERM -- "-$1" 2>/dev/null || exit 0; i=0; '
-    'while [ "$i" -lt "$2" ]; do kill -0 -- "-$1" 2>/dev/null || exit 0; sleep 0.1; '
-    'i=$((i+1)); done; kill -KILL -- "-$1" 2>/dev/null; exit 0'
+    'kill -TERM "-$1" 2>/dev/null || exit 0; i=0; '
+    'while [ "$i" -lt "$2" ]; do kill -0 "-$1" 2>/dev/null || exit 0; sleep 0.1; '
+    'i=$((i+1)); done; kill -KILL "-$1" 2>/dev/null; exit 0'
 )
 
 
@@ -91,6 +93,23 @@ class CommandTimeoutError(RemoteError):
         super().__init__(message)
         self.reason = reason
         self.result = result
+
+
+_Sink = Callable[[bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One command to run and how: what the public run methods hand to _execute."""
+
+    argv: tuple[str, ...]
+    input: bytes | None = None
+    stdin: AsyncIterator[bytes] | None = None
+    on_stdout: _Sink | None = None
+    on_stderr: _Sink | None = None
+    timeout: float | None = None
+    silence_timeout: float | None = None
+    group: bool = True
 
 
 class _Reader(Protocol):
@@ -411,19 +430,17 @@ class Remote:
     # --- commands --------------------------------------------------------------------------
 
     async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        input: bytes | None = None,
-        timeout: float | None = None,
+        self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None,
         check: bool = False,
     ) -> RunResult:
-        """Run ``argv`` and collect its output. ``check`` raises RemoteError on a non-zero exit;
-        ``timeout`` kills the command's process group and raises CommandTimeoutError."""
-        result = await self._execute(
-            argv, input=input, stdin=None, on_stdout=None, on_stderr=None,
-            timeout=timeout, silence_timeout=None, group=timeout is not None,
-        )
+        """Run ``argv`` and collect its output; ``check`` raises RemoteError on a non-zero exit.
+
+        With a ``timeout`` the command runs in its own process group, which is killed (and
+        CommandTimeoutError raised) when the time is up. Without one, a cancelled call only closes
+        the channel: use a timeout or run_streaming for commands that must die with the call.
+        """
+        job = _Job(tuple(argv), input=input, timeout=timeout, group=timeout is not None)
+        result = await self._execute(job)
         if check and not result.ok:
             last = result.stderr.decode(errors="replace").strip().splitlines()[-1:]
             raise RemoteError(
@@ -444,92 +461,67 @@ class Remote:
     ) -> RunResult:
         """Run ``argv`` in its own process group, feeding ``stdin`` and handing each output chunk
         to the callbacks as it arrives. On timeout or silence the group gets SIGTERM, then SIGKILL
-        after a grace, and CommandTimeoutError is raised; on cancel the same, then CancelledError.
+        after ``kill_grace``, and CommandTimeoutError is raised; on cancel the same, then the
+        CancelledError goes on. A lost connection raises RemoteError (the group may live on).
         """
-        return await self._execute(
-            argv, input=None, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr,
-            timeout=timeout, silence_timeout=silence_timeout, group=True,
-        )
+        return await self._execute(_Job(
+            tuple(argv), stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout,
+            silence_timeout=silence_timeout, group=True,
+        ))
 
-    async def _execute(
-        self,
-        argv: Sequence[str],
-        *,
-        input: bytes | None,
-        stdin: AsyncIterator[bytes] | None,
-        on_stdout: Callable[[bytes], None] | None,
-        on_stderr: Callable[[bytes], None] | None,
-        timeout: float | None,
-        silence_timeout: float | None,
-        group: bool,
-    ) -> RunResult:
-        args = tuple(argv)
-        if not args:
+    async def _execute(self, job: _Job) -> RunResult:
+        if not job.argv:
             raise ValueError("empty argv")
         self._check_breaker()
         await self._slots.acquire()
-        held = True
-        proc: _Proc | None = None
+        held, proc = True, None
         try:
-            async with self._boundary(f"cannot run {shlex.join(args)}"):
-                proc = await self._spawn(args, group, input is not None or stdin is not None)
-                result = await self._supervise(
-                    proc, args, input, stdin, on_stdout, on_stderr, timeout, silence_timeout
-                )
+            async with self._boundary(f"cannot run {shlex.join(job.argv)}"):
+                proc = await self._spawn(job)
+                result = await self._supervise(proc, job)
             if self._failures:
                 self.note_success()
             return result
         except BaseException:
-            if proc is not None:
+            if proc is not None:  # free our slot first: with max_sessions < 3 the kill needs it
                 proc.close()
                 self._slots.release()
                 held = False
                 await self._shielded(self._kill_group(proc))
             raise
         finally:
-            if proc is not None and held:
-                proc.close()
             if held:
+                if proc is not None:
+                    proc.close()
                 self._slots.release()
 
-    async def _spawn(self, argv: tuple[str, ...], group: bool, wants_stdin: bool) -> _Proc:
+    async def _spawn(self, job: _Job) -> _Proc:
         if self._local:
-            pipe = asyncio.subprocess.PIPE
+            pipe, wants_stdin = asyncio.subprocess.PIPE, job.input is not None or job.stdin
             try:
                 local = await asyncio.create_subprocess_exec(
-                    *argv, stdin=pipe if wants_stdin else asyncio.subprocess.DEVNULL,
+                    *job.argv, stdin=pipe if wants_stdin else asyncio.subprocess.DEVNULL,
                     stdout=pipe, stderr=pipe, start_new_session=True,
                 )
             except (FileNotFoundError, PermissionError) as exc:
                 # Report it like a shell would, so both transports look alike to callers.
                 status = 127 if isinstance(exc, FileNotFoundError) else 126
-                return _FailedProc(status, f"{argv[0]}: {exc.strerror}\n".encode())
+                return _FailedProc(status, f"{job.argv[0]}: {exc.strerror}\n".encode())
             return _LocalProc(local)
-        command = (_GROUP_WRAPPER if group else "") + shlex.join(argv)
+        command = (_GROUP_WRAPPER if job.group else "") + shlex.join(job.argv)
         conn = await self._connection()
 
         async def open_process() -> asyncssh.SSHClientProcess[bytes]:
             return await conn.create_process(command, encoding=None)
 
-        return _SSHProc(self, await self._open_channel(open_process), group)
+        return _SSHProc(self, await self._open_channel(open_process), job.group)
 
-    async def _supervise(
-        self,
-        proc: _Proc,
-        argv: tuple[str, ...],
-        input: bytes | None,
-        stdin: AsyncIterator[bytes] | None,
-        on_stdout: Callable[[bytes], None] | None,
-        on_stderr: Callable[[bytes], None] | None,
-        timeout: float | None,
-        silence_timeout: float | None,
-    ) -> RunResult:
+    async def _supervise(self, proc: _Proc, job: _Job) -> RunResult:
         loop = asyncio.get_running_loop()
         out, err = bytearray(), bytearray()
         last_output = started = loop.time()
 
-        async def pump(reader: _Reader, callback: Callable[[bytes], None] | None,
-                       buffer: bytearray) -> None:
+        async def pump(reader: _Reader, callback: _Sink | None, buffer: bytearray) -> None:
             nonlocal last_output
             while data := await reader.read(READ_CHUNK):
                 last_output = loop.time()
@@ -538,16 +530,13 @@ class Remote:
                 else:
                     callback(data)
 
-        async def feed() -> None:
-            writer = proc.stdin
-            if writer is None:
-                return
+        async def feed(writer: _Writer) -> None:
             try:
-                if input:
-                    writer.write(input)
+                if job.input:
+                    writer.write(job.input)
                     await writer.drain()
-                elif stdin is not None:
-                    async for chunk in stdin:
+                elif job.stdin is not None:
+                    async for chunk in job.stdin:
                         writer.write(chunk)
                         await writer.drain()
             except (BrokenPipeError, ConnectionResetError):
@@ -558,33 +547,33 @@ class Remote:
 
         async def body() -> int | None:
             await proc.start()
-            await _gather_or_cancel(pump(proc.stdout, on_stdout, out),
-                                    pump(proc.stderr, on_stderr, err), feed())
+            streams = [pump(proc.stdout, job.on_stdout, out), pump(proc.stderr, job.on_stderr, err)]
+            if proc.stdin is not None:
+                streams.append(feed(proc.stdin))
+            await _gather_or_cancel(*streams)
             return await proc.finish()
 
         task = asyncio.ensure_future(body())
         try:
             while True:
-                deadlines = []
-                if timeout is not None:
-                    deadlines.append(started + timeout)
-                if silence_timeout is not None:
-                    deadlines.append(last_output + silence_timeout)
+                deadlines = [started + job.timeout] if job.timeout is not None else []
+                if job.silence_timeout is not None:
+                    deadlines.append(last_output + job.silence_timeout)
                 wait = max(0.0, min(deadlines) - loop.time()) if deadlines else None
                 done, _ = await asyncio.wait({task}, timeout=wait)
                 if done:
-                    return RunResult(argv, task.result(), bytes(out), bytes(err))
+                    return RunResult(job.argv, task.result(), bytes(out), bytes(err))
                 now = loop.time()
-                if timeout is not None and now >= started + timeout:
-                    reason, what = "timeout", f"still running after {timeout:g}s (timeout)"
-                elif silence_timeout is not None and now >= last_output + silence_timeout:
+                if job.timeout is not None and now >= started + job.timeout:
+                    reason, what = "timeout", f"still running after {job.timeout:g}s (timeout)"
+                elif job.silence_timeout is not None and now >= last_output + job.silence_timeout:
                     reason = "silence"
-                    what = f"silent for {silence_timeout:g}s (silence_timeout)"
+                    what = f"silent for {job.silence_timeout:g}s (silence_timeout)"
                 else:
                     continue
                 raise CommandTimeoutError(
-                    f"{self.machine.name}: {shlex.join(argv)} {what}; killed it",
-                    reason=reason, result=RunResult(argv, None, bytes(out), bytes(err)),
+                    f"{self.machine.name}: {shlex.join(job.argv)} {what}; killed it",
+                    reason=reason, result=RunResult(job.argv, None, bytes(out), bytes(err)),
                 )
         finally:
             if not task.done():
@@ -669,26 +658,14 @@ class Remote:
             async with self._boundary(f"cannot copy {remote_path} to {local_path}"):
                 return await _copy_local(remote_path, local_path, progress)
         async with self._boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
-            async with await sftp.open(
-                remote_path, "rb", block_size=SFTP_BLOCK_SIZE, max_requests=SFTP_MAX_REQUESTS
-            ) as source:
+            async with await sftp.open(remote_path, "rb", block_size=0) as source:
                 size = (await source.stat()).size or 0
                 with open(local_path, "ab") as target:
                     offset = target.tell()
                     if offset > size:  # not a prefix of this file: start again
                         target.truncate(0)
                         offset = 0
-                    pending: dict[int, bytes] = {}
-                    # Blocks arrive out of order; writing only the contiguous prefix keeps a
-                    # partial file valid for the next resume, whatever interrupts us.
-                    async for at, data in await source.read_parallel(size - offset, offset):
-                        pending[at] = data
-                        while offset in pending:
-                            block = pending.pop(offset)
-                            target.write(block)
-                            offset += len(block)
-                            if progress is not None:
-                                progress(offset)
+                    offset = await _pull(source, target, offset, size, progress)
             if offset != size:
                 raise RemoteError(
                     f"{self.machine.name}: {remote_path} changed during the transfer "
@@ -717,6 +694,46 @@ class Remote:
             return path
         result = await self.run(["mktemp", "-t", "buildfarm.XXXXXXXXXX"], check=True)
         return result.stdout.decode().strip()
+
+
+async def _pull(
+    source: asyncssh.SFTPClientFile,
+    target: BinaryIO,
+    offset: int,
+    size: int,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Read ``source`` from ``offset`` to ``size`` into ``target``; return the end offset.
+
+    Up to SFTP_MAX_REQUESTS reads are in flight, consumed in order: the file only ever grows by
+    whole, contiguous blocks, so a partial file stays valid for the next resume.
+    """
+    inflight: collections.deque[tuple[int, int, asyncio.Future[bytes]]] = collections.deque()
+    ask = offset
+    try:
+        while ask < size or inflight:
+            while ask < size and len(inflight) < SFTP_MAX_REQUESTS:
+                want = min(SFTP_BLOCK_SIZE, size - ask)
+                inflight.append((ask, want, asyncio.ensure_future(source.read(want, ask))))
+                ask += want
+            at, want, reply = inflight.popleft()
+            data = await reply
+            while 0 < len(data) < want:  # a short read: ask for the rest of this block
+                more: bytes = await source.read(want - len(data), at + len(data))
+                if not more:
+                    break
+                data += more
+            target.write(data)
+            offset += len(data)
+            if progress is not None:
+                progress(offset)
+            if len(data) != want:
+                return offset  # the file shrank meanwhile
+        return offset
+    finally:
+        for _, _, reply in inflight:
+            reply.cancel()
+        await asyncio.gather(*(reply for _, _, reply in inflight), return_exceptions=True)
 
 
 class _FailedProc:

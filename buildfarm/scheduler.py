@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from peewee import fn
+
 from buildfarm.datastore import events
 from buildfarm.datastore.models import (
     QUEUED,
@@ -30,32 +32,34 @@ class Slot:
     features: frozenset[str]
 
 
-def _blocked_by_inputs() -> object:
-    """SQL: the build has an input derivation whose build is still queued or running."""
-    Input = DerivationInput.alias()
-    InputDrv = Derivation.alias()
-    InputBuild = Build.alias()
+def _blocked_by_inputs(candidate: Any) -> Any:
+    """SQL: the candidate has an input derivation whose build is still queued or running."""
+    Input = DerivationInput.alias("blocking_input")
+    InputDrv = Derivation.alias("blocking_derivation")
+    InputBuild = Build.alias("blocking_build")
     return (
         Input.select(Input.id)
         .join(InputDrv, on=(InputDrv.path == Input.input_path))
         .join(InputBuild, on=(InputBuild.derivation == InputDrv.id))
         .where(
-            (Input.derivation == Build.derivation) & (InputBuild.state.in_((QUEUED, RUNNING)))
+            (Input.derivation == candidate.derivation)
+            & (InputBuild.state.in_((QUEUED, RUNNING)))
         )
     )
 
 
 def candidates(slot: Slot, now: float, exclude: Iterable[int] = ()) -> Iterable[Build]:
     """Queued builds this slot may run, best first: priority, then age."""
+    B = Build.alias("candidate")
     query = (
-        Build.select()
+        B.select()
         .where(
-            (Build.state == QUEUED)
-            & (Build.system.in_(slot.systems))
-            & (Build.defer_until.is_null() | (Build.defer_until <= now))
-            & ~_blocked_by_inputs().exists()  # type: ignore[attr-defined]
+            (B.state == QUEUED)
+            & (B.system.in_(slot.systems))
+            & (B.defer_until.is_null() | (B.defer_until <= now))
+            & ~fn.EXISTS(_blocked_by_inputs(B))
         )
-        .order_by(Build.priority.desc(), Build.created_at, Build.id)
+        .order_by(B.priority.desc(), B.created_at, B.id)
     )
     excluded = set(exclude)
     offset = 0
@@ -94,8 +98,6 @@ def allocate(slot: Slot, now: float | None = None, exclude: Iterable[int] = ()) 
 
 def queue_depth(systems: Sequence[str] | None = None) -> dict[str, int]:
     """Queued builds per system."""
-    from peewee import fn
-
     query: Any = Build.select(Build.system, fn.COUNT(Build.id)).where(Build.state == QUEUED)
     if systems is not None:
         query = query.where(Build.system.in_(systems))

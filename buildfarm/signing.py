@@ -406,7 +406,7 @@ def guix_public_key_from_sexp(text: str | bytes) -> bytes:
     match value:
         case (b"public-key", (b"ecc", (b"curve", b"Ed25519"), (b"q", bytes(q)))) if len(q) == 32:
             return q
-    raise SignatureError("key", "s-expression does not denote a Guix Ed25519 public key")
+    raise SignatureError("key", "s-expression does not denote a public key (Ed25519 expected)")
 
 
 # --- Guix verification ------------------------------------------------------------------------
@@ -479,11 +479,10 @@ def _gcry_verify(
         if found is None or len(found) < 2 or not isinstance(found[1], bytes):
             return False
         numbers.append(int.from_bytes(found[1], "big"))
-    ecc = subject[1]
-    assert isinstance(ecc, tuple) and isinstance(ecc[2], tuple)  # checked by the ACL match
-    public = ecc[2][1]
-    assert isinstance(public, bytes)
-    return _ecdsa_verify(public, digest, numbers[0], numbers[1])
+    match subject:  # (public-key (ecc (curve Ed25519) (q Q))), as the ACL match checked
+        case (_, (_, _, (_, bytes(public)))):
+            return _ecdsa_verify(public, digest, numbers[0], numbers[1])
+    return False
 
 
 def guix_acl_sexp(keys: Iterable[bytes]) -> str:
@@ -581,7 +580,8 @@ def verify_guix_narinfo(narinfo_text: str, authorized: Iterable[bytes]) -> None:
     if missing:
         raise SignatureError(
             "unsigned", f"narinfo signature does not cover {', '.join(missing)}")
-    value = _narinfo_field(narinfo_text, "Signature")
+    value = next((line[len("Signature: "):] for line in narinfo_text.splitlines()
+                  if line.startswith("Signature: ")), "")
     parts = value.split(";")
     if len(parts) != 3:
         raise SignatureError("corrupt", f"invalid format of the signature field: {value}")
@@ -594,11 +594,3 @@ def verify_guix_narinfo(narinfo_text: str, authorized: Iterable[bytes]) -> None:
         raise SignatureError("corrupt", "signature is not valid base64 UTF-8") from None
     verify_guix(text, hashlib.sha256(signed.encode("utf-8")).digest(), authorized)
 
-
-def _narinfo_field(text: str, name: str) -> str:
-    """The value of the first `NAME: value` line."""
-    for line in text.splitlines():
-        key, separator, value = line.partition(": ")
-        if separator and key == name:
-            return value
-    raise SignatureError("corrupt", f"narinfo has no '{name}' field")

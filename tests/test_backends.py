@@ -666,7 +666,11 @@ def test_dry_run_plural_then_singular_then_empty(machine: Machine) -> None:
     (a,) = [line for line in store.check(["nix-store", "-q", "--references", b]).decode().split()
             if line.endswith(".drv")]  # fmt: skip
     plan = backend.parse_dry_run(*_out_err(machine.ok(backend.dry_run(b))))
-    assert plan == DryRun((a, b), ())
+    # The list keeps the store's order: Nix prints dependencies first (shared.cc reverses a
+    # topological sort), Guix its build plan's order.
+    assert sorted(plan.would_build) == sorted([a, b]) and plan.would_download == ()
+    if backend is NIX:
+        assert plan.would_build == (a, b)
 
     machine.ok(backend.build(a, max_silent_time=None, timeout=None))
     plan = backend.parse_dry_run(*_out_err(machine.ok(backend.dry_run(b))))
@@ -741,7 +745,11 @@ def test_nar_hash_matches_the_nar(machine: Machine) -> None:
     (output,) = backend.parse_build_outputs(
         machine.ok(backend.build(drv, max_silent_time=None, timeout=None)).stdout
     )
-    digest, size = backend.parse_nar_hash(machine.ok(backend.nar_hash(output)).stdout)
+    answer = machine.run(backend.nar_hash(output))
+    if answer.returncode == 2 and answer.stderr.startswith(b"guix-emulator: "):
+        pytest.skip("the Guix emulator does not emulate `guix hash`")
+    assert answer.returncode == 0, answer.stderr
+    digest, size = backend.parse_nar_hash(answer.stdout)
     nar = store.check(["nix-store", "--dump", output])
     expected = store.check(["nix-hash", "--type", "sha256", "--base32", output]).decode().strip()
     assert digest == f"sha256:{expected}"
@@ -786,3 +794,30 @@ def test_nix_import_without_references_fails_and_names_them(tmp_path: Path) -> N
     bundle = source.ok(NIX.export([out_b])).stdout
     done = target.run(Command(NIX.import_bundle().argv, stdin=bundle))
     assert done.returncode != 0
+
+
+def test_guix_signed_export_imports_where_the_key_is_authorized(tmp_path: Path) -> None:
+    source = _guix_machine(tmp_path / "one")
+    target = _guix_machine(tmp_path / "two")
+    source.ok(Command(("guix", "archive", "--generate-key")))
+    public_key = Path(source.store.env["GUIX_CONFIGURATION_DIRECTORY"], "signing-key.pub")
+    target.ok(Command(("guix", "archive", "--authorize"), stdin=public_key.read_bytes()))
+
+    b = source.store.instantiate(chain())
+    outputs = GUIX.parse_build_outputs(
+        source.ok(GUIX.build(b, max_silent_time=None, timeout=None)).stdout
+    )
+    closure = source.store.check(["nix-store", "-qR", *outputs]).decode().split()
+    bundle = tmp_path / "a dir" / "guix $(x) 'bundle'.nar"
+    bundle.parent.mkdir()
+    source.ok(GUIX.export_to_file(closure, str(bundle)))
+    assert bundle.stat().st_size > 0
+
+    assert sorted(GUIX.parse_missing(target.ok(GUIX.missing(closure)).stdout)) == sorted(closure)
+    # The Guix daemon refuses an unsigned bundle (Nix's own export of the same paths)...
+    unsigned = source.store.check(["nix-store", "--export", *closure])
+    refused = target.run(Command(GUIX.import_bundle().argv, stdin=unsigned))
+    assert refused.returncode == 1 and b"lacks a signature" in refused.stderr
+    # ...and takes the signed one.
+    target.ok(Command(GUIX.import_bundle().argv, stdin=bundle.read_bytes()))
+    assert GUIX.parse_missing(target.ok(GUIX.missing(closure)).stdout) == []

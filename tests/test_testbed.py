@@ -11,11 +11,13 @@ import asyncio
 import os
 import pwd
 import shlex
+import socket
 import uuid
 from pathlib import Path
 
 import asyncssh
 import pytest
+import testbed as testbed_module
 import yaml
 from testbed import (
     NIX_CONF,
@@ -101,6 +103,8 @@ def test_remote_commands_run_as_the_test_user_with_the_test_nix_conf(
     assert user == TEST_USER and pwd.getpwnam(user).pw_shell == "/bin/sh"
     assert Path(conf_dir) == testbed.nix_conf_dir
     assert (Path(conf_dir) / "nix.conf").read_text() == NIX_CONF
+    # The OpenSSH client helper reaches the same account, checking the same known_hosts.
+    assert hosts[1].run("id -un; cat", input=b"stdin\n").stdout == b"bftest\nstdin\n"
 
 
 def test_the_coordinator_side_uses_a_private_nix(private_nix: Path) -> None:
@@ -181,13 +185,38 @@ def test_kill_drops_open_connections_and_pause_freezes_every_process(hosts: list
 def test_closing_a_testbed_ends_its_processes_and_removes_its_files(testbed: Testbed) -> None:
     del testbed  # only for the skip/fail logic: this test makes a bed of its own
     with Testbed() as bed:
-        host = bed.add_host("lonely")
+        host, removed = bed.add_host("lonely"), bed.add_host("removed")
         pid = host.pid
         assert asyncio.run(_run_on(host, "echo hi")) == "hi\n"
+        removed_pid, removed_dir = removed.pid, removed.directory
+        bed.remove_host(removed)
+        assert bed.hosts == [host]
+        assert bed.known_hosts.read_text() == host.known_hosts_line() + "\n"
         directory = bed.directory
 
-    assert pid is not None and not Path(f"/proc/{pid}").exists()
-    assert not directory.exists()
+    for gone in (pid, removed_pid):
+        assert gone is not None and not Path(f"/proc/{gone}").exists()
+    assert not directory.exists() and not removed_dir.exists()
+
+
+def test_a_port_taken_meanwhile_is_retried_with_another(
+    testbed: Testbed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken])
+        free_port = testbed_module._free_port
+        monkeypatch.setattr(testbed_module, "_free_port", lambda: next(ports, None) or free_port())
+
+        host = testbed.add_host("retried")
+        try:
+            assert host.running and host.port != taken
+            assert f"Bind to port {taken}" in host.log_path.read_text()
+            assert asyncio.run(_run_on(host, "echo ok")) == "ok\n"
+        finally:
+            testbed.remove_host(host)
 
 
 def test_inventory_names_every_host_with_its_key_and_port(hosts: list[Host]) -> None:
@@ -195,6 +224,8 @@ def test_inventory_names_every_host_with_its_key_and_port(hosts: list[Host]) -> 
     text = bed.inventory_yaml(hosts, max_builds=3, known_hosts=None)
 
     machines = yaml.safe_load(text)["machines"]
+
+    assert text.startswith(f"machines:\n  - name: {hosts[0].name}\n    host: ")
 
     assert [m["name"] for m in machines] == [h.name for h in hosts]
     first = machines[0]

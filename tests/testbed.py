@@ -17,7 +17,6 @@ The coordinator side (nix-instantiate in the test process) must only run in the 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import platform
 import pwd
@@ -27,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +52,7 @@ ENV_PRIVATE_NIX = "BUILDFARM_TESTBED_NIX"
 ENV_REAL_NIX_FD = "BUILDFARM_TESTBED_REAL_NIX_FD"
 
 # Run by `unshare --mount` for each host: its own /nix and home, then sshd in the foreground.
-_HOST_SCRIPT = (
-    'mount --bind "$1" /nix && mount --bind "$2" "$3" && exec "$4" -D -e -f "$5"'
-)
+_HOST_SCRIPT = 'mount --bind "$1" /nix && mount --bind "$2" "$3" && exec "$4" -D -e -f "$5"'
 _NEEDED_PROGRAMS = (
     "unshare", "mount", "ssh", "ssh-keygen", "useradd", "usermod",
     "nix-instantiate", "nix-store",
@@ -253,13 +250,22 @@ def _free_port() -> int:
         return port
 
 
-@functools.cache
-def _sshd_accepts(option: str, host_key: str) -> bool:
-    """Whether this sshd knows ``option`` (PerSourcePenalties exists from OpenSSH 9.8 on)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".conf") as config:
-        config.write(f"HostKey {host_key}\nPidFile none\n{option}\n")
-        config.flush()
-        return _run([SSHD, "-t", "-f", config.name]).returncode == 0
+_SSHD_ACCEPTS: dict[str, bool] = {}
+
+
+def _sshd_accepts(option: str, host_key: Path) -> bool:
+    """Whether this sshd knows ``option`` (PerSourcePenalties exists from OpenSSH 9.8 on).
+
+    Only a complaint that names the option counts as "no": should ``sshd -t`` fail for another
+    reason, keeping the option makes the real start fail loudly instead of silently dropping it.
+    """
+    if option not in _SSHD_ACCEPTS:
+        with tempfile.NamedTemporaryFile("w", suffix=".conf") as config:
+            config.write(f"HostKey {host_key}\nPidFile none\n{option}\n")
+            config.flush()
+            done = _run([SSHD, "-t", "-f", config.name])
+        _SSHD_ACCEPTS[option] = done.returncode == 0 or option.split()[0] not in done.stderr
+    return _SSHD_ACCEPTS[option]
 
 
 def _write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
@@ -286,14 +292,12 @@ class Host:
         self.directory.mkdir(mode=0o755)
         self.host_key = self.directory / "ssh_host_ed25519_key"
         self.host_key_line = _keygen(self.host_key, f"{name}@buildfarm-testbed")
-        account = testbed.account
-        for private in (self.nix_dir, self.home_dir):
-            private.mkdir(mode=0o755)
-            os.chown(private, account.pw_uid, account.pw_gid)
-        (self.nix_dir / "store").mkdir(mode=0o755)
-        (self.nix_dir / "var" / "nix").mkdir(mode=0o755, parents=True)
-        for path in (self.nix_dir / "store", self.nix_dir / "var", self.nix_dir / "var" / "nix"):
-            os.chown(path, account.pw_uid, account.pw_gid)
+        # Single-user Nix as bftest: it must own its /nix (and gets a home of its own).
+        for path in (self.nix_dir, self.store_dir, self.nix_dir / "var",
+                     self.nix_dir / "var" / "nix", self.home_dir):
+            path.mkdir()
+            path.chmod(0o755)
+            os.chown(path, testbed.account.pw_uid, testbed.account.pw_gid)
         self.port: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.paused = False
@@ -399,7 +403,7 @@ class Host:
             outcome = self._spawn(port)
             if outcome is None:
                 self.port = port
-                self.testbed._host_started(self)
+                self.testbed._write_known_hosts()
                 return
             if fixed_port is not None or not any(m in outcome for m in _BIND_FAILURES):
                 break
@@ -500,7 +504,7 @@ class Host:
         ]
         # OpenSSH >= 9.8 refuses a source address for a while after failed or unauthenticated
         # connections; fault tests make plenty of those, all from 127.0.0.1.
-        if _sshd_accepts("PerSourcePenalties no", str(self.host_key)):
+        if _sshd_accepts("PerSourcePenalties no", self.host_key):
             lines.append("PerSourcePenalties no")
         path = self.directory / "sshd_config"
         _write_atomically(path, "\n".join(lines) + "\n")
@@ -582,9 +586,6 @@ class Testbed:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def __iter__(self) -> Iterator[Host]:
-        return iter(self.hosts)
-
     def add_host(self, name: str | None = None, *, start: bool = True) -> Host:
         """A new host with an empty store (started unless ``start=False``)."""
         host = Host(self, name or f"host{len(self.hosts) + 1}")
@@ -637,10 +638,6 @@ class Testbed:
         path.write_text(self.inventory_yaml(hosts, store, **machine_overrides), encoding="utf-8")
         return path
 
-    def _host_started(self, host: Host) -> None:
-        del host
-        self._write_known_hosts()
-
     def _write_known_hosts(self) -> None:
         lines = [h.known_hosts_line() + "\n" for h in self.hosts if h.port is not None]
         _write_atomically(self.known_hosts, "".join(lines))
@@ -667,4 +664,12 @@ def inventory_yaml(hosts: Sequence[Host], store: str = "nix", **machine_override
         }
         machine.update(machine_overrides)
         machines.append({key: value for key, value in machine.items() if value is not None})
-    return yaml.safe_dump({"machines": machines}, sort_keys=False)
+    return yaml.dump({"machines": machines}, Dumper=_InventoryDumper, sort_keys=False)
+
+
+class _InventoryDumper(yaml.SafeDumper):
+    """Indents list items under their key, as design.md's inventory example does."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        del indentless
+        super().increase_indent(flow, False)

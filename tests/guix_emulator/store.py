@@ -1,0 +1,106 @@
+"""The store as the Guix daemon's RPCs see it, answered by Nix's `nix-store`.
+
+Messages follow the daemon ([SA] nix/libstore/store-api.cc, [LS] local-store.cc): Guix quotes
+paths `like this', where Nix writes 'like this'.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from buildfarm import derivation
+from guix_emulator.options import STORE, Leave
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_QUOTED_PATH = re.compile(r"'(/[^']*)'")
+
+
+def nix_store(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["nix-store", *args], input=input, capture_output=True, check=False)
+
+
+def quote(path: str) -> str:
+    return f"`{path}'"
+
+
+def guix_quotes(message: str) -> str:
+    """Nix quotes paths 'like this'; the Guix daemon `like this' ([SA] showPaths)."""
+    return _QUOTED_PATH.sub(lambda m: f"`{m.group(1)}'", message)
+
+
+def nix_error(stderr: bytes) -> str:
+    lines = ANSI.sub("", stderr.decode("utf-8", "replace")).splitlines()
+    errors = [line[7:] for line in lines if line.startswith("error: ")]
+    message = errors[-1] if errors else (lines[-1] if lines else "nix-store failed")
+    return guix_quotes(message.rstrip("."))
+
+
+def in_store(path: str) -> bool:
+    return path.startswith(STORE + "/") and len(path) > len(STORE) + 1
+
+
+def assert_store_path(path: str) -> None:
+    # [SA] assertStorePath (isStorePath: in the store, no '/' after the item name)
+    if not in_store(path) or "/" in path[len(STORE) + 1:]:
+        raise Leave(f"path `{path}' is not in the store")
+
+
+def invalid_paths(paths: Iterable[str]) -> set[str]:
+    """The paths `valid-path?` answers #f for (anything Nix would not even parse included)."""
+    unique = list(dict.fromkeys(paths))
+    bad = {p for p in unique if not derivation.is_store_path(p)}
+    candidates = [p for p in unique if p not in bad]
+    for start in range(0, len(candidates), 500):
+        done = nix_store("--check-validity", "--print-invalid", *candidates[start:start + 500])
+        if done.returncode:
+            raise Leave(nix_error(done.stderr))
+        bad.update(done.stdout.decode().split())
+    return bad
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    references: tuple[str, ...]
+    deriver: str
+
+
+def path_infos(paths: Iterable[str]) -> dict[str, PathInfo]:
+    """References and deriver of valid paths, from `nix-store --dump-db PATHS`."""
+    wanted = list(dict.fromkeys(paths))
+    infos: dict[str, PathInfo] = {}
+    for start in range(0, len(wanted), 500):
+        done = nix_store("--dump-db", *wanted[start:start + 500])
+        if done.returncode:
+            raise Leave(nix_error(done.stderr))
+        lines = done.stdout.decode().split("\n")
+        at = 0
+        while at + 4 < len(lines) and lines[at]:  # path, hash, size, deriver, count, refs...
+            refs = int(lines[at + 4])
+            infos[lines[at]] = PathInfo(tuple(sorted(lines[at + 5:at + 5 + refs])), lines[at + 3])
+            at += 5 + refs
+    return infos
+
+
+def valid_infos(roots: Sequence[str]) -> dict[str, PathInfo]:
+    """PathInfo of `roots`, checked as the daemon's `references` RPC checks its argument."""
+    for root in roots:
+        assert_store_path(root)  # readStorePath
+    invalid = invalid_paths(roots)
+    for root in roots:
+        if root in invalid:
+            raise Leave(f"path `{root}' is not valid")  # [LS] queryValidPathId
+    return path_infos(roots)
+
+
+def closure_infos(roots: Sequence[str]) -> dict[str, PathInfo]:
+    """PathInfo of every path reachable from `roots` (which must be valid store items)."""
+    infos = valid_infos(roots)
+    frontier = [r for p in infos.values() for r in p.references if r not in infos]
+    while frontier:
+        fetched = path_infos(dict.fromkeys(frontier))
+        infos.update(fetched)
+        frontier = [r for p in fetched.values() for r in p.references if r not in infos]
+    return infos

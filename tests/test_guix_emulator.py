@@ -1,0 +1,456 @@
+"""The `guix` test double against a real (private) Nix store: Guix's exact lines and statuses.
+
+Every expected line below is Guix's, from its source (see tests/guix_emulator/guix.py); the
+store work is real: builds, exports, imports and deletions go through nix-store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from guix_emulator import install_emulator
+from testbed import instantiate, nix_expr_trivial
+
+from buildfarm import derivation, nar
+from buildfarm.signing import guix_public_key_from_sexp, verify_guix
+
+LOG_DIR = Path("/nix/var/log/nix/drvs")
+HASH_MISMATCH = (
+    "guix archive: error: signed hash doesn't match actual contents of imported archive; "
+    "archive could be corrupt, or someone is trying to import a Trojan horse"
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    status: int
+    out: bytes
+    err: str
+
+    @property
+    def stdout(self) -> str:
+        return self.out.decode()
+
+    @property
+    def lines(self) -> list[str]:
+        return self.err.splitlines()
+
+
+Guix = Callable[..., Result]
+
+
+@pytest.fixture
+def guix(tmp_path: Path) -> Guix:
+    """Run the installed emulator: guix("build", drv, stdin=b"", config=dir)."""
+    program = install_emulator(tmp_path / "bin")
+
+    def run(*args: str, stdin: bytes = b"", config: Path | None = None,
+            env: Mapping[str, str] | None = None) -> Result:
+        environment = {**os.environ, **(env or {})}
+        environment["GUIX_CONFIGURATION_DIRECTORY"] = str(config or tmp_path / "no-config")
+        environment.pop("GUIX_BUILD_OPTIONS", None)
+        done = subprocess.run([str(program), *args], input=stdin, capture_output=True,
+                              env=environment, check=False)
+        return Result(done.returncode, done.stdout, done.stderr.decode())
+
+    return run
+
+
+@pytest.fixture
+def store(private_nix: Path) -> Callable[..., str]:
+    """Make derivations with names unique to this test: store("dep", "echo hi > $out")."""
+    token = uuid.uuid4().hex[:10]
+
+    def make(name: str, script: str, **attrs: str) -> str:
+        return instantiate(nix_expr_trivial(f"{name}-{token}", script, attrs=attrs))
+
+    return make
+
+
+def expr(name: str, script: str, **attrs: str) -> str:
+    return nix_expr_trivial(name, script, attrs=attrs)
+
+
+def outputs(drv: str) -> list[str]:
+    done = subprocess.run(["nix-store", "-q", "--outputs", drv], capture_output=True,
+                          text=True, check=True)
+    return done.stdout.split()
+
+
+def invalid(*paths: str) -> list[str]:
+    done = subprocess.run(["nix-store", "--check-validity", "--print-invalid", *paths],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def log_line(drv: str) -> str:
+    base = os.path.basename(drv)
+    log = LOG_DIR / base[:2] / base[2:]
+    found = next(p for p in (Path(f"{log}.gz"), Path(f"{log}.bz2"), log) if p.exists())
+    return f"View build log at '{found}'."
+
+
+def input_drv(drv: str) -> str:
+    """The (only) input derivation of a .drv file."""
+    ((path, _),) = derivation.read(drv).input_drvs
+    return path
+
+
+def top_and_dep(store: Callable[..., str], script: str = "echo dependency > $out") -> tuple[
+        str, str]:
+    top = store("top", "echo $dep > $out", dep=expr(f"dep-{uuid.uuid4().hex[:8]}", script))
+    return top, input_drv(top)
+
+
+def keys(guix: Guix, tmp_path: Path) -> tuple[Path, Path]:
+    """Host A with a key pair, host B authorizing it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert guix("archive", "--generate-key", config=a).status == 0
+    public = (a / "signing-key.pub").read_bytes()
+    assert guix("archive", "--authorize", stdin=public, config=b).status == 0
+    return a, b
+
+
+# --- the command line, no store needed --------------------------------------------------------
+
+
+def test_version_unknown_commands_and_bad_options(guix: Guix) -> None:
+    version = guix("--version")
+    assert (version.status, version.stdout.splitlines()[0]) == (0, "guix (GNU Guix) 1.4.0")
+    assert guix("build", "-V").stdout.splitlines()[0] == "guix build (GNU Guix) 1.4.0"
+    missing = guix("frobnicate")
+    assert (missing.status, missing.lines) == (
+        1, ["guix: frobnicate: command not found", "Try `guix --help' for more information."])
+    assert guix("--frob").lines == [
+        "guix: unrecognized option '--frob'", "Try `guix --help' for more information."]
+    cases = {
+        ("build", "--frob"): "guix build: error: frob: unrecognized option",
+        ("build", "-nZ"): "guix build: error: Z: unrecognized option",
+        ("build", "--max-silent-time", "5"):
+            "guix build: error: invalid argument: Missing required argument after "
+            "`--max-silent-time'",
+        ("build", "--timeout=soon"): "guix build: error: soon: invalid number",
+        ("build", "--cores=many"):
+            "guix build: error: not a number: 'cores' option argument: many",
+        ("build", "--no-grafts=yes"):
+            "guix build: error: invalid argument: Extraneous argument after `--no-grafts'",
+        ("archive",): "guix archive: error: either '--export' or '--import' must be specified",
+        ("build", "hello"): "guix build: error: hello: unknown package",
+    }
+    for args, line in cases.items():
+        result = guix(*args)
+        assert (result.status, result.lines, result.out) == (1, [line], b""), args
+    emulated_not = guix("pull")
+    assert emulated_not.status == 2
+    assert emulated_not.lines == ["guix-emulator: command 'guix pull' is not emulated"]
+
+
+def test_install_emulator_writes_an_executable_wrapper(tmp_path: Path) -> None:
+    wrapper = install_emulator(tmp_path / "deep" / "bin", python="/usr/bin/python3")
+    assert wrapper == tmp_path / "deep" / "bin" / "guix"
+    assert os.access(wrapper, os.X_OK)
+    shebang, path, export, run = wrapper.read_text().splitlines()
+    project = Path(__file__).resolve().parent.parent
+    assert (shebang, path, export) == (
+        "#!/bin/sh", f"PYTHONPATH={project}${{PYTHONPATH:+:$PYTHONPATH}}", "export PYTHONPATH")
+    assert run == f'exec /usr/bin/python3 {project}/tests/guix_emulator/guix.py "$@"'
+    done = subprocess.run([str(wrapper), "--version"], capture_output=True, text=True,
+                          check=False)
+    assert (done.returncode, done.stdout.splitlines()[0]) == (0, "guix (GNU Guix) 1.4.0")
+
+
+# --- guix build -------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_guix_plan_on_stderr_and_nothing_on_stdout(
+    guix: Guix, store: Callable[..., str]
+) -> None:
+    top, dep = top_and_dep(store)
+    dry = guix("build", "--dry-run", "--no-grafts", top)
+    assert (dry.status, dry.out) == (0, b"")
+    assert dry.lines == ["The following derivations would be built:", f"   {top}", f"   {dep}"]
+    assert invalid(*outputs(top)) == outputs(top)  # nothing was built
+    single = store("single", "echo one > $out")
+    assert guix("build", "-n", single).lines == [
+        "The following derivation would be built:", f"   {single}"]
+    assert guix("build", "-n", "-q", single).lines == []
+
+
+def test_build_streams_the_log_and_prints_outputs_then_dry_run_is_a_no_op(
+    guix: Guix, store: Callable[..., str]
+) -> None:
+    top, dep = top_and_dep(store)
+    built = guix("build", "--no-grafts", "--max-silent-time=60", "--timeout=600", top)
+    (out,) = outputs(top)
+    assert (built.status, built.stdout) == (0, f"{out}\n")
+    assert built.lines == [
+        "The following derivations will be built:", f"   {top}", f"   {dep}",
+        f"building {dep}...", f"successfully built {dep}",
+        f"building {top}...", f"successfully built {top}",
+    ]
+    again = guix("build", "--dry-run", "--no-grafts", top)
+    assert (again.status, again.stdout, again.err) == (0, f"{out}\n", "")
+
+
+def test_outputs_follow_the_derivation_file_order(guix: Guix, store: Callable[..., str]) -> None:
+    token = uuid.uuid4().hex[:8]
+    multi = instantiate(
+        f'derivation {{ name = "multi-{token}"; outputs = [ "out" "dev" "bin" ];'
+        ' system = builtins.currentSystem; builder = "/bin/sh";'
+        ' args = [ "-c" "echo builder says hi; echo a > $out; echo b > $dev; echo c > $bin" ]; }')
+    built = guix("build", multi)
+    ordered = sorted(outputs(multi), key=lambda p: (not p.endswith("-bin"),
+                                                    not p.endswith("-dev")))
+    assert built.stdout == "".join(f"{p}\n" for p in ordered)  # bin, dev, out
+    assert "builder says hi" in built.lines
+    quiet = guix("build", "-q", multi)
+    assert (quiet.status, quiet.err, quiet.stdout) == (0, "", built.stdout)
+
+
+def test_failing_builder_gives_the_daemon_and_client_lines(
+    guix: Guix, store: Callable[..., str]
+) -> None:
+    bad = store("bad", "echo about to fail; exit 3")
+    failed = guix("build", "--no-grafts", bad)
+    assert (failed.status, failed.out) == (1, b"")
+    assert failed.lines == [
+        "The following derivation will be built:", f"   {bad}",
+        f"building {bad}...",
+        "about to fail",
+        f"builder for `{bad}' failed with exit code 3",
+        f"build of {bad} failed",
+        log_line(bad),
+        f"guix build: error: build of `{bad}' failed",
+    ]
+
+
+def test_a_failed_dependency_fails_the_requested_derivation(
+    guix: Guix, store: Callable[..., str]
+) -> None:
+    top, dep = top_and_dep(store, "exit 1")
+    failed = guix("build", top)
+    assert (failed.status, failed.out) == (1, b"")
+    assert failed.lines == [
+        "The following derivations will be built:", f"   {top}", f"   {dep}",
+        f"building {dep}...",
+        f"builder for `{dep}' failed with exit code 1",
+        f"build of {dep} failed",
+        log_line(dep),
+        f"cannot build derivation `{top}': 1 dependencies couldn't be built",
+        f"guix build: error: build of `{top}' failed",
+    ]
+
+
+def test_silence_and_total_timeouts(guix: Guix, store: Callable[..., str]) -> None:
+    slow = store("silent", "echo started; /bin/sleep 120; echo x > $out")
+    silent = guix("build", "--max-silent-time=1", slow)
+    assert (silent.status, silent.out) == (1, b"")
+    assert silent.lines[-5:] == [
+        "started",
+        f"building of `{slow}' timed out after 1 seconds of silence",
+        f"build of {slow} failed",
+        log_line(slow),
+        f"guix build: error: build of `{slow}' failed",
+    ]
+    total = guix("build", "--timeout=1", slow)
+    assert total.status == 1
+    assert f"building of `{slow}' timed out after 1 seconds" in total.lines
+    assert total.lines[-1] == f"guix build: error: build of `{slow}' failed"
+
+
+def test_missing_derivation(guix: Guix, private_nix: Path) -> None:
+    drv = f"/nix/store/{'0' * 32}-nowhere-{uuid.uuid4().hex[:8]}.drv"
+    for args in (("build", drv), ("build", "--dry-run", drv)):
+        result = guix(*args)
+        assert (result.status, result.out) == (1, b"")
+        assert result.lines == [
+            f"cannot build missing derivation ‘{drv}’",  # noqa: RUF001
+            f"guix build: error: build of `{drv}' failed",
+        ]
+
+
+# --- guix archive -----------------------------------------------------------------------------
+
+
+def test_missing_lists_invalid_paths_in_input_order(guix: Guix, store: Callable[..., str]) -> None:
+    built = store("present", "echo here > $out")
+    (out,) = outputs(built)
+    assert guix("build", built).status == 0
+    gone = f"/nix/store/{'1' * 32}-gone"
+    also = f"/nix/store/{'2' * 32}-also-gone"
+    result = guix("archive", "--missing", stdin=f"{also}\n{out}\n{gone}\n{also}\n".encode())
+    assert (result.status, result.stdout, result.err) == (0, f"{also}\n{gone}\n{also}\n", "")
+    bad = guix("archive", "--missing", stdin=f"{gone}\n/tmp/x\n".encode())
+    assert (bad.status, bad.out, bad.lines) == (
+        1, b"", ["guix archive: error: path `/tmp/x' is not in the store"])
+    blank = guix("archive", "--missing", stdin=f"{gone}\n\n".encode())
+    assert blank.lines == ["guix archive: error: path `' is not in the store"]
+
+
+def test_generate_key_and_authorize(guix: Guix, tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    made = guix("archive", "--generate-key", config=a)
+    assert (made.status, made.out) == (0, b"")
+    assert made.lines == ["Please wait while gathering entropy to generate the key pair;",
+                          "this may take time..."]
+    public = (a / "signing-key.pub").read_text()
+    assert public.startswith("(public-key \n (ecc \n  (curve Ed25519)\n  (q #")
+    assert public.endswith("#)\n  )\n )\n")
+    assert (a / "signing-key.sec").read_text().startswith("(private-key \n (ecc \n")
+    assert (a / "signing-key.pub").stat().st_mode & 0o777 == 0o444
+    assert (a / "signing-key.sec").stat().st_mode & 0o777 == 0o400
+    again = guix("archive", "--generate-key", config=a)
+    assert (again.status, again.lines) == (
+        1, [f"guix archive: error: key pair exists under '{a}'; remove it first"])
+    b = tmp_path / "b"
+    for _ in range(2):  # authorizing twice keeps one entry
+        assert guix("archive", "--authorize", stdin=public.encode(), config=b).status == 0
+    indented = "".join(f"  {line}\n" for line in public.splitlines())
+    assert (b / "acl").read_text() == (
+        f"(acl \n (entry \n{indented}  (tag \n   (guix import)\n   )\n  )\n )\n")
+    assert (b / "acl").stat().st_mode & 0o777 == 0o644
+    junk = guix("archive", "--authorize", stdin=b"(foo bar)", config=b)
+    assert (junk.status, junk.lines) == (
+        1, ["guix archive: error: s-expression does not denote a public key"])
+
+
+def test_export_import_round_trip_between_two_hosts(
+    guix: Guix, store: Callable[..., str], tmp_path: Path
+) -> None:
+    a, b = keys(guix, tmp_path)
+    top, dep = top_and_dep(store)
+    (out,) = outputs(top)
+    assert guix("build", top).status == 0
+    (dep_out,) = outputs(dep)
+    exported = guix("archive", "--export", "-r", out, config=a)
+    assert (exported.status, exported.err) == (0, "")
+    q = guix_public_key_from_sexp((a / "signing-key.pub").read_text())
+    items = list(nar.read_bundle(io.BytesIO(exported.out)))
+    assert [item.path for item in items] == [dep_out, out]  # references first
+    for item in items:
+        assert item.signature is not None
+        verify_guix(item.signature, item.signed_sha256, [q])
+    only = guix("archive", "--export", out, config=a)
+    assert [i.path for i in nar.read_bundle(io.BytesIO(only.out))] == [out]
+
+    deleted = guix("gc", "--delete", dep_out)  # takes its unrooted referrer along
+    assert (deleted.status, deleted.lines) == (
+        0, ["finding garbage collector roots...", "deleting unused links..."])
+    assert guix("archive", "--missing", stdin=f"{out}\n".encode()).stdout == f"{out}\n"
+
+    imported = guix("archive", "--import", stdin=exported.out, config=b)
+    assert (imported.status, imported.out, imported.err) == (0, b"", "")
+    assert guix("archive", "--missing", stdin=f"{dep_out}\n{out}\n".encode()).stdout == ""
+    assert Path(out).read_text() == f"{dep_out}\n"
+    assert guix("gc", "--references", out).stdout == f"{dep_out}\n"
+    assert guix("gc", "--requisites", out).stdout == f"{dep_out}\n{out}\n"
+    assert guix("gc", "--referrers", dep_out).stdout == f"{out}\n"
+
+
+def test_export_errors_and_the_empty_archive(guix: Guix, store: Callable[..., str],
+                                             tmp_path: Path) -> None:
+    empty = guix("archive", "--export", config=tmp_path)
+    assert (empty.status, empty.out, empty.lines) == (0, bytes(8), [
+        "guix archive: warning: no arguments specified; creating an empty archive"])
+    gone = f"/nix/store/{'3' * 32}-never-built"
+    invalid = guix("archive", "--export", gone, config=tmp_path)
+    assert (invalid.status, invalid.out, invalid.lines) == (
+        1, b"", [f"guix archive: error: path `{gone}' is not valid"])
+    drv = store("export-me", "echo x > $out")
+    no_key = guix("archive", "--export", drv, config=tmp_path / "keyless")
+    assert (no_key.status, no_key.out, no_key.lines) == (1, b"", [
+        f"guix archive: error: getting status of `{tmp_path}/keyless/signing-key.sec': "
+        "No such file or directory"])
+
+
+def test_unsigned_unauthorized_and_tampered_imports_are_refused(
+    guix: Guix, store: Callable[..., str], tmp_path: Path
+) -> None:
+    a, b = keys(guix, tmp_path)
+    marker = uuid.uuid4().hex
+    drv = store("payload", f"echo {marker} > $out")
+    assert guix("build", drv).status == 0
+    (out,) = outputs(drv)
+    signed = guix("archive", "--export", out, config=a).out
+    unsigned = subprocess.run(["nix-store", "--export", out], capture_output=True,
+                              check=True).stdout
+    assert guix("gc", "-D", out).status == 0
+
+    refused = guix("archive", "--import", stdin=unsigned, config=b)
+    assert (refused.status, refused.out, refused.lines) == (1, b"", [
+        f"guix archive: error: imported archive of `{out}' lacks a signature"])
+
+    stranger = guix("archive", "--import", stdin=signed, config=tmp_path / "stranger")
+    public = (a / "signing-key.pub").read_text()
+    assert stranger.status == 1
+    assert stranger.err == f"guix archive: error: unauthorized public key: {public}\n"
+
+    tampered = signed.replace(marker.encode(), marker.upper().encode())
+    assert tampered != signed
+    corrupt = guix("archive", "--import", stdin=tampered, config=b)
+    assert (corrupt.status, corrupt.lines) == (1, [HASH_MISMATCH])
+
+    item = next(nar.read_bundle(io.BytesIO(signed)))
+    assert item.signature is not None
+    r_line = next(line for line in item.signature.splitlines() if line.startswith("   (r #"))
+    forged_r = r_line[:-3] + ("0" if r_line[-3] != "0" else "1") + r_line[-2:]
+    forged = signed.replace(r_line.encode(), forged_r.encode())
+    invalid = guix("archive", "--import", stdin=forged, config=b)
+    assert invalid.status == 1
+    assert invalid.err.startswith("guix archive: error: invalid signature: (signature \n")
+
+    junk = guix("archive", "--import", stdin=b"\x07" + bytes(7), config=b)
+    assert junk.lines == ["guix archive: error: input doesn't look like something created by "
+                          "`nix-store --export'"]
+    assert guix("archive", "--missing", stdin=f"{out}\n".encode()).stdout == f"{out}\n"
+    accepted = guix("archive", "--import", stdin=signed, config=b)
+    assert (accepted.status, accepted.err) == (0, "")
+
+
+# --- guix gc and guix hash ------------------------------------------------------------------
+
+
+def test_gc_refuses_to_delete_a_live_path(guix: Guix, store: Callable[..., str]) -> None:
+    top, dep = top_and_dep(store)
+    assert guix("build", top).status == 0
+    (out,), (dep_out,) = outputs(top), outputs(dep)
+    root = Path("/nix/var/nix/gcroots") / f"emulator-test-{uuid.uuid4().hex}"
+    root.symlink_to(out)
+    try:
+        live = guix("gc", "--delete", dep_out)
+        assert (live.status, live.out, live.lines) == (1, b"", [
+            "finding garbage collector roots...",
+            f"guix gc: error: cannot delete path `{dep_out}' since it is still alive",
+        ])
+    finally:
+        root.unlink()
+    not_store = guix("gc", "-D", "/tmp/elsewhere")
+    assert not_store.lines == ["finding garbage collector roots...",
+                               "guix gc: error: path `/tmp/elsewhere' is not in the store"]
+    assert guix("gc", "--derivers", out).stdout == f"{top}\n"
+    done = guix("gc", "-D", f"{dep_out}/sub/file")  # direct-store-path strips the rest
+    assert done.status == 0
+    missing = guix("archive", "--missing", stdin=f"{dep_out}\n{out}\n".encode())
+    assert missing.stdout == f"{dep_out}\n{out}\n"
+
+
+def test_hash_of_the_nar_matches_nix(guix: Guix, store: Callable[..., str]) -> None:
+    drv = store("hash-me", "echo hashed > $out")
+    assert guix("build", drv).status == 0
+    (out,) = outputs(drv)
+    nix = subprocess.run(["nix-store", "-q", "--hash", out], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    result = guix("hash", "--serializer=nar", "--hash=sha256", "--format=nix-base32", out)
+    assert (result.status, result.err, f"sha256:{result.stdout}") == (0, "", f"{nix}\n")
+    flat = guix("hash", "-f", "hex", out)
+    assert flat.stdout == f"{hashlib.sha256(Path(out).read_bytes()).hexdigest()}\n"
+    nowhere = guix("hash", "/nonexistent/file")
+    assert nowhere.lines == ["guix hash: error: /nonexistent/file No such file or directory"]
