@@ -53,6 +53,10 @@ class TransferFailed(Exception):
     """The outputs could not be fetched, verified or stored: retried later, elsewhere."""
 
 
+class StoreCommandFailed(Exception):
+    """A store query failed on a machine that is still reachable: retried later."""
+
+
 DbCall = Callable[..., Awaitable[Any]]
 
 
@@ -85,7 +89,7 @@ class AttemptRun:
         command = self.backend.missing(paths)
         result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
         if not result.ok:
-            raise RemoteError(f"{self.machine.name}: {_first_error(result.stderr)}")
+            raise StoreCommandFailed(f"{command.argv[0]}: {_first_error(result.stderr)}")
         return self.backend.parse_missing(result.stdout)
 
     async def import_bundle(self, bundle_file: str, what: str) -> None:
@@ -241,12 +245,13 @@ class AttemptRun:
 
 
 def _first_error(stderr: bytes) -> str:
-    """The most telling line of a store command's stderr (its error line, else its last)."""
+    """The telling part of a store command's stderr: its last error line with the lines that
+    continue it (Guix prints keys and signatures over several lines), else its last line."""
     lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "error:" in line:
-            return line[:500]
-    return lines[-1][:500] if lines else "no message"
+    for index in range(len(lines) - 1, -1, -1):
+        if "error:" in lines[index]:
+            return " ".join(lines[index:])[:1000]
+    return lines[-1][:1000] if lines else "no message"
 
 
 async def _file_chunks(path: str, size: int = 1 << 20) -> Any:

@@ -21,7 +21,13 @@ from types import FrameType
 from typing import Any, Protocol, TypeVar
 
 from buildfarm import scheduler
-from buildfarm.attempt import AttemptRun, BuildFailed, SetupFailed, TransferFailed
+from buildfarm.attempt import (
+    AttemptRun,
+    BuildFailed,
+    SetupFailed,
+    StoreCommandFailed,
+    TransferFailed,
+)
 from buildfarm.backends import get_backend
 from buildfarm.config import Settings
 from buildfarm.datastore import attempts as records
@@ -398,6 +404,9 @@ class Coordinator:
         except TransferFailed as e:
             await self.db(records.interrupt, run.attempt_id, f"transfer failed: {e}")
             self.reporter.event(f"build {uuid} interrupted on {name}: transfer failed: {e}")
+        except StoreCommandFailed as e:
+            await self.db(records.interrupt, run.attempt_id, f"store command failed: {e}")
+            self.reporter.event(f"build {uuid} interrupted on {name}: store command failed: {e}")
         except RemoteError as e:
             slots.ready = False
             slots.last_error = str(e)

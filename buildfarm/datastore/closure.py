@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .models import Derivation, DerivationInput, DerivationOutput, StoredOutput
 
@@ -63,12 +64,13 @@ def input_outputs(drv_path: str) -> list[str]:
 
 def derivations_of(paths: Iterable[str]) -> dict[str, str]:
     """Output path -> the derivation that produces it, where known."""
-    query = (
-        DerivationOutput.select(DerivationOutput.path, Derivation.path.alias("drv"))
+    query: Any = (
+        DerivationOutput.select(DerivationOutput.path, Derivation.path)
         .join(Derivation)
         .where(DerivationOutput.path.in_(list(paths)))
+        .tuples()
     )
-    return {row.path: row.derivation.path for row in query}
+    return dict(query)
 
 
 def stored_closure(paths: Iterable[str]) -> list[StoredOutput]:
