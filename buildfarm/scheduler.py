@@ -57,6 +57,7 @@ def candidates(slot: Slot, now: float, exclude: Iterable[int] = ()) -> Iterable[
             (B.state == QUEUED)
             & (B.system.in_(slot.systems))
             & (B.defer_until.is_null() | (B.defer_until <= now))
+            & (B.retry_after.is_null() | (B.retry_after <= now))
             & ~fn.EXISTS(_blocked_by_inputs(B))
         )
         .order_by(B.priority.desc(), B.created_at, B.id)

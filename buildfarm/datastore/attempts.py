@@ -90,6 +90,16 @@ def succeed(attempt_id: int, records: Sequence[OutputRecord], log_path: str | No
         if build.state == RUNNING:
             build.state, build.ended_at = SUCCEEDED, now
             build.save()
+        # Builds that waited for this one after a missing-inputs failure may go now.
+        waiting = (
+            Derivation.select(Derivation.id)
+            .join(DerivationInput, on=(DerivationInput.derivation == Derivation.id))
+            .where(DerivationInput.input_path == build.derivation.path)
+        )
+        Build.update(retry_after=None).where(
+            (Build.state == QUEUED) & Build.retry_after.is_null(False)
+            & Build.derivation.in_(waiting)
+        ).execute()
         events.record(
             "build-success",
             build,
@@ -139,10 +149,28 @@ def fail_dependants(drv_path: str, now: float) -> list[str]:
             build.state, build.ended_at = FAILED, now
             build.reason = f"dependency-failed: {path}"
             build.save()
-            events.record("build-failure", build, result={"reason": build.reason})
+            events.record(
+                "build-failure", build, machine=None, attempt=None, log=None,
+                result={"exit_status": None, "reason": build.reason},
+            )
             failed.append(build.uuid)
             todo.append(build.derivation.path)
     return failed
+
+
+def _failed_since(drv_paths: Sequence[str], since: float) -> str | None:
+    """The first of these derivations whose latest build failed after `since`, if any."""
+    for path in drv_paths:
+        latest = (
+            Build.select(Build.state, Build.ended_at)
+            .join(Derivation)
+            .where(Derivation.path == path)
+            .order_by(Build.id.desc())
+            .first()
+        )
+        if latest is not None and latest.state == FAILED and (latest.ended_at or 0) >= since:
+            return path
+    return None
 
 
 def setup_failure(
@@ -160,12 +188,25 @@ def setup_failure(
             ).execute()
         build = attempt.build
         if build.state == RUNNING:
-            build.state, build.defer_until = QUEUED, now + defer_seconds
+            build.state, build.retry_after = QUEUED, now + defer_seconds
             build.save()
         if kind == MISSING_INPUTS:
             from .closure import derivations_of
 
             producers = derivations_of(paths)
+            needed = {p if p.endswith(".drv") else producers.get(p) for p in paths}
+            failed_input = _failed_since(sorted(d for d in needed if d), build.created_at)
+            if failed_input is not None and build.state == QUEUED:
+                # An input's build failed while this one waited: resubmitting it would loop.
+                build.state, build.ended_at = FAILED, now
+                build.reason = f"dependency-failed: {failed_input}"
+                build.save()
+                events.record(
+                    "build-failure", build, machine=attempt.machine, attempt=attempt.id,
+                    log=None, result={"exit_status": None, "reason": build.reason},
+                )
+                fail_dependants(build.derivation.path, now)
+                return
             events.record(
                 "build-missing-inputs",
                 build,

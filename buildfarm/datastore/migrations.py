@@ -6,9 +6,12 @@ SQLite and PostgreSQL. A migration, once released, never changes: a later change
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from .postgresql import MIGRATE_LOCK
 
 # Placeholders: {pk} an auto-increment primary key, {real} a double, {blob} bytes, {big} 64-bit int.
 _TYPES = {
@@ -141,6 +144,8 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
                 last_used_at {real} NOT NULL)""",
             "CREATE INDEX stored_output_used ON stored_output (last_used_at)",
             "ALTER TABLE build ADD COLUMN started_at {real}",
+            # When a build may be tried again after a setup failure (defer_until is the user's).
+            "ALTER TABLE build ADD COLUMN retry_after {real}",
         ),
     ),
 )
@@ -150,7 +155,9 @@ LATEST = MIGRATIONS[-1][0]
 
 def engine_of(db: Any) -> str:
     """'sqlite' or 'postgresql', from the peewee database class."""
-    return "postgresql" if type(db).__name__.startswith("Postgres") else "sqlite"
+    import peewee as pw
+
+    return "postgresql" if isinstance(db, pw.PostgresqlDatabase) else "sqlite"
 
 
 def applied_version(db: Any) -> int:
@@ -161,28 +168,43 @@ def applied_version(db: Any) -> int:
     return int(row[0] or 0)
 
 
+@contextlib.contextmanager
+def _one_migrator(db: Any) -> Iterator[None]:
+    """On PostgreSQL, a session advisory lock: two processes opening a new datastore at once
+    must not both create schema_migration (SQLite's IMMEDIATE transactions already queue)."""
+    if engine_of(db) != "postgresql":
+        yield
+        return
+    db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+    try:
+        yield
+    finally:
+        db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
+
+
 def migrate(db: Any, upto: int | None = None) -> list[int]:
     """Apply every pending migration (up to `upto`), each in its own transaction."""
     types = _TYPES[engine_of(db)]
     done: list[int] = []
-    db.execute_sql(
-        "CREATE TABLE IF NOT EXISTS schema_migration "
-        f"(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at {types['real']})"
-    )
-    for version, description, statements in MIGRATIONS:
-        if upto is not None and version > upto:
-            break
-        with db.atomic():
-            # Re-read inside the transaction: another process may have migrated meanwhile.
-            if applied_version(db) >= version:
-                continue
-            for statement in statements:
-                db.execute_sql(statement.format(**types))
-            p = db.param
-            db.execute_sql(
-                "INSERT INTO schema_migration (version, description, applied_at) "
-                f"VALUES ({p}, {p}, {p})",
-                (version, description, time.time()),
-            )
-        done.append(version)
+    with _one_migrator(db):
+        db.execute_sql(
+            "CREATE TABLE IF NOT EXISTS schema_migration "
+            f"(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at {types['real']})"
+        )
+        for version, description, statements in MIGRATIONS:
+            if upto is not None and version > upto:
+                break
+            with db.atomic():
+                # Re-read inside the transaction: another process may have migrated meanwhile.
+                if applied_version(db) >= version:
+                    continue
+                for statement in statements:
+                    db.execute_sql(statement.format(**types))
+                p = db.param
+                db.execute_sql(
+                    "INSERT INTO schema_migration (version, description, applied_at) "
+                    f"VALUES ({p}, {p}, {p})",
+                    (version, description, time.time()),
+                )
+            done.append(version)
     return done

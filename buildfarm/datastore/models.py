@@ -63,6 +63,7 @@ class Build(BaseModel):
     priority = pw.IntegerField(default=0)
     created_at = pw.FloatField()
     defer_until = pw.FloatField(null=True)
+    retry_after = pw.FloatField(null=True)
     started_at = pw.FloatField(null=True)
     ended_at = pw.FloatField(null=True)
     reason = pw.TextField(null=True)
