@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from buildfarm import derivation as drvmod
@@ -77,6 +77,13 @@ class AttemptRun:
     max_log_bytes: int
     on_step: Callable[[str], None] | None = None
     on_progress: Callable[[int], None] | None = None
+    # What survey() found.
+    known: list[closure.KnownDerivation] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    inputs_complete: bool = False
+    outputs_paths: list[str] = field(default_factory=list)
+    absent: set[str] = field(default_factory=set)
 
     async def step(self, name: str, detail: str | None = None) -> None:
         await self.db(records.step, self.attempt_id, name, detail)
@@ -102,24 +109,31 @@ class AttemptRun:
                 MISSING_INPUTS, (), f"{what} could not be imported: {_first_error(result.stderr)}"
             )
 
-    # The steps, in order.
+    # The steps, in order. One store query up front tells what the machine lacks among the
+    # .drv closure, its sources, the input outputs and the outputs; later steps use its answer.
+
+    async def survey(self) -> None:
+        self.known = await self.db(closure.derivations, self.drv_path)
+        self.inputs, self.inputs_complete = await self.db(closure.input_outputs, self.drv_path)
+        self.outputs_paths = sorted((await self.db(records.output_paths, self.drv_path)).values())
+        sources: set[str] = set()
+        for item in self.known:
+            sources.update(drvmod.parse(item.contents, source=item.path).input_srcs)
+        self.sources = sorted(sources)
+        everything = [k.path for k in self.known] + self.sources + self.inputs + self.outputs_paths
+        self.absent = set(await self.missing(sorted(set(everything))))
 
     async def push_derivations(self) -> None:
         """Make sure the .drv closure is in the machine's store."""
         await self.step("push-derivations")
-        known = await self.db(closure.derivations, self.drv_path)
-        sources: set[str] = set()
-        for item in known:
-            sources.update(drvmod.parse(item.contents, source=item.path).input_srcs)
-        missing = set(await self.missing([k.path for k in known] + sorted(sources)))
-        absent_sources = sorted(sources & missing)
+        absent_sources = [s for s in self.sources if s in self.absent]
         if absent_sources:
             raise SetupFailed(
                 MISSING_INPUTS, absent_sources, "input sources missing on the machine"
             )
-        if self.drv_path in missing and self.drv_path not in {k.path for k in known}:
+        if self.drv_path in self.absent and self.drv_path not in {k.path for k in self.known}:
             raise SetupFailed(MISSING_INPUTS, [self.drv_path], "derivation text unknown")
-        to_push = [k for k in known if k.path in missing]
+        to_push = [k for k in self.known if k.path in self.absent]
         if to_push:
             bundle = self.outputs.derivation_bundle(
                 [(k.path, k.contents) for k in to_push], self._signer()
@@ -132,8 +146,7 @@ class AttemptRun:
     async def push_inputs(self) -> list[str]:
         """Push the input outputs the output store holds and the machine lacks; return the rest."""
         await self.step("push-inputs")
-        needed = await self.db(closure.input_outputs, self.drv_path)
-        missing = await self.missing(needed)
+        missing = [p for p in self.inputs if p in self.absent]
         if not missing:
             return []
         held = await self.db(closure.stored_closure, missing)
@@ -149,24 +162,30 @@ class AttemptRun:
         return [p for p in missing if p not in pushed]
 
     async def dry_run(self, unavailable: Sequence[str]) -> None:
+        """Ask the store what it would build, unless every input is known to be present."""
+        if self.inputs_complete and not unavailable:
+            await self.step("dry-run", "skipped: every input output is on the machine")
+            return
         await self.step("dry-run")
         command = self.backend.dry_run(self.drv_path)
         result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
         if not result.ok:
             raise SetupFailed(MISSING_INPUTS, (), f"dry run failed: {_first_error(result.stderr)}")
         plan = self.backend.parse_dry_run(result.stdout, result.stderr)
-        others = [d for d in plan.would_build if d != self.drv_path]
+        others = [d for d in (*plan.would_build, *plan.unknown) if d != self.drv_path]
         if others:
             paths = list(unavailable) or others
             raise SetupFailed(
                 MISSING_INPUTS, paths, f"{len(others)} input derivation(s) would be built first"
             )
 
-    async def delete_outputs(self, outputs: Sequence[str]) -> None:
-        await self.step("delete-outputs")
-        present = sorted(set(outputs) - set(await self.missing(outputs)))
+    async def delete_outputs(self) -> None:
+        """Outputs already on the machine are deleted, so the build really runs."""
+        present = [p for p in self.outputs_paths if p not in self.absent]
         if not present:
+            await self.step("delete-outputs", "skipped: no output is on the machine")
             return
+        await self.step("delete-outputs")
         command = self.backend.delete(present)
         result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
         if not result.ok:
@@ -235,13 +254,13 @@ class AttemptRun:
         return self.key if self.backend.signed_imports else None
 
     async def run(self) -> list[records.OutputRecord]:
-        outputs = sorted((await self.db(records.output_paths, self.drv_path)).values())
+        await self.survey()
         await self.push_derivations()
         unavailable = await self.push_inputs()
         await self.dry_run(unavailable)
-        await self.delete_outputs(outputs)
+        await self.delete_outputs()
         await self.build()
-        return await self.fetch_outputs(outputs)
+        return await self.fetch_outputs(self.outputs_paths)
 
 
 def _first_error(stderr: bytes) -> str:

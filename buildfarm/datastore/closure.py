@@ -45,21 +45,24 @@ def derivations(drv_path: str) -> list[KnownDerivation]:
     return order
 
 
-def input_outputs(drv_path: str) -> list[str]:
-    """The store paths of the input outputs `drv_path` uses (those whose derivation we know)."""
+def input_outputs(drv_path: str) -> tuple[list[str], bool]:
+    """The store paths of the input outputs `drv_path` uses, and whether we know them all
+    (an input derivation we never read has outputs we cannot name)."""
     paths: list[str] = []
-    inputs = (
-        DerivationInput.select().join(Derivation).where(Derivation.path == drv_path)
-    )
+    complete = True
+    inputs = DerivationInput.select().join(Derivation).where(Derivation.path == drv_path)
     for row in inputs:
         wanted = set(row.outputs.split())
-        outputs = (
-            DerivationOutput.select()
+        outputs = {
+            o.name: o.path
+            for o in DerivationOutput.select()
             .join(Derivation)
             .where(Derivation.path == row.input_path)
-        )
-        paths.extend(o.path for o in outputs if o.name in wanted)
-    return sorted(paths)
+        }
+        if not wanted <= set(outputs):
+            complete = False
+        paths.extend(path for name, path in outputs.items() if name in wanted)
+    return sorted(paths), complete
 
 
 def derivations_of(paths: Iterable[str]) -> dict[str, str]:
