@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from buildfarm import derivation as drvmod
+from buildfarm import localstore
 from buildfarm.backends import Backend
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import closure
@@ -128,9 +129,7 @@ class AttemptRun:
         await self.step("push-derivations")
         absent_sources = [s for s in self.sources if s in self.absent]
         if absent_sources:
-            raise SetupFailed(
-                MISSING_INPUTS, absent_sources, "input sources missing on the machine"
-            )
+            await self.push_sources(absent_sources)
         if self.drv_path in self.absent and self.drv_path not in {k.path for k in self.known}:
             raise SetupFailed(MISSING_INPUTS, [self.drv_path], "derivation text unknown")
         to_push = [k for k in self.known if k.path in self.absent]
@@ -142,6 +141,24 @@ class AttemptRun:
                 await self.import_bundle(bundle, f"{len(to_push)} derivation(s)")
             finally:
                 os.unlink(bundle)
+
+    async def push_sources(self, sources: Sequence[str]) -> None:
+        """Send input sources from the coordinator's own store, or fail: nothing else has them."""
+        items = await localstore.closure(sources)
+        if items is None:
+            raise SetupFailed(
+                MISSING_INPUTS, sources, "input sources missing on the machine and not in the "
+                "coordinator's store"
+            )
+        lacking = set(await self.missing([path for path, _ in items]))
+        wanted = [(path, refs) for path, refs in items if path in lacking]
+        bundle = await asyncio.to_thread(
+            localstore.bundle, wanted, self.outputs.tmp_dir, self._signer()
+        )
+        try:
+            await self.import_bundle(bundle, f"{len(wanted)} input source(s)")
+        finally:
+            os.unlink(bundle)
 
     async def push_inputs(self) -> list[str]:
         """Push the input outputs the output store holds and the machine lacks; return the rest."""

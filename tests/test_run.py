@@ -2,87 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from farm import Farm, chain, token
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
-
-RUN_TIMEOUT = 180
-
-
-class Farm:
-    """A coordinator's state directory and inventory, driven through the real command line."""
-
-    def __init__(self, state: Path, inventory: Path) -> None:
-        self.state = state
-        self.inventory = inventory
-        self.env = {
-            **os.environ,
-            "BUILDFARM_STATE_DIR": str(state),
-            "BUILDFARM_INVENTORY": str(inventory),
-            "BUILDFARM_HOOKS_DIR": str(state / "no-hooks"),
-        }
-        self.env.pop("BUILDFARM_DB", None)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "-m", "buildfarm", *args],
-            env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-        )
-        if check:
-            assert done.returncode == 0, (args, done.stdout, done.stderr)
-        return done
-
-    def submit(self, *drvs: str, extra: tuple[str, ...] = ()) -> list[str]:
-        return self.cli("submit", *drvs, *extra).stdout.split()
-
-    def show(self, uuid: str) -> dict[str, Any]:
-        info: dict[str, Any] = json.loads(self.cli("builds", "show", uuid, "--json").stdout)
-        return info
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.cli("run", "--no-ui", "--exit-when-idle", *args, check=False)
-
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "buildfarm", "run", "--no-ui", *args],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-
-    def write_inventory(self, hosts: list[Host], **overrides: Any) -> None:
-        self.inventory.write_text(inventory_yaml(hosts, "nix", **overrides))
 
 
 @pytest.fixture
 def farm(tmp_path: Path, testbed: Testbed, private_nix: Path) -> Iterator[Farm]:
     yield Farm(tmp_path / "state", tmp_path / "inventory.yaml")
-
-
-def token() -> str:
-    return uuidlib.uuid4().hex[:12]
-
-
-def chain(levels: int, tag: str) -> list[str]:
-    """A dependency chain: level 0 is the leaf; each level reads the one below."""
-    expr = nix_expr_trivial(f"leaf-{tag}", f"echo leaf-{tag} > $out")
-    drvs = [instantiate(expr)]
-    for level in range(1, levels):
-        expr = nix_expr_trivial(
-            f"level{level}-{tag}",
-            f"read x < $dep; echo \"level{level} on $x\" > $out",
-            attrs={"dep": expr},
-        )
-        drvs.append(instantiate(expr))
-    return drvs
 
 
 def stored_nar(state: Path, store_path: str) -> Path:
@@ -231,3 +165,21 @@ def test_a_changed_host_key_is_refused(farm: Farm, hosts: list[Host], tmp_path: 
     info = farm.show(build)
     assert info["state"] == "queued" and info["attempts"] == []
     assert not hosts[0].local_path(info["outputs"]["out"]).exists()
+
+
+def test_input_sources_come_from_the_coordinators_store(farm: Farm, hosts: list[Host]) -> None:
+    """A builder script made with builtins.toFile exists only where the derivation was made."""
+    tag = token()
+    script = f'builtins.toFile "script-{tag}.sh" "echo from a source file {tag} > $out"'
+    drv = instantiate(
+        f'derivation {{ name = "src-{tag}"; system = builtins.currentSystem; '
+        f'builder = "/bin/sh"; args = [ ({script}) ]; }}'
+    )
+    farm.write_inventory(hosts[:1])
+    (build,) = farm.submit(drv)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    info = farm.show(build)
+    assert info["state"] == "succeeded", (info, done.stdout)
+    out = info["outputs"]["out"]
+    assert hosts[0].local_path(out).read_text() == f"from a source file {tag}\n"
