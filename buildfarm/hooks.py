@@ -2,7 +2,12 @@
 
 Events are rows written in the same transaction as the state change that causes them
 (datastore/events.py). The runner delivers each at least once: it marks an event delivered only
-after every script for it has run, so a coordinator killed in between delivers it again.
+after every script for it has run, so a coordinator killed in between delivers it again at its
+next start. Hooks run in a bounded pool of asyncio tasks beside the scheduler: a hook that is
+slow, hangs, fails, crashes or floods its output costs a worker slot, never the main loop.
+
+EVENTS, PAYLOAD_FIELDS, BUILD_FIELDS and ENVIRONMENT are the one declared description of what a
+hook gets; man/buildfarm-hooks.7 is generated from them (buildfarm/manpages.py).
 """
 
 from __future__ import annotations
@@ -10,56 +15,106 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from buildfarm.datastore import events as event_rows
 
+logger = logging.getLogger("buildfarm")
+
 
 @dataclass(frozen=True, slots=True)
 class HookEvent:
+    """One event: its name, when it fires, and the keys of the JSON object a hook reads."""
+
     name: str
     when: str
-    receives: str
+    fields: tuple[str, ...]  # keys of the payload besides "event" and "build"
 
 
-COMMON = "build (uuid, derivation, system, state, priority, tags, outputs)"
+# What each payload key holds (every event has "event" and "build"), for the man page.
+PAYLOAD_FIELDS: dict[str, str] = {
+    "event": "The event's name.",
+    "build": "The build the event is about: an object, see below.",
+    "machine": "The name of the machine, as in the inventory (null when no machine was involved).",
+    "attempt": "The attempt's id (null when no attempt was involved).",
+    "log": "The path of the attempt's gzip-compressed build log on the coordinator "
+    "(null when there is none).",
+    "outputs": "An object: store path -> nar hash (sha256:<nix-base32>) of each output, "
+    "now in the output store.",
+    "result": "An object: exit_status (the builder's, or null) and reason (a short text; "
+    "dependency-failed: DRV when an input's build failed).",
+    "missing_inputs": "A list of objects: path (a store path the machine lacked) and "
+    "derivation (the .drv that produces it, or null when none is known).",
+}
+BUILD_FIELDS: dict[str, str] = {
+    "uuid": "The build's UUID.",
+    "derivation": "The .drv store path.",
+    "system": "The system type, e.g. x86_64-linux.",
+    "state": "The build's state when the event was recorded: queued, running, succeeded, "
+    "failed or canceled.",
+    "priority": "The build's priority (an integer; higher runs first).",
+    "tags": "An object: tag key -> value.",
+    "outputs": "An object: output name -> store path.",
+}
 
 EVENTS: tuple[HookEvent, ...] = (
-    HookEvent("build-submitted", "a build was queued by `buildfarm submit`", COMMON),
+    HookEvent("build-submitted", "a build was queued by `buildfarm submit`", ()),
     HookEvent(
         "build-started",
         "the coordinator allocated the build to a machine",
-        f"{COMMON}, machine, attempt",
+        ("machine", "attempt"),
     ),
     HookEvent(
         "build-success",
         "the build succeeded and its outputs are in the output store",
-        f"{COMMON}, machine, attempt, log, outputs (store path -> nar hash)",
+        ("machine", "attempt", "log", "outputs"),
     ),
     HookEvent(
         "build-failure",
-        "the builder failed, or an input's build failed (reason dependency-failed)",
-        f"{COMMON}, machine, attempt, log, result (exit_status, reason)",
+        "the builder failed, or an input's build failed (reason dependency-failed: DRV; "
+        "machine, attempt and log are then null)",
+        ("machine", "attempt", "log", "result"),
     ),
     HookEvent(
         "build-missing-inputs",
-        "a machine lacked inputs the output store does not hold (a setup failure)",
-        f"{COMMON}, machine, attempt, missing_inputs (list of {{path, derivation}})",
+        "a machine lacked inputs that the output store does not hold (a setup failure: the "
+        "build goes back to the queue)",
+        ("machine", "attempt", "missing_inputs"),
     ),
-    HookEvent("build-canceled", "a user canceled the build", COMMON),
+    HookEvent("build-canceled", "a user canceled the build (`buildfarm builds cancel`)", ()),
 )
 EVENT_NAMES = tuple(e.name for e in EVENTS)
 
-# run-parts(8): skip dotfiles, editor backups and package-manager leftovers.
+# The environment of every hook, besides the coordinator's own, for the man page.
+ENVIRONMENT: dict[str, str] = {
+    "BUILDFARM_EVENT": "The event's name.",
+    "BUILDFARM_EVENT_ID": "The event's number in the datastore: the same when it is delivered "
+    "again, so that a hook can recognise an event it has handled.",
+    "BUILDFARM_BUILD_UUID": "The build's UUID.",
+    "BUILDFARM_DERIVATION": "The build's .drv store path.",
+    "BUILDFARM_DB": "The datastore URL of the running coordinator.",
+    "BUILDFARM_STATE_DIR": "The coordinator's state directory.",
+    "BUILDFARM_INVENTORY": "The coordinator's inventory file.",
+    "BUILDFARM_HOOKS_DIR": "The coordinator's hooks directory.",
+}
+
+# run-parts(8): skip non-executables, dotfiles, editor backups and package-manager leftovers.
+SKIPPED_NAMES = ("names starting with a dot", "names ending in ~", "names containing .dpkg-",
+                 "names containing .rpm")
 _SKIPPED = re.compile(r"^\.|~$|\.dpkg-|\.rpm")
-MAX_OUTPUT = 64 * 1024  # bytes of a hook's output kept for the log; the rest is drained
+MAX_OUTPUT = 64 * 1024  # bytes of a hook's output kept for the log; the rest is read and dropped
+MAX_LINES = 200  # lines of a hook's output logged
+MAX_LINE = 1000  # characters of one line logged
+LINGER = 5.0  # seconds a hook's leftover processes may hold its output open after it exits
 
 
 def scripts(hooks_dir: str, event: str) -> list[str]:
@@ -67,7 +122,7 @@ def scripts(hooks_dir: str, event: str) -> list[str]:
     directory = os.path.join(hooks_dir, f"{event}.d")
     try:
         names = sorted(os.listdir(directory), key=os.fsencode)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
     found = []
     for name in names:
@@ -81,19 +136,26 @@ def scripts(hooks_dir: str, event: str) -> list[str]:
 @dataclass(frozen=True, slots=True)
 class HookSettings:
     hooks_dir: str
-    environment: dict[str, str]  # BUILDFARM_DB, BUILDFARM_STATE_DIR, ...
+    environment: Mapping[str, str] = field(default_factory=dict)  # BUILDFARM_DB, ...
     timeout: float = 60.0
-    workers: int = 4
+    workers: int = 4  # hooks running at once
     per_event: int = 2  # scripts of one event name running at once
     trace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class HookRun:
+    """How one script ran: exit_status is None when it was killed at the timeout."""
+
     script: str
-    exit_status: int | None  # None: killed after the timeout
+    exit_status: int | None
     seconds: float
-    output: str
+    output: str  # printable text only, at most MAX_OUTPUT bytes of it
+    dropped: int = 0  # bytes of output beyond MAX_OUTPUT
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
 
 
 def _printable(data: bytes) -> str:
@@ -101,53 +163,90 @@ def _printable(data: bytes) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
 
 
-async def run_script(
-    script: str, payload: str, env: dict[str, str], timeout: float
-) -> HookRun:
-    """Run one hook with the event on stdin; kill its whole process group at the timeout."""
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+class _HookProtocol(asyncio.SubprocessProtocol):
+    """Keeps the first MAX_OUTPUT bytes of a hook's output; notes its exit and end of output."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.kept = bytearray()
+        self.dropped = 0
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.output_closed: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        block = data if isinstance(data, bytes) else data.encode()
+        room = max(0, MAX_OUTPUT - len(self.kept))
+        self.kept.extend(block[:room])
+        self.dropped += len(block) - min(room, len(block))
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1 and not self.output_closed.done():
+            self.output_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def run_script(script: str, payload: str, env: Mapping[str, str], timeout: float) -> HookRun:
+    """Run one hook with `payload` on its stdin, reading its output as it comes.
+
+    The hook leads a session of its own; at the timeout the whole process group is killed, and so
+    is what it left behind holding its output open after it exited. Raises OSError when the
+    script cannot be started at all.
+    """
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _HookProtocol(loop),
         script,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
         start_new_session=True,
     )
-    kept = bytearray()
-
-    async def converse() -> None:
-        assert process.stdin is not None and process.stdout is not None
-        try:
-            process.stdin.write(payload.encode())
-            await process.stdin.drain()
-            process.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # a hook need not read its input
-        while block := await process.stdout.read(65536):
-            if len(kept) < MAX_OUTPUT:
-                kept.extend(block[: MAX_OUTPUT - len(kept)])
-        await process.wait()
-
-    status: int | None
+    status: int | None = None
     try:
-        await asyncio.wait_for(converse(), timeout)
-        status = process.returncode
+        stdin = transport.get_pipe_transport(0)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        stdin.write(payload.encode())
+        stdin.close()  # after the buffer is written; a hook need not read it
+        await asyncio.wait_for(asyncio.shield(protocol.exited), timeout)
+        status = transport.get_returncode()
+        left = timeout - (time.monotonic() - started)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.shield(protocol.output_closed), max(0.0, min(left, LINGER))
+            )
     except TimeoutError:
-        status = None
+        pass
     finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-    return HookRun(script, status, time.monotonic() - started, _printable(bytes(kept)))
+        if not protocol.exited.done() or not protocol.output_closed.done():
+            # The group lives while any member does, so its id cannot have been reused.
+            _kill_group(transport.get_pid())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.shield(asyncio.gather(protocol.exited, protocol.output_closed)), 5.0
+                )
+        transport.close()
+    kept = bytes(protocol.kept)
+    return HookRun(script, status, time.monotonic() - started, _printable(kept), protocol.dropped)
 
 
-def _environment(settings: HookSettings, payload: dict[str, Any]) -> dict[str, str]:
+def hook_environment(
+    settings: HookSettings, event_id: int, payload: Mapping[str, Any]
+) -> dict[str, str]:
+    """The coordinator's environment, its settings, and what names this event."""
     build = payload.get("build") or {}
     env = dict(os.environ)
     env.update(settings.environment)
     env["BUILDFARM_EVENT"] = str(payload.get("event", ""))
+    env["BUILDFARM_EVENT_ID"] = str(event_id)
     env["BUILDFARM_BUILD_UUID"] = str(build.get("uuid", ""))
     env["BUILDFARM_DERIVATION"] = str(build.get("derivation", ""))
     # Hooks may call `buildfarm` itself: put this installation first on PATH.
@@ -155,8 +254,27 @@ def _environment(settings: HookSettings, payload: dict[str, Any]) -> dict[str, s
     return env
 
 
+def describe_exit(run: HookRun, timeout: float) -> str | None:
+    """Why a run counts as failed, or None when it succeeded."""
+    if run.exit_status is None:
+        return f"killed after the {timeout:g}s timeout"
+    if run.exit_status < 0:
+        try:
+            name = signal.Signals(-run.exit_status).name
+        except ValueError:
+            name = f"signal {-run.exit_status}"
+        return f"crashed ({name})"
+    if run.exit_status > 0:
+        return f"exited with status {run.exit_status}"
+    return None
+
+
 class HookRunner:
-    """Delivers pending events to hooks in a bounded pool beside the scheduler."""
+    """Delivers pending events to hooks in a bounded pool beside the scheduler.
+
+    `db` runs a datastore function in the coordinator's datastore thread, `report` writes a line
+    to the coordinator's log, `wake` wakes its main loop (set when a delivery ends).
+    """
 
     def __init__(
         self,
@@ -178,63 +296,92 @@ class HookRunner:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def dispatch(self) -> None:
-        """Start delivering what is pending (events of one build stay in order)."""
-        pending = await self.db(event_rows.pending, 200)
+        """Start delivering what is pending; the events of one build are delivered in order."""
+        pending = await self.db(event_rows.pending, 500)
+        found: dict[str, list[str]] = {}
+        nothing_to_run: list[int] = []
         for event in pending:
             if event.id in self._in_flight:
+                continue
+            if event.name not in found:
+                found[event.name] = scripts(self.settings.hooks_dir, event.name)
+            if not found[event.name]:
+                nothing_to_run.append(event.id)
                 continue
             if event.build_id is not None and event.build_id in self._busy_builds:
                 continue
             if len(self._in_flight) >= self.settings.workers * 4:
-                break
+                continue
             self._in_flight.add(event.id)
             if event.build_id is not None:
                 self._busy_builds.add(event.build_id)
-            task = asyncio.create_task(self._deliver(event.id, event.build_id, event.name,
-                                                     event.payload))
+            task = asyncio.create_task(
+                self._deliver(event.id, event.build_id, event.name, event.payload),
+                name=f"hooks-{event.name}-{event.id}",
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if nothing_to_run:
+            await self.db(event_rows.mark_delivered_many, nothing_to_run)
+            if len(pending) == 500:
+                self.wake.set()  # more may be waiting behind these
 
     async def _deliver(self, event_id: int, build_id: int | None, name: str, payload: str) -> None:
         try:
+            env = hook_environment(self.settings, event_id, json.loads(payload))
             for script in scripts(self.settings.hooks_dir, name):
-                async with self._slots, self._per_event.setdefault(name, asyncio.Semaphore(1)):
-                    env = _environment(self.settings, json.loads(payload))
-                    result = await run_script(script, payload, env, self.settings.timeout)
-                self._record(name, result)
+                await self._run_one(name, script, payload, env)
             await self.db(event_rows.mark_delivered, event_id)
-        except OSError as e:
-            self.report(f"hook for {name}: cannot run: {e}")
-            await self.db(event_rows.mark_delivered, event_id)
+        except asyncio.CancelledError:
+            raise  # the coordinator is stopping: the event stays pending for the next start
+        except Exception as e:  # the datastore failed us: the event stays pending, retried
+            logger.exception("delivering event %s", event_id)
+            self.report(f"hooks for {name}: delivery failed, will retry: {e}")
         finally:
             self._in_flight.discard(event_id)
             if build_id is not None:
                 self._busy_builds.discard(build_id)
             self.wake.set()
 
-    def _record(self, event: str, run: HookRun) -> None:
-        label = f"hook {event}/{os.path.basename(run.script)}"
+    async def _run_one(self, event: str, script: str, payload: str, env: dict[str, str]) -> None:
+        label = f"hook {event}/{os.path.basename(script)}"
+        semaphore = self._per_event.setdefault(event, asyncio.Semaphore(self.settings.per_event))
+        run: HookRun | None = None
+        async with semaphore, self._slots:
+            began = time.monotonic()
+            try:
+                run = await run_script(script, payload, env, self.settings.timeout)
+            except OSError as e:
+                problem: str | None = f"cannot run: {e.strerror or e}"
         self.runs += 1
-        for line in run.output.splitlines()[:200]:
-            self.report(f"{label}: {line}")
-        if run.exit_status is None:
+        if run is not None:
+            self._log_output(label, run)
+            problem = describe_exit(run, self.settings.timeout)
+        if problem:
             self.failures += 1
-            self.report(f"{label}: killed after {self.settings.timeout:.0f}s timeout")
-        elif run.exit_status != 0:
-            self.failures += 1
-            self.report(f"{label}: exited with status {run.exit_status}")
+            self.report(f"{label}: {problem}")
         if self.settings.trace:
+            status = "none" if run is None or run.exit_status is None else run.exit_status
+            seconds = time.monotonic() - began if run is None else run.seconds
             self.report(
-                f"trace: event={event} script={run.script} exit={run.exit_status} "
-                f"time={run.seconds:.3f}s"
+                f"trace: event={event} script={script} exit={status} time={seconds:.3f}s"
             )
+
+    def _log_output(self, label: str, run: HookRun) -> None:
+        lines = run.output.splitlines()
+        for line in lines[:MAX_LINES]:
+            cut = line[:MAX_LINE] + (" [...]" if len(line) > MAX_LINE else "")
+            self.report(f"{label}: {cut}")
+        if len(lines) > MAX_LINES or run.dropped:
+            self.report(f"{label}: (more output not logged)")
 
     async def idle(self) -> bool:
         """Nothing in flight and nothing pending."""
         return not self._tasks and not await self.db(event_rows.pending, 1)
 
     async def drain(self, deadline: float) -> None:
-        """Give deliveries in flight until `deadline` (monotonic) to finish, then stop them."""
+        """Give deliveries in flight until `deadline` (monotonic) to finish, then stop them:
+        their events stay pending and are delivered at the next start."""
         while self._tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for task in list(self._tasks):

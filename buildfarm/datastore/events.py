@@ -66,3 +66,11 @@ def pending(limit: int = 100) -> list[Event]:
 
 def mark_delivered(event_id: int) -> None:
     Event.update(delivered_at=time.time()).where(Event.id == event_id).execute()
+
+
+def mark_delivered_many(event_ids: Sequence[int]) -> None:
+    """Events no script fires on: delivered at once, in batches."""
+    now = time.time()
+    ids = list(event_ids)
+    for start in range(0, len(ids), 500):
+        Event.update(delivered_at=now).where(Event.id.in_(ids[start : start + 500])).execute()

@@ -1,0 +1,182 @@
+"""A coordinator's state directory and inventory, driven through the real command line.
+
+Shared by the tests that run `buildfarm run` on the test bed (test_run.py, test_hooks_flow.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed import Host, instantiate, inventory_yaml, nix_expr_trivial
+
+RUN_TIMEOUT = 180
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One row of the datastore's event table."""
+
+    id: int
+    name: str
+    payload: dict[str, Any]
+    delivered: bool
+
+
+class Farm:
+    """`buildfarm` commands on one state directory, inventory and hooks directory."""
+
+    def __init__(self, state: Path, inventory: Path, hooks_dir: Path | None = None) -> None:
+        self.state = state
+        self.inventory = inventory
+        self.env = {
+            **os.environ,
+            "BUILDFARM_STATE_DIR": str(state),
+            "BUILDFARM_INVENTORY": str(inventory),
+            "BUILDFARM_HOOKS_DIR": str(hooks_dir or state / "no-hooks"),
+        }
+        self.env.pop("BUILDFARM_DB", None)
+        self.env.pop("BUILDFARM_TRACE_HOOKS", None)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "buildfarm", *args],
+            env=self.env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        )
+        if check:
+            assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done
+
+    def submit(self, *drvs: str, extra: tuple[str, ...] = ()) -> list[str]:
+        return self.cli("submit", *drvs, *extra).stdout.split()
+
+    def show(self, uuid: str) -> dict[str, Any]:
+        info: dict[str, Any] = json.loads(self.cli("builds", "show", uuid, "--json").stdout)
+        return info
+
+    def builds(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = json.loads(
+            self.cli("builds", "list", "--json", "--limit", "1000").stdout
+        )
+        return rows
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.cli("run", "--no-ui", "--exit-when-idle", *args, check=False)
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "buildfarm", "run", "--no-ui", *args],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def write_inventory(self, hosts: list[Host], **overrides: Any) -> None:
+        self.inventory.write_text(inventory_yaml(hosts, "nix", **overrides))
+
+    def background(self, *args: str) -> Background:
+        """`buildfarm run --no-ui ARGS` left running; its output is collected as it comes."""
+        return Background(self.start(*args))
+
+    def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        """Rows of a query on the SQLite datastore (read directly: the coordinator may run)."""
+        with sqlite3.connect(self.state / "buildfarm.db", timeout=60) as db:
+            return db.execute(sql, params).fetchall()
+
+    def events(self) -> list[EventRow]:
+        """The datastore's events, oldest first (read directly: the coordinator may run)."""
+        with sqlite3.connect(self.state / "buildfarm.db", timeout=60) as db:
+            rows = db.execute(
+                "SELECT id, name, payload, delivered_at FROM event ORDER BY id"
+            ).fetchall()
+        return [EventRow(i, n, json.loads(p), d is not None) for i, n, p, d in rows]
+
+
+class Background:
+    """A coordinator running in the background, its output lines collected by a thread."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._lock:
+                self._lines.append(line)
+
+    @property
+    def output(self) -> str:
+        with self._lock:
+            return "".join(self._lines)
+
+    def count(self, fragment: str) -> int:
+        """How many lines so far contain `fragment`."""
+        with self._lock:
+            return sum(fragment in line for line in self._lines)
+
+    def wait_line(self, fragment: str, count: int = 1, timeout: float = 120.0) -> None:
+        """Wait until `count` lines contain `fragment` (fails the test if it exits first)."""
+
+        def seen() -> bool:
+            if self.count(fragment) >= count:
+                return True
+            assert self.process.poll() is None, f"run exited:\n{self.output}"
+            return False
+
+        wait_for(f"{count} line(s) with {fragment!r} in:\n{self.output}", seen, timeout)
+
+    def stop(self, timeout: float = 60.0) -> str:
+        """SIGTERM, wait at most `timeout` seconds for the exit, and return the whole output."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"run did not stop within {timeout:g}s:\n{self.output}") from None
+        self._reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.output
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], timeout: float = 120.0, interval: float = 0.2
+) -> None:
+    """Poll `check` until it holds; fail the test with `what` if it does not in time."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting: {what}"
+        time.sleep(interval)
+
+
+def token() -> str:
+    return uuidlib.uuid4().hex[:12]
+
+
+def chain(levels: int, tag: str, leaf_script: str | None = None) -> list[str]:
+    """A dependency chain: level 0 is the leaf; each level reads the one below."""
+    expr = nix_expr_trivial(f"leaf-{tag}", leaf_script or f"echo leaf-{tag} > $out")
+    drvs = [instantiate(expr)]
+    for level in range(1, levels):
+        expr = nix_expr_trivial(
+            f"level{level}-{tag}",
+            f"read x < $dep; echo \"level{level} on $x\" > $out",
+            attrs={"dep": expr},
+        )
+        drvs.append(instantiate(expr))
+    return drvs
