@@ -36,6 +36,7 @@ from buildfarm.datastore.models import Attempt, Build, MachineState
 from buildfarm.errors import BuildfarmError, RemoteError
 from buildfarm.hooks import HookRunner, HookSettings
 from buildfarm.inventory import Inventory, Machine
+from buildfarm.inventory import load as load_inventory
 from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
 from buildfarm.outputs import OutputStore
 from buildfarm.remote import Remote
@@ -134,6 +135,9 @@ class Coordinator:
         self._wake = asyncio.Event()
         self._lock = RunLock(settings.db_url, settings.state_dir)
         self._signal_handlers: dict[int, Any] = {}
+        self._reload_requested = False
+        self._inventory_stamp: tuple[float, int] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.outputs: OutputStore | None = None
         self.key: SigningKey | None = None
         self.hooks = HookRunner(
@@ -185,11 +189,78 @@ class Coordinator:
         self.outputs = OutputStore(self.settings.outputs_dir)
         self.outputs.clean_temporary()
         self.key = self._signing_key()
+        self._inventory_stamp = _stamp(self.inventory.path)
         for machine in self.inventory.machines:
             if machine.enabled:
                 self.machines[machine.name] = MachineSlots(machine, Remote(machine))
         names = ", ".join(self.machines) or "none"
         self.reporter.event(f"coordinator started with machines: {names}")
+
+    # -- inventory reload (SIGHUP, or the file changed)
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    async def maybe_reload(self) -> None:
+        stamp = _stamp(self.inventory.path)
+        if not self._reload_requested and stamp == self._inventory_stamp:
+            return
+        self._reload_requested = False
+        self._inventory_stamp = stamp
+        try:
+            fresh = await asyncio.to_thread(load_inventory, self.inventory.path)
+        except BuildfarmError as e:
+            self.reporter.event(f"inventory not reloaded, keeping the old one: {e}")
+            return
+        self.apply_inventory(fresh)
+
+    def apply_inventory(self, fresh: Inventory) -> None:
+        """New machines start taking builds; removed ones finish what runs and take no more;
+        changed ones take their new settings (a new connection if how to reach them changed)."""
+        wanted = {m.name: m for m in fresh.machines if m.enabled}
+        for name, slots in list(self.machines.items()):
+            machine = wanted.get(name)
+            if machine is None:
+                if not slots.retiring:
+                    slots.retiring = True
+                    self.reporter.event(f"machine {name} removed: finishing its running builds")
+                continue
+            if machine == slots.machine and not slots.retiring:
+                continue
+            if _reach(machine) != _reach(slots.machine):
+                self._retire_connection(slots)
+                slots.remote = Remote(machine)
+                slots.ready = False
+            slots.machine, slots.retiring = machine, False
+            self.reporter.event(f"machine {name} updated")
+        for name, machine in wanted.items():
+            if name not in self.machines:
+                self.machines[name] = MachineSlots(machine, Remote(machine))
+                self.reporter.event(f"machine {name} added")
+        self.inventory = fresh
+        self._wake.set()
+
+    def _retire_connection(self, slots: MachineSlots) -> None:
+        """Close a connection once the attempts using it have ended."""
+        old = slots.remote
+        tasks = [r.task for r in slots.running.values() if r.task is not None]
+
+        async def close_when_done() -> None:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await old.close()
+
+        task = asyncio.create_task(close_when_done())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _drop_retired(self) -> None:
+        for name, slots in list(self.machines.items()):
+            if slots.retiring and not slots.running:
+                if slots.connecting is not None:
+                    slots.connecting.cancel()
+                self._retire_connection(slots)
+                del self.machines[name]
 
     def _signing_key(self) -> SigningKey:
         try:
@@ -205,6 +276,8 @@ class Coordinator:
     async def main_loop(self) -> None:
         depth_probed = 0.0
         while not self.should_exit:
+            await self.maybe_reload()
+            self._drop_retired()
             await self.check_cancellations()
             await self.allocate()
             await self.hooks.dispatch()
@@ -244,7 +317,8 @@ class Coordinator:
             if slots.connecting is not None:
                 slots.connecting.cancel()
         await asyncio.gather(
-            *(s.remote.close() for s in self.machines.values()), return_exceptions=True
+            *(s.remote.close() for s in self.machines.values()), *self._background,
+            return_exceptions=True,
         )
 
     def install_signal_handlers(self) -> None:
@@ -252,6 +326,8 @@ class Coordinator:
         for sig in HANDLED_SIGNALS:
             self._signal_handlers[sig] = signal.getsignal(sig)
             loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        self._signal_handlers[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
     def restore_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -457,3 +533,21 @@ def _note_machine(name: str, error: str | None, backoff_until: float | None) -> 
             MachineState.create(name=name, **fields)
         else:
             MachineState.update(**fields).where(MachineState.name == name).execute()
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    """When the inventory file last changed (None if it is gone)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_mtime, status.st_size
+
+
+def _reach(machine: Machine) -> tuple[object, ...]:
+    """The settings that decide how a machine is reached: a change needs a new connection."""
+    return (
+        machine.host, machine.port, machine.user, machine.identity, machine.known_hosts,
+        machine.host_key, machine.transport, machine.max_sessions, machine.connect_timeout,
+        machine.keepalive_interval,
+    )

@@ -138,3 +138,43 @@ def test_the_live_view_on_a_terminal(farm: Farm, hosts: list[Host]) -> None:
     assert "MACHINE" in text.upper() and hosts[0].name in text
     assert "\x1b[" in text  # drawn with terminal control sequences
     assert "succeeded" in text
+
+
+def test_inventory_reload_on_sighup(farm: Farm, hosts: list[Host], tmp_path: Path) -> None:
+    """A machine added and SIGHUP'd takes builds; a broken file keeps the old inventory; a
+    removed machine finishes its running build and takes no more."""
+    first, second = hosts
+    tag = token()
+    farm.write_inventory([first], max_builds=1)
+    (slow,) = farm.submit(slow_build(tag, 60))
+    coordinator = farm.start()
+    try:
+        wait_for("the slow build on the first machine", lambda: remote_running(tag))
+        quick_drv = instantiate(nix_expr_trivial(f"quick-{tag}", f"echo {tag} > $out"))
+        (quick,) = farm.submit(quick_drv)
+        farm.inventory.write_text("machines:\n  - name: [broken\n")
+        coordinator.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        assert farm.show(quick)["state"] == "queued"
+        farm.write_inventory([first, second], max_builds=1)
+        coordinator.send_signal(signal.SIGHUP)
+        wait_for("the quick build", lambda: farm.show(quick)["state"] == "succeeded")
+        assert [a["machine"] for a in farm.show(quick)["attempts"]] == [second.name]
+        # Remove the first machine: its build keeps running, new builds go elsewhere.
+        farm.write_inventory([second], max_builds=1)
+        coordinator.send_signal(signal.SIGHUP)
+        another = instantiate(nix_expr_trivial(f"another-{tag}", f"echo 2 {tag} > $out"))
+        (later,) = farm.submit(another)
+        wait_for("the later build", lambda: farm.show(later)["state"] == "succeeded")
+        assert farm.show(later)["attempts"][0]["machine"] == second.name
+        assert farm.show(slow)["state"] == "running"
+        assert remote_running(tag)
+        farm.cli("builds", "cancel", slow)
+        wait_for("the slow build to stop", lambda: not remote_running(tag), timeout=30)
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        out, _ = coordinator.communicate(timeout=60)
+    assert coordinator.returncode == 0, out
+    assert "inventory not reloaded, keeping the old one:" in out
+    assert f"machine {second.name} added" in out
+    assert f"machine {first.name} removed: finishing its running builds" in out
