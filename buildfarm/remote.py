@@ -5,13 +5,13 @@ reuses it for everything, reconnecting lazily when it drops. The rules that keep
 here and nowhere else: argv lists are quoted with ``shlex.join`` (nothing reaches a remote shell
 unquoted), host keys are always checked, at most ``max_sessions`` channels are open at once,
 every network wait is bounded (connect_timeout, keepalives), a failing machine is backed off
-(circuit breaker with exponential backoff and full jitter) without touching the others, and a
+(circuit breaker: exponential backoff with full jitter) without touching the others, and a
 streamed command runs in its own process group so that a timeout or a cancel kills it and all
 its children. ``transport: local`` machines get the same API over local subprocesses.
 
 Errors: everything raises ``RemoteError`` naming the machine; a command killed for running too
 long or too quietly raises ``CommandTimeoutError`` (a ``RemoteError``); a cancelled call kills its
-remote process group and re-raises ``asyncio.CancelledError``.
+process group and lets the ``asyncio.CancelledError`` go on.
 """
 
 from __future__ import annotations
@@ -40,32 +40,29 @@ __all__ = ["CommandTimeoutError", "Remote", "RunResult"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_Sink = Callable[[bytes], None]
 
 READ_CHUNK = 64 * 1024
 SFTP_BLOCK_SIZE = 255 * 1024  # OpenSSH's sftp-server answers at most 256 KiB - 1 KiB per read
-SFTP_MAX_REQUESTS = 32  # 8 MiB in flight: more only adds bookkeeping (measured)
+SFTP_MAX_REQUESTS = 32  # 8 MiB in flight; more only adds bookkeeping (benchmarks/sftp_pull.py)
 KEEPALIVE_COUNT_MAX = 3
 CHANNEL_OPEN_RETRIES = 6
 CHANNEL_RETRY_DELAY = 0.05
 KILL_GRACE = 2.0
-# AES-GCM is hardware-accelerated on every build machine worth the name; it doubles SFTP speed.
-ENCRYPTION_ALGS = (
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "chacha20-poly1305@openssh.com",
-    "aes128-ctr",
-    "aes192-ctr",
-    "aes256-ctr",
-)
-# The login shell execs sh, which prints its pid and execs the command: sshd made that pid a
-# session (and process group) leader, so "kill -- -PID" reaches the command and its children.
+# AES-GCM is hardware-accelerated on any build machine worth the name: about twice the SFTP
+# throughput of the default chacha20-poly1305 (testbed.md).
+ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr"]
+# The login shell execs sh, which prints its pid and execs the command. sshd made that pid a
+# session (so process group) leader: "kill -SIG -PID" reaches the command and all its children.
 _GROUP_WRAPPER = "exec sh -c 'echo \"$$\"; exec \"$@\"' sh "
-# dash's kill takes no "--"; "-PGID" after the signal names a process group.
+# dash's kill takes no "--"; a "-PGID" operand after the signal names a process group.
 _KILL_SCRIPT = (
     'kill -TERM "-$1" 2>/dev/null || exit 0; i=0; '
     'while [ "$i" -lt "$2" ]; do kill -0 "-$1" 2>/dev/null || exit 0; sleep 0.1; '
     'i=$((i+1)); done; kill -KILL "-$1" 2>/dev/null; exit 0'
 )
+_RETRIED_OPEN_ERRORS = {asyncssh.OPEN_CONNECT_FAILED, asyncssh.OPEN_RESOURCE_SHORTAGE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +92,9 @@ class CommandTimeoutError(RemoteError):
         self.result = result
 
 
-_Sink = Callable[[bytes], None]
-
-
 @dataclass(frozen=True, slots=True)
 class _Job:
-    """One command to run and how: what the public run methods hand to _execute."""
+    """One command and how to run it: what the public run methods hand to _execute."""
 
     argv: tuple[str, ...]
     input: bytes | None = None
@@ -123,57 +117,52 @@ class _Writer(Protocol):
     def write_eof(self) -> None: ...
 
 
-class _Proc(Protocol):
-    """A started command, remote or local; ``pgid`` is known once the command has started."""
+class _Proc:
+    """A started command, remote or local; ``pgid`` is known once start() has returned."""
 
-    pgid: int | None
+    pgid: int | None = None
     stdin: _Writer | None
     stdout: _Reader
     stderr: _Reader
 
-    async def start(self) -> None: ...
-    async def finish(self) -> int | None: ...
-    def close(self) -> None: ...
+    async def start(self) -> None:
+        return None
+
+    async def finish(self) -> int | None:
+        """Wait for the end: the exit status, or None if a signal killed the command."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
-class _SSHProc:
-    def __init__(self, remote: Remote, process: asyncssh.SSHClientProcess[bytes], group: bool):
-        self._remote, self._process, self._group = remote, process, group
-        self.pgid: int | None = None
-        self.stdin: _Writer | None = process.stdin
-        self.stdout: _Reader = process.stdout
-        self.stderr: _Reader = process.stderr
+class _SSHProc(_Proc):
+    def __init__(self, name: str, process: asyncssh.SSHClientProcess[bytes], group: bool):
+        self._name, self._process, self._group = name, process, group
+        self.stdin, self.stdout, self.stderr = process.stdin, process.stdout, process.stderr
 
     async def start(self) -> None:
         if self._group:
-            line = await self.stdout.readline()
             with contextlib.suppress(ValueError):
-                self.pgid = int(line)
+                self.pgid = int(await self.stdout.readline())
 
     async def finish(self) -> int | None:
         await self._process.wait_closed()
         if self._process.exit_signal is not None:
             return None
-        status = self._process.exit_status
-        if status is None:
-            raise RemoteError(f"{self._remote.machine.name}: connection lost during the command")
-        return status
+        if self._process.exit_status is None:
+            raise RemoteError(f"{self._name}: connection lost during the command")
+        return self._process.exit_status
 
     def close(self) -> None:
         self._process.close()
 
 
-class _LocalProc:
+class _LocalProc(_Proc):
     def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self._process = process
-        self.pgid: int | None = process.pid
-        self.stdin: _Writer | None = process.stdin
         assert process.stdout is not None and process.stderr is not None
-        self.stdout: _Reader = process.stdout
-        self.stderr: _Reader = process.stderr
-
-    async def start(self) -> None:
-        return None
+        self._process, self.pgid = process, process.pid
+        self.stdin, self.stdout, self.stderr = process.stdin, process.stdout, process.stderr
 
     async def finish(self) -> int | None:
         status = await self._process.wait()
@@ -185,7 +174,7 @@ class _LocalProc:
 
 
 class _HostKeyCheck:
-    """What the last handshake learned about the machine's host key, for a useful message."""
+    """What a handshake learned about the machine's host key, for a useful message."""
 
     def __init__(self) -> None:
         self.known = False
@@ -204,24 +193,22 @@ class _Client(asyncssh.SSHClient):
         if self._conn is not None:
             self._remote._connection_lost(self._conn, exc)
 
-    def validate_host_public_key(
-        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
-    ) -> bool:
-        self._check.offered = key
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        self._check.offered = key  # called only for a key that known_hosts does not trust
         return False
 
 
 class Remote:
-    """One machine's pooled connection; see the module docstring for the rules it keeps."""
+    """One machine's pooled connection; see the module docstring for the rules it keeps.
+
+    ``kill_grace`` is how long a killed process group has between SIGTERM and SIGKILL; ``rng``
+    draws the backoff jitter (tests pass a deterministic one).
+    """
 
     def __init__(
-        self,
-        machine: Machine,
-        *,
-        backoff_base: float = 1.0,
-        backoff_max: float = 300.0,
-        kill_grace: float = KILL_GRACE,
-        rng: random.Random | None = None,
+        self, machine: Machine, *, backoff_base: float = 1.0, backoff_max: float = 300.0,
+        kill_grace: float = KILL_GRACE, rng: random.Random | None = None,
     ) -> None:
         self.machine = machine
         self._local = machine.transport == "local"
@@ -231,8 +218,7 @@ class Remote:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
         self._sftp_conn: asyncssh.SSHClientConnection | None = None
-        self._connect_lock = asyncio.Lock()
-        self._sftp_lock = asyncio.Lock()
+        self._connect_lock, self._sftp_lock = asyncio.Lock(), asyncio.Lock()
         # With room for it, one channel stays reserved for kills (so a cancel never waits behind
         # long builds) and the SFTP client stays open in one of the others.
         reserve = 1 if machine.max_sessions >= 3 else 0
@@ -259,16 +245,14 @@ class Remote:
         return self._failures
 
     def note_failure(self, reason: str) -> None:
-        """Count a failure and back off for a random time up to base * 2**(failures-1)."""
+        """Count a failure; calls fail fast for a random time up to base * 2**(failures-1)."""
         self._failures += 1
         self._last_failure = reason
         ceiling = min(self._backoff_max, self._backoff_base * 2 ** min(self._failures - 1, 60))
         self._backed_off_until = time.time() + self._rng.uniform(0.0, ceiling)
 
     def note_success(self) -> None:
-        self._failures = 0
-        self._backed_off_until = None
-        self._last_failure = ""
+        self._failures, self._backed_off_until, self._last_failure = 0, None, ""
 
     def _check_breaker(self) -> None:
         until = self.backed_off_until
@@ -293,10 +277,14 @@ class Remote:
             await asyncio.wait(set(self._cleanups), timeout=self._kill_grace + 5.0)
         conn, self._closing = self._conn, True
         try:
-            await self._drop_sftp()
+            async with self._sftp_lock:
+                if self._sftp is not None:
+                    self._sftp.exit()
+                    self._sftp = None
+                    self._slots.release()
             if conn is not None:
                 conn.close()
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(conn.wait_closed(), 5.0)
         finally:
             self._conn, self._closing = None, False
@@ -320,15 +308,14 @@ class Remote:
             return conn
 
     async def _open_connection(self) -> asyncssh.SSHClientConnection:
-        m = self.machine
+        m, check = self.machine, _HostKeyCheck()
         where = f"{m.host}:{m.port}"
-        check = _HostKeyCheck()
-        if m.host_key:
+        known_hosts: Any
+        if m.host_key:  # a pin: that key and no other
             try:
-                pinned = asyncssh.import_public_key(m.host_key)
+                known_hosts = ([asyncssh.import_public_key(m.host_key)], [], [])
             except (ValueError, asyncssh.KeyImportError) as exc:
                 raise RemoteError(f"{m.name}: host_key is not a public key line: {exc}") from None
-            known_hosts: Any = ([pinned], [], [])
             check.known = True
         else:
             path = os.path.expanduser(m.known_hosts or "~/.ssh/known_hosts")
@@ -336,7 +323,7 @@ class Remote:
                 table = asyncssh.read_known_hosts(path)
             except (OSError, ValueError) as exc:
                 raise RemoteError(
-                    f"{m.name}: cannot read known_hosts {path}: {exc}; create it "
+                    f"{m.name}: cannot read known_hosts {path}: {_describe(exc)}; create it "
                     f"(ssh-keyscan -p {m.port} {m.host} >> {path}) or set host_key"
                 ) from None
 
@@ -346,19 +333,17 @@ class Remote:
                 return found
 
         keys: Any = [os.path.expanduser(m.identity)] if m.identity else ()
+        # The user's ssh config fills what the inventory leaves open (user, keys, proxies).
+        ssh_config = os.path.expanduser("~/.ssh/config")
+        config: Any = [ssh_config] if os.path.isfile(ssh_config) else None
         try:
-            return await asyncio.wait_for(
-                asyncssh.connect(
-                    m.host or "localhost", m.port, username=m.user, client_keys=keys,
-                    agent_path=None if m.identity else (), known_hosts=known_hosts,
-                    config=None, connect_timeout=m.connect_timeout,
-                    keepalive_interval=m.keepalive_interval,
-                    keepalive_count_max=KEEPALIVE_COUNT_MAX,
-                    encryption_algs=list(ENCRYPTION_ALGS),
-                    client_factory=lambda: _Client(self, check),
-                ),
-                m.connect_timeout + 1.0,
-            )
+            return await asyncio.wait_for(asyncssh.connect(
+                m.host or "localhost", m.port, username=m.user, client_keys=keys,
+                agent_path=None if m.identity else (), known_hosts=known_hosts, config=config,
+                connect_timeout=m.connect_timeout, keepalive_interval=m.keepalive_interval,
+                keepalive_count_max=KEEPALIVE_COUNT_MAX, encryption_algs=ENCRYPTION_ALGS,
+                client_factory=lambda: _Client(self, check),
+            ), m.connect_timeout + 1.0)
         except asyncssh.HostKeyNotVerifiable:
             raise RemoteError(self._host_key_message(check)) from None
         except asyncssh.PermissionDenied:
@@ -370,9 +355,8 @@ class Remote:
         except socket.gaierror as exc:
             raise RemoteError(f"{m.name}: cannot resolve host {m.host}: {exc.strerror}") from None
         except ConnectionRefusedError:
-            raise RemoteError(
-                f"{m.name}: connection refused by {where}; is sshd running there?"
-            ) from None
+            raise RemoteError(f"{m.name}: connection refused by {where}; is sshd running there?"
+                              ) from None
         except TimeoutError:
             raise RemoteError(
                 f"{m.name}: no answer from {where} within {m.connect_timeout:g}s (connect_timeout)"
@@ -384,10 +368,10 @@ class Remote:
         m = self.machine
         offered = ""
         if check.offered is not None:
-            offered = f" (it offered {check.offered.get_algorithm()} "
-            offered += f"{check.offered.get_fingerprint()})"
-        source = "the inventory's host_key pin" if m.host_key else (
-            m.known_hosts or "~/.ssh/known_hosts")
+            offered = (f" (it offered {check.offered.get_algorithm()} "
+                       f"{check.offered.get_fingerprint()})")
+        source = ("the inventory's host_key pin" if m.host_key
+                  else m.known_hosts or "~/.ssh/known_hosts")
         if not check.known:
             return (
                 f"host key for {m.name} ({m.host}:{m.port}) is unknown: {source} has no entry for "
@@ -410,13 +394,13 @@ class Remote:
 
     async def _open_channel(self, opener: Callable[[], Awaitable[_T]]) -> _T:
         """Open a channel, retrying sshd's brief "open failed" right after another closed."""
-        for attempt in range(CHANNEL_OPEN_RETRIES):
+        for attempt in range(1, CHANNEL_OPEN_RETRIES + 1):
             try:
                 return await asyncio.wait_for(opener(), self.machine.connect_timeout)
-            except asyncssh.ChannelOpenError:
-                if attempt == CHANNEL_OPEN_RETRIES - 1:
+            except asyncssh.ChannelOpenError as exc:
+                if exc.code not in _RETRIED_OPEN_ERRORS or attempt == CHANNEL_OPEN_RETRIES:
                     raise
-                await asyncio.sleep(CHANNEL_RETRY_DELAY * (attempt + 1))
+            await asyncio.sleep(CHANNEL_RETRY_DELAY * attempt)
         raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
@@ -439,8 +423,9 @@ class Remote:
         CommandTimeoutError raised) when the time is up. Without one, a cancelled call only closes
         the channel: use a timeout or run_streaming for commands that must die with the call.
         """
-        job = _Job(tuple(argv), input=input, timeout=timeout, group=timeout is not None)
-        result = await self._execute(job)
+        result = await self._execute(
+            _Job(tuple(argv), input=input, timeout=timeout, group=timeout is not None)
+        )
         if check and not result.ok:
             last = result.stderr.decode(errors="replace").strip().splitlines()[-1:]
             raise RemoteError(
@@ -497,24 +482,19 @@ class Remote:
 
     async def _spawn(self, job: _Job) -> _Proc:
         if self._local:
+            # Through sh, like sshd does, so that a missing program is exit status 127 here too.
             pipe, wants_stdin = asyncio.subprocess.PIPE, job.input is not None or job.stdin
-            try:
-                local = await asyncio.create_subprocess_exec(
-                    *job.argv, stdin=pipe if wants_stdin else asyncio.subprocess.DEVNULL,
-                    stdout=pipe, stderr=pipe, start_new_session=True,
-                )
-            except (FileNotFoundError, PermissionError) as exc:
-                # Report it like a shell would, so both transports look alike to callers.
-                status = 127 if isinstance(exc, FileNotFoundError) else 126
-                return _FailedProc(status, f"{job.argv[0]}: {exc.strerror}\n".encode())
-            return _LocalProc(local)
+            return _LocalProc(await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", 'exec "$@"', "sh", *job.argv, start_new_session=True,
+                stdin=pipe if wants_stdin else asyncio.subprocess.DEVNULL, stdout=pipe, stderr=pipe,
+            ))
         command = (_GROUP_WRAPPER if job.group else "") + shlex.join(job.argv)
         conn = await self._connection()
 
         async def open_process() -> asyncssh.SSHClientProcess[bytes]:
             return await conn.create_process(command, encoding=None)
 
-        return _SSHProc(self, await self._open_channel(open_process), job.group)
+        return _SSHProc(self.machine.name, await self._open_channel(open_process), job.group)
 
     async def _supervise(self, proc: _Proc, job: _Job) -> RunResult:
         loop = asyncio.get_running_loop()
@@ -591,7 +571,7 @@ class Remote:
     async def _kill_group(self, proc: _Proc) -> None:
         """SIGTERM the command's process group, SIGKILL it after the grace; never raises."""
         pgid = proc.pgid
-        if pgid is None or pgid <= 1:  # never "kill -- -1"
+        if pgid is None or pgid <= 1:  # never "kill -1"
             return
         try:
             if self._local:
@@ -600,6 +580,8 @@ class Remote:
                 return
             conn = self._conn
             if conn is None or conn.is_closed():
+                log.warning("%s: connection lost; process group %d may still run there",
+                            self.machine.name, pgid)
                 return
             steps = str(max(1, round(self._kill_grace / 0.1)))
             command = shlex.join(["sh", "-c", _KILL_SCRIPT, "sh", str(pgid), steps])
@@ -618,7 +600,7 @@ class Remote:
     @contextlib.asynccontextmanager
     async def _sftp_client(self) -> AsyncIterator[asyncssh.SFTPClient]:
         conn = await self._connection()
-        if not self._keep_sftp:
+        if not self._keep_sftp:  # too few channels to keep one for SFTP: open it per use
             async with self._slots:
                 sftp = await self._open_channel(conn.start_sftp_client)
                 try:
@@ -640,19 +622,13 @@ class Remote:
                     raise
         yield self._sftp
 
-    async def _drop_sftp(self) -> None:
-        async with self._sftp_lock:
-            if self._sftp is not None:
-                self._sftp.exit()
-                self._sftp = None
-                self._slots.release()
-
     async def fetch(
         self, remote_path: str, local_path: str, *, progress: Callable[[int], None] | None = None
     ) -> int:
         """Copy ``remote_path`` to ``local_path`` and return its size. If ``local_path`` exists,
-        its bytes are trusted as the file's beginning and only the rest is transferred.
-        ``progress`` gets the number of bytes in ``local_path`` after every block."""
+        its bytes are trusted as the file's beginning and only the rest is transferred (a file
+        longer than the source is started again). ``progress`` gets the size of ``local_path``
+        after every block."""
         self._check_breaker()
         if self._local:
             async with self._boundary(f"cannot copy {remote_path} to {local_path}"):
@@ -662,15 +638,13 @@ class Remote:
                 size = (await source.stat()).size or 0
                 with open(local_path, "ab") as target:
                     offset = target.tell()
-                    if offset > size:  # not a prefix of this file: start again
+                    if offset > size:
                         target.truncate(0)
                         offset = 0
                     offset = await _pull(source, target, offset, size, progress)
             if offset != size:
-                raise RemoteError(
-                    f"{self.machine.name}: {remote_path} changed during the transfer "
-                    f"({offset} of {size} bytes)"
-                )
+                raise RemoteError(f"{self.machine.name}: {remote_path} shrank during the "
+                                  f"transfer ({offset} of {size} bytes)")
             return size
 
     async def remove(self, remote_path: str) -> None:
@@ -696,13 +670,8 @@ class Remote:
         return result.stdout.decode().strip()
 
 
-async def _pull(
-    source: asyncssh.SFTPClientFile,
-    target: BinaryIO,
-    offset: int,
-    size: int,
-    progress: Callable[[int], None] | None,
-) -> int:
+async def _pull(source: asyncssh.SFTPClientFile, target: BinaryIO, offset: int, size: int,
+                progress: Callable[[int], None] | None) -> int:
     """Read ``source`` from ``offset`` to ``size`` into ``target``; return the end offset.
 
     Up to SFTP_MAX_REQUESTS reads are in flight, consumed in order: the file only ever grows by
@@ -734,33 +703,6 @@ async def _pull(
         for _, _, reply in inflight:
             reply.cancel()
         await asyncio.gather(*(reply for _, _, reply in inflight), return_exceptions=True)
-
-
-class _FailedProc:
-    """A local command that could not start: looks like the shell's 126/127 answer."""
-
-    def __init__(self, status: int, message: bytes) -> None:
-        self.pgid: int | None = None
-        self.stdin: _Writer | None = None
-        self.stdout: _Reader = _bytes_reader(b"")
-        self.stderr: _Reader = _bytes_reader(message)
-        self._status = status
-
-    async def start(self) -> None:
-        return None
-
-    async def finish(self) -> int | None:
-        return self._status
-
-    def close(self) -> None:
-        return None
-
-
-def _bytes_reader(data: bytes) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
-    reader.feed_eof()
-    return reader
 
 
 async def _gather_or_cancel(*coros: Coroutine[Any, Any, None]) -> None:
