@@ -78,6 +78,7 @@ class AttemptRun:
     max_log_bytes: int
     on_step: Callable[[str], None] | None = None
     on_progress: Callable[[int], None] | None = None
+    system: str | None = None  # the build's, for the published narinfo's System line
     # What survey() found.
     known: list[closure.KnownDerivation] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -251,7 +252,8 @@ class AttemptRun:
             reported = {p: await self._reported_hash(p) for p in outputs}
             try:
                 return await asyncio.to_thread(
-                    self.outputs.import_bundle, local_file, outputs, reported, self.drv_path
+                    self.outputs.import_bundle, local_file, outputs, reported, self.drv_path,
+                    system=self.system, log_file=self.log_path,
                 )
             except ArchiveError as e:
                 raise TransferFailed(str(e)) from None

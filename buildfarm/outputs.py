@@ -1,26 +1,43 @@
-"""The output store: verified nars of built outputs, written atomically, pushed back as inputs.
+"""The output store: verified nars of built outputs, written atomically, pushed back as inputs,
+and published as a substitute cache any plain web server can serve.
 
-Layout under the state directory's `outputs/`: `nar/<store basename>` holds each output's nar
-(the path `guix publish` serves uncompressed nars under), `tmp/` holds transfers in flight. The
-metadata (hash, size, references, deriver, signature) lives in the datastore.
+Layout under the state directory's `outputs/`, the URLs `guix publish` uses:
+  nar/<store basename>                  each output's nar, uncompressed (`Compression: none`)
+  nar/<gzip|zstd>/<store basename>      the same nar compressed
+  <hash>.narinfo                        signed for Guix (`Signature:`) and Nix (`Sig:`)
+  nix-cache-info                        StoreDir, WantMassQuery, Priority
+  log/<drv basename>                    the gzip build log of the successful attempt
+  tmp/                                  transfers and files being written (never served)
+Every file is written under a temporary name, fsynced and renamed; an output's narinfo is
+written last, so a crash leaves at worst orphan files (`buildfarm outputs gc` removes them),
+never a narinfo naming a missing nar. The metadata lives in the datastore.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
+import socket
 import struct
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from buildfarm import derivation as drvmod
 from buildfarm import nar
+from buildfarm import narinfo as ni
+from buildfarm.compression import DEFAULT_COMPRESSIONS, TYPES, Compression, compress
 from buildfarm.datastore.attempts import OutputRecord
 from buildfarm.datastore.models import StoredOutput
 from buildfarm.errors import ArchiveError
-from buildfarm.signing import SigningKey
+from buildfarm.signing import SigningKey, load_key
+
+CACHE_INFO = "nix-cache-info"
 
 
 def _str(data: bytes) -> bytes:
@@ -39,20 +56,52 @@ def _fsync_rename(tmp: str, final: str) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
-    directory = os.open(os.path.dirname(final), os.O_RDONLY)
+    _fsync_directory(os.path.dirname(final))
+
+
+def _fsync_directory(path: str) -> None:
+    directory = os.open(path, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
 
 
-class OutputStore:
-    """Files of the output store; the caller records metadata in the datastore."""
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
 
-    def __init__(self, root: str) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Publisher:
+    """Who signs the narinfos and which compressed nars are made."""
+
+    key: SigningKey = field(repr=False)
+    key_name: str
+    host: str = field(default_factory=socket.gethostname)
+    compressions: tuple[Compression, ...] = DEFAULT_COMPRESSIONS
+
+    @classmethod
+    def load(cls, state_dir: str, compressions: Sequence[Compression] = DEFAULT_COMPRESSIONS
+             ) -> Publisher:
+        """The coordinator's key (STATE_DIR/signing-key.secret) and its Nix key name."""
+        from buildfarm.keys import key_name
+
+        return cls(load_key(state_dir), key_name(state_dir), compressions=tuple(compressions))
+
+
+class OutputStore:
+    """Files of the output store; the caller records metadata in the datastore. With a
+    `publisher`, every output stored is also published (compressed nars, signed narinfo)."""
+
+    def __init__(self, root: str, publisher: Publisher | None = None) -> None:
         self.root = root
+        self.publisher = publisher
         self.nar_dir = os.path.join(root, "nar")
         self.tmp_dir = os.path.join(root, "tmp")
+        self.log_dir = os.path.join(root, "log")
         os.makedirs(self.nar_dir, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
 
@@ -61,6 +110,198 @@ class OutputStore:
         if not drvmod.is_store_path(store_path) or name in ("", ".", ".."):
             raise ArchiveError(f"not a store path: {store_path!r}")
         return os.path.join(self.nar_dir, name)
+
+    def compressed_path(self, store_path: str, kind: str) -> str:
+        if kind not in TYPES:
+            raise ArchiveError(f"unknown compression {kind!r}")
+        return os.path.join(self.nar_dir, kind, os.path.basename(self.nar_path(store_path)))
+
+    def narinfo_path(self, store_path: str) -> str:
+        return os.path.join(self.root, f"{ni.hash_part(store_path)}.narinfo")
+
+    def log_path(self, drv_path: str) -> str:
+        """Where the log of `drv_path` is published (Nix and Guix ask for log/<drv basename>)."""
+        if not drvmod.is_store_path(drv_path):
+            raise ArchiveError(f"not a store path: {drv_path!r}")
+        return os.path.join(self.log_dir, os.path.basename(drv_path))
+
+    def files_of(self, store_path: str) -> list[str]:
+        """Every file of one output, in the order they are removed: narinfo first."""
+        return [
+            self.narinfo_path(store_path),
+            *(self.compressed_path(store_path, kind) for kind in TYPES),
+            self.nar_path(store_path),
+        ]
+
+    def disk_usage(self, store_path: str) -> int:
+        return sum(_size(path) or 0 for path in self.files_of(store_path))
+
+    def remove(self, store_path: str) -> int:
+        """Delete an output's files (narinfo first, so it never names a missing nar); return
+        the bytes freed."""
+        freed = 0
+        for path in self.files_of(store_path):
+            size = _size(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                freed += size or 0
+        return freed
+
+    def read_narinfo(self, store_path: str) -> ni.Narinfo | None:
+        try:
+            with open(self.narinfo_path(store_path), encoding="utf-8") as handle:
+                return ni.parse(handle.read())
+        except (FileNotFoundError, UnicodeDecodeError, ArchiveError):
+            return None
+
+    # -- publishing
+
+    def publish(
+        self,
+        path: str,
+        nar_hash: str,
+        nar_size: int,
+        references: Sequence[str],
+        deriver: str | None,
+        *,
+        system: str | None = None,
+        log_file: str | None = None,
+    ) -> ni.Narinfo:
+        """Write the compressed nars, the log and then the signed narinfo of a stored output.
+
+        Compressed nars a current narinfo already describes are kept, so publishing again is
+        cheap; a different nar hash (a rebuild that differs) or a new key rewrites them."""
+        publisher = self.publisher
+        if publisher is None:
+            raise ArchiveError("the output store has no signing key to publish with")
+        source = self.nar_path(path)
+        if _size(source) is None:
+            raise ArchiveError(f"{path}: its nar is not in the output store")
+        current = self.read_narinfo(path)
+        known: dict[str, int | None] = {}
+        if current is not None and current.nar_hash == nar_hash:
+            known = {f.url: f.file_size for f in current.files}
+        todo: dict[str, tuple[str, Compression]] = {}
+        sizes: dict[str, int] = {}
+        for compression in publisher.compressions:
+            url = ni.nar_url(path, compression.type)
+            target = self.compressed_path(path, compression.type)
+            size = _size(target)
+            if size is None or known.get(url) != size:
+                todo[url] = (target, compression)
+            else:
+                sizes[url] = size
+        if todo:
+            # zlib and zstd release the GIL: each compression gets a core of its own.
+            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+                futures = {url: pool.submit(self._compress, source, target, compression)
+                           for url, (target, compression) in todo.items()}
+                sizes.update({url: future.result() for url, future in futures.items()})
+        files = [
+            ni.NarFile(url, c.type, sizes[url])
+            for c in publisher.compressions
+            for url in [ni.nar_url(path, c.type)]
+        ]
+        info = ni.Narinfo(
+            store_path=path,
+            nar_hash=nar_hash,
+            nar_size=nar_size,
+            references=tuple(sorted(references)),
+            deriver=deriver or None,
+            system=system,
+            files=tuple(files),
+        )
+        info = ni.sign(info, publisher.key, publisher.key_name, publisher.host)
+        self.ensure_cache_info(info.store_dir)
+        if log_file is not None and deriver:
+            self.publish_log(deriver, log_file)
+        text = info.render().encode("utf-8")
+        target = self.narinfo_path(path)
+        if current is None or current.render().encode("utf-8") != text:
+            self._write_file(target, text)
+        return info
+
+    def publish_log(self, drv_path: str, log_file: str) -> bool:
+        """Publish a gzip build log as log/<drv basename> (a hard link, else a copy)."""
+        target = self.log_path(drv_path)
+        if not os.path.exists(log_file):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samefile(log_file, target):
+                return True
+        os.makedirs(self.log_dir, exist_ok=True)
+        temporary = self.temp_path("log")
+        try:
+            try:
+                os.link(log_file, temporary)
+            except OSError:
+                shutil.copyfile(log_file, temporary)
+            _fsync_rename(temporary, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        return True
+
+    def _compress(self, source: str, target: str, compression: Compression) -> int:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        temporary = self.temp_path(compression.type)
+        try:
+            with open(source, "rb") as inp, open(temporary, "wb") as out:
+                size = compress(inp, out, compression)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, target)
+            _fsync_directory(os.path.dirname(target))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        return size
+
+    def _write_file(self, target: str, data: bytes) -> None:
+        temporary = self.temp_path(os.path.basename(target))
+        try:
+            with open(temporary, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, target)
+            _fsync_directory(os.path.dirname(target))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+
+    def ensure_cache_info(self, store_dir: str) -> None:
+        path = os.path.join(self.root, CACHE_INFO)
+        if not os.path.exists(path):
+            self._write_file(path, ni.nix_cache_info(store_dir).encode("utf-8"))
+
+    def store_dir(self) -> str | None:
+        """The StoreDir of the published cache (None before anything was published)."""
+        try:
+            with open(os.path.join(self.root, CACHE_INFO), encoding="utf-8") as handle:
+                for line in handle:
+                    name, _, value = line.partition(": ")
+                    if name == "StoreDir":
+                        return value.strip()
+        except FileNotFoundError:
+            pass
+        return None
+
+    def published_files(self) -> Iterator[tuple[str, str]]:
+        """(kind, path) of every published or stored file: "nar", "narinfo", "log", or a
+        compression name; for finding files no datastore record accounts for."""
+        for kind, directory in (
+            ("nar", self.nar_dir), ("log", self.log_dir),
+            *((t, os.path.join(self.nar_dir, t)) for t in TYPES),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(directory):
+                    if entry.is_file(follow_symlinks=False):
+                        yield kind, entry.path
+        for entry in os.scandir(self.root):
+            if entry.name.endswith(".narinfo") and entry.is_file(follow_symlinks=False):
+                yield "narinfo", entry.path
 
     def temp_path(self, name: str) -> str:
         return os.path.join(self.tmp_dir, f"{uuid.uuid4().hex}-{name}")
@@ -123,9 +364,15 @@ class OutputStore:
         expected: Sequence[str],
         reported: dict[str, tuple[str, int | None]],
         deriver: str,
+        *,
+        system: str | None = None,
+        log_file: str | None = None,
     ) -> list[OutputRecord]:
         """Read a bundle fetched from a machine; keep each expected output whose nar hash and
-        size match what the machine reported; nothing is kept if anything is wrong."""
+        size match what the machine reported; nothing is kept if anything is wrong.
+
+        With a publisher, each output kept is then published (signed narinfo written last)
+        before this returns, that is before the datastore records the success."""
         temps: list[str] = []
         opened: list[BinaryIO] = []
 
@@ -172,6 +419,15 @@ class OutputStore:
                 )
             for temp, final in finals:
                 _fsync_rename(temp, final)
+            if self.publisher is not None:
+                for record in records:
+                    # The system and log are those of `deriver`'s build.
+                    ours = record.deriver == deriver
+                    self.publish(
+                        record.path, record.nar_hash, record.nar_size, record.references,
+                        record.deriver, system=system if ours else None,
+                        log_file=log_file if ours else None,
+                    )
             return records
         finally:
             for temp in temps:

@@ -1,0 +1,405 @@
+"""Publishing: the output store's substitute layout, the HTTP server over it, the key commands."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from aiohttp.test_utils import TestClient, TestServer
+from click.testing import CliRunner
+from engines import ScratchDatabase
+
+from buildfarm import narinfo as ni
+from buildfarm.cli import cli
+from buildfarm.compression import Compression
+from buildfarm.datastore import open_datastore
+from buildfarm.datastore.attempts import OutputRecord, record_outputs
+from buildfarm.datastore.models import Attempt, Build, Derivation
+from buildfarm.nar import nix_base32_encode
+from buildfarm.outputs import OutputStore, Publisher
+from buildfarm.publish import Publication, parse_listen
+from buildfarm.signing import SigningKey, verify_guix_narinfo
+
+DATA = Path(__file__).parent / "data" / "nix"
+KEY = SigningKey(bytes(range(32)))
+TOP = "/nix/store/b929rzxqin9xa830zfpbfbgx8wajdhdn-top"
+DEP = "/nix/store/5qn9lblnzjgza2vb23kwaclrcxnska2z-dep"
+TOP_DRV = "/nix/store/mh9rm5mn3ff418ks6pxd8ixg08wlnzqf-top.drv"
+LOG_TEXT = b"building top\nall good\n"
+
+
+def reported() -> dict[str, tuple[str, int | None]]:
+    """What the machine says of each output: `sha256:<nix32>` and the size (path-info.json)."""
+    infos = json.loads((DATA / "path-info.json").read_text())
+    return {
+        i["path"]: ("sha256:" + nix_base32_encode(base64.b64decode(i["narHash"][7:])),
+                    i["narSize"])
+        for i in infos
+    }
+
+
+def publisher() -> Publisher:
+    return Publisher(KEY, "farm-1", host="farm.example.org")
+
+
+def write_log(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(LOG_TEXT))
+    return path
+
+
+def import_sample(store: OutputStore, tmp_path: Path, **kwargs: Any) -> list[OutputRecord]:
+    return store.import_bundle(str(DATA / "top-closure.export"), [DEP, TOP], reported(), TOP_DRV,
+                               **kwargs)
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> tuple[OutputStore, list[OutputRecord]]:
+    store = OutputStore(str(tmp_path / "outputs"), publisher())
+    log = write_log(tmp_path / "logs" / "ab" / "ab-1.log.gz")
+    records = import_sample(store, tmp_path, system="x86_64-linux", log_file=str(log))
+    return store, records
+
+
+# --- the layout ---------------------------------------------------------------------------------
+
+
+def test_import_publishes_every_output(published: tuple[OutputStore, list[OutputRecord]]) -> None:
+    store, records = published
+    nar = (Path(store.root) / "nar" / os.path.basename(TOP)).read_bytes()
+    text = (Path(store.root) / "b929rzxqin9xa830zfpbfbgx8wajdhdn.narinfo").read_text()
+    info = ni.parse(text)
+    record = next(r for r in records if r.path == TOP)
+    assert (info.store_path, info.nar_hash, info.nar_size) == (TOP, record.nar_hash, len(nar))
+    assert info.references == (DEP,) and info.deriver == TOP_DRV and info.system == "x86_64-linux"
+    assert [f.compression for f in info.files] == ["gzip", "zstd"]  # Nix takes the last
+    gz = Path(store.root) / "nar" / "gzip" / os.path.basename(TOP)
+    zst = Path(store.root) / "nar" / "zstd" / os.path.basename(TOP)
+    assert gzip.decompress(gz.read_bytes()) == nar
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(zst.read_bytes()) == nar
+    assert [f.file_size for f in info.files] == [gz.stat().st_size, zst.stat().st_size]
+    assert [f.url for f in info.files] == [f"nar/gzip/{os.path.basename(TOP)}",
+                                           f"nar/zstd/{os.path.basename(TOP)}"]
+    verify_guix_narinfo(text, [KEY.public_bytes])
+    assert ni.verify_nix_sigs(info, [KEY.nix_public("farm-1")])
+    assert text.split("Signature: 1;")[1].startswith("farm.example.org;")
+    assert (Path(store.root) / "nix-cache-info").read_text() == ni.nix_cache_info("/nix/store")
+    log = Path(store.root) / "log" / os.path.basename(TOP_DRV)
+    assert gzip.decompress(log.read_bytes()) == LOG_TEXT
+    assert list(Path(store.root, "tmp").iterdir()) == []  # nothing left half-written
+    dep = store.read_narinfo(DEP)
+    # The other item of the bundle keeps its own deriver, and gets neither system nor log.
+    assert dep is not None and dep.references == () and dep.system is None
+    assert dep.deriver == "/nix/store/pld6g8hnp87b9d7yvkidbf4zi7hvm33k-dep.drv"
+    assert sorted(os.listdir(Path(store.root) / "log")) == [os.path.basename(TOP_DRV)]
+
+
+def test_publishing_again_keeps_files_a_rebuild_replaces_them(
+    published: tuple[OutputStore, list[OutputRecord]],
+) -> None:
+    store, records = published
+    record = next(r for r in records if r.path == TOP)
+    compressed = Path(store.compressed_path(TOP, "zstd"))
+    narinfo = Path(store.narinfo_path(TOP))
+    before = (compressed.stat().st_ino, narinfo.stat().st_ino)
+    again = store.publish(TOP, record.nar_hash, record.nar_size, record.references,
+                          record.deriver, system="x86_64-linux")
+    assert (compressed.stat().st_ino, narinfo.stat().st_ino) == before
+    assert again == ni.parse(narinfo.read_text())
+
+    # A rebuild whose nar differs: the compressed nars and the narinfo are rewritten.
+    nar = Path(store.nar_path(TOP))
+    nar.write_bytes(nar.read_bytes().replace(b"dep", b"DEP"))
+    other = "sha256:" + "1" * 52
+    store.publish(TOP, other, nar.stat().st_size, record.references, record.deriver)
+    assert compressed.stat().st_ino != before[0]
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(
+        compressed.read_bytes()) == nar.read_bytes()
+    info = store.read_narinfo(TOP)
+    assert info is not None and info.nar_hash == other and info.system is None
+
+
+def test_without_a_publisher_nothing_is_published(tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path / "outputs"))
+    import_sample(store, tmp_path)
+    assert Path(store.nar_path(TOP)).exists()
+    assert not Path(store.narinfo_path(TOP)).exists()
+    assert not Path(store.root, "nar", "gzip").exists()
+
+
+def test_a_failed_publication_leaves_no_narinfo(tmp_path: Path) -> None:
+    """The narinfo is written last: if compressing fails, no narinfo names a missing nar."""
+    store = OutputStore(str(tmp_path / "outputs"), Publisher(
+        KEY, "farm-1", compressions=(Compression("gzip", 3), Compression("lzma", 1))))
+    with pytest.raises(Exception, match="compression"):
+        import_sample(store, tmp_path)
+    assert list(Path(store.root).glob("*.narinfo")) == []
+    assert list(Path(store.root, "tmp").iterdir()) == []
+
+
+def test_remove_and_disk_usage(published: tuple[OutputStore, list[OutputRecord]]) -> None:
+    store, _ = published
+    usage = store.disk_usage(TOP)
+    files = [Path(p) for p in store.files_of(TOP) if Path(p).exists()]
+    assert usage == sum(f.stat().st_size for f in files) and len(files) == 4
+    assert store.remove(TOP) == usage
+    assert not any(f.exists() for f in files)
+    assert store.remove(TOP) == 0
+
+
+# --- the HTTP server ----------------------------------------------------------------------------
+
+
+def serve(publication: Publication, check: Callable[[TestClient[Any, Any]], Awaitable[None]]
+          ) -> None:
+    async def main() -> None:
+        await publication.open()
+        try:
+            async with TestClient(TestServer(publication.application())) as client:
+                await check(client)
+        finally:
+            await publication.close()
+
+    asyncio.run(main())
+
+
+def test_http_serves_the_layout(published: tuple[OutputStore, list[OutputRecord]]) -> None:
+    store, _ = published
+    base = os.path.basename(TOP)
+    nar = Path(store.nar_path(TOP)).read_bytes()
+    zst = Path(store.compressed_path(TOP, "zstd")).read_bytes()
+
+    async def check(client: TestClient[Any, Any]) -> None:
+        response = await client.get("/nix-cache-info")
+        assert response.status == 200
+        assert await response.text() == "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 100\n"
+
+        response = await client.get("/b929rzxqin9xa830zfpbfbgx8wajdhdn.narinfo")
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "application/x-nix-narinfo"
+        assert ni.parse(await response.text()).store_path == TOP
+
+        response = await client.get(f"/nar/zstd/{base}")
+        assert response.status == 200 and await response.read() == zst
+        response = await client.get(f"/nar/{base}")
+        assert response.status == 200 and await response.read() == nar
+        response = await client.head(f"/nar/gzip/{base}")
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) == os.path.getsize(
+            store.compressed_path(TOP, "gzip"))
+
+        # Range requests (resumed downloads).
+        response = await client.get(f"/nar/{base}", headers={"Range": "bytes=8-23"})
+        assert response.status == 206 and await response.read() == nar[8:24]
+        assert response.headers["Content-Range"] == f"bytes 8-23/{len(nar)}"
+        response = await client.get(f"/nar/{base}", headers={"Range": "bytes=-16"})
+        assert response.status == 206 and await response.read() == nar[-16:]
+        response = await client.get(f"/nar/{base}", headers={"Range": f"bytes={len(nar)}-"})
+        assert response.status == 416
+
+        # Logs: gzip as stored, Content-Encoding gzip (as guix publish), by .drv or output.
+        for name in (os.path.basename(TOP_DRV), base):
+            response = await client.get(f"/log/{name}", auto_decompress=False)
+            assert response.status == 200, name
+            assert response.headers["Content-Encoding"] == "gzip"
+            assert response.headers["Content-Type"].startswith("text/plain")
+            assert gzip.decompress(await response.read()) == LOG_TEXT
+
+        response = await client.get("/signing-key.pub")
+        assert await response.text() == KEY.guix_public_sexp()
+
+    serve(Publication(store, None), check)
+
+
+@pytest.mark.parametrize("path", [
+    "/00000000000000000000000000000000.narinfo",
+    "/b929rzxqin9xa830zfpbfbgx8wajdhdn.narinfo.tmp",
+    "/nar/00000000000000000000000000000000-missing",
+    "/nar/gzip/00000000000000000000000000000000-missing",
+    "/nar/lzip/b929rzxqin9xa830zfpbfbgx8wajdhdn-top",
+    "/nar/..%2F..%2Fnix-cache-info",
+    "/nar/gzip/..",
+    "/tmp/x",
+    "/log/00000000000000000000000000000000-x.drv",
+    "/log/..%2Fnar%2Fb929rzxqin9xa830zfpbfbgx8wajdhdn-top",
+    "/",
+    "/nix-cache-info/x",
+])
+def test_http_missing_is_404_without_traceback(
+    published: tuple[OutputStore, list[OutputRecord]], path: str,
+) -> None:
+    store, _ = published
+
+    async def check(client: TestClient[Any, Any]) -> None:
+        response = await client.get(path)
+        assert response.status == 404, path
+        assert "Traceback" not in await response.text()
+
+    serve(Publication(store, None), check)
+
+
+def test_http_publishes_records_on_first_request(tmp_path: Path, database: ScratchDatabase
+                                                 ) -> None:
+    """Outputs stored without a key (or before publishing existed) are published from their
+    datastore record when a client first asks."""
+    url = database.url
+    bare = OutputStore(str(tmp_path / "outputs"))
+    records = import_sample(bare, tmp_path)
+    log = write_log(tmp_path / "logs" / "cd" / "cd-1.log.gz")
+    with open_datastore(url):
+        now = time.time()
+        record_outputs(records, now)
+        drv = Derivation.create(path=TOP_DRV, system="x86_64-linux", contents=b"",
+                                created_at=now)
+        build = Build.create(uuid="cd", derivation=drv, system="x86_64-linux",
+                             state="succeeded", created_at=now)
+        Attempt.create(build=build, machine="m", started_at=now, result="failure",
+                       log_path=str(write_log(tmp_path / "failed.log.gz")))
+        Attempt.create(build=build, machine="m", started_at=now, result="success",
+                       log_path=str(log))
+    store = OutputStore(bare.root, publisher())
+    assert not Path(store.narinfo_path(TOP)).exists()
+
+    async def check(client: TestClient[Any, Any]) -> None:
+        # An output's log: found through its narinfo, published by this very request.
+        response = await client.get(f"/log/{os.path.basename(TOP)}", auto_decompress=False)
+        assert response.status == 200
+        assert gzip.decompress(await response.read()) == LOG_TEXT  # not the failed attempt's
+        response = await client.get("/b929rzxqin9xa830zfpbfbgx8wajdhdn.narinfo")
+        assert response.status == 200
+        info = ni.parse(await response.text())
+        assert info.system == "x86_64-linux" and info.references == (DEP,)
+        assert ni.verify_nix_sigs(info, [KEY.nix_public("farm-1")])
+        response = await client.get(f"/{info.files[-1].url}")
+        assert response.status == 200
+        # The dependency's derivation never built here: no log, but its narinfo is published.
+        response = await client.get(f"/log/{os.path.basename(DEP)}")
+        assert response.status == 404
+        response = await client.get("/00000000000000000000000000000000.narinfo")
+        assert response.status == 404
+        response = await client.get("/nix-cache-info")
+        assert await response.text() == ni.nix_cache_info("/nix/store")
+
+    assert not Path(store.root, "nix-cache-info").exists()
+    serve(Publication(store, url), check)
+    assert Path(store.narinfo_path(TOP)).exists() and Path(store.narinfo_path(DEP)).exists()
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_listen(":0") == ("0.0.0.0", 0)
+    assert parse_listen("[::1]:81") == ("::1", 81)
+    for bad in ("8080", "host:80", "1.2.3.4:99999", "1.2.3.4:x"):
+        with pytest.raises(Exception, match="listen"):
+            parse_listen(bad)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for var in ("BUILDFARM_DB", "BUILDFARM_INVENTORY", "BUILDFARM_HOOKS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("BUILDFARM_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+def cli_run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_key_generate_and_show(state: Path) -> None:
+    code, _, err = cli_run("key", "show")
+    assert code == 1 and "buildfarm key generate" in err and "Traceback" not in err
+    code, out, _ = cli_run("key", "generate", "--name", "farm.example.org-1")
+    assert code == 0
+    secret = state / "signing-key.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    code, nix, _ = cli_run("key", "show", "--format", "nix")
+    assert code == 0 and nix.startswith("farm.example.org-1:") and nix.strip() in out
+    code, guix, _ = cli_run("key", "show")
+    assert code == 0 and guix.startswith("(public-key \n (ecc \n  (curve Ed25519)")
+    assert (state / "signing-key.pub").read_text() == guix
+    # An existing key is kept unless --force.
+    code, _, err = cli_run("key", "generate")
+    assert code == 1 and "already exists" in err
+    code, _, _ = cli_run("key", "generate", "--force")
+    assert code == 0
+    assert cli_run("key", "show", "--format", "nix")[1] != nix
+    assert cli_run("key", "show", "--format", "nix")[1].startswith("farm.example.org-1:")
+    code, _, err = cli_run("key", "generate", "--force", "--name", "bad:name")
+    assert code == 1 and "key name" in err
+
+
+def test_key_name_defaults_to_the_host_name_and_sticks(state: Path) -> None:
+    from buildfarm.keys import default_key_name, key_name
+
+    assert cli_run("key", "generate")[0] == 0
+    assert key_name(state) == default_key_name()
+    (state / "signing-key.name").write_text("renamed-1\n")
+    assert cli_run("key", "show", "--format", "nix")[1].startswith("renamed-1:")
+
+
+@pytest.fixture
+def server(state: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    assert cli_run("key", "generate", "--name", "farm-1")[0] == 0
+    env = {**os.environ, "BUILDFARM_STATE_DIR": str(state)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "buildfarm", "publish", "--listen", "127.0.0.1:0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            assert selector.select(timeout=60), "publish printed nothing"
+        line = process.stdout.readline()
+        assert " at http://127.0.0.1:" in line, (line, process.stderr)
+        yield process, line.rsplit(" at ", 1)[1].strip()
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)  # waits, and closes the pipes
+
+
+def test_publish_command_serves_and_stops_on_sigterm(
+    server: tuple[subprocess.Popen[str], str],
+) -> None:
+    process, url = server
+    assert url.endswith("/")
+    with urllib.request.urlopen(url + "nix-cache-info", timeout=30) as response:
+        assert response.read().decode().startswith("StoreDir: ")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(url + "00000000000000000000000000000000.narinfo", timeout=30)
+    caught.value.close()
+    assert caught.value.code == 404
+    with urllib.request.urlopen(url + "signing-key.pub", timeout=30) as response:
+        assert response.read().decode().startswith("(public-key")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_publish_without_a_key_says_how_to_make_one(state: Path) -> None:
+    code, _, err = cli_run("publish", "--listen", "127.0.0.1:0")
+    assert code == 1 and "buildfarm key generate" in err
+    code, _, err = cli_run("publish", "--listen", "nowhere")
+    assert code == 1 and "ADDRESS:PORT" in err
