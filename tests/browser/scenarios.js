@@ -1,0 +1,108 @@
+// The browser scenarios of tests/test_web_browser.py, in Debian's Chromium (never a download).
+//
+// Usage: node scenarios.js CONFIG.json — CONFIG names the server and the builds:
+//   { "url": "http://127.0.0.1:PORT", "overviewBuild": UUID, "logBuild": UUID,
+//     "filterName": TEXT, "screenshots": DIR, "chromium": "/usr/bin/chromium" }
+// Prints one JSON object with what each scenario saw; pytest checks it. A scenario that cannot
+// see what it waits for fails with a message (exit status 1).
+'use strict';
+
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const { chromium } = require('playwright-core');
+
+const WAIT = 90000; // ms: a scenario waits this long at most for the farm
+
+async function noReloads(page) {
+  // Counts the main frame's navigations: live updates must not reload the page.
+  let navigations = 0;
+  page.on('framenavigated', (frame) => { if (frame === page.mainFrame()) navigations += 1; });
+  return () => navigations;
+}
+
+// The overview shows a build running, then (without a reload) succeeded.
+async function overview(context, config) {
+  const page = await context.newPage();
+  const navigations = await noReloads(page);
+  await page.goto(config.url + '/');
+  await page.evaluate(() => { window.__buildfarmLoaded = true; });
+  const running = `#running tr[data-uuid="${config.overviewBuild}"]`;
+  const wasRunning = await page.waitForSelector(running, { timeout: WAIT })
+    .then(() => true, () => false);
+  const succeeded = `#recent tr[data-uuid="${config.overviewBuild}"] [data-state="succeeded"]`;
+  await page.waitForSelector(succeeded, { timeout: WAIT });
+  const stillRunning = await page.$(running);
+  const sameDocument = await page.evaluate(() => window.__buildfarmLoaded === true);
+  return { page, result: {
+    wasRunning, succeeded: true, stillListedRunning: stillRunning !== null, sameDocument,
+    navigations: navigations(),
+  } };
+}
+
+// A running build's page: its log grows while it runs, without a reload.
+async function buildLog(context, config) {
+  const page = await context.newPage();
+  const navigations = await noReloads(page);
+  await page.goto(`${config.url}/builds/${config.logBuild}`);
+  await page.evaluate(() => { window.__buildfarmLoaded = true; });
+  const pre = page.locator('#log-text');
+  const streaming = await pre.getAttribute('data-log-stream');
+  const before = (await pre.textContent()).length;
+  await page.waitForFunction(
+    ([n]) => document.getElementById('log-text').textContent.length > n + 20,
+    [before], { timeout: WAIT });
+  const after = (await pre.textContent()).length;
+  const sameDocument = await page.evaluate(() => window.__buildfarmLoaded === true);
+  return { page, result: { streaming, before, after, sameDocument, navigations: navigations() } };
+}
+
+// The builds list: a derivation name filter narrows it.
+async function filter(context, config) {
+  const page = await context.newPage();
+  await page.goto(config.url + '/builds');
+  const rows = '#build-list tbody tr';
+  const before = await page.locator(rows).count();
+  await page.fill('#filters input[name="name"]', config.filterName);
+  await Promise.all([page.waitForURL(/name=/), page.click('#filters button[type="submit"]')]);
+  const names = await page.locator(`${rows} td:nth-child(2) a`).allTextContents();
+  const url = page.url();
+  await page.close();
+  return { before, after: names.length, names, url };
+}
+
+async function main() {
+  const config = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'buildfarm-chromium-'));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: config.chromium || '/usr/bin/chromium',
+    headless: true,
+    viewport: { width: 1280, height: 860 },
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+           '--disable-background-networking', '--disable-component-update', '--disable-sync',
+           '--disable-dev-shm-usage'],
+  });
+  try {
+    const results = {};
+    // Both builds run at once: watch them at once.
+    const [seen, log] = await Promise.all([overview(context, config), buildLog(context, config)]);
+    results.overview = seen.result;
+    results.log = log.result;
+    if (config.screenshots) {
+      await log.page.screenshot({ path: path.join(config.screenshots, 'build.png'),
+                                  fullPage: true });
+      await seen.page.screenshot({ path: path.join(config.screenshots, 'overview.png'),
+                                   fullPage: true });
+    }
+    results.filter = await filter(context, config);
+    process.stdout.write(JSON.stringify(results) + '\n');
+  } finally {
+    await context.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+}
+
+main().catch((error) => {
+  process.stderr.write(`browser scenario failed: ${error.stack || error}\n`);
+  process.exit(1);
+});
