@@ -1,10 +1,11 @@
-"""The command line over the core: exit codes, messages, and that bad input writes nothing."""
+"""The command line over the core: exit codes, messages, and that bad input writes nothing.
+
+Every test that touches a datastore uses the `database` fixture, so it runs on each engine."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner, Result
+from engines import ScratchDatabase
 
 from buildfarm.cli import cli
 
@@ -23,10 +25,12 @@ GREP = DATA / "guix" / "63j9givlcpv1rd53sw8jz38aysmjkhhr-grep-3.8.drv"
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for var in ("BUILDFARM_DB", "BUILDFARM_INVENTORY", "BUILDFARM_HOOKS_DIR"):
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: ScratchDatabase) -> Path:
+    """The state directory; BUILDFARM_DB names the test's datastore on the engine under test."""
+    for var in ("BUILDFARM_INVENTORY", "BUILDFARM_HOOKS_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("BUILDFARM_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("BUILDFARM_DB", database.url)
     return tmp_path / "state"
 
 
@@ -48,21 +52,6 @@ def fails(*args: str, input: str | None = None) -> str:
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     return lines[0]
-
-
-def dump(db: Path) -> list[tuple[object, ...]]:
-    """Every row of every table: what 'nothing written' is checked against."""
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(db)
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        rows: list[tuple[object, ...]] = []
-        for table in sorted(tables):
-            rows.extend((table, *r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY 1"))
-        return rows
-    finally:
-        conn.close()
 
 
 def walk(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -118,14 +107,14 @@ def test_show_json_has_the_documented_fields(state: Path) -> None:
     assert u in text and "nightly" in text
 
 
-def test_readable_input_derivations_are_recorded_without_builds(state: Path) -> None:
+def test_readable_input_derivations_are_recorded_without_builds(
+    state: Path, database: ScratchDatabase
+) -> None:
     ok("submit", str(TOP))
-    conn = sqlite3.connect(state / "buildfarm.db")
-    paths = {r[0] for r in conn.execute("SELECT path FROM derivation")}
+    paths = {r[0] for r in database.rows("SELECT path FROM derivation")}
     assert paths == {"/nix/store/" + TOP.name, DEP_PATH}
-    assert conn.execute("SELECT COUNT(*) FROM build").fetchone() == (1,)
-    events = conn.execute("SELECT COUNT(*) FROM event WHERE name='build-submitted'").fetchone()
-    assert events == (1,)
+    assert database.scalar("SELECT COUNT(*) FROM build") == 1
+    assert database.scalar("SELECT COUNT(*) FROM event WHERE name = 'build-submitted'") == 1
 
 
 def test_a_copy_outside_the_store_gets_its_store_path(state: Path, tmp_path: Path) -> None:
@@ -168,7 +157,7 @@ def test_ignore_if_built_reuses_the_queued_build(state: Path) -> None:
     assert third != first
 
 
-def test_cancel_and_priority(state: Path) -> None:
+def test_cancel_and_priority(state: Path, database: ScratchDatabase) -> None:
     (u,) = ok("submit", str(HELLO)).split()
     ok("builds", "priority", u, "42")
     assert json.loads(ok("builds", "show", u, "--json"))["priority"] == 42
@@ -177,8 +166,7 @@ def test_cancel_and_priority(state: Path) -> None:
     assert info["state"] == "canceled"
     assert "cannot be canceled: it is canceled" in fails("builds", "cancel", u)
     assert "canceled" in fails("builds", "priority", u, "1")
-    conn = sqlite3.connect(state / "buildfarm.db")
-    names = [r[0] for r in conn.execute("SELECT name FROM event ORDER BY id")]
+    names = [r[0] for r in database.rows("SELECT name FROM event ORDER BY id")]
     assert names == ["build-submitted", "build-canceled"]
 
 
@@ -202,20 +190,22 @@ def test_cancel_and_priority(state: Path) -> None:
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
-    state: Path, args: tuple[str, ...], needle: str
+    state: Path, database: ScratchDatabase, args: tuple[str, ...], needle: str
 ) -> None:
     (existing,) = ok("submit", str(GREP)).split()
-    before = dump(state / "buildfarm.db")
+    before = database.dump()
     line = fails(*args)
     assert needle in line
     assert line.startswith("Error: ")
-    assert dump(state / "buildfarm.db") == before
+    assert database.dump() == before
     assert json.loads(ok("builds", "show", existing, "--json"))["state"] == "queued"
 
 
-def test_malformed_and_truncated_derivations_write_nothing(state: Path, tmp_path: Path) -> None:
+def test_malformed_and_truncated_derivations_write_nothing(
+    state: Path, database: ScratchDatabase, tmp_path: Path
+) -> None:
     ok("submit", str(GREP))
-    before = dump(state / "buildfarm.db")
+    before = database.dump()
     truncated = tmp_path / "trunc.drv"
     truncated.write_bytes(HELLO.read_bytes()[:100])
     line = fails("submit", str(HELLO), str(truncated))
@@ -223,15 +213,15 @@ def test_malformed_and_truncated_derivations_write_nothing(state: Path, tmp_path
     empty = tmp_path / "empty.drv"
     empty.write_bytes(b"")
     assert "byte 0" in fails("submit", str(empty))
-    assert dump(state / "buildfarm.db") == before
+    assert database.dump() == before
 
 
-def test_duplicate_uuid_writes_nothing(state: Path) -> None:
+def test_duplicate_uuid_writes_nothing(state: Path, database: ScratchDatabase) -> None:
     chosen = str(uuidlib.uuid4())
     ok("submit", str(HELLO), "--uuid", chosen)
-    before = dump(state / "buildfarm.db")
+    before = database.dump()
     assert "already exists" in fails("submit", str(GREP), "--uuid", chosen)
-    assert dump(state / "buildfarm.db") == before
+    assert database.dump() == before
 
 
 def test_cancel_is_all_or_nothing(state: Path) -> None:
@@ -240,6 +230,7 @@ def test_cancel_is_all_or_nothing(state: Path) -> None:
     assert json.loads(ok("builds", "show", u, "--json"))["state"] == "queued"
 
 
+@pytest.mark.sqlite_only  # SQLite URLs and the default file; test_postgresql.py has the rest
 def test_global_options_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BUILDFARM_STATE_DIR", raising=False)
     db = tmp_path / "elsewhere.db"

@@ -1,4 +1,6 @@
-"""The datastore: SQLite settings, numbered migrations, writers that queue instead of failing."""
+"""The datastore: SQLite settings, numbered migrations, writers that queue instead of failing.
+
+Tests with the `database` fixture run on every engine; test_postgresql.py has PostgreSQL's own."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from engines import ScratchDatabase
 
 from buildfarm.datastore import migrations, open_datastore
 from buildfarm.errors import DatastoreError
@@ -15,6 +18,7 @@ from buildfarm.errors import DatastoreError
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_pragmas(tmp_path: Path) -> None:
     with open_datastore(f"sqlite://{tmp_path / 'a.db'}") as store:
         pragma = lambda name: store.db.execute_sql(f"PRAGMA {name}").fetchone()[0]  # noqa: E731
@@ -30,14 +34,16 @@ def test_migrations_are_numbered_in_order() -> None:
     assert len(numbers) >= 2
 
 
-def test_an_older_database_opens_in_a_newer_version(tmp_path: Path) -> None:
-    url = f"sqlite://{tmp_path / 'old.db'}"
+def test_an_older_database_opens_in_a_newer_version(database: ScratchDatabase) -> None:
+    url = database.url
     with open_datastore(url, upto=1) as old:
         assert migrations.applied_version(old.db) == 1
         assert "attempt_step" not in old.db.get_tables()
+        p = old.db.param
         old.db.execute_sql(
             "INSERT INTO derivation (path, system, contents, created_at) "
-            "VALUES ('/gnu/store/aaaa-x.drv', 'x86_64-linux', x'00', 1.0)"
+            f"VALUES ('/gnu/store/aaaa-x.drv', 'x86_64-linux', {p}, 1.0)",
+            (b"\x00",),
         )
         old.db.execute_sql(
             "INSERT INTO build (uuid, derivation_id, system, state, priority, created_at) "
@@ -57,8 +63,8 @@ def test_an_older_database_opens_in_a_newer_version(tmp_path: Path) -> None:
         assert migrations.migrate(again.db) == []
 
 
-def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    url = f"sqlite://{tmp_path / 'future.db'}"
+def test_a_newer_schema_is_refused(database: ScratchDatabase) -> None:
+    url = database.url
     with open_datastore(url) as store:
         store.db.execute_sql(
             "INSERT INTO schema_migration (version, description, applied_at) VALUES (999, 'x', 0)"
@@ -67,6 +73,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         open_datastore(url)
 
 
+@pytest.mark.sqlite_only  # files; test_postgresql.py has a missing database and a dead server
 def test_unopenable_database_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -78,15 +85,14 @@ def test_unopenable_database_is_a_clear_error(tmp_path: Path) -> None:
         open_datastore(f"sqlite://{junk}")
 
 
-def test_concurrent_submitters_never_see_a_locked_database(tmp_path: Path) -> None:
+def test_concurrent_submitters_never_see_a_locked_database(database: ScratchDatabase) -> None:
     """Four processes submit at once, each in many small transactions: all land, none fails."""
-    db = tmp_path / "busy.db"
     script = textwrap.dedent(
         f"""
         import sys
         from buildfarm.datastore import open_datastore
         from buildfarm.submission import SubmitOptions, submit
-        open_datastore("sqlite://{db}")
+        open_datastore({database.url!r})
         for i in range(40):
             submit([{str(DATA / "nix" / "76w21n1f03fs5kw8fnffphx7qrqffw6r-hello.drv")!r}],
                    SubmitOptions(tags=(("worker", sys.argv[1]),)))
@@ -99,8 +105,7 @@ def test_concurrent_submitters_never_see_a_locked_database(tmp_path: Path) -> No
     for worker in workers:
         _, err = worker.communicate(timeout=120)
         assert worker.returncode == 0, err.decode()
-    with open_datastore(f"sqlite://{db}") as store:
-        count = store.db.execute_sql("SELECT COUNT(*) FROM build").fetchone()[0]
-        events = store.db.execute_sql("SELECT COUNT(*) FROM event").fetchone()[0]
-        derivations = store.db.execute_sql("SELECT COUNT(*) FROM derivation").fetchone()[0]
+    count = database.scalar("SELECT COUNT(*) FROM build")
+    events = database.scalar("SELECT COUNT(*) FROM event")
+    derivations = database.scalar("SELECT COUNT(*) FROM derivation")
     assert (count, events, derivations) == (160, 160, 1)

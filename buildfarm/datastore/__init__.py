@@ -10,11 +10,11 @@ from typing import Any
 
 from buildfarm.errors import DatastoreError
 
-from . import migrations
+from . import migrations, postgresql
 from .models import ALL_MODELS, database_proxy
 
 SQLITE_PREFIX = "sqlite://"
-POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+POSTGRES_PREFIXES = postgresql.PREFIXES
 BUSY_TIMEOUT_MS = 60_000
 
 
@@ -39,8 +39,14 @@ class Datastore:
     url: str
     db: Any
 
+    @property
+    def engine(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return migrations.engine_of(self.db)
+
     def atomic(self) -> Any:
-        """One transaction (IMMEDIATE on SQLite, so writers queue instead of failing)."""
+        """One transaction; writers queue instead of failing (BEGIN IMMEDIATE on SQLite, an
+        advisory lock on PostgreSQL: see postgresql.py)."""
         return self.db.atomic()
 
     def close(self) -> None:
@@ -77,30 +83,48 @@ def _connect(url: str) -> Any:
             timeout=BUSY_TIMEOUT_MS / 1000,
             lock_type="IMMEDIATE",
         )
-    if url.startswith(POSTGRES_PREFIXES):
-        raise DatastoreError(f"{url}: PostgreSQL datastores are not supported yet")
+    if postgresql.is_postgresql(url):
+        return postgresql.PostgresqlDatastore(url)
     raise DatastoreError(
         f"unknown datastore URL {url!r}: use sqlite:///PATH (or postgresql://USER@HOST/DB)"
     )
+
+
+def _unopenable(url: str, error: Exception) -> DatastoreError:
+    return DatastoreError(f"cannot open datastore {describe(url)}: {postgresql.one_line(error)}")
+
+
+def connect(url: str) -> Any:
+    """An open peewee database for `url`, neither migrated nor bound to the models."""
+    import peewee as pw
+
+    db = _connect(url)
+    try:
+        db.connect()
+    except pw.DatabaseError as e:
+        raise _unopenable(url, e) from None
+    return db
 
 
 def open_datastore(url: str, *, upto: int | None = None) -> Datastore:
     """Open the datastore at `url`, apply pending migrations and bind the models to it."""
     import peewee as pw
 
-    db = _connect(url)
+    db = connect(url)
     try:
-        db.connect()
         version = migrations.applied_version(db)
         if version > migrations.LATEST:
             raise DatastoreError(
-                f"{url}: schema version {version} is newer than this buildfarm "
+                f"{describe(url)}: schema version {version} is newer than this buildfarm "
                 f"understands ({migrations.LATEST}); upgrade buildfarm"
             )
         migrations.migrate(db, upto=upto)
     except pw.DatabaseError as e:
         db.close()
-        raise DatastoreError(f"cannot open datastore {url}: {e}") from None
+        raise _unopenable(url, e) from None
+    except BaseException:
+        db.close()
+        raise
     database_proxy.initialize(db)
     return Datastore(url=url, db=db)
 
@@ -114,4 +138,18 @@ def opened(url: str) -> Iterator[Datastore]:
         store.close()
 
 
-__all__ = ["ALL_MODELS", "Datastore", "default_url", "open_datastore", "opened", "sqlite_path"]
+def describe(url: str) -> str:
+    """The URL as messages show it: without a password."""
+    return postgresql.redact(url)
+
+
+__all__ = [
+    "ALL_MODELS",
+    "Datastore",
+    "connect",
+    "default_url",
+    "describe",
+    "open_datastore",
+    "opened",
+    "sqlite_path",
+]

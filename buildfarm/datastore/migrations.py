@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .postgresql import MIGRATE_LOCK
@@ -29,7 +29,110 @@ _TYPES = {
     },
 }
 
-MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
+# Migration 3: a build's `waiting_on` counts the queued or running builds of its input
+# derivations, kept by triggers in the transaction of every change (insert, state change,
+# delete), so the scheduler reads the ready builds from a partial index instead of testing
+# every queued build. A build entering the queue counts its own inputs; a build entering or
+# leaving it adds or takes one from the builds that need it. SQLite fires row triggers one row
+# at a time, so this holds for statements of many rows too; PostgreSQL's statement triggers
+# recount from scratch instead (below).
+_ACTIVE = "('queued', 'running')"
+_WAITING_COUNT = (
+    "(SELECT COUNT(*) FROM derivation_input AS wi"
+    " JOIN derivation AS wd ON wd.path = wi.input_path"
+    " JOIN build AS wb ON wb.derivation_id = wd.id"
+    f" WHERE wi.derivation_id = build.derivation_id AND wb.state IN {_ACTIVE})"
+)
+
+
+def _sqlite_dependants(derivation_id: str, change: str) -> str:
+    """SQL: add `change` to the count of the active builds that need derivation
+    `derivation_id` (found by input path, then by derivation: `+state` keeps SQLite off the
+    state index, which would scan the whole queue)."""
+    return (
+        f"UPDATE build SET waiting_on = waiting_on {change} "
+        f"WHERE +build.state IN {_ACTIVE} AND build.derivation_id IN ("
+        "SELECT di.derivation_id FROM derivation_input AS di"
+        f" WHERE di.input_path = (SELECT path FROM derivation WHERE id = {derivation_id}))"
+    )
+
+
+_SQLITE_TRIGGERS = (
+    f"""CREATE TRIGGER build_waiting_insert AFTER INSERT ON build
+        WHEN NEW.state IN {_ACTIVE}
+        BEGIN
+            UPDATE build SET waiting_on = {_WAITING_COUNT} WHERE id = NEW.id;
+            {_sqlite_dependants("NEW.derivation_id", "+ 1")};
+        END""",
+    f"""CREATE TRIGGER build_waiting_enter AFTER UPDATE OF state ON build
+        WHEN OLD.state NOT IN {_ACTIVE} AND NEW.state IN {_ACTIVE}
+        BEGIN
+            UPDATE build SET waiting_on = {_WAITING_COUNT} WHERE id = NEW.id;
+            {_sqlite_dependants("NEW.derivation_id", "+ 1")};
+        END""",
+    f"""CREATE TRIGGER build_waiting_leave AFTER UPDATE OF state ON build
+        WHEN OLD.state IN {_ACTIVE} AND NEW.state NOT IN {_ACTIVE}
+        BEGIN
+            {_sqlite_dependants("NEW.derivation_id", "- 1")};
+        END""",
+    f"""CREATE TRIGGER build_waiting_delete AFTER DELETE ON build
+        WHEN OLD.state IN {_ACTIVE}
+        BEGIN
+            {_sqlite_dependants("OLD.derivation_id", "- 1")};
+        END""",
+)
+
+
+def _postgresql_recount(changed: str) -> str:
+    """PL/pgSQL: recount the active builds among `changed` (a query of build rows) and the
+    active builds whose derivation has one of theirs as an input."""
+    return f"""
+        UPDATE build SET waiting_on = {_WAITING_COUNT}
+        WHERE build.state IN {_ACTIVE} AND (
+            build.id IN (SELECT c.id FROM ({changed}) AS c)
+            OR build.derivation_id IN (
+                SELECT di.derivation_id FROM derivation_input AS di
+                JOIN derivation AS dd ON dd.path = di.input_path
+                WHERE dd.id IN (SELECT c.derivation_id FROM ({changed}) AS c)));"""
+
+
+# PostgreSQL: statement-level triggers over transition tables (a column list is not allowed with
+# them, so the update trigger itself keeps the rows whose state went in or out of the queue).
+# The recount's own UPDATE fires the update trigger again: pg_trigger_depth() ends that at once.
+_POSTGRESQL_TRIGGERS = (
+    f"""CREATE FUNCTION build_waiting_rows() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF pg_trigger_depth() > 1 THEN RETURN NULL; END IF;
+            {_postgresql_recount("SELECT id, derivation_id FROM changed_builds")}
+            RETURN NULL;
+        END $fn$""",
+    f"""CREATE FUNCTION build_waiting_update() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF pg_trigger_depth() > 1 THEN RETURN NULL; END IF;
+            PERFORM 1 FROM new_builds AS n JOIN old_builds AS o ON o.id = n.id
+                WHERE (n.state IN {_ACTIVE}) <> (o.state IN {_ACTIVE}) LIMIT 1;
+            IF NOT FOUND THEN RETURN NULL; END IF;
+            {_postgresql_recount(
+                "SELECT n.id, n.derivation_id FROM new_builds AS n JOIN old_builds AS o "
+                f"ON o.id = n.id WHERE (n.state IN {_ACTIVE}) <> (o.state IN {_ACTIVE})")}
+            RETURN NULL;
+        END $fn$""",
+    """CREATE TRIGGER build_waiting_insert AFTER INSERT ON build
+        REFERENCING NEW TABLE AS changed_builds
+        FOR EACH STATEMENT EXECUTE FUNCTION build_waiting_rows()""",
+    """CREATE TRIGGER build_waiting_delete AFTER DELETE ON build
+        REFERENCING OLD TABLE AS changed_builds
+        FOR EACH STATEMENT EXECUTE FUNCTION build_waiting_rows()""",
+    """CREATE TRIGGER build_waiting_state AFTER UPDATE ON build
+        REFERENCING OLD TABLE AS old_builds NEW TABLE AS new_builds
+        FOR EACH STATEMENT EXECUTE FUNCTION build_waiting_update()""",
+)
+
+
+# A step is DDL text, or {engine: (DDL text, ...)} where the engines need different statements.
+Step = str | Mapping[str, Sequence[str]]
+
+MIGRATIONS: Sequence[tuple[int, str, Sequence[Step]]] = (
     (
         1,
         "builds, derivations, tags, attempts, setup failures, machine state, events",
@@ -148,6 +251,24 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
             "ALTER TABLE build ADD COLUMN retry_after {real}",
         ),
     ),
+    (
+        3,
+        "ready builds: waiting_on counts, its triggers and the scheduler's partial index; "
+        "indexes for newest-first listings",
+        (
+            "ALTER TABLE build ADD COLUMN waiting_on INTEGER NOT NULL DEFAULT 0",
+            f"UPDATE build SET waiting_on = {_WAITING_COUNT} WHERE state IN {_ACTIVE}",
+            {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRESQL_TRIGGERS},
+            # What the scheduler reads: one ordered range per (system, required features).
+            "CREATE INDEX build_ready ON build "
+            "(system, required_features, priority DESC, created_at, id) "
+            "WHERE state = 'queued' AND waiting_on = 0",
+            # `builds list`, newest first, with or without a state or system filter.
+            "DROP INDEX build_created",
+            "CREATE INDEX build_newest ON build (created_at, id)",
+            "CREATE INDEX build_state_newest ON build (state, created_at, id)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]
@@ -182,6 +303,14 @@ def _one_migrator(db: Any) -> Iterator[None]:
         db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
 
 
+def _statements(steps: Sequence[Step], engine: str) -> list[str]:
+    """The DDL text of `steps` for `engine`, in order."""
+    texts: list[str] = []
+    for step in steps:
+        texts.extend([step] if isinstance(step, str) else step[engine])
+    return texts
+
+
 def migrate(db: Any, upto: int | None = None) -> list[int]:
     """Apply every pending migration (up to `upto`), each in its own transaction."""
     types = _TYPES[engine_of(db)]
@@ -198,7 +327,7 @@ def migrate(db: Any, upto: int | None = None) -> list[int]:
                 # Re-read inside the transaction: another process may have migrated meanwhile.
                 if applied_version(db) >= version:
                     continue
-                for statement in statements:
+                for statement in _statements(statements, engine_of(db)):
                     db.execute_sql(statement.format(**types))
                 p = db.param
                 db.execute_sql(
