@@ -20,22 +20,42 @@ class BuildfarmGroup(click.Group):
     """Turns every error a user can cause into one line on stderr and exit status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        import peewee
-
         try:
             return super().invoke(ctx)
         except BuildfarmError as e:
             raise click.ClickException(str(e)) from None
-        except peewee.DatabaseError as e:
-            raise click.ClickException(f"datastore error: {e}") from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
+        except Exception as e:
+            # peewee is imported only by commands that open a datastore.
+            peewee = sys.modules.get("peewee")
+            if peewee is None or not isinstance(e, peewee.DatabaseError):
+                raise
+            raise click.ClickException(f"datastore error: {e}") from None
 
 
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings = ctx.find_object(Settings)  # type: ignore[assignment]
     return settings
+
+
+# Commands that open only the datastore of --db (never another): see _load_peewee.
+_QUICK_COMMANDS = frozenset({"submit", "builds", "log"})
+
+
+def _load_peewee(url: str) -> None:
+    """Import peewee for the datastore at `url`. peewee imports psycopg whenever it is
+    installed (70 ms, half of a short command's run): a command on an SQLite datastore never
+    uses it, so it is hidden while peewee loads (for _QUICK_COMMANDS only, which open no other
+    datastore)."""
+    if "peewee" in sys.modules or not url.startswith("sqlite:") or "psycopg" in sys.modules:
+        return
+    sys.modules["psycopg"] = None  # type: ignore[assignment]  # `import psycopg` fails
+    try:
+        import peewee  # noqa: F401
+    finally:
+        del sys.modules["psycopg"]
 
 
 def _open(ctx: click.Context) -> Any:
@@ -84,6 +104,8 @@ def cli(
     state_dir: str | None,
 ) -> None:
     """Coordinate builds of Guix (and Nix) derivations across machines reached over SSH."""
+    if ctx.invoked_subcommand in _QUICK_COMMANDS:
+        _load_peewee(db or "sqlite:")  # the default datastore is SQLite
     ctx.obj = Settings.resolve(
         state_dir=state_dir, db_url=db, inventory_path=inventory, hooks_dir=hooks_dir
     )
@@ -297,6 +319,21 @@ def _load_inventory(settings: Settings) -> Any:
     show_default=True,
     help="Hooks of one event running at once.",
 )
+@click.option(
+    "--max-log-size",
+    metavar="SIZE",
+    default="64M",
+    show_default=True,
+    help="Keep at most this much of each build log (e.g. 64M, 1G); the rest is counted, "
+    "not kept.",
+)
+@click.option(
+    "--metrics",
+    "metrics_address",
+    metavar="ADDRESS:PORT",
+    help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics (port 0 picks a free port; "
+    "the URL is printed at start).",
+)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -306,11 +343,14 @@ def run(
     hook_timeout: float,
     hook_workers: int,
     hook_parallelism: int,
+    max_log_size: str,
+    metrics_address: str | None,
 ) -> None:
     """Run the coordinator: allocate queued builds to machines and build them."""
     import asyncio
 
     from buildfarm.coordinator import Coordinator, LineReporter, Reporter, RunOptions
+    from buildfarm.gc import parse_size
 
     settings = _settings(ctx)
     inventory = _load_inventory(settings)
@@ -320,7 +360,13 @@ def run(
         hook_timeout=hook_timeout,
         hook_workers=hook_workers,
         hook_parallelism=hook_parallelism,
+        max_log_bytes=parse_size(max_log_size),
     )
+    metrics = None
+    if metrics_address is not None:
+        from buildfarm.metrics import Metrics, parse_address
+
+        metrics = Metrics(*parse_address(metrics_address))
     live = None
     reporter: Reporter
     if no_ui or not sys.stdout.isatty():
@@ -330,7 +376,7 @@ def run(
 
         reporter = live = LiveReporter()
     try:
-        asyncio.run(Coordinator(settings, inventory, options, reporter).serve())
+        asyncio.run(Coordinator(settings, inventory, options, reporter, metrics).serve())
     finally:
         if live is not None:
             live.stop()
@@ -386,3 +432,321 @@ def hooks_list(ctx: click.Context, as_json: bool) -> None:
 
 def main() -> None:
     cli(prog_name="buildfarm")
+
+
+@cli.group("db", cls=BuildfarmGroup)
+def db_group() -> None:
+    """The datastore: its schema version, migrations, and copying one into another."""
+
+
+@db_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def db_status(ctx: click.Context, as_json: bool) -> None:
+    """Show the datastore's URL, engine and schema version (without migrating it)."""
+    from buildfarm.datastore import connect, describe, migrations
+    from buildfarm.render import print_fields, print_json
+
+    url = _settings(ctx).db_url
+    database = connect(url)
+    try:
+        info = {
+            "url": describe(url),
+            "engine": migrations.engine_of(database),
+            "schema_version": migrations.applied_version(database),
+            "latest_version": migrations.LATEST,
+        }
+    finally:
+        database.close()
+    if as_json:
+        print_json(info)
+    else:
+        print_fields(list(info.items()))
+
+
+@db_group.command("migrate")
+@click.pass_context
+def db_migrate(ctx: click.Context) -> None:
+    """Apply pending schema migrations (every command also does this when it opens it)."""
+    from buildfarm.datastore import connect, migrations, open_datastore
+
+    url = _settings(ctx).db_url
+    database = connect(url)
+    try:
+        before = migrations.applied_version(database)
+    finally:
+        database.close()
+    store = open_datastore(url)
+    ctx.call_on_close(store.close)
+    after = migrations.applied_version(store.db)
+    if after == before:
+        click.echo(f"schema version {after}: up to date")
+    else:
+        click.echo(f"schema version {before} -> {after}")
+
+
+@db_group.command("migrate-from")
+@click.argument("source", metavar="SOURCE-URL")
+@click.pass_context
+def db_migrate_from(ctx: click.Context, source: str) -> None:
+    """Copy the datastore at SOURCE-URL (e.g. sqlite:///old.db) into the empty one --db names.
+
+    Every row keeps its id; row counts and a sample of rows are compared before the copy is
+    committed, and nothing is written to the target if anything differs. The source is only
+    read: a coordinator may keep running on it, but builds it records after the copy starts
+    are not copied.
+    """
+    from buildfarm.datastore import describe
+    from buildfarm.datastore.copy import copy_datastore
+
+    target = _settings(ctx).db_url
+    click.echo(f"copying {describe(source)} into {describe(target)}", err=True)
+    report = copy_datastore(
+        source, target, progress=lambda table, rows: click.echo(f"  {table}: {rows}", err=True)
+    )
+    compared = sum(t.compared for t in report.tables)
+    click.echo(
+        f"copied {report.rows} rows in {len(report.tables)} tables at schema version "
+        f"{report.source_version}; counts equal, {compared} sampled rows equal; "
+        f"target now at schema version {report.target_version}"
+    )
+
+
+# --- signing key, substitute server, output store (issue 5) ----------------------------------
+
+
+@cli.group(cls=BuildfarmGroup)
+def key() -> None:
+    """The coordinator's signing key: it signs narinfos and archives pushed to Guix machines."""
+
+
+@key.command("generate")
+@click.option("--name", metavar="NAME", help="Nix key name [default: HOSTNAME-1].")
+@click.option(
+    "--force", is_flag=True,
+    help="Replace an existing key (machines and clients must then authorize the new one).",
+)
+@click.pass_context
+def key_generate(ctx: click.Context, name: str | None, force: bool) -> None:
+    """Make an Ed25519 key pair in the state directory (the secret key is mode 0600)."""
+    from buildfarm import keys
+    from buildfarm.signing import SECRET_KEY_FILE
+
+    state_dir = _settings(ctx).state_dir
+    made = keys.generate(state_dir, name=name, force=force)
+    click.echo(f"signing key written to {os.path.join(state_dir, SECRET_KEY_FILE)}")
+    click.echo(f"Nix public key: {made.nix_public(keys.key_name(state_dir))}")
+
+
+@key.command("show")
+@click.option(
+    "--format", "form", type=click.Choice(["guix", "nix"]), default="guix", show_default=True,
+    help="guix: the s-expression `guix archive --authorize` reads; "
+    "nix: NAME:BASE64 for trusted-public-keys.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the name and both forms.")
+@click.pass_context
+def key_show(ctx: click.Context, form: str, as_json: bool) -> None:
+    """Print the public key for Guix (`| guix archive --authorize`) or Nix."""
+    from buildfarm import keys
+
+    state_dir = _settings(ctx).state_dir
+    if as_json:
+        from buildfarm.render import print_json
+
+        print_json({"name": keys.key_name(state_dir), "guix": keys.public_key(state_dir, "guix"),
+                    "nix": keys.public_key(state_dir, "nix").strip()})
+        return
+    sys.stdout.write(keys.public_key(state_dir, form))
+
+
+@cli.command()
+@click.option(
+    "--listen", default="0.0.0.0:8080", show_default=True, metavar="ADDRESS:PORT",
+    help="Where to listen (port 0 picks a free port; the URL is printed at start).",
+)
+@click.pass_context
+def publish(ctx: click.Context, listen: str) -> None:
+    """Serve the output store as a Guix and Nix substitute server (narinfos, nars, logs)."""
+    import asyncio
+
+    from buildfarm import keys
+    from buildfarm.outputs import OutputStore, Publisher
+    from buildfarm.publish import parse_listen, serve
+
+    host, port = parse_listen(listen)
+    settings = _settings(ctx)
+    keys.public_key(settings.state_dir, "nix")  # a missing key fails here, with the remedy
+    store = OutputStore(settings.outputs_dir, Publisher.load(settings.state_dir))
+
+    def ready(url: str) -> None:
+        click.echo(f"buildfarm publish: serving {settings.outputs_dir} at {url}")
+        sys.stdout.flush()
+
+    asyncio.run(serve(store, settings.db_url, host, port, ready))
+
+
+@cli.group(cls=BuildfarmGroup)
+def outputs() -> None:
+    """The output store: built outputs kept to push to machines and to publish."""
+
+
+@outputs.command("gc")
+@click.option("--older-than", metavar="DURATION", help="Remove outputs unused for this long "
+              "(e.g. 12h, 30d, 2w).")
+@click.option("--max-size", metavar="SIZE", help="Remove least recently used outputs until "
+              "the store fits (e.g. 500M, 20G).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def outputs_gc(
+    ctx: click.Context, older_than: str | None, max_size: str | None, dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove stored outputs by age and/or total size, keeping inputs of queued or running
+    builds and the references of every output kept."""
+    from buildfarm import gc
+    from buildfarm.outputs import OutputStore
+
+    policy = gc.GcPolicy(
+        older_than=gc.parse_duration(older_than) if older_than is not None else None,
+        max_size=gc.parse_size(max_size) if max_size is not None else None,
+    )
+    _open(ctx)
+    result = gc.collect(OutputStore(_settings(ctx).outputs_dir), policy, dry_run=dry_run)
+    if as_json:
+        from dataclasses import asdict
+
+        from buildfarm.render import print_json
+
+        print_json(asdict(result))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for removal in result.removed:
+        click.echo(f"{verb} {removal.path} ({gc.format_size(removal.size)}, {removal.reason})")
+    for path in result.orphans:
+        click.echo(f"{verb} {path} (no record)")
+    click.echo(
+        f"{verb} {len(result.removed)} output(s) and {len(result.orphans)} stray file(s), "
+        f"{gc.format_size(result.freed)}; kept {result.kept} output(s), "
+        f"{gc.format_size(result.kept_bytes)} ({result.protected} needed by queued or "
+        "running builds)"
+    )
+
+
+# --- machines (issue 6) -------------------------------------------------------------------------
+
+
+@cli.group(cls=BuildfarmGroup, invoke_without_command=True, subcommand_metavar="[test [NAME]...]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def machines(ctx: click.Context, as_json: bool) -> None:
+    """Show every inventory machine, as a fresh probe finds it and as the coordinator sees it.
+
+    The probe says whether the machine is reachable (or why not), and its store version,
+    cores, load, free disk in the store and clock skew. From the datastore come the builds the
+    running coordinator has there, its slots, and its failures and backoff. All machines are
+    probed at once, so an unreachable one costs at most its connect_timeout. Disabled machines
+    are listed, not probed.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import asyncio
+    import time
+
+    import peewee
+
+    from buildfarm import machines as probing
+    from buildfarm.render import print_json, print_table
+
+    inventory = _load_inventory(_settings(ctx))
+    seen: dict[str, probing.Seen] = {}
+    try:
+        _open(ctx)
+        seen = probing.coordinator_view([m.name for m in inventory.machines])
+    except (BuildfarmError, peewee.DatabaseError) as e:
+        click.echo(f"buildfarm: datastore not read (builds and backoff unknown): {e}", err=True)
+    found = asyncio.run(probing.probe_all([m for m in inventory.machines if m.enabled]))
+    probes = {p.name: p for p in found}
+    now = time.time()
+    rows = [probing.status(m, probes.get(m.name), seen.get(m.name), now)
+            for m in inventory.machines]
+    if as_json:
+        print_json(rows)
+        return
+    print_table([probing.table_row(r) for r in rows], probing.COLUMNS,
+                {"state": probing.STATE_STYLES.get})
+
+
+@machines.command("test")
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def machines_test(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
+    """Check that machines can do what builds need, and say what to fix.
+
+    Each machine (every enabled one, or those named) is tested at once: log in, run the store
+    tool, import an archive from the coordinator, export it back. Exits with status 1 if any
+    machine fails a check.
+    """
+    import asyncio
+
+    from buildfarm.errors import UsageError
+    from buildfarm.machine_test import report_lines, test_all
+    from buildfarm.render import print_json, use_colour
+    from buildfarm.signing import load_key
+
+    settings = _settings(ctx)
+    inventory = _load_inventory(settings)
+    chosen = [m for m in inventory.machines if m.enabled]
+    if names:
+        known = {m.name: m for m in inventory.machines}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UsageError(f"no machine {unknown[0]!r} in {inventory.path}; machines: "
+                             + (", ".join(known) or "none"))
+        chosen = [known[n] for n in dict.fromkeys(names)]
+    key, key_problem = None, None
+    try:
+        key = load_key(settings.state_dir)
+    except BuildfarmError as e:
+        key_problem = str(e)
+    reports = asyncio.run(test_all(chosen, key, key_problem))
+    if as_json:
+        print_json([r.to_json() for r in reports])
+    else:
+        for line in report_lines(reports, use_colour()):
+            click.echo(line, color=True)
+    if not all(r.ok for r in reports):
+        ctx.exit(1)
+
+
+# --- web front end and event stream (issue 10) ------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--listen", default="127.0.0.1:8081", show_default=True, metavar="ADDRESS:PORT",
+    help="Where to listen (loopback by default; port 0 picks a free port; the URL is printed "
+    "at start).",
+)
+@click.pass_context
+def web(ctx: click.Context, listen: str) -> None:
+    """Serve the read-only web pages, the JSON API (/api) and the build event stream (/events).
+
+    The pages show the queue, the machines, running builds, each build with its attempts and
+    live log, and each machine; /events streams the same events the hooks get, as server-sent
+    events. The web server only reads the datastore and may run beside `buildfarm run`.
+    """
+    import asyncio
+
+    from buildfarm.web.app import parse_listen, serve
+
+    host, port = parse_listen(listen)
+    settings = _settings(ctx)
+
+    def ready(url: str) -> None:
+        click.echo(f"buildfarm web: serving at {url}")
+        sys.stdout.flush()
+
+    asyncio.run(serve(settings.db_url, settings.inventory_path, host, port, ready))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from buildfarm import scheduler
 from buildfarm.attempt import (
@@ -37,11 +37,15 @@ from buildfarm.errors import BuildfarmError, RemoteError
 from buildfarm.hooks import HookRunner, HookSettings
 from buildfarm.inventory import Inventory, Machine
 from buildfarm.inventory import load as load_inventory
+from buildfarm.keys import key_name
 from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
-from buildfarm.outputs import OutputStore
+from buildfarm.outputs import OutputStore, Publisher
 from buildfarm.remote import Remote
 from buildfarm.runlock import RunLock
 from buildfarm.signing import SigningKey, load_key, save_key
+
+if TYPE_CHECKING:
+    from buildfarm.metrics import Metrics
 
 logger = logging.getLogger("buildfarm")
 T = TypeVar("T")
@@ -49,6 +53,7 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SETUP_RETRY_BASE = 5.0  # seconds a build waits after a setup failure (doubling, capped)
 SETUP_RETRY_MAX = 600.0
 LOAD_PROBE_EVERY = 20.0
+LOCAL_FAILURE_RETRY = 10.0  # seconds a build waits after the coordinator's own disk failed it
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,7 @@ class RunningAttempt:
     task: asyncio.Task[None] | None = None
     step: str = "allocated"
     transferred: int = 0
+    system: str | None = None
 
 
 @dataclass
@@ -119,12 +125,14 @@ class MachineSlots:
 
 class Coordinator:
     def __init__(
-        self, settings: Settings, inventory: Inventory, options: RunOptions, reporter: Reporter
+        self, settings: Settings, inventory: Inventory, options: RunOptions, reporter: Reporter,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.inventory = inventory
         self.options = options
         self.reporter = reporter
+        self.metrics = metrics
         self.machines: dict[str, MachineSlots] = {}
         self.should_exit = False
         self.force_exit = False
@@ -186,15 +194,19 @@ class Coordinator:
         recovered = await self.db(records.recover)
         if recovered:
             self.reporter.event(f"{recovered} attempt(s) left running by a previous run requeued")
-        self.outputs = OutputStore(self.settings.outputs_dir)
-        self.outputs.clean_temporary()
         self.key = self._signing_key()
+        self.outputs = OutputStore(
+            self.settings.outputs_dir, Publisher(self.key, key_name(self.settings.state_dir))
+        )
+        self.outputs.clean_temporary()
         self._inventory_stamp = _stamp(self.inventory.path)
         for machine in self.inventory.machines:
             if machine.enabled:
                 self.machines[machine.name] = MachineSlots(machine, Remote(machine))
         names = ", ".join(self.machines) or "none"
         self.reporter.event(f"coordinator started with machines: {names}")
+        if self.metrics is not None:
+            self.reporter.event(f"metrics at {await self.metrics.start(self)}")
 
     # -- inventory reload (SIGHUP, or the file changed)
 
@@ -320,6 +332,8 @@ class Coordinator:
             *(s.remote.close() for s in self.machines.values()), *self._background,
             return_exceptions=True,
         )
+        if self.metrics is not None:
+            await self.metrics.stop()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -435,6 +449,7 @@ class Coordinator:
             build_uuid=build.uuid,
             drv_path=drv_path,
             started=time.time(),
+            system=build.system,
         )
         run.task = asyncio.create_task(self._run_attempt(slots, run), name=f"attempt-{attempt.id}")
         slots.running[attempt.id] = run
@@ -458,18 +473,23 @@ class Coordinator:
             max_log_bytes=self.options.max_log_bytes,
             on_step=lambda name: setattr(run, "step", name),
             on_progress=lambda n: setattr(run, "transferred", n),
+            system=run.system,
         )
         uuid, name = run.build_uuid, machine.name
+        outcome, setup_kind = "interrupted", None
         try:
             stored = await steps.run()
             await self.db(records.succeed, run.attempt_id, stored, path)
             self.reporter.event(f"build {uuid} succeeded (on {name})")
+            outcome = "success"
         except BuildFailed as e:
+            outcome = "failure"
             dependants = await self.db(records.fail, run.attempt_id, e.exit_status, e.reason, path)
             self.reporter.event(f"build {uuid} failed (on {name}): {e.reason}")
             for other in dependants:
                 self.reporter.event(f"build {other} failed: dependency-failed")
         except SetupFailed as e:
+            outcome, setup_kind = "setup-failure", e.kind
             failures = await self.db(_setup_failures, run.attempt_id)
             delay = min(SETUP_RETRY_MAX, SETUP_RETRY_BASE * 2 ** max(0, failures - 1))
             delay *= random.uniform(0.8, 1.2)
@@ -491,7 +511,9 @@ class Coordinator:
             self.reporter.event(f"build {uuid} interrupted on {name}: {e}")
         except OSError as e:
             # The coordinator's own disk (full, read-only): retry later, keep running.
-            await self.db(records.interrupt, run.attempt_id, f"coordinator: {e}")
+            await self.db(
+                records.interrupt, run.attempt_id, f"coordinator: {e}", LOCAL_FAILURE_RETRY
+            )
             self.reporter.event(f"build {uuid} interrupted on {name}: {e}")
         except asyncio.CancelledError as e:
             reason = str(e.args[0]) if e.args else "canceled"
@@ -503,6 +525,10 @@ class Coordinator:
         finally:
             slots.running.pop(run.attempt_id, None)
             self.finished.append(time.time())
+            if self.metrics is not None:
+                self.metrics.attempt_ended(
+                    name, outcome, setup_kind, time.time() - run.started, run.transferred
+                )
             self._wake.set()
 
 

@@ -338,7 +338,8 @@ class Remote:
         config: Any = [ssh_config] if os.path.isfile(ssh_config) else None
         try:
             return await asyncio.wait_for(asyncssh.connect(
-                m.host or "localhost", m.port, username=m.user, client_keys=keys,
+                m.host or "localhost", m.port, client_keys=keys,
+                username=m.user if m.user is not None else (),
                 agent_path=None if m.identity else (), known_hosts=known_hosts, config=config,
                 connect_timeout=m.connect_timeout, keepalive_interval=m.keepalive_interval,
                 keepalive_count_max=KEEPALIVE_COUNT_MAX, encryption_algs=ENCRYPTION_ALGS,
@@ -628,24 +629,31 @@ class Remote:
         """Copy ``remote_path`` to ``local_path`` and return its size. If ``local_path`` exists,
         its bytes are trusted as the file's beginning and only the rest is transferred (a file
         longer than the source is started again). ``progress`` gets the size of ``local_path``
-        after every block."""
+        after every block. An error of ``local_path`` itself (a full disk) is an OSError, not
+        a RemoteError: the machine is not to blame."""
         self._check_breaker()
         if self._local:
             async with self._boundary(f"cannot copy {remote_path} to {local_path}"):
                 return await _copy_local(remote_path, local_path, progress)
-        async with self._boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
-            async with await sftp.open(remote_path, "rb", block_size=0) as source:
-                size = (await source.stat()).size or 0
-                with open(local_path, "ab") as target:
-                    offset = target.tell()
-                    if offset > size:
-                        target.truncate(0)
-                        offset = 0
-                    offset = await _pull(source, target, offset, size, progress)
-            if offset != size:
-                raise RemoteError(f"{self.machine.name}: {remote_path} shrank during the "
-                                  f"transfer ({offset} of {size} bytes)")
-            return size
+        try:
+            async with self._boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
+                async with await sftp.open(remote_path, "rb", block_size=0) as source:
+                    size = (await source.stat()).size or 0
+                    target = _local(lambda: open(local_path, "ab"))  # noqa: SIM115
+                    try:
+                        offset = target.tell()
+                        if offset > size:
+                            _local(lambda: target.truncate(0))
+                            offset = 0
+                        offset = await _pull(source, target, offset, size, progress)
+                    finally:
+                        _local(target.close)
+                if offset != size:
+                    raise RemoteError(f"{self.machine.name}: {remote_path} shrank during the "
+                                      f"transfer ({offset} of {size} bytes)")
+                return size
+        except _LocalFileError as exc:  # the coordinator's disk (full?): not the machine's fault
+            raise exc.error from None
 
     async def remove(self, remote_path: str) -> None:
         """Delete a file on the machine; a file that is already gone is fine."""
@@ -692,7 +700,7 @@ async def _pull(source: asyncssh.SFTPClientFile, target: BinaryIO, offset: int, 
                 if not more:
                     break
                 data += more
-            target.write(data)
+            _local(lambda: target.write(data))  # noqa: B023 - called at once
             offset += len(data)
             if progress is not None:
                 progress(offset)
@@ -703,6 +711,22 @@ async def _pull(source: asyncssh.SFTPClientFile, target: BinaryIO, offset: int, 
         for _, _, reply in inflight:
             reply.cancel()
         await asyncio.gather(*(reply for _, _, reply in inflight), return_exceptions=True)
+
+
+class _LocalFileError(Exception):
+    """An OSError of a file on the coordinator, carried past ``_boundary`` (which would make it
+    a RemoteError): a full local disk says nothing about the machine and must not back it off."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _local(call: Callable[[], _T]) -> _T:
+    try:
+        return call()
+    except OSError as exc:
+        raise _LocalFileError(exc) from None
 
 
 async def _gather_or_cancel(*coros: Coroutine[Any, Any, None]) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+Styles = Mapping[str, Callable[[Any], str | None]]
+"""Column -> the rich style of a value in it (e.g. "green"), used only when colour is on."""
 
 
 def print_json(value: Any) -> None:
@@ -25,11 +28,15 @@ def _cell(value: Any) -> str:
 
 
 def use_colour() -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set to anything (no-color.org)."""
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    """A rich table on a terminal; tab-separated lines with a header elsewhere (for grep/cut)."""
+def print_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], styles: Styles | None = None
+) -> None:
+    """A rich table on a terminal; tab-separated lines with a header elsewhere (for grep/cut).
+    Cells are text, never rich markup."""
     if not sys.stdout.isatty():
         print("\t".join(c.upper() for c in columns))
         for row in rows:
@@ -37,13 +44,20 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> No
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    colour = use_colour()
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in columns:
         table.add_column(column.upper().replace("_", " "), overflow="fold")
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    Console(no_color=not use_colour(), highlight=False).print(table)
+        cells = []
+        for column in columns:
+            style = (styles or {}).get(column)
+            chosen = style(row.get(column)) if style is not None and colour else None
+            cells.append(Text(_cell(row.get(column)), style=chosen or ""))
+        table.add_row(*cells)
+    Console(no_color=not colour, highlight=False).print(table)
 
 
 def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:

@@ -1,0 +1,235 @@
+"""`buildfarm machines` and `buildfarm machines test` on the test bed, with machines that are up,
+down (nothing listens on their port), frozen (no answer), broken (no store tool) and Guix
+machines that do and do not authorize the coordinator's key."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from farm import Farm, token, wait_for
+from testbed import Host, Testbed, current_system, instantiate, inventory_yaml, nix_expr_trivial
+
+from buildfarm.json_schemas import SCHEMAS, validate
+from buildfarm.signing import SigningKey, save_key
+
+
+def dead_port() -> int:
+    """A loopback port where nothing listens (bound for a moment, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def entry(host: Host, store: str | None = None, **overrides: Any) -> dict[str, Any]:
+    machine: dict[str, Any] = yaml.safe_load(
+        inventory_yaml([host], store or host.store, **overrides)
+    )["machines"][0]
+    return machine
+
+
+def dead_entry(template: Host, name: str = "dead", **overrides: Any) -> dict[str, Any]:
+    return {**entry(template), "name": name, "port": dead_port(), **overrides}
+
+
+def write(farm: Farm, *machines: dict[str, Any]) -> None:
+    farm.inventory.write_text(yaml.safe_dump({"machines": list(machines)}, sort_keys=False))
+
+
+def machines_json(farm: Farm) -> dict[str, dict[str, Any]]:
+    done = farm.cli("machines", "--json")
+    rows = json.loads(done.stdout)
+    assert validate(rows, SCHEMAS["machines"].shape) == []
+    return {row["name"]: row for row in rows}
+
+
+@pytest.fixture
+def farm(tmp_path: Path, testbed: Testbed, private_nix: Path) -> Farm:
+    return Farm(tmp_path / "state", tmp_path / "inventory.yaml")
+
+
+@pytest.fixture(scope="module")
+def coordinator_key() -> SigningKey:
+    return SigningKey.generate()
+
+
+@pytest.fixture(scope="module")
+def guix_hosts(testbed: Testbed, coordinator_key: SigningKey) -> Iterator[dict[str, Host]]:
+    """Two guix hosts: one authorizes the coordinator's key, the other does not."""
+    made = {
+        "trusting": testbed.add_guix_host(f"guix-t-{token()[:6]}",
+                                          authorized=[coordinator_key.public_bytes]),
+        "wary": testbed.add_guix_host(f"guix-w-{token()[:6]}", authorized=[]),
+    }
+    try:
+        yield made
+    finally:
+        for host in made.values():
+            testbed.remove_host(host)
+
+
+def test_machines_shows_each_machine_with_the_reason_when_down(
+    farm: Farm, hosts: list[Host]
+) -> None:
+    up = hosts[0]
+    write(
+        farm,
+        entry(up),
+        dead_entry(up, connect_timeout=3),
+        {**entry(up), "name": "no-guix", "store": "guix"},  # reachable, but no guix there
+        {**entry(up), "name": "off", "enabled": False},
+    )
+    rows = machines_json(farm)
+    assert list(rows) == [up.name, "dead", "no-guix", "off"]
+    good = rows[up.name]
+    assert good["reachable"] is True and good["error"] is None, good
+    assert good["store"] == "nix" and good["store_version"].startswith("2.")
+    assert good["store_dir"] == "/nix/store"
+    assert good["cores"] >= 1 and good["load"] >= 0 and good["free_disk"] > 0
+    assert abs(good["clock_skew"]) < 5  # the same clock, read over loopback
+    assert (good["slots"], good["running"], good["backoff_until"]) == (2, 0, None)
+    assert good["systems"] == [current_system()]
+
+    dead = rows["dead"]
+    assert dead["reachable"] is False
+    assert "connection refused" in dead["error"] and "is sshd running there?" in dead["error"]
+    assert dead["store_version"] is None and dead["cores"] is None
+    assert dead["probe_seconds"] < 3 + 1  # its connect_timeout plus one second, at most
+
+    broken = rows["no-guix"]
+    assert broken["reachable"] is True
+    assert "guix" in broken["error"] and "not found" in broken["error"]
+    assert broken["store_version"] is None and broken["cores"] >= 1
+
+    off = rows["off"]
+    assert off["reachable"] is None and off["enabled"] is False
+    assert off["error"] == "disabled in the inventory: not probed"
+
+    table = farm.cli("machines").stdout.splitlines()  # not a terminal: tab-separated lines
+    assert table[0].split("\t") == [
+        "NAME", "STATE", "STORE", "SYSTEMS", "CORES", "LOAD", "FREE", "SKEW", "BUILDS",
+        "BACKOFF", "NOTE",
+    ]
+    states = {line.split("\t")[0]: line.split("\t")[1] for line in table[1:]}
+    assert states == {up.name: "up", "dead": "down", "no-guix": "broken", "off": "disabled"}
+    assert "\x1b[" not in farm.cli("machines").stdout
+
+
+def test_a_frozen_machine_costs_its_connect_timeout(farm: Farm, testbed: Testbed) -> None:
+    frozen = testbed.add_host(f"frozen-{token()[:6]}")
+    try:
+        write(farm, entry(frozen, connect_timeout=2))
+        frozen.pause()  # the kernel still accepts the connection; sshd never answers
+        (row,) = machines_json(farm).values()
+    finally:
+        testbed.remove_host(frozen)
+    assert row["reachable"] is False
+    assert "no answer from" in row["error"] and "within 2s (connect_timeout)" in row["error"]
+    assert row["probe_seconds"] < 2 + 1
+
+
+def test_machines_shows_running_builds_and_backoff_from_the_coordinator(
+    farm: Farm, hosts: list[Host]
+) -> None:
+    tag = token()
+    up = hosts[0]
+    write(farm, entry(up, max_builds=1), dead_entry(up))
+    slow = instantiate(nix_expr_trivial(f"slow-{tag}", f"echo run {tag}; /bin/sleep 120"))
+    (build,) = farm.submit(slow)
+    coordinator = farm.background()
+    try:
+        wait_for("the build to run", lambda: farm.show(build)["state"] == "running"
+                 and farm.show(build)["attempts"][-1]["step"] == "build")
+        wait_for("the dead machine's failure to be recorded",
+                 lambda: machines_json(farm)["dead"]["failures"] >= 1)
+        rows = machines_json(farm)
+        farm.cli("builds", "cancel", build)
+    finally:
+        output = coordinator.stop()
+    good, dead = rows[up.name], rows["dead"]
+    assert (good["running"], good["slots"], good["running_builds"]) == (1, 1, [build]), output
+    assert good["failures"] == 0 and good["last_error"] is None
+    assert good["updated_at"] is not None
+    assert dead["running"] == 0
+    assert "connection refused" in dead["last_error"]
+    # The backoff is random and short at first: when shown, it lies ahead.
+    assert dead["backoff_until"] is None or dead["backoff_until"] > dead["updated_at"]
+
+
+def test_machines_test_passes_good_machines_and_names_what_to_fix(
+    farm: Farm, hosts: list[Host], guix_hosts: dict[str, Host], coordinator_key: SigningKey
+) -> None:
+    save_key(coordinator_key, farm.state)
+    trusting, wary = guix_hosts["trusting"], guix_hosts["wary"]
+    up = hosts[0]
+    write(farm, entry(up), entry(trusting), entry(wary), dead_entry(up),
+          {**entry(up), "name": "no-guix", "store": "guix"})
+    done = farm.cli("machines", "test", "--json", check=False)
+    assert done.returncode == 1, done.stderr
+    reports = json.loads(done.stdout)
+    assert validate(reports, SCHEMAS["machines test"].shape) == []
+    results = {r["name"]: r for r in reports}
+    for name in (up.name, trusting.name):
+        report = results[name]
+        assert report["ok"], report
+        assert [c["name"] for c in report["checks"]] == ["login", "store", "push", "pull"]
+        assert all(c["ok"] and c["fix"] is None for c in report["checks"])
+    assert "signed with the coordinator's key" in results[trusting.name]["checks"][2]["detail"]
+    assert "nar hash" in results[up.name]["checks"][3]["detail"]
+
+    def failed(name: str) -> dict[str, Any]:
+        report = results[name]
+        assert not report["ok"]
+        check: dict[str, Any] = report["checks"][-1]
+        assert not check["ok"] and check["fix"], report
+        return check
+
+    push = failed(wary.name)
+    assert push["name"] == "push" and "unauthorized public key" in push["detail"]
+    assert push["fix"].startswith("authorize the coordinator's key: buildfarm key show "
+                                  "--format guix | ssh -p")
+    assert push["fix"].endswith("guix archive --authorize")
+    login = failed("dead")
+    assert login["name"] == "login" and "connection refused" in login["detail"]
+    assert login["fix"].startswith("start sshd on 127.0.0.1, or correct port ")
+    store = failed("no-guix")
+    assert store["name"] == "store" and "install Guix" in store["fix"]
+
+    # The test item was removed from the machines it reached.
+    for host in (up, trusting):
+        assert not list(host.store_dir.glob("*-buildfarm-machine-test"))
+
+    text = farm.cli("machines", "test", up.name, "dead", check=False)
+    assert text.returncode == 1
+    lines = text.stdout.splitlines()
+    assert lines[0] == f"{up.name}: ok" and "dead: FAILED" in lines
+    assert any(line.strip().startswith("fix: start sshd on 127.0.0.1") for line in lines)
+    assert lines[-1] == "1 of 2 machine(s) passed"
+    assert farm.cli("machines", "test", up.name).returncode == 0
+
+
+def test_machines_test_without_a_key_says_how_to_make_one(
+    farm: Farm, guix_hosts: dict[str, Host]
+) -> None:
+    write(farm, entry(guix_hosts["trusting"]))
+    done = farm.cli("machines", "test", "--json", check=False)
+    assert done.returncode == 1
+    (report,) = json.loads(done.stdout)
+    push = report["checks"][-1]
+    assert push["name"] == "push" and "no signing key" in push["detail"]
+    assert "buildfarm key generate" in push["fix"]
+
+
+def test_machines_test_rejects_unknown_names(farm: Farm, hosts: list[Host]) -> None:
+    write(farm, entry(hosts[0]))
+    done = farm.cli("machines", "test", "nope", check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"Error: no machine 'nope' in {farm.inventory}; machines: {hosts[0].name}"
+    )

@@ -1,0 +1,196 @@
+"""`buildfarm run --metrics ADDRESS:PORT`: Prometheus metrics, scraped while the coordinator
+runs builds on the test bed, and the metric set against its declaration (metrics.METRICS)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import stat
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from farm import Background, Farm, chain, token, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
+
+from buildfarm import metrics
+from buildfarm.config import Settings
+from buildfarm.coordinator import Coordinator, LineReporter, MachineSlots, RunOptions
+from buildfarm.errors import UsageError
+from buildfarm.inventory import Inventory, Machine
+from buildfarm.remote import Remote
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample of an exposition: (name, sorted labels) -> value."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return parse(response.read().decode())
+
+
+def families(text: str) -> set[str]:
+    return {f"{f.name}_total" if f.type == "counter" else f.name
+            for f in text_string_to_metric_families(text)}
+
+
+# --- without the test bed -------------------------------------------------------------------
+
+
+def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
+    settings = Settings.resolve(state_dir=str(tmp_path), hooks_dir=str(tmp_path / "hooks"))
+    machine = Machine(name="m1", host="h", max_builds=3, overload_threshold=0.5)
+    coordinator = Coordinator(settings, Inventory("x", (machine,)), RunOptions(), LineReporter())
+    slots = MachineSlots(machine, Remote(machine), ready=True, load=0.25)
+    coordinator.machines["m1"] = slots
+    coordinator.queue_depth = {"x86_64-linux": 4}
+    sink = metrics.Metrics("127.0.0.1", 0)
+    sink.coordinator = coordinator
+    sink.build_counts = {"queued": 4, "succeeded": 2}
+    sink.attempt_ended("m1", "success", None, 12.5, 4096)
+    sink.attempt_ended("m1", "setup-failure", "missing-inputs", 0.5, 0)
+    text = sink.exposition().decode()
+    assert families(text) == {spec.name for spec in metrics.METRICS}
+    for spec in metrics.METRICS:
+        assert f"# HELP {spec.name.removesuffix('_total')}" in text
+    samples = parse(text)
+    assert value(samples, "buildfarm_builds", state="queued") == 4
+    assert value(samples, "buildfarm_builds", state="canceled") == 0
+    assert value(samples, "buildfarm_queue_depth", system="x86_64-linux") == 4
+    assert value(samples, "buildfarm_attempts_total", machine="m1", result="success") == 1
+    assert value(samples, "buildfarm_setup_failures_total", machine="m1",
+                 kind="missing-inputs") == 1
+    assert value(samples, "buildfarm_build_duration_seconds_count", result="success") == 1
+    assert value(samples, "buildfarm_build_duration_seconds_bucket", result="success",
+                 le="15.0") == 1
+    assert value(samples, "buildfarm_fetched_bytes_total", machine="m1") == 4096
+    assert value(samples, "buildfarm_machine_up", machine="m1") == 1
+    assert value(samples, "buildfarm_machine_slots", machine="m1") == 3
+    assert value(samples, "buildfarm_machine_load", machine="m1") == 0.25
+    slots.remote.note_failure("refused")
+    slots.ready = False
+    samples = parse(sink.exposition().decode())
+    assert value(samples, "buildfarm_machine_up", machine="m1") == 0
+    assert value(samples, "buildfarm_machine_failures", machine="m1") == 1
+    assert 0 <= value(samples, "buildfarm_machine_backoff_seconds", machine="m1") <= 1
+
+
+def test_the_server_serves_and_stops(tmp_path: Path) -> None:
+    settings = Settings.resolve(state_dir=str(tmp_path), hooks_dir=str(tmp_path / "hooks"))
+    coordinator = Coordinator(settings, Inventory("x", ()), RunOptions(), LineReporter())
+
+    async def serve() -> tuple[str, str, str]:
+        sink = metrics.Metrics("127.0.0.1", 0)
+        sink.build_counts = {"failed": 3}
+        sink._counted = float("inf")  # no datastore here: keep these counts
+        url = await sink.start(coordinator)
+        try:
+            def get(address: str) -> str:
+                with urllib.request.urlopen(address, timeout=30) as response:
+                    return str(response.read().decode())
+
+            page = await asyncio.to_thread(get, url)
+            index = await asyncio.to_thread(get, url.removesuffix("metrics"))
+        finally:
+            await sink.stop()
+        return url, page, index
+
+    url, page, index = asyncio.run(serve())
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", url)
+    assert value(parse(page), "buildfarm_builds", state="failed") == 3
+    assert "/metrics" in index
+
+
+def test_bad_addresses_are_refused() -> None:
+    assert metrics.parse_address("127.0.0.1:9100") == ("127.0.0.1", 9100)
+    assert metrics.parse_address(":0") == ("0.0.0.0", 0)
+    assert metrics.parse_address("[::1]:9100") == ("::1", 9100)
+    for text in ("9100", "host:", "h:99999", "h:x"):
+        with pytest.raises(UsageError, match=r"--metrics .*expected ADDRESS:PORT"):
+            metrics.parse_address(text)
+
+
+# --- scraped during a run on the test bed ---------------------------------------------------
+
+
+@pytest.fixture
+def farm(tmp_path: Path, testbed: Testbed, private_nix: Path) -> Farm:
+    hooks = tmp_path / "hooks" / "build-success.d"
+    hooks.mkdir(parents=True)
+    for name, status in (("10-ok", 0), ("20-fails", 3)):
+        script = hooks / name
+        script.write_text(f"#!/bin/sh\nexit {status}\n")
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return Farm(tmp_path / "state", tmp_path / "inventory.yaml", tmp_path / "hooks")
+
+
+def metrics_url(coordinator: Background) -> str:
+    coordinator.wait_line("metrics at http://")
+    found = re.search(r"metrics at (http://\S+)", coordinator.output)
+    assert found is not None
+    return found[1]
+
+
+def test_metrics_are_scraped_during_a_run(farm: Farm, hosts: list[Host]) -> None:
+    tag = token()
+    up = hosts[0]
+    dead = {"name": "dead", "host": "127.0.0.1", "port": 1, "user": up.user,
+            "systems": ["x86_64-linux"], "known_hosts": str(up.known_hosts)}
+    machines = yaml.safe_load(inventory_yaml([up], "nix", max_builds=2))["machines"]
+    farm.inventory.write_text(yaml.safe_dump({"machines": [*machines, dead]}))
+    slow = instantiate(nix_expr_trivial(f"slow-{tag}", f"echo run {tag}; /bin/sleep 120"))
+    quick = [instantiate(nix_expr_trivial(f"quick{n}-{tag}", f"echo {n} {tag} > $out"))
+             for n in range(3)]
+    _leaf, top = chain(2, tag)  # only the top: a missing-inputs setup failure (no hook)
+    (slow_build,) = farm.submit(slow)
+    coordinator = farm.background("--metrics", "127.0.0.1:0")
+    try:
+        url = metrics_url(coordinator)
+        wait_for("the slow build to run", lambda: value(
+            scrape(url), "buildfarm_machine_slots_used", machine=up.name) == 1)
+        during = scrape(url)
+        assert value(during, "buildfarm_machine_up", machine=up.name) == 1
+        assert value(during, "buildfarm_machine_slots", machine=up.name) == 2
+        farm.submit(*quick, top)
+
+        def finished() -> bool:
+            samples = scrape(url)
+            return (value(samples, "buildfarm_attempts_total", machine=up.name,
+                          result="success") >= 3
+                    and value(samples, "buildfarm_builds", state="succeeded") >= 3
+                    and value(samples, "buildfarm_setup_failures_total", machine=up.name,
+                              kind="missing-inputs") >= 1
+                    and value(samples, "buildfarm_hook_failures_total") >= 3)
+
+        wait_for("the quick builds to complete", finished)
+        done = scrape(url)
+        # The slow build runs; top waits for its retry, or is being tried again.
+        assert value(done, "buildfarm_builds", state="running") >= 1
+        assert sum(value(done, "buildfarm_builds", state=s) for s in ("queued", "running")) >= 2
+        assert value(done, "buildfarm_build_duration_seconds_count", result="success") >= 3
+        assert value(done, "buildfarm_fetched_bytes_total", machine=up.name) > 0
+        assert value(done, "buildfarm_hook_runs_total") >= 6  # two scripts per success
+        assert value(done, "buildfarm_machine_up", machine="dead") == 0
+        assert value(done, "buildfarm_machine_failures", machine="dead") >= 1
+        farm.cli("builds", "cancel", slow_build)
+        wait_for("the canceled build's attempt", lambda: value(
+            scrape(url), "buildfarm_attempts_total", machine=up.name,
+            result="interrupted") == 1)
+    finally:
+        output = coordinator.stop()
+    assert coordinator.process.returncode == 0, output
