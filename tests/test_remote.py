@@ -15,8 +15,10 @@ import dataclasses
 import hashlib
 import os
 import random
+import shlex
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -29,13 +31,14 @@ from buildfarm.inventory import Machine
 from buildfarm.remote import CommandTimeoutError, Remote, RunResult
 
 BOUND = 30.0  # an upper bound for anything that should fail "quickly"; never a measurement
+PWNED = f"/tmp/pwned-{uuid.uuid4().hex}"  # created only if an argument reached a shell
 
 HOSTILE = [
     "it's",
     'say "hi"',
-    "$(touch /tmp/pwned)",
+    f"$(touch {PWNED})",
     "`id`",
-    "a; rm -rf /nonexistent",
+    f"a; touch {PWNED}",
     "line one\nline two",
     "  spaces  around  ",
     "",
@@ -97,6 +100,12 @@ def spare_host(testbed: Testbed) -> Iterator[Host]:
         testbed.remove_host(host)
 
 
+def _remove_on(host: Host, paths: list[str]) -> None:
+    """Clean up after a test that failed half-way (the hosts' /tmp is the machine's)."""
+    if paths:
+        host.run("rm -rf -- " + " ".join(shlex.quote(path) for path in paths), check=False)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -120,7 +129,7 @@ def test_run_passes_hostile_arguments_verbatim(hosts: list[Host]) -> None:
             assert piped.ok and piped.stdout == b"\0binary\xffinput\n" * 1000
 
     asyncio.run(scenario())
-    assert hosts[0].run("test ! -e /tmp/pwned", check=False).returncode == 0
+    assert hosts[0].run(f"test ! -e {PWNED}", check=False).returncode == 0
 
 
 @pytest.mark.testbed
@@ -146,6 +155,7 @@ def test_channels_stay_under_max_sessions(hosts: list[Host]) -> None:
     async def scenario() -> None:
         async with opened(machine_for(hosts[0], max_sessions=4)) as remote:
             directory = (await remote.run(["mktemp", "-d"], check=True)).stdout.decode().strip()
+            created.append(directory)
             script = 'mkdir "$1/$$"; sleep 0.2; ls "$1" | wc -l; rmdir "$1/$$"'
             results = await asyncio.gather(
                 *(remote.run(["sh", "-c", script, "sh", directory]) for _ in range(12))
@@ -155,7 +165,11 @@ def test_channels_stay_under_max_sessions(hosts: list[Host]) -> None:
             assert 1 <= max(peaks) <= 3
             await remote.run(["rmdir", directory], check=True)
 
-    asyncio.run(scenario())
+    created: list[str] = []
+    try:
+        asyncio.run(scenario())
+    finally:
+        _remove_on(hosts[0], created)
 
 
 @pytest.mark.testbed
@@ -351,6 +365,7 @@ def test_fetch_round_trip_and_resume(hosts: list[Host], tmp_path: Path) -> None:
         async with opened(machine_for(hosts[0])) as remote:
             remote_path = await remote.mktemp()
             other = await remote.mktemp()
+            created.extend([remote_path, other])
             assert remote_path != other and remote_path.startswith("/")
             await remote.run(["sh", "-c", 'cat > "$1"', "sh", remote_path], input=data,
                              check=True)
@@ -387,7 +402,11 @@ def test_fetch_round_trip_and_resume(hosts: list[Host], tmp_path: Path) -> None:
             with pytest.raises(RemoteError, match=rf"{hosts[0].name}: cannot fetch {remote_path}"):
                 await remote.fetch(remote_path, str(tmp_path / "never"))
 
-    asyncio.run(scenario())
+    created: list[str] = []
+    try:
+        asyncio.run(scenario())
+    finally:
+        _remove_on(hosts[0], created)
 
 
 # --- streaming, timeouts, cancel ------------------------------------------------------------------
@@ -503,6 +522,49 @@ def test_timeout_and_silence_kill_the_group_and_say_why(hosts: list[Host]) -> No
         assert alive_in_group(host, pgid) == []
 
 
+@pytest.mark.testbed
+def test_a_single_session_machine_still_does_everything(hosts: list[Host], tmp_path: Path) -> None:
+    """max_sessions=1: no channel kept for SFTP or kills; calls queue and a cancel still kills."""
+    host = hosts[0]
+
+    async def scenario() -> int:
+        async with opened(machine_for(host, max_sessions=1), kill_grace=0.5) as remote:
+            path = await remote.mktemp()
+            created.append(path)
+            results = await asyncio.gather(
+                remote.run(["sh", "-c", 'printf data > "$1"', "sh", path], check=True),
+                *(remote.run(["echo", str(i)]) for i in range(5)),
+            )
+            assert [r.stdout for r in results[1:]] == [f"{i}\n".encode() for i in range(5)]
+            assert await remote.fetch(path, str(tmp_path / "data")) == 4
+            await remote.remove(path)
+
+            pids: list[int] = []
+            ready = asyncio.Event()
+
+            def on_stdout(chunk: bytes) -> None:
+                pids.append(int(chunk))
+                ready.set()
+
+            task = asyncio.ensure_future(
+                remote.run_streaming(["sh", "-c", GROUP_SCRIPT], on_stdout=on_stdout)
+            )
+            await asyncio.wait_for(ready.wait(), BOUND)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (await remote.run(["echo", "after"])).stdout == b"after\n"
+            return pids[0]
+
+    created: list[str] = []
+    try:
+        pgid = asyncio.run(scenario())
+    finally:
+        _remove_on(host, created)
+    assert (tmp_path / "data").read_bytes() == b"data"
+    assert alive_in_group(host, pgid) == []
+
+
 # --- local transport ------------------------------------------------------------------------------
 
 LOCAL = Machine(name="here", host=None, transport="local")
@@ -588,7 +650,6 @@ def test_local_transport_files(tmp_path: Path) -> None:
                 target.write_bytes(b"x" * 1000)
                 seen: list[int] = []
                 assert await remote.fetch(source, str(target), progress=seen.append) == len(data)
-                await asyncio.sleep(0)  # progress is delivered on the event loop
                 assert target.read_bytes() == b"x" * 1000 + data[1000:]
                 assert seen[-1] == len(data)
             finally:

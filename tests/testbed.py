@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from guix_emulator import copy_sources, install_emulator
+
+from buildfarm.signing import SigningKey, guix_acl_sexp, save_key
 
 TEST_USER = "bftest"
 LOOPBACK = "127.0.0.1"
@@ -58,6 +61,8 @@ _NEEDED_PROGRAMS = (
     "nix-instantiate", "nix-store",
 )
 _BIND_FAILURES = ("Address already in use", "Cannot bind any address")
+# Runs the guix emulator on guix hosts: bftest may not read the virtualenv's interpreter.
+GUIX_PYTHON = "/usr/bin/python3"
 
 
 class TestbedError(RuntimeError):
@@ -285,9 +290,15 @@ class Host:
     address = LOOPBACK
     user = TEST_USER
 
-    def __init__(self, testbed: Testbed, name: str) -> None:
+    def __init__(
+        self, testbed: Testbed, name: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.testbed = testbed
         self.name = name
+        # sshd SetEnv of this host only, over the test bed's (e.g. PATH for the guix emulator).
+        self.env: dict[str, str] = dict(env or {})
+        self.store = "nix"  # what its `store:` in an inventory is ("guix" for add_guix_host)
+        self.guix_key: SigningKey | None = None  # a guix host's own signing key
         self.directory = testbed.directory / name
         self.directory.mkdir(mode=0o755)
         self.host_key = self.directory / "ssh_host_ed25519_key"
@@ -340,6 +351,20 @@ class Host:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def guix_dir(self) -> Path:
+        """A guix host's GUIX_CONFIGURATION_DIRECTORY (signing key pair, acl)."""
+        return self.directory / "guix"
+
+    def authorize_guix_keys(self, keys: Sequence[bytes]) -> None:
+        """Make the guix host's ACL authorize exactly ``keys`` (Ed25519 public keys)."""
+        self._write_guix_file("acl", guix_acl_sexp(keys), 0o644)
+
+    def _write_guix_file(self, name: str, text: str, mode: int) -> None:
+        path = self.guix_dir / name
+        _write_atomically(path, text, mode)
+        os.chown(path, self.testbed.account.pw_uid, self.testbed.account.pw_gid)
 
     def local_path(self, store_path: str) -> Path:
         """Where the host's ``/nix/store/...`` path is, seen from the test process."""
@@ -477,7 +502,8 @@ class Host:
 
     def _write_config(self, port: int) -> Path:
         bed = self.testbed
-        setenv = " ".join(f'"{key}={value}"' for key, value in bed.env.items())
+        environment = {**bed.env, **self.env}
+        setenv = " ".join(f'"{key}={value}"' for key, value in environment.items())
         lines = [
             f"ListenAddress {self.address}:{port}",
             f"HostKey {self.host_key}",
@@ -586,13 +612,61 @@ class Testbed:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def add_host(self, name: str | None = None, *, start: bool = True) -> Host:
-        """A new host with an empty store (started unless ``start=False``)."""
-        host = Host(self, name or f"host{len(self.hosts) + 1}")
+    def add_host(
+        self, name: str | None = None, *, start: bool = True, env: Mapping[str, str] | None = None
+    ) -> Host:
+        """A new host with an empty store (started unless ``start=False``); ``env`` adds
+        variables to its commands' environment (sshd SetEnv, over the test bed's)."""
+        host = Host(self, name or f"host{len(self.hosts) + 1}", env)
         self.hosts.append(host)
         if start:
             host.start()
         return host
+
+    def add_guix_host(
+        self, name: str | None = None, *, authorized: Sequence[bytes] = (), start: bool = True
+    ) -> Host:
+        """A new host whose ``guix`` is the emulator (tests/guix_emulator) over its private
+        Nix store: its own Guix signing key pair (``host.guix_key``) and an ACL authorizing
+        the Ed25519 public keys ``authorized`` (e.g. the coordinator's), in ``host.guix_dir``.
+        """
+        host = self.add_host(name, start=False, env={
+            "PATH": f"{self.guix_bin_dir()}:/usr/local/bin:/usr/bin:/bin",
+        })
+        host.store = "guix"
+        host.env["GUIX_CONFIGURATION_DIRECTORY"] = str(host.guix_dir)
+        host.guix_dir.mkdir(mode=0o755)
+        os.chown(host.guix_dir, self.account.pw_uid, self.account.pw_gid)
+        key = SigningKey.generate()
+        # As `guix archive --generate-key` writes them, plus the seed the emulator signs with.
+        host._write_guix_file("signing-key.pub", key.guix_public_sexp(), 0o444)
+        host._write_guix_file("signing-key.sec", key.guix_private_sexp(), 0o400)
+        secret = save_key(key, host.guix_dir)
+        os.chown(secret, self.account.pw_uid, self.account.pw_gid)
+        host.guix_key = key
+        host.authorize_guix_keys(authorized)
+        if start:
+            host.start()
+        return host
+
+    def guix_bin_dir(self) -> Path:
+        """A directory holding the emulator's ``guix`` (installed on first use).
+
+        The emulator and buildfarm's sources are copied into the test bed's directory, which
+        bftest can read (the repository and the virtualenv may not be), and compiled there.
+        """
+        root = self.directory / "guix-emulator"
+        bin_dir = root / "bin"
+        if not (bin_dir / "guix").exists():
+            source = copy_sources(root / "source")
+            done = _run([GUIX_PYTHON, "-m", "compileall", "-q", str(source)])
+            if done.returncode != 0:
+                raise TestbedError(f"cannot compile the guix emulator: {done.stdout.strip()}")
+            for path in source.rglob("*.pyc"):
+                path.chmod(0o644)
+            install_emulator(bin_dir, python=GUIX_PYTHON, project=source)
+            root.chmod(0o755)
+        return bin_dir
 
     def add_hosts(self, count: int) -> list[Host]:
         return [self.add_host() for _ in range(count)]

@@ -1,0 +1,276 @@
+"""`buildfarm run` end to end with `store: guix` machines, over real SSH.
+
+Guix cannot be installed here: each guix host runs tests/guix_emulator (Guix's messages, exit
+codes and signatures, a real Nix store underneath) as the unprivileged test user, with its own
+Guix key pair and an ACL that authorizes the coordinator's key (or, in one test, does not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from farm import Farm, chain, token, wait_for
+from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
+
+from buildfarm import nar
+from buildfarm.signing import SigningKey, save_key, verify_guix
+
+FULL_STEPS = [
+    "push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",
+    "export-outputs", "fetch-outputs", "verify-outputs",
+]
+
+
+@pytest.fixture(scope="module")
+def coordinator_key() -> SigningKey:
+    """The key every coordinator of this module signs its pushes with."""
+    return SigningKey.generate()
+
+
+@pytest.fixture(scope="module")
+def guix_bed(testbed: Testbed, coordinator_key: SigningKey) -> Iterator[Testbed]:
+    """A test bed of this module's own: guix hosts a and b, which authorize the coordinator's
+    key, and nix host c. (The session's ``testbed`` is requested for its availability checks.)
+    """
+    del testbed
+    bed = Testbed()
+    try:
+        for name in ("guix-a", "guix-b"):
+            bed.add_guix_host(name, authorized=[coordinator_key.public_bytes])
+        bed.add_host("nix-c")
+        for host in bed.hosts:
+            # A fresh Nix store makes its gcroots symlinks on first use; two commands doing
+            # that at once may fail ("creating symlink ... File exists"), as any new machine.
+            host.run("nix-store --dump-db")
+        yield bed
+    finally:
+        bed.close()
+
+
+@pytest.fixture
+def machines(guix_bed: Testbed) -> dict[str, Host]:
+    guix_bed.ensure_running()
+    return {host.name: host for host in guix_bed.hosts}
+
+
+@pytest.fixture
+def farm(tmp_path: Path, private_nix: Path, coordinator_key: SigningKey) -> Farm:
+    state = tmp_path / "state"
+    save_key(coordinator_key, state)  # as `buildfarm run` would have generated it
+    return Farm(state, tmp_path / "inventory.yaml")
+
+
+def write_inventory(farm: Farm, hosts: Mapping[Host, Mapping[str, Any]]) -> None:
+    """One machine per host, each with its own `store:` and overrides."""
+    entries: list[Any] = []
+    for host, overrides in hosts.items():
+        entries += yaml.safe_load(inventory_yaml([host], host.store, **overrides))["machines"]
+    farm.inventory.write_text(yaml.safe_dump({"machines": entries}, sort_keys=False))
+
+
+def stored_nar(state: Path, store_path: str) -> Path:
+    return state / "outputs" / "nar" / os.path.basename(store_path)
+
+
+def stored_output(farm: Farm, path: str) -> dict[str, Any]:
+    """The output store's record of `path` (read straight from the SQLite datastore)."""
+    with sqlite3.connect(farm.state / "buildfarm.db") as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM stored_output WHERE path = ?", (path,)).fetchone()
+    assert row is not None, f"{path} is not in the output store"
+    return dict(row)
+
+
+def build_log_exists(host: Host, drv: str) -> bool:
+    """Whether `host` ran the builder of `drv` (Nix keeps a log of each build it ran)."""
+    base = os.path.basename(drv)
+    logs = host.nix_dir / "var" / "log" / "nix" / "drvs" / base[:2]
+    return any(logs.glob(base[2:] + "*"))
+
+
+def test_chain_across_guix_machines_pushes_a_signed_leaf(
+    farm: Farm, machines: dict[str, Host], coordinator_key: SigningKey
+) -> None:
+    tag = token()
+    leaf, top = chain(2, tag)
+    first, second = machines["guix-a"], machines["guix-b"]
+    write_inventory(farm, {first: {}})
+    (leaf_build,) = farm.submit(leaf)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    leaf_info = farm.show(leaf_build)
+    assert leaf_info["state"] == "succeeded", (leaf_info, done.stdout)
+    (leaf_attempt,) = leaf_info["attempts"]
+    assert leaf_attempt["machine"] == first.name
+    assert [s["name"] for s in leaf_attempt["steps"]] == FULL_STEPS
+    # The .drv went to the machine in a bundle the coordinator signed (its import demands it).
+    assert first.local_path(leaf).exists()
+    leaf_out = leaf_info["outputs"]["out"]
+    assert first.local_path(leaf_out).read_text() == f"leaf-{tag}\n"
+    assert stored_nar(farm.state, leaf_out).exists()
+    assert not second.local_path(leaf_out).exists()
+    # The output store keeps guix-a's own signature of what it exported.
+    record = stored_output(farm, leaf_out)
+    assert record["deriver"] == leaf
+    signed = nar.export_trailer(leaf_out, record["refs"].split(), record["deriver"])
+    digest = hashlib.sha256(stored_nar(farm.state, leaf_out).read_bytes() + signed).digest()
+    assert first.guix_key is not None
+    verify_guix(record["signature"], digest, [first.guix_key.public_bytes])
+
+    write_inventory(farm, {second: {}})
+    (top_build,) = farm.submit(top)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    info = farm.show(top_build)
+    assert info["state"] == "succeeded", (info, done.stdout)
+    (attempt,) = info["attempts"]
+    assert attempt["machine"] == second.name
+    assert [s["name"] for s in attempt["steps"]] == FULL_STEPS
+    # guix-b authorizes only the coordinator's key, not guix-a's: the leaf's output reached it
+    # re-signed by the coordinator, from the output store; it was not rebuilt there.
+    assert first.guix_key.public_bytes != coordinator_key.public_bytes
+    assert second.local_path(leaf_out).read_text() == f"leaf-{tag}\n"
+    assert not build_log_exists(second, leaf)
+    assert build_log_exists(second, top)
+    top_out = info["outputs"]["out"]
+    assert second.local_path(top_out).read_text() == f"level1 on leaf-{tag}\n"
+    assert stored_nar(farm.state, top_out).exists()
+    assert f"build {top_build} succeeded (on {second.name})" in done.stdout
+
+
+def test_failing_builder_on_guix_ends_failed_with_its_log(
+    farm: Farm, machines: dict[str, Host]
+) -> None:
+    tag = token()
+    drv = instantiate(nix_expr_trivial(f"fails-{tag}", f"echo about to fail {tag}; exit 3"))
+    write_inventory(farm, {machines["guix-a"]: {}})
+    (build,) = farm.submit(drv)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    info = farm.show(build)
+    assert info["state"] == "failed", (info, done.stdout)
+    (attempt,) = info["attempts"]
+    assert attempt["result"] == "failure"
+    assert attempt["exit_status"] == 1  # every daemon error ends `guix build` with status 1
+    assert info["reason"] == f"builder for {drv} failed with exit code 3"
+    log = farm.cli("log", build).stdout
+    lines = log.splitlines()
+    assert f"about to fail {tag}" in lines
+    # Guix's own status lines, as `guix build` printed them on the machine.
+    for line in (f"building {drv}...", f"builder for `{drv}' failed with exit code 3",
+                 f"build of {drv} failed", f"guix build: error: build of `{drv}' failed"):
+        assert line in lines, (line, log)
+    assert f"build {build} failed" in done.stdout
+
+
+def test_max_silent_time_stops_a_silent_guix_build(
+    farm: Farm, machines: dict[str, Host]
+) -> None:
+    tag = token()
+    drv = instantiate(nix_expr_trivial(
+        f"silent-{tag}", f"echo going quiet {tag}; /bin/sleep 120; echo x > $out"))
+    write_inventory(farm, {machines["guix-b"]: {"max_silent_time": 1}})
+    (build,) = farm.submit(drv)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    info = farm.show(build)
+    assert info["state"] == "failed", (info, done.stdout)
+    assert info["reason"] == "timed out after 1 seconds of silence"
+    log = farm.cli("log", build).stdout
+    assert f"going quiet {tag}" in log
+    assert f"building of `{drv}' timed out after 1 seconds of silence" in log.splitlines()
+
+
+def test_a_machine_that_does_not_trust_the_coordinator_is_a_setup_failure(
+    farm: Farm, guix_bed: Testbed, coordinator_key: SigningKey
+) -> None:
+    tag = token()
+    drv = instantiate(nix_expr_trivial(f"untrusted-{tag}", f"echo {tag} > $out"))
+    stranger = SigningKey.generate()
+    host = next((h for h in guix_bed.hosts if h.name == "guix-untrusting"), None)
+    if host is None:
+        host = guix_bed.add_guix_host("guix-untrusting", authorized=[stranger.public_bytes])
+    guix_bed.ensure_running()
+    write_inventory(farm, {host: {}})
+    (build,) = farm.submit(drv)
+    coordinator = farm.start()
+    try:
+        wait_for("an attempt that ends", lambda: coordinator.poll() is not None or any(
+            a["result"] for a in farm.show(build)["attempts"]))
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        out, _ = coordinator.communicate(timeout=60)
+    assert coordinator.returncode == 0, out
+    assert "Traceback" not in out and "internal error" not in out, out
+    info = farm.show(build)
+    assert info["state"] == "queued", info  # requeued, to be tried again later
+    attempt = info["attempts"][0]
+    assert attempt["result"] == "setup-failure"
+    assert attempt["setup_failure"] == "missing-inputs"
+    assert attempt["detail"].startswith("1 derivation(s) could not be imported: ")
+    assert "guix archive: error: unauthorized public key: (public-key" in attempt["detail"]
+    assert [s["name"] for s in attempt["steps"]] == ["push-derivations"]
+    shown = farm.cli("builds", "show", build).stdout
+    assert "setup-failure missing-inputs: 1 derivation(s) could not be imported" in shown
+    assert "unauthorized public key" in shown
+    assert f"build {build} setup failure on {host.name}: missing-inputs" in out
+    assert not host.local_path(drv).exists()
+    assert coordinator_key.public_bytes != stranger.public_bytes
+
+
+def test_mixed_nix_and_guix_farm(farm: Farm, machines: dict[str, Host]) -> None:
+    """A chain that crosses stores both ways, plus independent builds on each machine.
+
+    Nix hosts offer the `benchmark` and `big-parallel` features by default; the inventory gives
+    each machine one, so the derivations requiring it can only go there.
+    """
+    tag = token()
+    nix_host, guix_host = machines["nix-c"], machines["guix-a"]
+    write_inventory(farm, {nix_host: {"features": ["benchmark"]},
+                           guix_host: {"features": ["big-parallel"]}})
+    on_nix, on_guix = '[ "benchmark" ]', '[ "big-parallel" ]'
+    leaf = nix_expr_trivial(f"mixed-leaf-{tag}", f"echo leaf-{tag} > $out",
+                            attrs={"requiredSystemFeatures": on_nix})
+    middle = nix_expr_trivial(f"mixed-middle-{tag}", 'read x < $dep; echo "middle $x" > $out',
+                              attrs={"dep": leaf, "requiredSystemFeatures": on_guix})
+    top = nix_expr_trivial(f"mixed-top-{tag}", 'read x < $dep; echo "top $x" > $out',
+                           attrs={"dep": middle, "requiredSystemFeatures": on_nix})
+    chain_drvs = [instantiate(e) for e in (leaf, middle, top)]
+    free = [instantiate(nix_expr_trivial(f"mixed-{n}-{tag}", f"echo {n} > $out"))
+            for n in range(4)]
+    pinned = {
+        instantiate(nix_expr_trivial(f"mixed-{where}-{tag}", f"echo {where} > $out",
+                                     attrs={"requiredSystemFeatures": features})): host
+        for where, features, host in (("n", on_nix, nix_host), ("g", on_guix, guix_host))
+    }
+    builds = farm.submit(*chain_drvs, *free, *pinned)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    infos = {build: farm.show(build) for build in builds}
+    for build, info in infos.items():
+        assert info["state"] == "succeeded", (build, info, done.stdout)
+        assert len(info["attempts"]) == 1, info
+    by_drv = {info["derivation"]: info for info in infos.values()}
+    expected = {**dict(zip(chain_drvs, (nix_host, guix_host, nix_host), strict=True)), **pinned}
+    for drv, host in expected.items():
+        assert by_drv[drv]["attempts"][0]["machine"] == host.name, (drv, by_drv[drv])
+    for drv in free:
+        assert by_drv[drv]["attempts"][0]["machine"] in (nix_host.name, guix_host.name)
+    leaf_out, middle_out, top_out = (by_drv[d]["outputs"]["out"] for d in chain_drvs)
+    # nix -> guix: the leaf's output went to the guix machine signed by the coordinator.
+    assert guix_host.local_path(leaf_out).read_text() == f"leaf-{tag}\n"
+    assert not build_log_exists(guix_host, chain_drvs[0])
+    # guix -> nix: the middle's output went to the nix machine.
+    assert nix_host.local_path(middle_out).read_text() == f"middle leaf-{tag}\n"
+    assert not build_log_exists(nix_host, chain_drvs[1])
+    assert nix_host.local_path(top_out).read_text() == f"top middle leaf-{tag}\n"
+    for info in infos.values():
+        assert stored_nar(farm.state, info["outputs"]["out"]).exists()
