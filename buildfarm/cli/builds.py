@@ -1,0 +1,193 @@
+"""Commands about builds: submit, builds list/show/cancel/priority, log."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from buildfarm.cli import BUILD_STATES, BuildfarmGroup, _open, cli
+
+
+def _read_paths(paths: Sequence[str]) -> list[str]:
+    files: list[str] = []
+    for path in paths:
+        if path == "-":
+            files.extend(line.strip() for line in sys.stdin if line.strip())
+        else:
+            files.append(path)
+    return files
+
+
+@cli.command()
+@click.argument("derivations", nargs=-1, required=True, metavar="DRV...")
+@click.option("--uuid", metavar="UUID", help="Use this UUID for the build (one DRV only).")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the build (repeat).")
+@click.option(
+    "--ignore-if-built",
+    is_flag=True,
+    help="Print the UUID of an existing queued, running or succeeded build of the same "
+    "derivation instead of adding one.",
+)
+@click.option(
+    "--ignore-if-queued",
+    is_flag=True,
+    help="Print the UUID of an existing queued or running build of the same derivation "
+    "instead of adding one.",
+)
+@click.option("--defer-until", metavar="ISO-8601", help="Do not start before this time.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    derivations: tuple[str, ...],
+    uuid: str | None,
+    priority: int,
+    tags: tuple[str, ...],
+    ignore_if_built: bool,
+    ignore_if_queued: bool,
+    defer_until: str | None,
+    as_json: bool,
+) -> None:
+    """Queue a build of each DRV and print its UUID ('-' reads paths from stdin)."""
+    from buildfarm import submission
+
+    options = submission.SubmitOptions(
+        priority=priority,
+        tags=tuple(submission.parse_tag(t) for t in tags),
+        uuid=submission.parse_uuid(uuid) if uuid is not None else None,
+        ignore_if_built=ignore_if_built,
+        ignore_if_queued=ignore_if_queued,
+        defer_until=submission.parse_time(defer_until) if defer_until is not None else None,
+    )
+    files = _read_paths(derivations)
+    _open(ctx)
+    results = submission.submit(files, options)
+    if as_json:
+        from buildfarm.render import print_json
+
+        print_json(
+            [{"uuid": r.uuid, "derivation": r.derivation, "created": r.created} for r in results]
+        )
+    else:
+        sys.stdout.write("".join(f"{r.uuid}\n" for r in results))
+
+
+@cli.group(cls=BuildfarmGroup)
+def builds() -> None:
+    """List, inspect, cancel and reprioritise builds."""
+
+
+@builds.command("list")
+@click.option("--state", type=click.Choice(BUILD_STATES), help="Only builds in this state.")
+@click.option(
+    "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only builds with this tag."
+)
+@click.option("--system", metavar="SYSTEM", help="Only builds for this system.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most N."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def builds_list(
+    ctx: click.Context,
+    state: str | None,
+    tags: tuple[str, ...],
+    system: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List builds, newest first."""
+    from buildfarm.datastore import builds as queries
+    from buildfarm.render import print_json, print_table
+    from buildfarm.submission import parse_tag
+
+    tag_filters = [parse_tag(t) for t in tags]
+    _open(ctx)
+    rows = queries.list_builds(state=state, tags=tag_filters, system=system, limit=limit)
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(rows, ("uuid", "state", "system", "priority", "derivation", "tags"))
+
+
+@builds.command("show")
+@click.argument("uuid")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
+    """Show one build: derivation, outputs, inputs and attempts."""
+    from buildfarm.datastore import builds as queries
+    from buildfarm.render import print_fields, print_json
+
+    _open(ctx)
+    info = queries.show_build(uuid)
+    if as_json:
+        print_json(info)
+        return
+    print_fields(
+        [
+            (k, info[k])
+            for k in ("uuid", "state", "reason", "derivation", "system", "priority", "tags")
+        ]
+        + [("created", info["created_at"]), ("ended", info["ended_at"])]
+        + [(f"output {name}", path) for name, path in info["outputs"].items()]
+        + [("input", f"{i['derivation']} ({i['state'] or 'no build'})") for i in info["inputs"]]
+    )
+    for number, attempt in enumerate(info["attempts"], 1):
+        result = attempt["result"] or f"running ({attempt['step']})"
+        line = f"attempt {number}: {attempt['machine']} {attempt['started_at']} {result}"
+        if attempt["setup_failure"]:
+            line += f" {attempt['setup_failure']}"
+        if attempt["detail"]:
+            line += f": {attempt['detail']}"
+        print(line)
+        for path in attempt["missing_inputs"]:
+            print(f"  missing {path}")
+
+
+@builds.command("cancel")
+@click.argument("uuids", nargs=-1, required=True, metavar="UUID...")
+@click.pass_context
+def builds_cancel(ctx: click.Context, uuids: tuple[str, ...]) -> None:
+    """Cancel queued or running builds."""
+    from buildfarm.datastore import builds as queries
+
+    _open(ctx)
+    for uuid in queries.cancel_builds(uuids):
+        click.echo(f"canceled {uuid}")
+
+
+@builds.command("priority")
+@click.argument("uuid")
+@click.argument("priority", type=int)
+@click.pass_context
+def builds_priority(ctx: click.Context, uuid: str, priority: int) -> None:
+    """Change the priority of a queued or running build."""
+    from buildfarm.datastore import builds as queries
+
+    _open(ctx)
+    queries.set_priority(uuid, priority)
+
+
+@cli.command()
+@click.argument("uuid")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing while the build runs.")
+@click.pass_context
+def log(ctx: click.Context, uuid: str, follow: bool) -> None:
+    """Print the build log of a build's latest attempt."""
+    from buildfarm.datastore import builds as queries
+    from buildfarm.logs import read_log
+
+    _open(ctx)
+    path, running = queries.latest_log(uuid)
+
+    def done() -> bool:
+        return not queries.latest_log(uuid)[1]
+
+    out = sys.stdout.buffer
+    for chunk in read_log(path, follow=follow and running, done=done):
+        out.write(chunk)
+        out.flush()
