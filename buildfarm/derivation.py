@@ -26,9 +26,11 @@ __all__ = [
 ]
 
 # Store path: "<store dir>/<32 nix-base32 chars>-<name>"; names as Guix's checkStoreName
-# allows them (no leading dot, at most 211 characters).
+# allows them (no leading dot, at most 211 characters). The store dir is a canonical absolute
+# path: no "." or ".." segment (it would lead out of the store), no control character.
 _STORE_PATH = re.compile(
-    r"(?:/[^/\x00]+)+/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-_?=][A-Za-z0-9+\-._?=]{0,210}"
+    r"(?:/(?!\.\.?/)[^/\x00-\x1f\x7f]+)+"
+    r"/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-_?=][A-Za-z0-9+\-._?=]{0,210}"
 )
 _HASH_ALGO = re.compile(r"(?:r:|text:)?(?:md5|sha1|sha256|sha512)")
 _HEX = re.compile(r"[0-9a-f]+")

@@ -98,7 +98,13 @@ def derivation_store_path(file: str, drv: drvmod.Derivation, contents: bytes) ->
     name = drv.env_dict.get("name", "")
     if not name:
         raise UsageError(f"{file}: the derivation has no 'name' and the file is not a store path")
-    return text_store_path(drv.store_dir, f"{name}.drv", contents, drv.references)
+    path = text_store_path(drv.store_dir, f"{name}.drv", contents, drv.references)
+    if not drvmod.is_store_path(path):
+        raise UsageError(
+            f"{file}: the derivation's name {name!r} makes no valid store path (letters, digits "
+            "and +-._?= only) and the file is not a store path"
+        )
+    return path
 
 
 def read_derivation(file: str) -> ReadDerivation:

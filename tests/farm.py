@@ -1,10 +1,13 @@
 """A coordinator's state directory and inventory, driven through the real command line.
 
-Shared by the tests that run `buildfarm run` on the test bed (test_run.py, test_hooks_flow.py).
+Shared by the tests that run `buildfarm run` on the test bed (test_run.py, test_hooks_flow.py,
+the fault suite test_faults*.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -14,7 +17,7 @@ import sys
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,17 @@ class EventRow:
     name: str
     payload: dict[str, Any]
     delivered: bool
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    """One row of the datastore's attempt table."""
+
+    id: int
+    machine: str
+    result: str | None
+    step: str
+    detail: str | None
 
 
 class Farm:
@@ -91,6 +105,29 @@ class Farm:
         """Rows of a query on the SQLite datastore (read directly: the coordinator may run)."""
         with sqlite3.connect(self.state / "buildfarm.db", timeout=60) as db:
             return db.execute(sql, params).fetchall()
+
+    def attempts(self, build: str) -> list[AttemptRow]:
+        """The attempts of a build, oldest first (read directly)."""
+        found = self.rows(
+            "SELECT a.id, a.machine, a.result, a.step, a.detail FROM attempt a"
+            " JOIN build b ON b.id = a.build_id WHERE b.uuid = ? ORDER BY a.id",
+            build,
+        )
+        return [AttemptRow(*row) for row in found]
+
+    def steps(self, attempt_id: int) -> list[str]:
+        """The names of an attempt's steps, in order."""
+        found = self.rows(
+            "SELECT name FROM attempt_step WHERE attempt_id = ? ORDER BY id", attempt_id
+        )
+        return [name for (name,) in found]
+
+    def state_of(self, build: str) -> str:
+        ((found,),) = self.rows("SELECT state FROM build WHERE uuid = ?", build)
+        return str(found)
+
+    def wait_for_state(self, build: str, wanted: str, timeout: float = 120.0) -> None:
+        wait_for(f"build {build} {wanted}", lambda: self.state_of(build) == wanted, timeout)
 
     def events(self) -> list[EventRow]:
         """The datastore's events, oldest first (read directly: the coordinator may run)."""
@@ -152,6 +189,32 @@ class Background:
         if self.process.stdout is not None:
             self.process.stdout.close()
         return self.output
+
+
+@contextlib.contextmanager
+def running(farm: Farm, *args: str) -> Iterator[Background]:
+    """`buildfarm run ARGS` in the background for the `with` block; then SIGTERM, and it
+    must exit 0 without a traceback."""
+    run = farm.background(*args)
+    try:
+        yield run
+    finally:
+        out = run.stop()
+        assert run.process.returncode == 0, out
+        assert "Traceback" not in out, out
+
+
+def check_stored(farm: Farm, build: str, host: Host) -> None:
+    """The build's output is in the output store whole, with the nar hash the machine that
+    built it reports, and no transfer is left behind in the store's tmp/."""
+    from buildfarm import nar
+
+    out = farm.show(build)["outputs"]["out"]
+    ((nar_hash, file),) = farm.rows("SELECT nar_hash, file FROM stored_output WHERE path = ?", out)
+    data = (farm.state / "outputs" / file).read_bytes()
+    assert "sha256:" + nar.nix_base32_encode(hashlib.sha256(data).digest()) == nar_hash
+    assert nar_hash == host.run(f"nix-store --query --hash {out}").stdout.decode().strip()
+    assert list((farm.state / "outputs" / "tmp").iterdir()) == []
 
 
 def wait_for(

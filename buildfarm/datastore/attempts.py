@@ -222,15 +222,17 @@ def setup_failure(
             )
 
 
-def interrupt(attempt_id: int, detail: str) -> None:
-    """Connection lost, coordinator stopping, or canceled: a running build is queued again."""
+def interrupt(attempt_id: int, detail: str, defer_seconds: float | None = None) -> None:
+    """Connection lost, coordinator stopping, or canceled: a running build is queued again
+    (not before `defer_seconds` from now, if given)."""
     now = time.time()
     with database_proxy.atomic():
         attempt = Attempt.get_by_id(attempt_id)
         if attempt.result is not None:
             return
         _close(attempt, INTERRUPTED, now, detail=detail)
-        Build.update(state=QUEUED).where(
+        later = {} if defer_seconds is None else {"retry_after": now + defer_seconds}
+        Build.update(state=QUEUED, **later).where(
             (Build.id == attempt.build_id) & (Build.state == RUNNING)
         ).execute()
 

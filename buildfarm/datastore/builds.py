@@ -46,52 +46,57 @@ def iso(moment: float | None) -> str | None:
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds")
 
 
-def _ids_by(model: Any, column: Any, keys: Sequence[str]) -> dict[str, int]:
+def _insert_rows(table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """INSERT every row with one prepared statement (executemany): building SQL text per batch
+    costs far more than the inserts themselves at 100,000 rows."""
+    if not rows:
+        return
+    db = database_proxy.obj
+    marks = ", ".join([db.param] * len(columns))
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+    cursor = db.cursor()
+    try:
+        for chunk in _chunks(rows, 5000):
+            cursor.executemany(sql, chunk)
+    finally:
+        cursor.close()
+
+
+def _ids_by(table: str, column: str, keys: Sequence[str]) -> dict[str, int]:
+    """key -> id of the rows of `table` whose `column` is one of `keys`."""
+    db = database_proxy.obj
     found: dict[str, int] = {}
-    for chunk in _chunks(keys):
-        for key, row_id in model.select(column, model.id).where(column.in_(chunk)).tuples():
-            found[key] = row_id
+    for chunk in _chunks(list(keys)):
+        marks = ", ".join([db.param] * len(chunk))
+        sql = f"SELECT {column}, id FROM {table} WHERE {column} IN ({marks})"
+        found.update(db.execute_sql(sql, tuple(chunk)).fetchall())
     return found
 
 
 def _record_derivations(items: Sequence[ReadDerivation], now: float) -> dict[str, int]:
     """Insert the derivations not yet known (in batches); return path -> id for all of them."""
     unique = list({item.path: item for item in items}.values())
-    ids = _ids_by(Derivation, Derivation.path, [i.path for i in unique])
+    ids = _ids_by("derivation", "path", [i.path for i in unique])
     new = [i for i in unique if i.path not in ids]
-    rows = [
-        {
-            "path": i.path,
-            "system": i.drv.system,
-            "required_features": " ".join(sorted(i.drv.required_features)),
-            "contents": i.contents,
-            "created_at": now,
-        }
-        for i in new
-    ]
-    for chunk in _chunks(rows, 100):
-        Derivation.insert_many(chunk).execute()
-    ids.update(_ids_by(Derivation, Derivation.path, [i.path for i in new]))
-    outputs = [
-        {
-            "derivation": ids[i.path],
-            "name": o.name,
-            "path": o.path,
-            "hash_algo": o.hash_algo,
-            "hash": o.hash,
-        }
-        for i in new
-        for o in i.drv.outputs
-    ]
-    inputs = [
-        {"derivation": ids[i.path], "input_path": path, "outputs": " ".join(names)}
-        for i in new
-        for path, names in i.drv.input_drvs
-    ]
-    for chunk in _chunks(outputs, 150):
-        DerivationOutput.insert_many(chunk).execute()
-    for chunk in _chunks(inputs, 250):
-        DerivationInput.insert_many(chunk).execute()
+    _insert_rows(
+        "derivation",
+        ("path", "system", "required_features", "contents", "created_at"),
+        [
+            (i.path, i.drv.system, " ".join(sorted(i.drv.required_features)), i.contents, now)
+            for i in new
+        ],
+    )
+    ids.update(_ids_by("derivation", "path", [i.path for i in new]))
+    _insert_rows(
+        "derivation_output",
+        ("derivation_id", "name", "path", "hash_algo", "hash"),
+        [(ids[i.path], o.name, o.path, o.hash_algo, o.hash) for i in new for o in i.drv.outputs],
+    )
+    _insert_rows(
+        "derivation_input",
+        ("derivation_id", "input_path", "outputs"),
+        [(ids[i.path], path, " ".join(names)) for i in new for path, names in i.drv.input_drvs],
+    )
     return ids
 
 
@@ -134,38 +139,41 @@ def record_submission(
         ids = _record_derivations([*targets, *inputs], now)
         existing = _existing_builds([ids[t.path] for t in targets], reuse) if reuse else {}
         results: list[Submitted] = []
-        new_builds: list[dict[str, Any]] = []
+        new_builds: list[tuple[Any, ...]] = []
         for target in targets:
             known = existing.get(ids[target.path])
             if known is not None:
                 results.append(Submitted(known, target.path, created=False))
                 continue
             uuid = options.uuid or str(uuidlib.uuid4())
-            build: dict[str, Any] = {
-                "uuid": uuid,
-                "derivation": ids[target.path],
-                "system": target.drv.system,
-                "required_features": " ".join(sorted(target.drv.required_features)),
-                "state": QUEUED,
-                "priority": options.priority,
-                "created_at": now,
-                "defer_until": options.defer_until,
-            }
+            new_builds.append((
+                uuid,
+                ids[target.path],
+                target.drv.system,
+                " ".join(sorted(target.drv.required_features)),
+                QUEUED,
+                options.priority,
+                now,
+                options.defer_until,
+            ))
             if options.ignore_if_built or options.ignore_if_queued:
                 existing[ids[target.path]] = uuid  # the same DRV twice in one call
-            new_builds.append(build)
             results.append(Submitted(uuid, target.path, created=True))
-        for chunk in _chunks(new_builds, 100):
-            Build.insert_many(chunk).execute()
-        build_ids = _ids_by(Build, Build.uuid, [b["uuid"] for b in new_builds])
+        _insert_rows(
+            "build",
+            (
+                "uuid", "derivation_id", "system", "required_features", "state", "priority",
+                "created_at", "defer_until",
+            ),
+            new_builds,
+        )
+        build_ids = _ids_by("build", "uuid", [b[0] for b in new_builds])
         if tags:
-            tag_rows = [
-                {"build": build_ids[b["uuid"]], "key": k, "value": v}
-                for b in new_builds
-                for k, v in tags.items()
-            ]
-            for chunk in _chunks(tag_rows, 250):
-                BuildTag.insert_many(chunk).execute()
+            _insert_rows(
+                "build_tag",
+                ("build_id", "key", "value"),
+                [(build_ids[b[0]], k, v) for b in new_builds for k, v in tags.items()],
+            )
         by_path = {t.path: t for t in targets}
         payloads = []
         for result in results:
@@ -236,58 +244,96 @@ def list_builds(
     ]
 
 
-def _attempt_json(attempt: Attempt) -> dict[str, Any]:
-    failure = SetupFailure.select().where(SetupFailure.attempt == attempt).first()
-    missing = (
-        [m.path for m in MissingInput.select().where(MissingInput.setup_failure == failure)]
-        if failure is not None
-        else []
-    )
-    steps = AttemptStep.select().where(AttemptStep.attempt == attempt).order_by(AttemptStep.id)
-    return {
-        "machine": attempt.machine,
-        "started_at": iso(attempt.started_at),
-        "ended_at": iso(attempt.ended_at),
-        "result": attempt.result,
-        "step": attempt.step,
-        "exit_status": attempt.exit_status,
-        "detail": attempt.detail,
-        "setup_failure": failure.kind if failure is not None else None,
-        "missing_inputs": missing,
-        "log": attempt.log_path,
-        "steps": [
-            {
-                "name": s.name,
-                "started_at": iso(s.started_at),
-                "ended_at": iso(s.ended_at),
-                "detail": s.detail,
-            }
-            for s in steps
-        ],
-    }
+def _attempts_json(build: Build) -> list[dict[str, Any]]:
+    """The build's attempts, oldest first, each with its steps, setup failure and missing
+    inputs: four queries whatever the number of attempts."""
+    attempts = list(build.attempts.order_by(Attempt.id))
+    ids = [a.id for a in attempts]
+    steps: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    failures: dict[int, tuple[int, str]] = {}  # attempt id -> (setup failure id, kind)
+    missing: dict[int, list[str]] = {}
+    if ids:
+        query: Any = (
+            AttemptStep.select(AttemptStep.attempt, AttemptStep.name, AttemptStep.started_at,
+                               AttemptStep.ended_at, AttemptStep.detail)
+            .where(AttemptStep.attempt.in_(ids))
+            .order_by(AttemptStep.id)
+            .tuples()
+        )
+        for attempt_id, name, started_at, ended_at, detail in query:
+            steps[attempt_id].append({
+                "name": name,
+                "started_at": iso(started_at),
+                "ended_at": iso(ended_at),
+                "detail": detail,
+            })
+        query = (
+            SetupFailure.select(SetupFailure.id, SetupFailure.attempt, SetupFailure.kind)
+            .where(SetupFailure.attempt.in_(ids))
+            .order_by(SetupFailure.id.desc())
+            .tuples()
+        )
+        for failure_id, attempt_id, kind in query:
+            failures[attempt_id] = (failure_id, kind)  # an attempt's first one, as before
+        by_failure = {failure_id: a for a, (failure_id, _) in failures.items()}
+        if by_failure:
+            query = (
+                MissingInput.select(MissingInput.setup_failure, MissingInput.path)
+                .where(MissingInput.setup_failure.in_(list(by_failure)))
+                .order_by(MissingInput.id)
+                .tuples()
+            )
+            for failure_id, path in query:
+                missing.setdefault(by_failure[failure_id], []).append(path)
+    return [
+        {
+            "machine": a.machine,
+            "started_at": iso(a.started_at),
+            "ended_at": iso(a.ended_at),
+            "result": a.result,
+            "step": a.step,
+            "exit_status": a.exit_status,
+            "detail": a.detail,
+            "setup_failure": failures[a.id][1] if a.id in failures else None,
+            "missing_inputs": missing.get(a.id, []),
+            "log": a.log_path,
+            "steps": steps[a.id],
+        }
+        for a in attempts
+    ]
+
+
+def _newest_builds(drv_paths: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """derivation path -> (UUID, state) of its newest build, for those that have one."""
+    found: dict[str, tuple[str, str]] = {}
+    for chunk in _chunks(list(drv_paths)):
+        query: Any = (
+            Build.select(Derivation.path, Build.uuid, Build.state)
+            .join(Derivation)
+            .where(Derivation.path.in_(list(chunk)))
+            .order_by(Build.id)
+            .tuples()
+        )
+        for path, uuid, state in query:
+            found[path] = (uuid, state)
+    return found
 
 
 def show_build(uuid: str) -> dict[str, Any]:
     build = get_build(uuid)
     drv = build.derivation
     outputs = {o.name: o.path for o in drv.outputs.order_by(DerivationOutput.name)}
-    inputs = []
-    for row in drv.inputs.order_by(DerivationInput.input_path):
-        latest = (
-            Build.select(Build.uuid, Build.state)
-            .join(Derivation)
-            .where(Derivation.path == row.input_path)
-            .order_by(Build.id.desc())
-            .first()
-        )
-        inputs.append(
-            {
-                "derivation": row.input_path,
-                "outputs": row.outputs.split(),
-                "build": latest.uuid if latest else None,
-                "state": latest.state if latest else None,
-            }
-        )
+    rows = list(drv.inputs.order_by(DerivationInput.input_path))
+    newest = _newest_builds([row.input_path for row in rows])
+    inputs = [
+        {
+            "derivation": row.input_path,
+            "outputs": row.outputs.split(),
+            "build": newest[row.input_path][0] if row.input_path in newest else None,
+            "state": newest[row.input_path][1] if row.input_path in newest else None,
+        }
+        for row in rows
+    ]
     return {
         "uuid": build.uuid,
         "derivation": drv.path,
@@ -303,7 +349,7 @@ def show_build(uuid: str) -> dict[str, Any]:
         "defer_until": iso(build.defer_until),
         "started_at": iso(build.started_at),
         "ended_at": iso(build.ended_at),
-        "attempts": [_attempt_json(a) for a in build.attempts.order_by(Attempt.id)],
+        "attempts": _attempts_json(build),
     }
 
 

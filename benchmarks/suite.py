@@ -1,0 +1,287 @@
+"""Every benchmark, in one run, into one table (run it through benchmarks/run).
+
+Groups (--only NAME selects some): startup, submit, scheduler, queries, memory, e2e, transfer,
+web (benchmarks/web.py: every page and API call of `buildfarm web` on an aged datastore).
+--quick stops the datastore sizes at 100,000 builds and does fewer trivial builds: a few
+minutes instead of an hour; the full run is the one BENCHMARKS.md records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from figures import Figure, Report, machine, table
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = ("startup", "submit", "scheduler", "queries", "memory", "e2e", "transfer", "web")
+MARK_BEGIN = "<!-- benchmarks/run --write: begin -->"
+MARK_END = "<!-- benchmarks/run --write: end -->"
+
+
+class Suite:
+    def __init__(self, work: Path, quick: bool, report: Report) -> None:
+        self.work = work
+        self.quick = quick
+        self.report = report
+        self.sizes = (1_000, 10_000, 100_000) if quick else (1_000, 10_000, 100_000, 1_000_000)
+        self.datastores: dict[int, Path] = {}
+
+    @property
+    def biggest(self) -> int:
+        return self.sizes[-1]
+
+    def datastore(self, count: int) -> Path:
+        """The datastore of `count` queued builds, made on first use."""
+        if count not in self.datastores:
+            import bench_scheduler
+
+            path = self.work / f"datastore-{count}" / "buildfarm.db"
+            path.parent.mkdir(parents=True)
+            print(f"making a datastore of {count:,} queued builds ...", flush=True)
+            seconds = bench_scheduler.make_datastore(path, count)
+            size = sum(f.stat().st_size for f in path.parent.iterdir()) / 1e6
+            self.report.notes.append(
+                f"datastore of {count:,} queued builds: written in {seconds:.0f} s "
+                f"through record_submission, {size:,.0f} MB on disk"
+            )
+            self.datastores[count] = path
+        return self.datastores[count]
+
+    # -- the groups
+
+    def startup(self) -> None:
+        import bench_cli
+
+        floor = bench_cli.interpreter_seconds() * 1000
+        empty = bench_cli.env_for(None)
+        for label, args in (("buildfarm --help", ["--help"]),
+                            ("buildfarm builds list (empty datastore)", ["builds", "list"])):
+            seconds = bench_cli.command_seconds(args, empty) * 1000
+            self.report.add(Figure(f"start-up: {label}", seconds, "ms", target=("<=", 150),
+                                   peer=floor, peer_name="python -c pass"))
+
+    def submit(self) -> None:
+        import bench_submit
+
+        count = 100_000
+        done = bench_submit.submit_from_stdin(self.work, count)
+        self.report.add(Figure(
+            f"submit of {count:,} derivations from stdin", done["seconds"], "s",
+            target=("<=", 60), note=f"{done['rate']:,.0f} derivations/s",
+        ))
+
+    def scheduler(self) -> None:
+        import bench_scheduler
+
+        results = {}
+        for count in self.sizes:
+            path = self.datastore(count)
+            scratch = path.with_name("scheduler.db")
+            shutil.copy(path, scratch)  # the other groups get the untouched datastore
+            print(f"allocation decisions at {count:,} queued builds ...", flush=True)
+            result = bench_scheduler.simulate(scratch, 1000,
+                                              reference_samples=3 if count < 1_000_000 else 1)
+            scratch.unlink()
+            results[count] = result
+            if not result["agreed"]:
+                self.report.notes.append(
+                    f"at {count:,}: the scheduler's first choice differed from the direct "
+                    "query's (a bug: the run is not valid)")
+            targets = {100_000: (5, 20), 1_000_000: (10, None)}.get(count, (None, None))
+            p50_target = ("<=", float(targets[0])) if targets[0] else None
+            p99_target = ("<=", float(targets[1])) if targets[1] else None
+            self.report.add(Figure(
+                f"allocation decision p50, {count:,} queued", result["p50"] * 1000, "ms",
+                target=p50_target, peer=result["reference"] * 1000,
+                peer_name="direct NOT EXISTS query in priority order (first build only)",
+                note=f"{result['decisions']} decisions",
+            ))
+            self.report.add(Figure(
+                f"allocation decision p99, {count:,} queued", result["p99"] * 1000, "ms",
+                target=p99_target, note=f"max {result['max'] * 1000:.1f} ms",
+            ))
+            if result["completion_p50"] is not None:
+                self.report.add(Figure(
+                    f"completion bookkeeping p50 / p99, {count:,} queued",
+                    result["completion_p50"] * 1000, "ms",
+                    note=f"p99 {result['completion_p99'] * 1000:.1f} ms, max "
+                         f"{result['completion_max'] * 1000:.0f} ms: a success recounts its "
+                         "dependants",
+                ))
+        low, high = min(results), max(results)
+        growth = results[high]["p50"] / results[low]["p50"]
+        self.report.add(Figure(
+            f"allocation p50 growth, {low:,} -> {high:,} queued ({high // low:,}x the queue)",
+            growth, "x", target=("<=", 10.0),
+            note="linear would be " + f"{high // low:,}x; curve: " + ", ".join(
+                f"{c:,}: {r['p50'] * 1000:.2f} ms" for c, r in sorted(results.items())),
+        ))
+
+    def queries(self) -> None:
+        import bench_cli
+
+        big = self.datastore(self.biggest)
+        small = self.datastore(self.sizes[0])
+        ours, peer = bench_cli.list_and_show(big), bench_cli.list_and_show(small)
+        for key, label in (("list", "builds list --limit 50"),
+                           ("list_json", "builds list --limit 50 --json"),
+                           ("list_failed", "builds list --limit 50 --state failed"),
+                           ("show", "builds show UUID")):
+            self.report.add(Figure(
+                f"{label}, {self.biggest:,} builds (whole command)", ours[key] * 1000, "ms",
+                target=("<=", 200.0), peer=peer[key] * 1000,
+                peer_name=f"the same at {self.sizes[0]:,} builds",
+            ))
+
+    def memory(self) -> None:
+        import bench_memory
+        from testbed import Testbed
+
+        seconds = 20.0 if self.quick else 60.0
+        results = {}
+        with Testbed(self.work) as bed:
+            hosts = bed.add_hosts(4)
+            for count in (self.sizes[0], self.biggest):
+                copy = self.work / f"memory-{count}" / "buildfarm.db"
+                copy.parent.mkdir()
+                shutil.copy(self.datastore(count), copy)
+                print(f"coordinator memory at {count:,} queued builds ...", flush=True)
+                results[count] = bench_memory.coordinator_memory(copy, hosts, seconds)
+                shutil.rmtree(copy.parent)
+        ours, peer = results[self.biggest], results[self.sizes[0]]
+        self.report.add(Figure(
+            f"coordinator peak RSS, {self.biggest:,} queued, 16 machines", ours["peak"], "MB",
+            target=("<=", 250.0), peer=peer["peak"],
+            peer_name=f"the same at {self.sizes[0]:,} queued",
+            note=f"{ours['connected']} machines connected, {seconds:.0f} s of work",
+        ))
+
+    def e2e(self) -> None:
+        import bench_e2e
+
+        builds = 100 if self.quick else 200
+        bench_e2e.trivial_builds(self.report, self.work, builds=builds, host_count=4, slots=4,
+                                 label="issue 7", nix_target=5, floor_target=1.5)
+        bench_e2e.trivial_builds(self.report, self.work, builds=builds, host_count=2, slots=4,
+                                 label="issue 3", nix_target=5, floor_target=1.5)
+
+    def transfer(self) -> None:
+        import bench_transfer
+        from testbed import Testbed
+
+        size_mb = 500
+        with Testbed(self.work) as bed:
+            (host,) = bed.add_hosts(1)
+            pull = bench_transfer.sftp_versus_cat(host, self.work, size_mb,
+                                                  rounds=3 if self.quick else 5)
+            self.report.add(Figure(
+                f"SFTP pull (Remote.fetch) of a {size_mb} MB output", pull["fetch"], "MB/s",
+                target=(">=", 0.8), target_of="ratio", peer=pull["cat"],
+                peer_name="cat over an exec channel of the same connection",
+                note="rounds " + ", ".join(f"{r:.0f}" for r in pull["fetch_rounds"]) + " vs "
+                     + ", ".join(f"{r:.0f}" for r in pull["cat_rounds"]),
+            ))
+            self.report.add(Figure(
+                "coordinator CPU per GB pulled: SFTP vs cat", pull["fetch_cpu"], "s",
+                peer=pull["cat_cpu"], peer_name="cat",
+            ))
+            files = 100_000
+            many = bench_transfer.many_files(host, self.work, files)
+            self.report.add(Figure(
+                f"{files:,}-file output: export + fetch + verify/store", many["ours"], "s",
+                target=("<=", 2.0), target_of="ratio", peer=many["peer"],
+                peer_name="nix-store --export | cat over one ssh",
+                note=f"nar {many['nar'] / 1e6:.1f} MB; export {many['export-outputs']:.2f} s, "
+                     f"fetch {many['fetch-outputs']:.2f} s, verify {many['verify-outputs']:.2f} s",
+            ))
+
+
+    def web(self) -> None:
+        import web
+
+        count = self.biggest
+        path = self.work / f"web-{count}" / "buildfarm.db"
+        print(f"making an aged datastore of {count:,} builds for buildfarm web ...", flush=True)
+        web.make_datastore(path, count, path.parent / "logs")
+        inventory = path.parent / "inventory.yaml"
+        web.write_inventory(inventory)
+        pages = web.measure(path, inventory, repeat=3 if self.quick else 5)
+        slowest = max(pages, key=lambda page: page[1])
+        worst = max(pages, key=lambda page: page[2])
+        self.report.add(Figure(
+            f"buildfarm web: slowest median of {len(pages)} pages and API calls, "
+            f"{count:,} builds", slowest[1], "ms", target=("<=", web.TARGET_MS),
+            note=f"{slowest[0]}; worst single answer {worst[2]:.0f} ms ({worst[0]})",
+        ))
+
+
+def write_markdown(report: Report, mode: str, began: float) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8")
+    info = machine()
+    block = "\n".join([
+        MARK_BEGIN,
+        f"Run: `bash benchmarks/run{' --quick' if mode == 'quick' else ''}` "
+        f"({mode}), {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, "
+        f"{(time.time() - began) / 60:.0f} minutes; load average at the end "
+        f"{os.getloadavg()[0]:.2f}.",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ".",
+        "",
+        table(report.figures),
+        "",
+        *[f"- {note}" for note in report.notes],
+        MARK_END,
+    ])
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        tail = rest.split(MARK_END, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="scratch directory")
+    parser.add_argument("--quick", action="store_true", help="up to 100,000 builds")
+    parser.add_argument("--only", action="append", choices=GROUPS, default=[],
+                        help="run only this group (repeat)")
+    parser.add_argument("--write", action="store_true", help="put the table in BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    began = time.time()
+    sys.path.insert(0, str(ROOT / "tests"))
+    # Bytecode as an installed package has it (the environment may forbid writing it).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "buildfarm")],
+                   check=True, stdout=subprocess.DEVNULL)
+    report = Report()
+    suite = Suite(args.work, args.quick, report)
+    print("machine: " + json.dumps(machine()), flush=True)
+    for group in args.only or GROUPS:
+        print(f"== {group}", flush=True)
+        getattr(suite, group)()
+    print()
+    print(table(report.figures))
+    for note in report.notes:
+        print(f"- {note}")
+    if args.json is not None:
+        args.json.write_text(report.to_json(), encoding="utf-8")
+    if args.write:
+        write_markdown(report, "quick" if args.quick else "full", began)
+
+
+if __name__ == "__main__":
+    main()
