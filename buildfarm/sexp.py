@@ -286,11 +286,12 @@ def _write_canonical(sexp: Sexp, out: bytearray) -> None:
     out += b")"
 
 
-def advanced(sexp: Sexp) -> bytes:
+def advanced(sexp: Sexp, *, ascii_only: bool = False) -> bytes:
     """The advanced format (GCRYSEXP_FMT_ADVANCED) byte for byte, ending in a newline.
 
     Guix writes its key files, ACL and signatures this way. It is ASCII unless an atom holds
-    bytes 0xA1-0xFF that libgcrypt deems printable.
+    bytes 0xA1-0xFF that libgcrypt deems printable; with `ascii_only` such an atom is written
+    #HEX# instead, which every s-expression reader (libgcrypt's included) reads the same.
     """
     events: list[bytes | bool] = []  # True = open, False = close, bytes = atom
     _flatten(sexp, events)
@@ -310,7 +311,10 @@ def advanced(sexp: Sexp) -> bytes:
                 out += b"\n" + b" " * indent
         else:
             assert isinstance(event, bytes)
-            out += _advanced_atom(event)
+            atom = _advanced_atom(event)
+            if ascii_only and not atom.isascii():
+                atom = b"#" + event.hex().upper().encode("ascii") + b"#"
+            out += atom
             if following is not False:
                 out += b" "
     out += b"\n"

@@ -259,7 +259,9 @@ def _public_key_sexp(public: bytes) -> sexp.Sexp:
 
 
 def _text(value: sexp.Sexp) -> str:
-    return sexp.advanced(value).decode("latin-1")
+    """Advanced format, always ASCII: signatures travel as UTF-8 text in bundles and narinfos,
+    so the rare atom libgcrypt would print with raw bytes 0xA1-0xFF is written #HEX#."""
+    return sexp.advanced(value, ascii_only=True).decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
