@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from buildfarm import derivation as drvmod
@@ -171,6 +171,7 @@ def test_fuzz_bundle_reader_random_bytes(junk: bytes, prefix: bytes) -> None:
 
 @FUZZ
 @given(edits())
+@example(changes=[(17153, b"\n", 1)])  # found by the long run: a line break in a store dir
 def test_fuzz_bundle_reader_mutated_export(changes: list[tuple[int, bytes, int]]) -> None:
     check_bundle(mutate(EXPORT, changes))
 
