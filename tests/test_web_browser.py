@@ -155,6 +155,8 @@ def test_event_stream_of_a_run_survives_a_reconnection_halfway(
         while not (got[-1][1] == "build-success" and got[-1][2]["build"]["uuid"] == top):
             got.append(again.next())
         again.close()
+        # --exit-when-idle: let it exit by itself (a SIGTERM racing its exit would kill it).
+        run.process.wait(timeout=120)
         output = run.stop(timeout=120)
         assert run.process.returncode == 0, output
     finally:
