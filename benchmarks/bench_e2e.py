@@ -19,6 +19,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +38,8 @@ from testbed import (  # noqa: E402
     inventory_yaml,
     nix_expr_trivial,
 )
+
+RUN_TIMEOUT = 900.0  # seconds a `buildfarm run` of the trivial builds may take at most
 
 
 def trivial_derivations(count: int, tag: str) -> list[str]:
@@ -71,8 +74,13 @@ def run_buildfarm(hosts: list[Host], drvs: list[str], slots: int, work: Path) ->
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert process.stdout is not None
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
+    timer = threading.Timer(RUN_TIMEOUT, process.kill)  # a stuck run must not hang the suite
+    timer.start()
+    try:
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        timer.cancel()
     wall = time.perf_counter() - began
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:

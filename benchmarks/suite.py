@@ -197,14 +197,19 @@ class Suite:
             ))
             files = 100_000
             many = bench_transfer.many_files(host, self.work, files)
+            network = many["export-outputs"] + many["fetch-outputs"]
             self.report.add(Figure(
-                f"{files:,}-file output: export + fetch + verify/store", many["ours"], "s",
-                target=("<=", 2.0), target_of="ratio", peer=many["peer"],
+                f"{files:,}-file output: export + fetch (one command, one file)", network, "s",
+                target=("<=", 1.5), target_of="ratio", peer=many["peer"],
                 peer_name="nix-store --export | cat over one ssh",
                 note=f"nar {many['nar'] / 1e6:.1f} MB; export {many['export-outputs']:.2f} s, "
-                     f"fetch {many['fetch-outputs']:.2f} s, verify {many['verify-outputs']:.2f} s",
+                     f"fetch {many['fetch-outputs']:.2f} s",
             ))
-
+            self.report.add(Figure(
+                f"{files:,}-file output: verify + store + publish on the coordinator",
+                many["verify-outputs"], "s",
+                note="reading the nar's entries, hashing, compressing, signing: local work",
+            ))
 
     def web(self) -> None:
         import web

@@ -94,7 +94,10 @@ def age(db: object, logs_dir: Path) -> None:
                                   ).fetchall()
     now = time.time()
     with db.atomic():  # type: ignore[attr-defined]
-        for name in ("build_waiting_insert", "build_waiting_state", "build_waiting_delete"):
+        triggers = [name for (name,) in execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'build' "
+            "AND name LIKE 'build_waiting_%'").fetchall()]
+        for name in triggers:
             execute(f"DROP TRIGGER {name}")
         _age(db, now, start, logs_dir, low, high)
         execute(f"UPDATE build SET waiting_on = {migrations._WAITING_COUNT} "

@@ -54,6 +54,7 @@ SETUP_RETRY_BASE = 5.0  # seconds a build waits after a setup failure (doubling,
 SETUP_RETRY_MAX = 600.0
 LOAD_PROBE_EVERY = 20.0
 LOCAL_FAILURE_RETRY = 10.0  # seconds a build waits after the coordinator's own disk failed it
+INTERNAL_ERROR_RETRY = 60.0  # seconds a build waits after a bug interrupted it (no hot loop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,7 +522,9 @@ class Coordinator:
             self.reporter.event(f"build {uuid} interrupted on {name}: {reason}")
         except Exception as e:  # a bug must not take the farm down: log it, requeue
             logger.exception("attempt %s on %s", run.attempt_id, name)
-            await self.db(records.interrupt, run.attempt_id, f"internal error: {e!r}")
+            await self.db(
+                records.interrupt, run.attempt_id, f"internal error: {e!r}", INTERNAL_ERROR_RETRY
+            )
         finally:
             slots.running.pop(run.attempt_id, None)
             self.finished.append(time.time())

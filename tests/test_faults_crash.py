@@ -283,7 +283,7 @@ def submit_concurrently(
         ]
         reports = []
         for client in clients:
-            out, err = client.communicate(timeout=600)
+            out, err = client.communicate(timeout=3600)
             assert client.returncode == 0 and not err, err
             reports.append(json.loads(out))
         finished = time.time()

@@ -111,6 +111,11 @@ def test_cancel_stops_the_remote_build(farm: Farm, hosts: list[Host]) -> None:
         while _remote_sleep(tag):
             assert time.monotonic() < deadline, "the remote build survived its cancel"
             time.sleep(0.2)
+        # The coordinator records the interruption once its kill of the remote group is done.
+        deadline = time.monotonic() + 30
+        while farm.show(build)["attempts"][-1]["result"] is None:
+            assert time.monotonic() < deadline, "the canceled attempt was never closed"
+            time.sleep(0.2)
         info = farm.show(build)
         assert info["state"] == "canceled"
         assert info["attempts"][-1]["result"] == "interrupted"
