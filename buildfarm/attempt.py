@@ -25,6 +25,7 @@ from buildfarm.logs import LogWriter
 from buildfarm.outputs import OutputStore
 from buildfarm.remote import Remote
 from buildfarm.signing import SigningKey
+from buildfarm.store_session import SessionFailed, StoreSession
 
 T = TypeVar("T")
 SMALL = 120.0  # seconds a store query may take
@@ -79,6 +80,7 @@ class AttemptRun:
     on_step: Callable[[str], None] | None = None
     on_progress: Callable[[int], None] | None = None
     system: str | None = None  # the build's, for the published narinfo's System line
+    session: StoreSession | None = None  # a Nix machine's store session, when one is free
     # What survey() found.
     known: list[closure.KnownDerivation] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -95,6 +97,12 @@ class AttemptRun:
     async def missing(self, paths: Sequence[str]) -> list[str]:
         if not paths:
             return []
+        if self.session is not None:
+            try:
+                valid = await self.session.query_valid(paths, SMALL)
+            except SessionFailed as e:
+                raise StoreCommandFailed(str(e)) from None
+            return [p for p in paths if p not in valid]
         command = self.backend.missing(paths)
         result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
         if not result.ok:
@@ -102,6 +110,13 @@ class AttemptRun:
         return self.backend.parse_missing(result.stdout)
 
     async def import_bundle(self, bundle_file: str, what: str) -> None:
+        if self.session is not None:
+            try:
+                await self.session.import_paths(_file_chunks(bundle_file), TRANSFER)
+            except SessionFailed as e:
+                detail = f"{what} could not be imported: {e}"
+                raise SetupFailed(MISSING_INPUTS, (), detail) from None
+            return
         command = self.backend.import_bundle()
         result = await self.remote.run_streaming(
             command.argv, stdin=_file_chunks(bundle_file), timeout=TRANSFER
@@ -219,6 +234,12 @@ class AttemptRun:
         )
         log = LogWriter(self.log_path, self.max_log_bytes)
         await self.db(records.set_log, self.attempt_id, self.log_path)
+        if self.session is not None:
+            try:
+                await self._build_in_session(self.session, log)
+            finally:
+                log.close()
+            return
         try:
             result = await self.remote.run_streaming(
                 command.argv,
@@ -236,20 +257,39 @@ class AttemptRun:
             _kind, reason = self.backend.classify_build_failure(result.exit_status, log.tail)
             raise BuildFailed(result.exit_status, reason)
 
+    async def _build_in_session(self, session: StoreSession, log: LogWriter) -> None:
+        machine = self.machine
+        try:
+            status, message = await session.build(
+                self.drv_path, max_silent_time=machine.max_silent_time, timeout=machine.timeout,
+                on_log=log.write,
+                safety_timeout=None if machine.timeout is None else machine.timeout + 60,
+                safety_silence=None
+                if machine.max_silent_time is None
+                else machine.max_silent_time + 60,
+            )
+        except SessionFailed as e:
+            raise StoreCommandFailed(str(e)) from None
+        if status:
+            log.write(f"error: {message}\n".encode(errors="replace"))
+            _kind, reason = self.backend.classify_build_failure(status, log.tail)
+            raise BuildFailed(status, reason)
+
     async def fetch_outputs(self, outputs: Sequence[str]) -> list[records.OutputRecord]:
         """Export on the machine, pull over SFTP, verify, store atomically."""
         await self.step("export-outputs")
-        remote_file = await self.remote.mktemp()
         local_file = self.outputs.temp_path(f"attempt-{self.attempt_id}.bundle")
+        remote_file = ""
         try:
-            command = self.backend.export_to_file(outputs, remote_file)
+            command = self.backend.export_to_temp(outputs)
             result = await self.remote.run(command.argv, input=command.stdin, timeout=TRANSFER)
-            if not result.ok:
+            remote_file = result.stdout.decode(errors="replace").partition("\n")[0]
+            if not result.ok or not remote_file.startswith("/"):
                 raise TransferFailed(f"export failed: {_first_error(result.stderr)}")
             await self.step("fetch-outputs")
             await self.remote.fetch(remote_file, local_file, progress=self.on_progress)
             await self.step("verify-outputs")
-            reported = {p: await self._reported_hash(p) for p in outputs}
+            reported = await self._reported_hashes(outputs)
             try:
                 return await asyncio.to_thread(
                     self.outputs.import_bundle, local_file, outputs, reported, self.drv_path,
@@ -260,7 +300,20 @@ class AttemptRun:
         finally:
             if os.path.exists(local_file):
                 os.unlink(local_file)
-            await _quietly(self.remote.remove(remote_file))
+            if remote_file.startswith("/"):
+                await _quietly(self.remote.remove(remote_file))
+
+    async def _reported_hashes(self, paths: Sequence[str]) -> dict[str, tuple[str, int | None]]:
+        if self.session is None:
+            return {p: await self._reported_hash(p) for p in paths}
+        try:
+            infos = await self.session.path_infos(paths, SMALL)
+        except SessionFailed as e:
+            raise TransferFailed(f"cannot hash the outputs: {e}") from None
+        lacking = [p for p in paths if p not in infos]
+        if lacking:
+            raise TransferFailed(f"cannot hash {lacking[0]}: not valid on the machine")
+        return {p: (infos[p].nar_hash, infos[p].nar_size) for p in paths}
 
     async def _reported_hash(self, path: str) -> tuple[str, int | None]:
         command = self.backend.nar_hash(path)

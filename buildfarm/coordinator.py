@@ -33,7 +33,7 @@ from buildfarm.config import Settings
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import open_datastore
 from buildfarm.datastore.models import Attempt, Build, MachineState
-from buildfarm.errors import BuildfarmError, RemoteError
+from buildfarm.errors import AlreadyRunningError, BuildfarmError, DatastoreError, RemoteError
 from buildfarm.hooks import HookRunner, HookSettings
 from buildfarm.inventory import Inventory, Machine
 from buildfarm.inventory import load as load_inventory
@@ -43,6 +43,7 @@ from buildfarm.outputs import OutputStore, Publisher
 from buildfarm.remote import Remote
 from buildfarm.runlock import RunLock
 from buildfarm.signing import SigningKey, load_key, save_key
+from buildfarm.store_session import StoreSessions, session_limit
 
 if TYPE_CHECKING:
     from buildfarm.metrics import Metrics
@@ -55,6 +56,11 @@ SETUP_RETRY_MAX = 600.0
 LOAD_PROBE_EVERY = 20.0
 LOCAL_FAILURE_RETRY = 10.0  # seconds a build waits after the coordinator's own disk failed it
 INTERNAL_ERROR_RETRY = 60.0  # seconds a build waits after a bug interrupted it (no hot loop)
+RUN_LOCK_CHECK_EVERY = 5.0
+# PostgreSQL: how long run waits for a lost server to come back (retrying each datastore
+# call on a new connection) before it gives up; the delays between tries.
+DATASTORE_OUTAGE_LIMIT = 600.0
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,7 @@ class MachineSlots:
 
     machine: Machine
     remote: Remote
+    sessions: StoreSessions | None = None
     ready: bool = False
     connecting: asyncio.Task[None] | None = None
     running: dict[int, RunningAttempt] = field(default_factory=dict)
@@ -143,6 +150,8 @@ class Coordinator:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datastore")
         self._wake = asyncio.Event()
         self._lock = RunLock(settings.db_url, settings.state_dir)
+        self._lock_checked = time.monotonic()
+        self._datastore_lost = False
         self._signal_handlers: dict[int, Any] = {}
         self._reload_requested = False
         self._inventory_stamp: tuple[float, int] | None = None
@@ -172,7 +181,32 @@ class Coordinator:
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+        def notify(line: str) -> None:
+            loop.call_soon_threadsafe(self.reporter.event, line)
+
+        call = functools.partial(
+            _reconnecting, functools.partial(fn, *args), notify,
+            lambda: self.force_exit or self._datastore_lost,
+        )
+        try:
+            return await loop.run_in_executor(self._executor, call)
+        except DatastoreLost:
+            self._datastore_lost = self.should_exit = True  # every later call fails at once
+            raise
+
+    async def check_run_lock(self) -> None:
+        """PostgreSQL: after a server restart the run lock is taken again, or run stops."""
+        if time.monotonic() - self._lock_checked < RUN_LOCK_CHECK_EVERY:
+            return
+        self._lock_checked = time.monotonic()
+        try:
+            await self.db(self._lock.check)
+        except AlreadyRunningError as e:
+            self.reporter.event(f"lost the run lock while the datastore was away: {e}; stopping")
+            self.should_exit = self.force_exit = True
+        except DatastoreError:
+            pass  # the server is still away; the datastore calls wait for it meanwhile
 
     # -- lifecycle
 
@@ -203,7 +237,7 @@ class Coordinator:
         self._inventory_stamp = _stamp(self.inventory.path)
         for machine in self.inventory.machines:
             if machine.enabled:
-                self.machines[machine.name] = MachineSlots(machine, Remote(machine))
+                self.machines[machine.name] = _machine_slots(machine)
         names = ", ".join(self.machines) or "none"
         self.reporter.event(f"coordinator started with machines: {names}")
         if self.metrics is not None:
@@ -243,25 +277,26 @@ class Coordinator:
                 continue
             if _reach(machine) != _reach(slots.machine):
                 self._retire_connection(slots)
-                slots.remote = Remote(machine)
+                fresh_slots = _machine_slots(machine)
+                slots.remote, slots.sessions = fresh_slots.remote, fresh_slots.sessions
                 slots.ready = False
             slots.machine, slots.retiring = machine, False
             self.reporter.event(f"machine {name} updated")
         for name, machine in wanted.items():
             if name not in self.machines:
-                self.machines[name] = MachineSlots(machine, Remote(machine))
+                self.machines[name] = _machine_slots(machine)
                 self.reporter.event(f"machine {name} added")
         self.inventory = fresh
         self._wake.set()
 
     def _retire_connection(self, slots: MachineSlots) -> None:
         """Close a connection once the attempts using it have ended."""
-        old = slots.remote
+        old, sessions = slots.remote, slots.sessions
         tasks = [r.task for r in slots.running.values() if r.task is not None]
 
         async def close_when_done() -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
-            await old.close()
+            await _close_connection(old, sessions)
 
         task = asyncio.create_task(close_when_done())
         self._background.add(task)
@@ -289,6 +324,7 @@ class Coordinator:
     async def main_loop(self) -> None:
         depth_probed = 0.0
         while not self.should_exit:
+            await self.check_run_lock()
             await self.maybe_reload()
             self._drop_retired()
             await self.check_cancellations()
@@ -330,7 +366,8 @@ class Coordinator:
             if slots.connecting is not None:
                 slots.connecting.cancel()
         await asyncio.gather(
-            *(s.remote.close() for s in self.machines.values()), *self._background,
+            *(_close_connection(s.remote, s.sessions) for s in self.machines.values()),
+            *self._background,
             return_exceptions=True,
         )
         if self.metrics is not None:
@@ -478,7 +515,10 @@ class Coordinator:
         )
         uuid, name = run.build_uuid, machine.name
         outcome, setup_kind = "interrupted", None
+        pool = slots.sessions
         try:
+            if pool is not None:
+                steps.session = await pool.take()
             stored = await steps.run()
             await self.db(records.succeed, run.attempt_id, stored, path)
             self.reporter.event(f"build {uuid} succeeded (on {name})")
@@ -526,6 +566,8 @@ class Coordinator:
                 records.interrupt, run.attempt_id, f"internal error: {e!r}", INTERNAL_ERROR_RETRY
             )
         finally:
+            if pool is not None and steps.session is not None:
+                pool.give_back(steps.session)
             slots.running.pop(run.attempt_id, None)
             self.finished.append(time.time())
             if self.metrics is not None:
@@ -533,6 +575,55 @@ class Coordinator:
                     name, outcome, setup_kind, time.time() - run.started, run.transferred
                 )
             self._wake.set()
+
+
+class DatastoreLost(DatastoreError):
+    """The PostgreSQL server stayed away longer than DATASTORE_OUTAGE_LIMIT."""
+
+
+def _reconnecting(call: Callable[[], T], notify: Callable[[str], None],
+                  give_up: Callable[[], bool]) -> T:
+    """In the datastore thread: `call`, made again on a new connection while a PostgreSQL
+    server is away. A lost connection means the server rolled the transaction back."""
+    import peewee as pw
+
+    from buildfarm.datastore import postgresql
+    from buildfarm.datastore.models import database_proxy
+
+    began, tries = time.monotonic(), 0
+    while True:
+        try:
+            result = call()
+        except (pw.OperationalError, pw.InterfaceError) as e:
+            db = database_proxy.obj
+            if not postgresql.connection_lost(db, e):
+                raise
+            postgresql.drop_connection(db)
+            message = postgresql.one_line(e)
+            if give_up() or time.monotonic() - began > DATASTORE_OUTAGE_LIMIT:
+                raise DatastoreLost(f"lost the datastore: {message}") from None
+            if not tries:
+                notify(f"datastore connection lost ({message}): reconnecting")
+            time.sleep(RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS) - 1)])
+            tries += 1
+            continue
+        if tries:
+            notify("datastore connection back")
+        return result
+
+
+def _machine_slots(machine: Machine) -> MachineSlots:
+    """A machine's connection, with a pool of store sessions if it is a Nix machine."""
+    remote = Remote(machine)
+    limit = session_limit(machine.max_sessions, machine.max_builds)
+    sessions = StoreSessions(remote, limit) if machine.store == "nix" and limit else None
+    return MachineSlots(machine, remote, sessions)
+
+
+async def _close_connection(remote: Remote, sessions: StoreSessions | None) -> None:
+    if sessions is not None:
+        await sessions.close()
+    await remote.close()
 
 
 def _setup_failures(attempt_id: int) -> int:

@@ -36,7 +36,7 @@ import asyncssh
 from buildfarm.errors import RemoteError
 from buildfarm.inventory import Machine
 
-__all__ = ["CommandTimeoutError", "Remote", "RunResult"]
+__all__ = ["CommandTimeoutError", "Remote", "RemoteProcess", "RunResult"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -104,11 +104,14 @@ class _Job:
     timeout: float | None = None
     silence_timeout: float | None = None
     group: bool = True
+    interactive: bool = False  # the caller talks to stdin itself (RemoteProcess)
 
 
 class _Reader(Protocol):
     async def read(self, n: int = -1) -> bytes: ...
     async def readline(self) -> bytes: ...
+    async def readexactly(self, n: int) -> bytes: ...
+    def at_eof(self) -> bool: ...
 
 
 class _Writer(Protocol):
@@ -197,6 +200,34 @@ class _Client(asyncssh.SSHClient):
                                  key: asyncssh.SSHKey) -> bool:
         self._check.offered = key  # called only for a key that known_hosts does not trust
         return False
+
+
+class RemoteProcess:
+    """A command started by ``Remote.start_process``; ``close`` ends it and frees its channel."""
+
+    def __init__(self, remote: Remote, proc: _Proc) -> None:
+        assert proc.stdin is not None
+        self._remote, self._proc, self._closed = remote, proc, False
+        self.stdin: _Writer = proc.stdin
+        self.stdout, self.stderr = proc.stdout, proc.stderr
+
+    async def close(self, *, kill: bool = False) -> None:
+        """EOF on its stdin and a short wait for its exit, or (``kill``, or if it lingers)
+        SIGTERM then SIGKILL to its whole process group. Never raises but CancelledError."""
+        if self._closed:
+            return
+        self._closed = True
+        if not kill:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.stdin.write_eof()
+            try:
+                await asyncio.wait_for(self._proc.finish(), KILL_GRACE)
+            except (TimeoutError, RemoteError, OSError, asyncssh.Error):
+                kill = True
+        self._proc.close()
+        self._remote._slots.release()  # first: with max_sessions < 3 the kill needs the slot
+        if kill:
+            await self._remote._shielded(self._remote._kill_group(self._proc))
 
 
 class Remote:
@@ -405,7 +436,7 @@ class Remote:
         raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
-    async def _boundary(self, what: str) -> AsyncIterator[None]:
+    async def boundary(self, what: str) -> AsyncIterator[None]:
         """Turn network and OS errors into one RemoteError naming the machine."""
         try:
             yield
@@ -455,6 +486,29 @@ class Remote:
             silence_timeout=silence_timeout, group=True,
         ))
 
+    async def start_process(self, argv: Sequence[str]) -> RemoteProcess:
+        """Start ``argv`` in its own process group and hand over its pipes: a long-lived
+        command the caller talks to (a store session). It holds one channel until closed."""
+        self._check_breaker()
+        await self._slots.acquire()
+        proc = None
+        try:
+            async with self.boundary(f"cannot start {shlex.join(argv)}"):
+                proc = await self._spawn(_Job(tuple(argv), group=True, interactive=True))
+                await proc.start()
+        except BaseException:
+            if proc is not None:
+                proc.close()
+            self._slots.release()
+            if proc is not None:
+                await self._shielded(self._kill_group(proc))
+            raise
+        return RemoteProcess(self, proc)
+
+    def connected(self) -> bool:
+        """Whether the connection is up (always, for a local machine)."""
+        return self._local or (self._conn is not None and not self._conn.is_closed())
+
     async def _execute(self, job: _Job) -> RunResult:
         if not job.argv:
             raise ValueError("empty argv")
@@ -462,7 +516,7 @@ class Remote:
         await self._slots.acquire()
         held, proc = True, None
         try:
-            async with self._boundary(f"cannot run {shlex.join(job.argv)}"):
+            async with self.boundary(f"cannot run {shlex.join(job.argv)}"):
                 proc = await self._spawn(job)
                 result = await self._supervise(proc, job)
             if self._failures:
@@ -484,7 +538,8 @@ class Remote:
     async def _spawn(self, job: _Job) -> _Proc:
         if self._local:
             # Through sh, like sshd does, so that a missing program is exit status 127 here too.
-            pipe, wants_stdin = asyncio.subprocess.PIPE, job.input is not None or job.stdin
+            pipe = asyncio.subprocess.PIPE
+            wants_stdin = job.input is not None or job.stdin is not None or job.interactive
             return _LocalProc(await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", 'exec "$@"', "sh", *job.argv, start_new_session=True,
                 stdin=pipe if wants_stdin else asyncio.subprocess.DEVNULL, stdout=pipe, stderr=pipe,
@@ -633,10 +688,10 @@ class Remote:
         a RemoteError: the machine is not to blame."""
         self._check_breaker()
         if self._local:
-            async with self._boundary(f"cannot copy {remote_path} to {local_path}"):
+            async with self.boundary(f"cannot copy {remote_path} to {local_path}"):
                 return await _copy_local(remote_path, local_path, progress)
         try:
-            async with self._boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
+            async with self.boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
                 async with await sftp.open(remote_path, "rb", block_size=0) as source:
                     size = (await source.stat()).size or 0
                     target = _local(lambda: open(local_path, "ab"))  # noqa: SIM115
@@ -658,7 +713,7 @@ class Remote:
     async def remove(self, remote_path: str) -> None:
         """Delete a file on the machine; a file that is already gone is fine."""
         self._check_breaker()
-        async with self._boundary(f"cannot remove {remote_path}"):
+        async with self.boundary(f"cannot remove {remote_path}"):
             if self._local:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(remote_path)

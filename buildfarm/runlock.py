@@ -7,6 +7,7 @@ Either way the lock goes when the process dies (the kernel closes the file or th
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -42,6 +43,7 @@ class RunLock:
         self.path = base + ".run-lock"
         self._fd: int | None = None
         self._conn: Any = None
+        self._lost = False
 
     def acquire(self) -> None:
         if self.postgresql:
@@ -53,9 +55,29 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._lost = False
         if self._conn is not None:
             conn, self._conn = self._conn, None
             conn.close()  # ends the session, and with it the advisory lock
+
+    def check(self) -> None:
+        """PostgreSQL: the lock lives as long as its session. After a server restart, take it
+        again: DatastoreError while the server is away, AlreadyRunningError if another `run`
+        took it meanwhile (this one must then stop at once)."""
+        if not self.postgresql or (self._conn is None and not self._lost):
+            return
+        if self._conn is not None:
+            psycopg = postgresql.require_driver()
+            try:
+                self._conn.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                self._lost = True
+                conn, self._conn = self._conn, None
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+        self._acquire_advisory()
+        self._lost = False
 
     def _acquire_flock(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -120,6 +121,18 @@ class PostgresServer:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 STRATEGY FILE_COPY")
         return ScratchDatabase("postgresql", self.url_of(name))
+
+    def restart(self) -> None:
+        """Stop the server (ending every session, as an operator's restart does) and start it
+        again; scripts/test names its programs and directory in BF_PG_BIN and BF_PG."""
+        pg_bin, pg = os.environ.get("BF_PG_BIN"), os.environ.get("BF_PG")
+        if not pg_bin or not pg:
+            raise RuntimeError("BF_PG_BIN and BF_PG name the server only under scripts/test")
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", f"{pg_bin}/pg_ctl", "-D", f"{pg}/data", "-l",
+             f"{pg}/server.log", "-m", "fast", "-w", "-t", "120", "restart"],
+            check=True, capture_output=True, timeout=180,
+        )
 
     def drop(self, database: ScratchDatabase) -> None:
         import psycopg

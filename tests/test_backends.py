@@ -474,6 +474,30 @@ def test_export_to_file_writes_exactly_the_named_file(
     assert [w.decode() for w in words] == [*program, *HOSTILE_PATHS]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("through_ssh_quoting", [False, True], ids=["argv", "ssh-string"])
+def test_export_to_temp_names_the_file_it_wrote(
+    backend: Backend, through_ssh_quoting: bool, tmp_path: Path
+) -> None:
+    bin_dir = tmp_path / "bin"
+    _fake_program(bin_dir, "guix" if backend is GUIX else "nix-store")
+    workdir, tmp = tmp_path / "work", tmp_path / "tmp"
+    workdir.mkdir()
+    tmp.mkdir()
+    command = backend.export_to_temp(HOSTILE_PATHS)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp)}
+    argv = ["sh", "-c", shlex.join(command.argv)] if through_ssh_quoting else list(command.argv)
+    done = subprocess.run(argv, env=env, cwd=workdir, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr
+    (written,) = tmp.iterdir()
+    assert done.stdout == f"{written}\n".encode()
+    assert written.name.startswith("buildfarm.")
+    assert list(workdir.iterdir()) == []
+    words = written.read_bytes().split(b"\0")[:-1]
+    program = ["archive", "--export"] if backend is GUIX else ["--export"]
+    assert [w.decode() for w in words] == [*program, *HOSTILE_PATHS]
+
+
 # --- real stores --------------------------------------------------------------------------------
 
 _ISOLATE = 'mount --bind "$0" /nix && exec "$@"'

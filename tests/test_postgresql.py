@@ -399,3 +399,63 @@ def test_a_farm_on_postgresql_with_submitters_hooks_and_run_at_once(
     assert events == [("build-started", 9), ("build-submitted", 9), ("build-success", 9)]
     assert pg_database.scalar("SELECT COUNT(*) FROM event WHERE delivered_at IS NULL") == 0
     assert {s for (s,) in pg_database.rows("SELECT system FROM build")} == {current_system()}
+
+
+def test_run_rides_through_a_server_restart(
+    farm_env: dict[str, str], hosts: list[Host], pg_database: ScratchDatabase,
+    pg_server: PostgresServer,
+) -> None:
+    """The operator restarts PostgreSQL under a running farm: `run` reconnects, the build
+    running meanwhile and one submitted after the restart both succeed, and the run lock is
+    taken again (a second `run` still refuses)."""
+    tag = os.urandom(6).hex()
+    slow, later = instantiate_all(
+        f"[ ({nix_expr_trivial(f'pgslow-{tag}', 'sleep 4; echo slow > $out')}) "
+        f"({nix_expr_trivial(f'pglater-{tag}', 'echo later > $out')}) ]"
+    )
+    Path(farm_env["BUILDFARM_INVENTORY"]).write_text(inventory_yaml(hosts[:1], "nix"))
+    farm_env = {**farm_env, "BUILDFARM_HOOKS_DIR": farm_env["BUILDFARM_HOOKS_DIR"] + "-none"}
+    command = [sys.executable, "-m", "buildfarm"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*command, *args], env=farm_env, capture_output=True, text=True,
+                              timeout=WAIT)
+
+    first = cli("submit", slow)
+    assert first.returncode == 0, first.stderr
+    coordinator = subprocess.Popen(
+        [*command, "run", "--no-ui"], env=farm_env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    held = (
+        "SELECT COUNT(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted "
+        "AND starts_with(a.application_name, 'buildfarm run ')"
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while pg_database.scalar("SELECT COUNT(*) FROM build WHERE state = 'running'") == 0:
+            assert time.monotonic() < deadline, "the build never started"
+            assert coordinator.poll() is None, coordinator.communicate()
+            time.sleep(0.1)
+        pg_server.restart()
+        second = cli("submit", later)
+        assert second.returncode == 0, second.stderr
+        deadline = time.monotonic() + WAIT
+        while pg_database.scalar("SELECT COUNT(*) FROM build WHERE state = 'succeeded'") < 2:
+            assert time.monotonic() < deadline, pg_database.rows("SELECT state FROM build")
+            assert coordinator.poll() is None, coordinator.communicate()
+            time.sleep(0.2)
+        while pg_database.scalar(held) == 0:
+            assert time.monotonic() < deadline, "the run lock was not taken again"
+            time.sleep(0.2)
+        again = cli("run", "--no-ui", "--exit-when-idle")
+        assert again.returncode == 1 and "is already using this datastore" in again.stderr
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        out, _ = coordinator.communicate(timeout=WAIT)
+    assert coordinator.returncode == 0, out
+    assert "datastore connection lost" in out and "datastore connection back" in out, out
+    assert "Traceback" not in out and "internal error" not in out, out
+    attempts = pg_database.rows("SELECT result, COUNT(*) FROM attempt GROUP BY result")
+    assert attempts == [("success", 2)], (attempts, out)

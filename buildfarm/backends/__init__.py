@@ -72,6 +72,7 @@ class Backend(Protocol):
     def import_bundle(self) -> Command: ...
     def export(self, paths: Sequence[str]) -> Command: ...
     def export_to_file(self, paths: Sequence[str], file: str) -> Command: ...
+    def export_to_temp(self, paths: Sequence[str]) -> Command: ...
     def dry_run(self, drv: str) -> Command: ...
     def parse_dry_run(self, stdout: bytes, stderr: bytes) -> DryRun: ...
     def delete(self, paths: Sequence[str]) -> Command: ...
@@ -137,6 +138,16 @@ def shell_redirect(program: Sequence[str], paths: Sequence[str], file: str) -> C
         raise UsageError(f"export file name {file!r} is not usable")
     script = "exec " + " ".join(program) + ' "$@" > "$0"'
     return Command(("sh", "-c", script, file, *paths))
+
+
+def shell_export_to_temp(program: Sequence[str], paths: Sequence[str]) -> Command:
+    """`program PATHS... > TMP` into a fresh temporary file whose name is printed first: one
+    command where mktemp and the export would be two. Paths reach sh as "$@" words."""
+    script = (
+        'f=$(mktemp -t buildfarm.XXXXXXXXXX) || exit 1; printf "%s\\n" "$f"; exec '
+        + " ".join(program) + ' "$@" > "$f"'
+    )
+    return Command(("sh", "-c", script, "export", *paths))
 
 
 def decode(data: bytes, what: str) -> str:

@@ -24,6 +24,7 @@ from buildfarm.backends import (
     is_nix32_sha256,
     parse_path_lines,
     parse_plan,
+    shell_export_to_temp,
     shell_redirect,
 )
 from buildfarm.errors import RemoteError, UsageError
@@ -89,6 +90,9 @@ class GuixBackend:
 
     def export_to_file(self, paths: Sequence[str], file: str) -> Command:
         return shell_redirect(("guix", "archive", "--export"), check_paths(paths), file)
+
+    def export_to_temp(self, paths: Sequence[str]) -> Command:
+        return shell_export_to_temp(("guix", "archive", "--export"), check_paths(paths))
 
     def dry_run(self, drv: str) -> Command:
         (checked,) = check_paths((drv,), "derivation")

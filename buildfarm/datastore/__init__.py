@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -99,11 +100,19 @@ def connect(url: str) -> Any:
     import peewee as pw
 
     db = _connect(url)
-    try:
-        db.connect()
-    except pw.DatabaseError as e:
-        raise _unopenable(url, e) from None
-    return db
+    # SQLite: switching a new file to WAL needs a moment alone with it, and SQLite answers
+    # "locked" at once (no busy wait) to a second process opening it at that moment.
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.connect()
+            return db
+        except pw.OperationalError as e:
+            if "locked" not in str(e) or sqlite_path(url) is None or time.monotonic() > deadline:
+                raise _unopenable(url, e) from None
+            time.sleep(0.01)
+        except pw.DatabaseError as e:
+            raise _unopenable(url, e) from None
 
 
 def open_datastore(url: str, *, upto: int | None = None) -> Datastore:

@@ -9,6 +9,7 @@ holder committed. Statements outside a transaction (reads, single-row updates) n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -104,3 +105,24 @@ class PostgresqlDatastore(pw.PostgresqlDatabase):
         super().begin(isolation_level)
         database: Any = self
         database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+
+
+def connection_lost(db: Any, error: BaseException) -> bool:
+    """Whether `error` came from `db`'s PostgreSQL connection having died (a server restart,
+    a network cut), not from the statement: then the transaction was rolled back by the server
+    and the same call can be made again on a new connection."""
+    if not isinstance(db, PostgresqlDatastore) or not isinstance(
+        error, pw.OperationalError | pw.InterfaceError
+    ):
+        return False
+    conn = getattr(getattr(db, "_state", None), "conn", None)
+    return conn is None or bool(getattr(conn, "closed", False) or getattr(conn, "broken", False))
+
+
+def drop_connection(db: Any) -> None:
+    """Forget a dead connection; peewee opens a new one on the next statement."""
+    conn = db._state.conn
+    db._state.reset()
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
