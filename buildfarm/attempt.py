@@ -25,7 +25,7 @@ from buildfarm.logs import LogWriter
 from buildfarm.outputs import OutputStore
 from buildfarm.remote import Remote
 from buildfarm.signing import SigningKey
-from buildfarm.store_session import SessionFailed, StoreSession
+from buildfarm.store_session import SessionFailed, StoreSession, StoreSessions
 
 T = TypeVar("T")
 SMALL = 120.0  # seconds a store query may take
@@ -80,7 +80,8 @@ class AttemptRun:
     on_step: Callable[[str], None] | None = None
     on_progress: Callable[[int], None] | None = None
     system: str | None = None  # the build's, for the published narinfo's System line
-    session: StoreSession | None = None  # a Nix machine's store session, when one is free
+    sessions: StoreSessions | None = None  # a Nix machine's store sessions
+    session: StoreSession | None = None  # the one this attempt uses, when one was free
     # What survey() found.
     known: list[closure.KnownDerivation] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -219,6 +220,9 @@ class AttemptRun:
             await self.step("delete-outputs", "skipped: no output is on the machine")
             return
         await self.step("delete-outputs")
+        if self.session is not None and self.sessions is not None:
+            # Store sessions root what they built or imported: end ours and the idle ones.
+            self.session = await self.sessions.renew(self.session)
         command = self.backend.delete(present)
         result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
         if not result.ok:
@@ -326,13 +330,19 @@ class AttemptRun:
         return self.key if self.backend.signed_imports else None
 
     async def run(self) -> list[records.OutputRecord]:
-        await self.survey()
-        await self.push_derivations()
-        unavailable = await self.push_inputs()
-        await self.dry_run(unavailable)
-        await self.delete_outputs()
-        await self.build()
-        return await self.fetch_outputs(self.outputs_paths)
+        if self.sessions is not None:
+            self.session = await self.sessions.take()
+        try:
+            await self.survey()
+            await self.push_derivations()
+            unavailable = await self.push_inputs()
+            await self.dry_run(unavailable)
+            await self.delete_outputs()
+            await self.build()
+            return await self.fetch_outputs(self.outputs_paths)
+        finally:
+            if self.sessions is not None and self.session is not None:
+                self.sessions.give_back(self.session)
 
 
 def _first_error(stderr: bytes) -> str:

@@ -462,6 +462,8 @@ class Coordinator:
         now = time.monotonic()
         for slots in self._ordered_machines():
             self._ensure_connecting(slots)
+            if slots.sessions is not None:
+                slots.sessions.prune()
             if not slots.ready or slots.free <= 0:
                 continue
             if now - slots.load_probed > LOAD_PROBE_EVERY and slots.machine.overload_threshold:
@@ -503,6 +505,7 @@ class Coordinator:
             drv_path=run.drv_path,
             machine=machine,
             remote=slots.remote,
+            sessions=slots.sessions,
             backend=get_backend(machine.store),
             outputs=self.outputs,
             db=self.db,
@@ -515,10 +518,7 @@ class Coordinator:
         )
         uuid, name = run.build_uuid, machine.name
         outcome, setup_kind = "interrupted", None
-        pool = slots.sessions
         try:
-            if pool is not None:
-                steps.session = await pool.take()
             stored = await steps.run()
             await self.db(records.succeed, run.attempt_id, stored, path)
             self.reporter.event(f"build {uuid} succeeded (on {name})")
@@ -566,8 +566,6 @@ class Coordinator:
                 records.interrupt, run.attempt_id, f"internal error: {e!r}", INTERNAL_ERROR_RETRY
             )
         finally:
-            if pool is not None and steps.session is not None:
-                pool.give_back(steps.session)
             slots.running.pop(run.attempt_id, None)
             self.finished.append(time.time())
             if self.metrics is not None:

@@ -2,9 +2,10 @@
 
 Starting a `nix-store` process costs a Nix machine more CPU than a trivial build does, and an
 attempt needs several store operations (which paths are valid, import, build, nar hashes). Like
-Nix's own remote building (its legacy SSH store) and hydra-queue-runner, an attempt on a Nix
-machine runs one `nix-store --serve --write` for all of them: each operation is one request on
-its stdin and one answer on its stdout, and the build log arrives on its stderr. Guix has no
+Nix's own remote building (its legacy SSH store) and hydra-queue-runner, a Nix machine keeps
+`nix-store --serve --write` processes (one per running attempt at most) reused from attempt to
+attempt: each operation is one request on its stdin and one answer on its stdout, and the build
+log arrives on its stderr. Guix has no
 such command (its offload talks to the daemon through `guix repl`), so Guix machines run one
 command per operation (buildfarm.attempt).
 
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -42,6 +44,9 @@ CMD_IMPORT_PATHS = 4
 CMD_BUILD_PATHS = 6
 HANDSHAKE_TIMEOUT = 60.0
 STDERR_TAIL = 8192
+SESSION_USES = 100  # attempts a session serves before it retires
+SESSION_AGE = 300.0  # seconds a session lives at most
+SESSION_IDLE = 30.0  # seconds an unused session is kept
 SERVE_ARGV = ("nix-store", "--serve", "--write")
 
 
@@ -83,6 +88,9 @@ class StoreSession:
         self._sink: Callable[[bytes], None] | None = None
         self.last_output = 0.0
         self._broken = False
+        self.started_at = self.idle_since = time.monotonic()
+        self.uses = 0
+        self.ending = False  # StoreSessions: counted out already
         self._pump = asyncio.ensure_future(self._pump_stderr())
 
     @classmethod
@@ -273,26 +281,36 @@ class StoreSession:
 
 
 class StoreSessions:
-    """A Nix machine's store sessions: one per attempt, at most ``limit`` at once. When none
-    is free (or the machine cannot serve), ``take`` answers None and the attempt runs commands.
+    """A Nix machine's store sessions, reused by attempt after attempt: at most ``limit`` at
+    once; when none is free (or the machine cannot serve), ``take`` answers None and the
+    attempt runs one command per operation.
 
-    A session is not kept for the next attempt: `nix-store --serve` holds a temporary GC root
-    on everything it built or imported until it exits, and a retry on the same machine must be
-    able to delete those outputs (as must the machine's own garbage collector).
+    `nix-store --serve` holds a temporary GC root on everything it built or imported until it
+    exits. So a session retires after SESSION_USES attempts or SESSION_AGE seconds, an idle
+    one after SESSION_IDLE seconds (``prune``), and an attempt that must delete outputs from
+    the machine first ends its own session and the idle ones (``renew``).
     """
 
     def __init__(self, remote: Remote, limit: int) -> None:
         self.remote, self.limit = remote, limit
+        self._idle: list[StoreSession] = []
         self._count = 0
         self._refused = self._closed = False
         self._ending: set[asyncio.Task[None]] = set()
 
     async def take(self) -> StoreSession | None:
+        self.prune()
+        while self._idle:
+            session = self._idle.pop()
+            if session.usable:
+                session.uses += 1
+                return session
+            self._end(session)
         if self._refused or self._closed or self._count >= self.limit:
             return None
         self._count += 1
         try:
-            return await StoreSession.start(self.remote)
+            session = await StoreSession.start(self.remote)
         except SessionFailed as e:
             self._count -= 1
             self._refused = True
@@ -304,24 +322,57 @@ class StoreSessions:
         except BaseException:
             self._count -= 1
             raise
+        else:
+            session.uses = 1
+            return session
         return None
 
     def give_back(self, session: StoreSession) -> None:
-        """End the session in the background (EOF: it exits and drops its roots)."""
-        task = asyncio.ensure_future(self._end(session))
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
+        if session.usable and not self._closed and not self._worn(session):
+            session.idle_since = time.monotonic()
+            self._idle.append(session)
+        else:
+            self._end(session)
 
-    async def _end(self, session: StoreSession) -> None:
-        try:
-            await session.close()
-        finally:
-            self._count -= 1
+    def prune(self) -> None:
+        """End the sessions idle too long or too old (call it now and then)."""
+        now = time.monotonic()
+        keep = [s for s in self._idle
+                if s.usable and now - s.idle_since < SESSION_IDLE and not self._worn(s)]
+        for session in self._idle:
+            if session not in keep:
+                self._end(session)
+        self._idle = keep
+
+    async def renew(self, session: StoreSession) -> StoreSession | None:
+        """End ``session`` and the idle ones (dropping their roots); then take a fresh one."""
+        ending, self._idle = [session, *self._idle], []
+        for old in ending:
+            self._end(old)
+        await asyncio.gather(*self._ending, return_exceptions=True)
+        return await self.take()
 
     async def close(self) -> None:
-        """No more sessions; wait for the ending ones."""
+        """No more sessions: end the idle ones, wait for every ending one."""
         self._closed = True
+        idle, self._idle = self._idle, []
+        for session in idle:
+            self._end(session)
         await asyncio.gather(*self._ending, return_exceptions=True)
+
+    def _worn(self, session: StoreSession) -> bool:
+        return (session.uses >= SESSION_USES
+                or time.monotonic() - session.started_at >= SESSION_AGE)
+
+    def _end(self, session: StoreSession) -> None:
+        """End a session in the background (EOF: it exits and drops its roots)."""
+        if session.ending:
+            return
+        session.ending = True
+        self._count -= 1  # its channel is freed once it has exited (Remote counts those)
+        task = asyncio.ensure_future(session.close())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
 
 def session_limit(max_sessions: int, max_builds: int) -> int:

@@ -16,6 +16,7 @@ from farm import token
 from test_remote import BOUND, machine_for, opened
 from testbed import Host, instantiate, nix_expr_trivial
 
+from buildfarm import store_session
 from buildfarm.inventory import Machine
 from buildfarm.remote import CommandTimeoutError, Remote
 from buildfarm.store_session import SessionFailed, StoreSession, StoreSessions, session_limit
@@ -185,7 +186,9 @@ def test_a_bad_import_ends_the_session_with_nix_s_message(hosts: list[Host]) -> 
 
 
 @pytest.mark.usefixtures("private_nix")
-def test_sessions_keep_their_limit_and_end_with_their_attempt(hosts: list[Host]) -> None:
+def test_sessions_are_reused_within_their_limit(
+    hosts: list[Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def main() -> None:
         async with opened(machine_for(hosts[0])) as remote:
             sessions = StoreSessions(remote, limit=2)
@@ -193,24 +196,34 @@ def test_sessions_keep_their_limit_and_end_with_their_attempt(hosts: list[Host])
             assert first is not None and second is not None and first is not second
             assert await sessions.take() is None  # the limit: the attempt runs commands instead
             sessions.give_back(first)
-            deadline = time.monotonic() + BOUND
-            while (third := await sessions.take()) is None:  # once the first has ended
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-            assert not first.usable and third.usable and third is not second
-            sessions.give_back(second)
+            assert await sessions.take() is first
+            await first.close(kill=True)  # broken: never handed out again
+            sessions.give_back(first)
+            third = await sessions.take()
+            assert third is not None and third is not first and third.usable
             sessions.give_back(third)
+            monkeypatch.setattr(store_session, "SESSION_IDLE", 0.0)
+            sessions.prune()  # idle too long: ended
+            fourth = await sessions.take()
+            assert fourth is not None and fourth is not third
+            monkeypatch.setattr(store_session, "SESSION_USES", 1)
+            sessions.give_back(fourth)  # worn out: ended, not kept
+            fifth = await sessions.take()
+            assert fifth is not None and fifth is not fourth
+            sessions.give_back(second)
+            sessions.give_back(fifth)
             await sessions.close()
-            assert not second.usable and not third.usable
+            for session in (first, second, third, fourth, fifth):
+                assert not session.usable
             assert await sessions.take() is None
 
     asyncio.run(main())
 
 
 @pytest.mark.usefixtures("private_nix")
-def test_what_a_session_built_can_be_deleted_once_it_ended(hosts: list[Host]) -> None:
-    """`nix-store --serve` roots what it built until it exits: a retry on the same machine
-    must be able to delete the outputs, so sessions are not kept between attempts."""
+def test_renewing_drops_the_roots_a_session_holds(hosts: list[Host]) -> None:
+    """`nix-store --serve` roots what it built until it exits: before deleting outputs an
+    attempt renews its session (ending the idle ones too), and the delete works."""
     tag = token()
     drv = instantiate(nix_expr_trivial(f"sessdel-{tag}", f"echo {tag} > $out"))
     out = _local("nix-store", "--query", "--outputs", drv)
@@ -218,20 +231,25 @@ def test_what_a_session_built_can_be_deleted_once_it_ended(hosts: list[Host]) ->
 
     async def main() -> None:
         async with opened(machine_for(host)) as remote:
-            sessions = StoreSessions(remote, limit=1)
-            session = await sessions.take()
-            assert session is not None
-            await _import_drv(session, drv)
-            status, _ = await session.build(
+            sessions = StoreSessions(remote, limit=2)
+            builder = await sessions.take()
+            assert builder is not None
+            await _import_drv(builder, drv)
+            status, _ = await builder.build(
                 drv, max_silent_time=None, timeout=None, on_log=lambda _: None,
                 safety_timeout=None, safety_silence=None,
             )
             assert status == 0
+            sessions.give_back(builder)  # idle, still rooting the output
+            other = await sessions.take()
+            assert other is builder
             alive = host.run(f"nix-store --delete {out}", check=False)
             assert alive.returncode != 0 and b"still alive" in alive.stderr
-            sessions.give_back(session)
+            fresh = await sessions.renew(other)
+            assert fresh is not None and fresh is not builder and not builder.usable
+            host.run(f"nix-store --delete {out}")
+            sessions.give_back(fresh)
             await sessions.close()
-        host.run(f"nix-store --delete {out}")
 
     asyncio.run(main())
     assert not host.local_path(out).exists()
