@@ -17,24 +17,34 @@ process group and lets the ``asyncio.CancelledError`` go on.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
 import random
 import shlex
-import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import asyncssh
 
+from buildfarm import transfer
 from buildfarm.errors import RemoteError
 from buildfarm.inventory import Machine
+from buildfarm.processes import (
+    GROUP_WRAPPER,
+    KILL_SCRIPT,
+    LocalProc,
+    Proc,
+    Reader,
+    SSHProc,
+    Writer,
+    gather_or_cancel,
+    kill_local_group,
+)
 
 __all__ = ["CommandTimeoutError", "Remote", "RemoteProcess", "RunResult"]
 
@@ -43,11 +53,6 @@ _T = TypeVar("_T")
 _Sink = Callable[[bytes], None]
 
 READ_CHUNK = 64 * 1024
-SFTP_BLOCK_SIZE = 255 * 1024  # OpenSSH's sftp-server answers at most 256 KiB - 1 KiB per read
-SFTP_MAX_REQUESTS = 32  # 8 MiB in flight; more only adds bookkeeping (benchmarks/sftp_pull.py)
-# Read requests go out 16 at a time in one corked burst: one wake-up of the machine's sshd
-# instead of 16 (each send over loopback cost ~50 µs of the coordinator's one core).
-SFTP_REFILL = 16
 KEEPALIVE_COUNT_MAX = 3
 CHANNEL_OPEN_RETRIES = 6
 CHANNEL_RETRY_DELAY = 0.05
@@ -56,15 +61,6 @@ KILL_GRACE = 2.0
 # throughput of the default chacha20-poly1305 (testbed.md).
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                    "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr"]
-# The login shell execs sh, which prints its pid and execs the command. sshd made that pid a
-# session (so process group) leader: "kill -SIG -PID" reaches the command and all its children.
-_GROUP_WRAPPER = "exec sh -c 'echo \"$$\"; exec \"$@\"' sh "
-# dash's kill takes no "--"; a "-PGID" operand after the signal names a process group.
-_KILL_SCRIPT = (
-    'kill -TERM "-$1" 2>/dev/null || exit 0; i=0; '
-    'while [ "$i" -lt "$2" ]; do kill -0 "-$1" 2>/dev/null || exit 0; sleep 0.1; '
-    'i=$((i+1)); done; kill -KILL "-$1" 2>/dev/null; exit 0'
-)
 _RETRIED_OPEN_ERRORS = {asyncssh.OPEN_CONNECT_FAILED, asyncssh.OPEN_RESOURCE_SHORTAGE}
 
 
@@ -110,75 +106,6 @@ class _Job:
     interactive: bool = False  # the caller talks to stdin itself (RemoteProcess)
 
 
-class _Reader(Protocol):
-    async def read(self, n: int = -1) -> bytes: ...
-    async def readline(self) -> bytes: ...
-    async def readexactly(self, n: int) -> bytes: ...
-    def at_eof(self) -> bool: ...
-
-
-class _Writer(Protocol):
-    def write(self, data: bytes) -> None: ...
-    async def drain(self) -> None: ...
-    def write_eof(self) -> None: ...
-
-
-class _Proc:
-    """A started command, remote or local; ``pgid`` is known once start() has returned."""
-
-    pgid: int | None = None
-    stdin: _Writer | None
-    stdout: _Reader
-    stderr: _Reader
-
-    async def start(self) -> None:
-        return None
-
-    async def finish(self) -> int | None:
-        """Wait for the end: the exit status, or None if a signal killed the command."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class _SSHProc(_Proc):
-    def __init__(self, name: str, process: asyncssh.SSHClientProcess[bytes], group: bool):
-        self._name, self._process, self._group = name, process, group
-        self.stdin, self.stdout, self.stderr = process.stdin, process.stdout, process.stderr
-
-    async def start(self) -> None:
-        if self._group:
-            with contextlib.suppress(ValueError):
-                self.pgid = int(await self.stdout.readline())
-
-    async def finish(self) -> int | None:
-        await self._process.wait_closed()
-        if self._process.exit_signal is not None:
-            return None
-        if self._process.exit_status is None:
-            raise RemoteError(f"{self._name}: connection lost during the command")
-        return self._process.exit_status
-
-    def close(self) -> None:
-        self._process.close()
-
-
-class _LocalProc(_Proc):
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        assert process.stdout is not None and process.stderr is not None
-        self._process, self.pgid = process, process.pid
-        self.stdin, self.stdout, self.stderr = process.stdin, process.stdout, process.stderr
-
-    async def finish(self) -> int | None:
-        status = await self._process.wait()
-        return None if status < 0 else status
-
-    def close(self) -> None:
-        if self._process.stdin is not None:
-            self._process.stdin.close()
-
-
 class _HostKeyCheck:
     """What a handshake learned about the machine's host key, for a useful message."""
 
@@ -208,10 +135,10 @@ class _Client(asyncssh.SSHClient):
 class RemoteProcess:
     """A command started by ``Remote.start_process``; ``close`` ends it and frees its channel."""
 
-    def __init__(self, remote: Remote, proc: _Proc) -> None:
+    def __init__(self, remote: Remote, proc: Proc) -> None:
         assert proc.stdin is not None
         self._remote, self._proc, self._closed = remote, proc, False
-        self.stdin: _Writer = proc.stdin
+        self.stdin: Writer = proc.stdin
         self.stdout, self.stderr = proc.stdout, proc.stderr
 
     async def close(self, *, kill: bool = False) -> None:
@@ -538,29 +465,29 @@ class Remote:
                     proc.close()
                 self._slots.release()
 
-    async def _spawn(self, job: _Job) -> _Proc:
+    async def _spawn(self, job: _Job) -> Proc:
         if self._local:
             # Through sh, like sshd does, so that a missing program is exit status 127 here too.
             pipe = asyncio.subprocess.PIPE
             wants_stdin = job.input is not None or job.stdin is not None or job.interactive
-            return _LocalProc(await asyncio.create_subprocess_exec(
+            return LocalProc(await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", 'exec "$@"', "sh", *job.argv, start_new_session=True,
                 stdin=pipe if wants_stdin else asyncio.subprocess.DEVNULL, stdout=pipe, stderr=pipe,
             ))
-        command = (_GROUP_WRAPPER if job.group else "") + shlex.join(job.argv)
+        command = (GROUP_WRAPPER if job.group else "") + shlex.join(job.argv)
         conn = await self._connection()
 
         async def open_process() -> asyncssh.SSHClientProcess[bytes]:
             return await conn.create_process(command, encoding=None)
 
-        return _SSHProc(self.machine.name, await self._open_channel(open_process), job.group)
+        return SSHProc(self.machine.name, await self._open_channel(open_process), job.group)
 
-    async def _supervise(self, proc: _Proc, job: _Job) -> RunResult:
+    async def _supervise(self, proc: Proc, job: _Job) -> RunResult:
         loop = asyncio.get_running_loop()
         out, err = bytearray(), bytearray()
         last_output = started = loop.time()
 
-        async def pump(reader: _Reader, callback: _Sink | None, buffer: bytearray) -> None:
+        async def pump(reader: Reader, callback: _Sink | None, buffer: bytearray) -> None:
             nonlocal last_output
             while data := await reader.read(READ_CHUNK):
                 last_output = loop.time()
@@ -569,7 +496,7 @@ class Remote:
                 else:
                     callback(data)
 
-        async def feed(writer: _Writer) -> None:
+        async def feed(writer: Writer) -> None:
             try:
                 if job.input:
                     writer.write(job.input)
@@ -589,7 +516,7 @@ class Remote:
             streams = [pump(proc.stdout, job.on_stdout, out), pump(proc.stderr, job.on_stderr, err)]
             if proc.stdin is not None:
                 streams.append(feed(proc.stdin))
-            await _gather_or_cancel(*streams)
+            await gather_or_cancel(*streams)
             return await proc.finish()
 
         task = asyncio.ensure_future(body())
@@ -627,14 +554,14 @@ class Remote:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
 
-    async def _kill_group(self, proc: _Proc) -> None:
+    async def _kill_group(self, proc: Proc) -> None:
         """SIGTERM the command's process group, SIGKILL it after the grace; never raises."""
         pgid = proc.pgid
         if pgid is None or pgid <= 1:  # never "kill -1"
             return
         try:
             if self._local:
-                await _kill_local_group(pgid, self._kill_grace)
+                await kill_local_group(pgid, self._kill_grace)
                 await asyncio.wait_for(proc.finish(), 5.0)  # reap it
                 return
             conn = self._conn
@@ -643,7 +570,7 @@ class Remote:
                             self.machine.name, pgid)
                 return
             steps = str(max(1, round(self._kill_grace / 0.1)))
-            command = shlex.join(["sh", "-c", _KILL_SCRIPT, "sh", str(pgid), steps])
+            command = shlex.join(["sh", "-c", KILL_SCRIPT, "sh", str(pgid), steps])
             async with self._kill_slots:
                 process = await self._open_channel(lambda: conn.create_process(command))
                 try:
@@ -692,26 +619,26 @@ class Remote:
         self._check_breaker()
         if self._local:
             async with self.boundary(f"cannot copy {remote_path} to {local_path}"):
-                return await _copy_local(remote_path, local_path, progress)
+                return await transfer.copy_local(remote_path, local_path, progress)
         try:
             async with self.boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
                 async with await sftp.open(remote_path, "rb", block_size=0) as source:
                     size = (await source.stat()).size or 0
-                    target = _local(lambda: open(local_path, "ab"))  # noqa: SIM115
+                    target = transfer.local(lambda: open(local_path, "ab"))  # noqa: SIM115
                     try:
                         offset = target.tell()
                         if offset > size:
-                            _local(lambda: target.truncate(0))
+                            transfer.local(lambda: target.truncate(0))
                             offset = 0
-                        offset = await _pull(source, target, offset, size, progress,
-                                             _tcp_socket(self._conn))
+                        offset = await transfer.pull(source, target, offset, size, progress,
+                                             transfer.tcp_socket(self._conn))
                     finally:
-                        _local(target.close)
+                        transfer.local(target.close)
                 if offset != size:
                     raise RemoteError(f"{self.machine.name}: {remote_path} shrank during the "
                                       f"transfer ({offset} of {size} bytes)")
                 return size
-        except _LocalFileError as exc:  # the coordinator's disk (full?): not the machine's fault
+        except transfer.LocalFileError as exc:  # the coordinator's disk: not the machine's fault
             raise exc.error from None
 
     async def remove(self, remote_path: str) -> None:
@@ -735,129 +662,6 @@ class Remote:
             return path
         result = await self.run(["mktemp", "-t", "buildfarm.XXXXXXXXXX"], check=True)
         return result.stdout.decode().strip()
-
-
-@contextlib.contextmanager
-def _corked(sock: Any) -> Iterator[None]:
-    """Hold back what is written to a TCP socket until the block ends (TCP_CORK)."""
-    corked = False
-    if sock is not None and hasattr(socket, "TCP_CORK"):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-            corked = True
-    try:
-        yield
-    finally:
-        if corked:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-
-
-async def _pull(source: asyncssh.SFTPClientFile, target: BinaryIO, offset: int, size: int,
-                progress: Callable[[int], None] | None, sock: Any = None) -> int:
-    """Read ``source`` from ``offset`` to ``size`` into ``target``; return the end offset.
-
-    Up to SFTP_MAX_REQUESTS reads are in flight, consumed in order: the file only ever grows by
-    whole, contiguous blocks, so a partial file stays valid for the next resume.
-    """
-    inflight: collections.deque[tuple[int, int, asyncio.Future[bytes]]] = collections.deque()
-    ask = offset
-    try:
-        while ask < size or inflight:
-            if ask < size and len(inflight) <= SFTP_MAX_REQUESTS - SFTP_REFILL:
-                with _corked(sock):
-                    while ask < size and len(inflight) < SFTP_MAX_REQUESTS:
-                        want = min(SFTP_BLOCK_SIZE, size - ask)
-                        inflight.append((ask, want, asyncio.ensure_future(source.read(want, ask))))
-                        ask += want
-                    await asyncio.sleep(0)  # the request tasks send now, into the corked socket
-            at, want, reply = inflight.popleft()
-            data = await reply
-            while 0 < len(data) < want:  # a short read: ask for the rest of this block
-                more: bytes = await source.read(want - len(data), at + len(data))
-                if not more:
-                    break
-                data += more
-            _local(lambda: target.write(data))  # noqa: B023 - called at once
-            offset += len(data)
-            if progress is not None:
-                progress(offset)
-            if len(data) != want:
-                return offset  # the file shrank meanwhile
-        return offset
-    finally:
-        for _, _, reply in inflight:
-            reply.cancel()
-        await asyncio.gather(*(reply for _, _, reply in inflight), return_exceptions=True)
-
-
-def _tcp_socket(conn: asyncssh.SSHClientConnection | None) -> Any:
-    """The connection's TCP socket (asyncio's TransportSocket), or None (a tunnel, a test)."""
-    sock = None if conn is None else conn.get_extra_info("socket")
-    tcp = getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6)
-    return sock if tcp and getattr(sock, "type", None) == socket.SOCK_STREAM else None
-
-
-class _LocalFileError(Exception):
-    """An OSError of a file on the coordinator, carried past ``_boundary`` (which would make it
-    a RemoteError): a full local disk says nothing about the machine and must not back it off."""
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def _local(call: Callable[[], _T]) -> _T:
-    try:
-        return call()
-    except OSError as exc:
-        raise _LocalFileError(exc) from None
-
-
-async def _gather_or_cancel(*coros: Coroutine[Any, Any, None]) -> None:
-    """Like gather, but the first failure cancels the others."""
-    tasks = [asyncio.ensure_future(coro) for coro in coros]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _kill_local_group(pgid: int, grace: float) -> None:
-    loop = asyncio.get_running_loop()
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-        deadline = loop.time() + grace
-        while loop.time() < deadline:
-            await asyncio.sleep(0.05)
-            os.killpg(pgid, 0)
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-async def _copy_local(source: str, target: str, progress: Callable[[int], None] | None) -> int:
-    """Resumable local copy, done in a thread; progress is reported on the event loop."""
-    loop = asyncio.get_running_loop()
-
-    def copy() -> int:
-        with open(source, "rb") as src, open(target, "ab") as dst:
-            size = os.fstat(src.fileno()).st_size
-            offset = dst.tell()
-            if offset > size:
-                dst.truncate(0)
-                offset = 0
-            src.seek(offset)
-            while block := src.read(1 << 20):
-                dst.write(block)
-                offset += len(block)
-                if progress is not None:
-                    loop.call_soon_threadsafe(progress, offset)
-            return offset
-
-    return await asyncio.to_thread(copy)
 
 
 def _describe(exc: BaseException) -> str:

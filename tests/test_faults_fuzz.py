@@ -29,7 +29,7 @@ from buildfarm.backends import Command, get_backend
 from buildfarm.derivation import Derivation, DerivationOutput
 from buildfarm.errors import ArchiveError, BuildfarmError, DerivationError, UsageError
 from buildfarm.outputs import OutputStore
-from buildfarm.remote import _GROUP_WRAPPER
+from buildfarm.processes import GROUP_WRAPPER as _GROUP_WRAPPER
 from buildfarm.submission import derivation_store_path
 
 EXAMPLES = int(os.environ.get("BUILDFARM_FUZZ_EXAMPLES", "300"))
