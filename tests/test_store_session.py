@@ -36,6 +36,19 @@ async def _import_drv(session: StoreSession, drv: str) -> None:
     await session.import_paths(_chunks(bundle.stdout), BOUND)
 
 
+async def _build(
+    session: StoreSession, drv: str, *, timeout: int | None = None,
+    safety_timeout: float | None = None,
+) -> tuple[int, str, bytes]:
+    """Build with the given limits; the store's status and message, and the log."""
+    log = bytearray()
+    status, message = await session.build(
+        drv, max_silent_time=None, timeout=timeout, on_log=log.extend,
+        safety_timeout=safety_timeout, safety_silence=None,
+    )
+    return status, message, bytes(log)
+
+
 def _running(pattern: str) -> bool:
     return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
 
@@ -63,11 +76,7 @@ def test_a_session_queries_imports_builds_and_hashes(hosts: list[Host]) -> None:
                 assert await session.query_valid([drv, out], BOUND) == set()
                 await _import_drv(session, drv)
                 assert await session.query_valid([drv, out], BOUND) == {drv}
-                log = bytearray()
-                status, message = await session.build(
-                    drv, max_silent_time=None, timeout=None, on_log=log.extend,
-                    safety_timeout=None, safety_silence=None,
-                )
+                status, message, log = await _build(session, drv)
                 assert (status, message) == (0, "")
                 assert f"line {tag}".encode() in log
                 infos = await session.path_infos([out, drv + "-not-there"], BOUND)
@@ -96,11 +105,7 @@ def test_a_failing_build_answers_nix_store_s_status(hosts: list[Host]) -> None:
             session = await StoreSession.start(remote)
             try:
                 await _import_drv(session, drv)
-                log = bytearray()
-                status, message = await session.build(
-                    drv, max_silent_time=None, timeout=None, on_log=log.extend,
-                    safety_timeout=None, safety_silence=None,
-                )
+                status, message, log = await _build(session, drv)
                 assert status == 100  # src/libstore/build/worker.cc: a builder failed
                 assert drv in message
                 assert f"dying {tag}".encode() in log
@@ -122,10 +127,7 @@ def test_the_store_enforces_the_build_timeout(hosts: list[Host]) -> None:
             session = await StoreSession.start(remote)
             try:
                 await _import_drv(session, drv)
-                status, message = await session.build(
-                    drv, max_silent_time=None, timeout=1, on_log=lambda _: None,
-                    safety_timeout=None, safety_silence=None,
-                )
+                status, message, _ = await _build(session, drv, timeout=1)
                 assert status == 101, message  # timed out
             finally:
                 await session.close()
@@ -144,10 +146,9 @@ def test_a_cancel_or_the_safety_net_kills_the_build(hosts: list[Host], how: str)
         async with opened(machine_for(hosts[0])) as remote:
             session = await StoreSession.start(remote)
             await _import_drv(session, drv)
-            build = asyncio.ensure_future(session.build(
-                drv, max_silent_time=None, timeout=None, on_log=lambda _: None,
-                safety_timeout=2.0 if how == "safety-timeout" else None, safety_silence=None,
-            ))
+            build = asyncio.ensure_future(
+                _build(session, drv, safety_timeout=2.0 if how == "safety-timeout" else None)
+            )
             deadline = time.monotonic() + BOUND
             while not _running(f"start {tag}"):
                 assert time.monotonic() < deadline, "the build never started"
@@ -235,10 +236,7 @@ def test_renewing_drops_the_roots_a_session_holds(hosts: list[Host]) -> None:
             builder = await sessions.take()
             assert builder is not None
             await _import_drv(builder, drv)
-            status, _ = await builder.build(
-                drv, max_silent_time=None, timeout=None, on_log=lambda _: None,
-                safety_timeout=None, safety_silence=None,
-            )
+            status, _, _ = await _build(builder, drv)
             assert status == 0
             sessions.give_back(builder)  # idle, still rooting the output
             other = await sessions.take()
