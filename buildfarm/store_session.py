@@ -44,6 +44,7 @@ CMD_IMPORT_PATHS = 4
 CMD_BUILD_PATHS = 6
 HANDSHAKE_TIMEOUT = 60.0
 STDERR_TAIL = 8192
+LOG_SETTLE = 0.05  # seconds without stderr after a failed build's answer: its log is complete
 SESSION_USES = 100  # attempts a session serves before it retires
 SESSION_AGE = 300.0  # seconds a session lives at most
 SESSION_IDLE = 30.0  # seconds an unused session is kept
@@ -185,7 +186,12 @@ class StoreSession:
                 wait = max(0.0, min(deadlines) - loop.time()) if deadlines else None
                 done, _ = await asyncio.wait({task}, timeout=wait)
                 if done:
-                    return task.result()
+                    status, message = task.result()
+                    if status:  # the log's last lines may still trail the answer: keep them
+                        settled = loop.time() + 20 * LOG_SETTLE
+                        while loop.time() - self.last_output < LOG_SETTLE < settled - loop.time():
+                            await asyncio.sleep(LOG_SETTLE)
+                    return status, message
                 now = loop.time()
                 if safety_timeout is not None and now >= started + safety_timeout:
                     reason, what = "timeout", f"still running after {safety_timeout:g}s (timeout)"

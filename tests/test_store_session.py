@@ -5,6 +5,7 @@ and a cancel killing the build, a session that dies, and how many run at once.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import subprocess
 import time
@@ -34,6 +35,16 @@ async def _chunks(data: bytes) -> AsyncIterator[bytes]:
 async def _import_drv(session: StoreSession, drv: str) -> None:
     bundle = subprocess.run(["nix-store", "--export", drv], check=True, capture_output=True)
     await session.import_paths(_chunks(bundle.stdout), BOUND)
+
+
+@contextlib.asynccontextmanager
+async def _session(host: Host) -> AsyncIterator[StoreSession]:
+    async with opened(machine_for(host)) as remote:
+        session = await StoreSession.start(remote)
+        try:
+            yield session
+        finally:
+            await session.close()
 
 
 async def _build(
@@ -101,18 +112,14 @@ def test_a_failing_build_answers_nix_store_s_status(hosts: list[Host]) -> None:
     drv = instantiate(nix_expr_trivial(f"sessfail-{tag}", f"echo dying {tag}; exit 3"))
 
     async def main() -> None:
-        async with opened(machine_for(hosts[0])) as remote:
-            session = await StoreSession.start(remote)
-            try:
-                await _import_drv(session, drv)
-                status, message, log = await _build(session, drv)
-                assert status == 100  # src/libstore/build/worker.cc: a builder failed
-                assert drv in message
-                assert f"dying {tag}".encode() in log
-                assert session.usable  # a failed build leaves the session in a good state
-                assert await session.query_valid([drv], BOUND) == {drv}
-            finally:
-                await session.close()
+        async with _session(hosts[0]) as session:
+            await _import_drv(session, drv)
+            status, message, log = await _build(session, drv)
+            assert status == 100  # src/libstore/build/worker.cc: a builder failed
+            assert drv in message
+            assert f"dying {tag}".encode() in log
+            assert session.usable  # a failed build leaves the session in a good state
+            assert await session.query_valid([drv], BOUND) == {drv}
 
     asyncio.run(main())
 
@@ -123,14 +130,10 @@ def test_the_store_enforces_the_build_timeout(hosts: list[Host]) -> None:
     drv = instantiate(nix_expr_trivial(f"sesstime-{tag}", f"echo slow {tag}; /bin/sleep 300"))
 
     async def main() -> None:
-        async with opened(machine_for(hosts[0])) as remote:
-            session = await StoreSession.start(remote)
-            try:
-                await _import_drv(session, drv)
-                status, message, _ = await _build(session, drv, timeout=1)
-                assert status == 101, message  # timed out
-            finally:
-                await session.close()
+        async with _session(hosts[0]) as session:
+            await _import_drv(session, drv)
+            status, message, _ = await _build(session, drv, timeout=1)
+            assert status == 101, message  # timed out
         assert await _gone(f"slow {tag}")
 
     asyncio.run(main())
