@@ -7,13 +7,13 @@ imports, opening the datastore, the query, printing), the median of several runs
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from datastores import engine_of, scalar
 from figures import median
 
 
@@ -41,34 +41,38 @@ def interpreter_seconds(runs: int = 7) -> float:
     return median(times)
 
 
-def env_for(database: Path | None) -> dict[str, str]:
+def env_for(datastore: str | None) -> dict[str, str]:
+    """The environment of a command on the datastore at URL `datastore` (None: the default
+    datastore of an empty state directory)."""
     env = {**os.environ}
     for name in ("BUILDFARM_DB", "BUILDFARM_INVENTORY", "BUILDFARM_HOOKS_DIR"):
         env.pop(name, None)
-    if database is None:
-        env["BUILDFARM_STATE_DIR"] = tempfile.mkdtemp(prefix="cli-state-")
+    if datastore is not None and engine_of(datastore) == "sqlite":
+        env["BUILDFARM_STATE_DIR"] = str(Path(datastore[len("sqlite://") :]).parent)
     else:
-        env["BUILDFARM_STATE_DIR"] = str(database.parent)
-        env["BUILDFARM_DB"] = f"sqlite://{database}"
+        env["BUILDFARM_STATE_DIR"] = tempfile.mkdtemp(prefix="cli-state-")
+    if datastore is not None:
+        env["BUILDFARM_DB"] = datastore
     return env
 
 
-def some_build(database: Path) -> str:
-    """The UUID of a build with inputs, from the middle of the datastore."""
-    with sqlite3.connect(database) as db:
-        (count,) = db.execute("SELECT MAX(id) FROM build").fetchone()
-        row = db.execute(
-            "SELECT b.uuid FROM build AS b WHERE b.id >= ? AND EXISTS (SELECT 1 FROM "
-            "derivation_input AS i WHERE i.derivation_id = b.derivation_id) LIMIT 1",
-            (count // 2,),
-        ).fetchone()
-    return str(row[0])
+def some_build(datastore: str) -> str:
+    """The UUID of a build with inputs, from the middle of the datastore at URL `datastore`."""
+    count = scalar(datastore, "SELECT MAX(id) FROM build")
+    uuid = scalar(
+        datastore,
+        "SELECT b.uuid FROM build AS b WHERE b.id >= ? AND EXISTS (SELECT 1 FROM "
+        "derivation_input AS i WHERE i.derivation_id = b.derivation_id) LIMIT 1",
+        count // 2,
+    )
+    return str(uuid)
 
 
-def list_and_show(database: Path) -> dict[str, float]:
-    """`builds list --limit 50` and `builds show UUID` on `database`, whole commands."""
-    env = env_for(database)
-    uuid = some_build(database)
+def list_and_show(datastore: str) -> dict[str, float]:
+    """`builds list --limit 50` and `builds show UUID` on the datastore at URL `datastore`,
+    whole commands."""
+    env = env_for(datastore)
+    uuid = some_build(datastore)
     return {
         "list": command_seconds(["builds", "list", "--limit", "50"], env),
         "list_json": command_seconds(["builds", "list", "--limit", "50", "--json"], env),

@@ -10,13 +10,15 @@ Past a warm-up (the bootstrap chains), D decisions are timed.
 The peer is the rule of design.md step 2 asked directly, as the scheduler did before migration
 3: the first queued build, in priority order, with no queued or running input build (a NOT
 EXISTS test per queued build, in order): timed on the same datastore, same moment.
+
+Datastores are named by URL, so either engine works; suite.py copies the SQLite datastore into
+PostgreSQL rather than writing it there through record_submission (quadratic on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 from figures import percentile
@@ -34,13 +36,14 @@ RUNNING = 16  # builds in flight in the simulated farm
 CHUNK = 10_000  # derivations per submission
 
 
-def make_datastore(path: Path, count: int, *, seed: int = 1) -> float:
-    """A datastore at `path` with `count` queued builds; returns the seconds it took."""
+def make_datastore(url: str, count: int, *, seed: int = 1) -> float:
+    """The datastore at `url` (empty, or not there yet) given `count` queued builds; returns
+    the seconds it took."""
     began = time.perf_counter()
     items = list(distribution(count, store="/nix/store", seed=seed))
     random.Random(seed).shuffle(items)
     rng = random.Random(seed + 1)
-    with open_datastore(f"sqlite://{path}"):
+    with open_datastore(url):
         now = time.time() - count / 1000  # submissions a little apart, oldest first
         for start in range(0, count, CHUNK):
             chunk = items[start : start + CHUNK]
@@ -73,20 +76,21 @@ ORDER BY b.priority DESC, b.created_at, b.id LIMIT 1
 
 def reference_decision(now: float) -> tuple[float, int | None]:
     """Seconds the direct query takes to find the first allowed build, and its id."""
+    db = database_proxy.obj
     began = time.perf_counter()
-    row = database_proxy.obj.execute_sql(_REFERENCE, (now, now)).fetchone()
+    row = db.execute_sql(_REFERENCE.replace("?", db.param), (now, now)).fetchone()
     return time.perf_counter() - began, (row[0] if row else None)
 
 
-def simulate(path: Path, decisions: int, *, warmup: int = 150,
+def simulate(url: str, decisions: int, *, warmup: int = 150,
              reference_samples: int = 3) -> dict[str, Any]:
-    """Work the datastore at `path` as a farm; time decisions and completions."""
+    """Work the datastore at `url` as a farm; time decisions and completions."""
     rng = random.Random(3)
     allocations: list[float] = []
     misses: list[float] = []
     completions: list[float] = []
     running: list[int] = []
-    with open_datastore(f"sqlite://{path}"):
+    with open_datastore(url):
         queued = database_proxy.obj.execute_sql(
             "SELECT COUNT(*) FROM build WHERE state = 'queued'").fetchone()[0]
         done = 0

@@ -8,16 +8,25 @@ import sys
 import time
 from pathlib import Path
 
+from datastores import engine_of
 from graphs import generate
 
+_written: dict[Path, list[str]] = {}  # the .drv files generate() wrote, by directory
 
-def submit_from_stdin(work: Path, count: int) -> dict[str, float]:
+
+def submit_from_stdin(work: Path, count: int, datastore: str | None = None) -> dict[str, float]:
     """Seconds `buildfarm submit -` takes for `count` .drv files (reading, parsing, recording
-    derivations, builds and events in one transaction)."""
-    files = generate(work / f"drvs-{count}", count)
-    state = work / f"state-submit-{count}"
+    derivations, builds and events in one transaction), into the datastore at URL `datastore`
+    (None: the default SQLite datastore of a new state directory)."""
+    directory = work / f"drvs-{count}"
+    files = _written.get(directory) or generate(directory, count)
+    _written[directory] = files
+    name = "submit" if datastore is None else f"submit-{engine_of(datastore)}"
+    state = work / f"state-{name}-{count}"
     env = {**os.environ, "BUILDFARM_STATE_DIR": str(state)}
     env.pop("BUILDFARM_DB", None)
+    if datastore is not None:
+        env["BUILDFARM_DB"] = datastore
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "buildfarm", "submit", "-"],
                           input="\n".join(files), env=env, capture_output=True, text=True,

@@ -4,6 +4,13 @@ Groups (--only NAME selects some): startup, submit, scheduler, queries, memory, 
 web (benchmarks/web.py: every page and API call of `buildfarm web` on an aged datastore).
 --quick stops the datastore sizes at 100,000 builds and does fewer trivial builds: a few
 minutes instead of an hour; the full run is the one BENCHMARKS.md records.
+
+--engine postgresql (or both) measures the scale groups (submit, scheduler, queries) on the
+PostgreSQL server whose `postgres` database BUILDFARM_BENCH_PG names (benchmarks/run starts a
+throwaway one), in a scratch database per datastore size (the SQLite datastore of that size,
+copied), with the same sizes and figures, each named with " (PostgreSQL)" at its end; submit
+there is timed at 1,000 to 8,000 derivations (see Suite._submit_postgresql). The other groups
+always measure SQLite, the default datastore, which is also the default engine.
 """
 
 from __future__ import annotations
@@ -20,42 +27,92 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from datastores import LABELS, PostgresServer, engine_of, sqlite_url
 from figures import Figure, Report, machine, table
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("startup", "submit", "scheduler", "queries", "memory", "e2e", "transfer", "web")
+ENGINE_CHOICES = {"sqlite": ("sqlite",), "postgresql": ("postgresql",),
+                  "both": ("sqlite", "postgresql")}
 MARK_BEGIN = "<!-- benchmarks/run --write: begin -->"
 MARK_END = "<!-- benchmarks/run --write: end -->"
 
 
 class Suite:
-    def __init__(self, work: Path, quick: bool, report: Report) -> None:
+    def __init__(self, work: Path, quick: bool, report: Report, *,
+                 engines: tuple[str, ...] = ("sqlite",),
+                 server: PostgresServer | None = None) -> None:
         self.work = work
         self.quick = quick
         self.report = report
         self.sizes = (1_000, 10_000, 100_000) if quick else (1_000, 10_000, 100_000, 1_000_000)
-        self.datastores: dict[int, Path] = {}
+        self.engines = engines  # of the scale groups: submit, scheduler, queries
+        self.server = server
+        self.datastores: dict[tuple[str, int], str] = {}
 
     @property
     def biggest(self) -> int:
         return self.sizes[-1]
 
-    def datastore(self, count: int) -> Path:
-        """The datastore of `count` queued builds, made on first use."""
-        if count not in self.datastores:
-            import bench_scheduler
+    def pg(self) -> PostgresServer:
+        if self.server is None:
+            raise RuntimeError("no PostgreSQL server: run through benchmarks/run --engine")
+        return self.server
 
-            path = self.work / f"datastore-{count}" / "buildfarm.db"
-            path.parent.mkdir(parents=True)
-            print(f"making a datastore of {count:,} queued builds ...", flush=True)
-            seconds = bench_scheduler.make_datastore(path, count)
-            size = sum(f.stat().st_size for f in path.parent.iterdir()) / 1e6
-            self.report.notes.append(
-                f"datastore of {count:,} queued builds: written in {seconds:.0f} s "
-                f"through record_submission, {size:,.0f} MB on disk"
-            )
-            self.datastores[count] = path
-        return self.datastores[count]
+    @staticmethod
+    def suffix(engine: str) -> str:
+        """What a figure's name ends with on `engine`: nothing on SQLite, the default."""
+        return "" if engine == "sqlite" else f" ({LABELS[engine]})"
+
+    def datastore(self, count: int, engine: str = "sqlite") -> str:
+        """The URL of the datastore of `count` queued builds on `engine`, made on first use."""
+        if (engine, count) not in self.datastores:
+            if engine == "sqlite":
+                import bench_scheduler
+
+                path = self.work / f"datastore-{count}" / "buildfarm.db"
+                path.parent.mkdir(parents=True)
+                url = sqlite_url(path)
+                print(f"making a datastore of {count:,} queued builds ...", flush=True)
+                seconds = bench_scheduler.make_datastore(url, count)
+                size = sum(f.stat().st_size for f in path.parent.iterdir()) / 1e6
+                self.report.notes.append(
+                    f"datastore of {count:,} queued builds: written in {seconds:.0f} s "
+                    f"through record_submission, {size:,.0f} MB on disk"
+                )
+            else:
+                url = self._postgresql_datastore(count)
+            self.datastores[engine, count] = url
+        return self.datastores[engine, count]
+
+    def _postgresql_datastore(self, count: int) -> str:
+        """The SQLite datastore of `count` builds copied into a new PostgreSQL database, as
+        `buildfarm db migrate-from` copies it (one COPY per table, the waiting_on triggers off:
+        the counts are copied), then vacuumed and analyzed as autovacuum soon would: the same
+        builds, ids and order on both engines. Writing it through record_submission, as the
+        SQLite one is, would take hours at 100,000 builds: each inserted row fires the
+        statement-level waiting_on trigger, which rescans the queue (see the submit group)."""
+        from buildfarm.datastore.copy import copy_datastore
+
+        source = self.datastore(count)
+        name = f"datastore_{count}"
+        print(f"copying the datastore of {count:,} queued builds into PostgreSQL ...",
+              flush=True)
+        began = time.perf_counter()
+        copy_datastore(source, self.pg().create(name))
+        copied = time.perf_counter() - began
+        self.pg().vacuum_analyze(name)
+        analyzed = time.perf_counter() - began - copied
+        self.report.notes.append(
+            f"datastore of {count:,} queued builds (PostgreSQL): the SQLite one copied by "
+            f"migrate-from's copy_datastore in {copied:.0f} s, VACUUM (ANALYZE) "
+            f"{analyzed:.0f} s, {self.pg().size(name) / 1e6:,.0f} MB on disk"
+        )
+        return self.pg().url_of(name)
+
+    def sqlite_path(self, count: int) -> Path:
+        """The file of the SQLite datastore of `count` queued builds, made on first use."""
+        return Path(self.datastore(count)[len("sqlite://") :])
 
     # -- the groups
 
@@ -73,46 +130,93 @@ class Suite:
     def submit(self) -> None:
         import bench_submit
 
-        count = 100_000
-        done = bench_submit.submit_from_stdin(self.work, count)
+        if "sqlite" in self.engines:
+            count = 100_000
+            done = bench_submit.submit_from_stdin(self.work, count)
+            self.report.add(Figure(
+                f"submit of {count:,} derivations from stdin", done["seconds"], "s",
+                target=("<=", 60), note=f"{done['rate']:,.0f} derivations/s",
+            ))
+        if "postgresql" in self.engines:
+            self._submit_postgresql()
+
+    def _submit_postgresql(self) -> None:
+        """`buildfarm submit -` into PostgreSQL at a few thousand derivations, the SQLite
+        figure's 100,000 being out of reach: the time grows with the square of the count
+        (every inserted build fires the statement-level waiting_on trigger, whose recount
+        scans the queue). The peer is the same submission into SQLite, in the same run."""
+        import bench_submit
+
+        counts = (1_000, 2_000, 4_000, 8_000)
+        curve = {}
+        for count in counts:
+            print(f"submit of {count:,} derivations (PostgreSQL) ...", flush=True)
+            done = bench_submit.submit_from_stdin(self.work, count, self.pg().create("submit"))
+            self.pg().drop("submit")
+            curve[count] = done
+        count = counts[-1]
+        peer = bench_submit.submit_from_stdin(self.work, count)
         self.report.add(Figure(
-            f"submit of {count:,} derivations from stdin", done["seconds"], "s",
-            target=("<=", 60), note=f"{done['rate']:,.0f} derivations/s",
+            f"submit of {count:,} derivations from stdin (PostgreSQL)",
+            curve[count]["seconds"], "s", peer=peer["seconds"],
+            peer_name="the same into SQLite",
+            note=f"{curve[count]['rate']:,.0f} derivations/s against {peer['rate']:,.0f}; "
+                 "curve: " + ", ".join(f"{c:,}: {d['seconds']:.1f} s" for c, d in curve.items()),
         ))
 
+    def _scratch_copy(self, count: int, engine: str) -> str:
+        """A copy of the datastore of `count` builds, for a group that changes it (the other
+        groups get the untouched datastore)."""
+        source = self.datastore(count, engine)
+        if engine == "sqlite":
+            path = Path(source[len("sqlite://") :])
+            scratch = path.with_name("scheduler.db")
+            shutil.copy(path, scratch)
+            return sqlite_url(scratch)
+        return self.pg().create("scheduler", template=f"datastore_{count}")
+
+    def _drop_scratch(self, url: str) -> None:
+        if engine_of(url) == "sqlite":
+            Path(url[len("sqlite://") :]).unlink()
+        else:
+            self.pg().drop("scheduler")
+
     def scheduler(self) -> None:
+        for engine in self.engines:
+            self._scheduler(engine)
+
+    def _scheduler(self, engine: str) -> None:
         import bench_scheduler
 
         results = {}
+        on = self.suffix(engine)
         for count in self.sizes:
-            path = self.datastore(count)
-            scratch = path.with_name("scheduler.db")
-            shutil.copy(path, scratch)  # the other groups get the untouched datastore
-            print(f"allocation decisions at {count:,} queued builds ...", flush=True)
+            scratch = self._scratch_copy(count, engine)
+            print(f"allocation decisions at {count:,} queued builds{on} ...", flush=True)
             result = bench_scheduler.simulate(scratch, 1000,
                                               reference_samples=3 if count < 1_000_000 else 1)
-            scratch.unlink()
+            self._drop_scratch(scratch)
             results[count] = result
             if not result["agreed"]:
                 self.report.notes.append(
-                    f"at {count:,}: the scheduler's first choice differed from the direct "
+                    f"at {count:,}{on}: the scheduler's first choice differed from the direct "
                     "query's (a bug: the run is not valid)")
             targets = {100_000: (5, 20), 1_000_000: (10, None)}.get(count, (None, None))
             p50_target = ("<=", float(targets[0])) if targets[0] else None
             p99_target = ("<=", float(targets[1])) if targets[1] else None
             self.report.add(Figure(
-                f"allocation decision p50, {count:,} queued", result["p50"] * 1000, "ms",
+                f"allocation decision p50, {count:,} queued{on}", result["p50"] * 1000, "ms",
                 target=p50_target, peer=result["reference"] * 1000,
                 peer_name="direct NOT EXISTS query in priority order (first build only)",
                 note=f"{result['decisions']} decisions",
             ))
             self.report.add(Figure(
-                f"allocation decision p99, {count:,} queued", result["p99"] * 1000, "ms",
+                f"allocation decision p99, {count:,} queued{on}", result["p99"] * 1000, "ms",
                 target=p99_target, note=f"max {result['max'] * 1000:.1f} ms",
             ))
             if result["completion_p50"] is not None:
                 self.report.add(Figure(
-                    f"completion bookkeeping p50 / p99, {count:,} queued",
+                    f"completion bookkeeping p50 / p99, {count:,} queued{on}",
                     result["completion_p50"] * 1000, "ms",
                     note=f"p99 {result['completion_p99'] * 1000:.1f} ms, max "
                          f"{result['completion_max'] * 1000:.0f} ms: a success recounts its "
@@ -121,24 +225,30 @@ class Suite:
         low, high = min(results), max(results)
         growth = results[high]["p50"] / results[low]["p50"]
         self.report.add(Figure(
-            f"allocation p50 growth, {low:,} -> {high:,} queued ({high // low:,}x the queue)",
+            f"allocation p50 growth, {low:,} -> {high:,} queued ({high // low:,}x the queue)"
+            f"{on}",
             growth, "x", target=("<=", 10.0),
             note="linear would be " + f"{high // low:,}x; curve: " + ", ".join(
                 f"{c:,}: {r['p50'] * 1000:.2f} ms" for c, r in sorted(results.items())),
         ))
 
     def queries(self) -> None:
+        for engine in self.engines:
+            self._queries(engine)
+
+    def _queries(self, engine: str) -> None:
         import bench_cli
 
-        big = self.datastore(self.biggest)
-        small = self.datastore(self.sizes[0])
+        big = self.datastore(self.biggest, engine)
+        small = self.datastore(self.sizes[0], engine)
         ours, peer = bench_cli.list_and_show(big), bench_cli.list_and_show(small)
         for key, label in (("list", "builds list --limit 50"),
                            ("list_json", "builds list --limit 50 --json"),
                            ("list_failed", "builds list --limit 50 --state failed"),
                            ("show", "builds show UUID")):
             self.report.add(Figure(
-                f"{label}, {self.biggest:,} builds (whole command)", ours[key] * 1000, "ms",
+                f"{label}, {self.biggest:,} builds (whole command){self.suffix(engine)}",
+                ours[key] * 1000, "ms",
                 target=("<=", 200.0), peer=peer[key] * 1000,
                 peer_name=f"the same at {self.sizes[0]:,} builds",
             ))
@@ -154,7 +264,7 @@ class Suite:
             for count in (self.sizes[0], self.biggest):
                 copy = self.work / f"memory-{count}" / "buildfarm.db"
                 copy.parent.mkdir()
-                shutil.copy(self.datastore(count), copy)
+                shutil.copy(self.sqlite_path(count), copy)
                 print(f"coordinator memory at {count:,} queued builds ...", flush=True)
                 results[count] = bench_memory.coordinator_memory(copy, hosts, seconds)
                 shutil.rmtree(copy.parent)
@@ -230,13 +340,14 @@ class Suite:
         ))
 
 
-def write_markdown(report: Report, mode: str, began: float) -> None:
+def write_markdown(report: Report, mode: str, engine: str, began: float) -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text(encoding="utf-8")
     info = machine()
     block = "\n".join([
         MARK_BEGIN,
-        f"Run: `bash benchmarks/run{' --quick' if mode == 'quick' else ''}` "
+        f"Run: `bash benchmarks/run{' --quick' if mode == 'quick' else ''}"
+        f"{'' if engine == 'sqlite' else f' --engine {engine}'}` "
         f"({mode}), {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, "
         f"{(time.time() - began) / 60:.0f} minutes; load average at the end "
         f"{os.getloadavg()[0]:.2f}.",
@@ -264,6 +375,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="up to 100,000 builds")
     parser.add_argument("--only", action="append", choices=GROUPS, default=[],
                         help="run only this group (repeat)")
+    parser.add_argument("--engine", choices=tuple(ENGINE_CHOICES), default="sqlite",
+                        help="datastore engine(s) of the submit, scheduler and queries groups")
     parser.add_argument("--write", action="store_true", help="put the table in BENCHMARKS.md")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
@@ -272,9 +385,19 @@ def main() -> None:
     # Bytecode as an installed package has it (the environment may forbid writing it).
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "buildfarm")],
                    check=True, stdout=subprocess.DEVNULL)
+    engines = ENGINE_CHOICES[args.engine]
+    server = PostgresServer.from_environment() if "postgresql" in engines else None
+    if "postgresql" in engines and server is None:
+        parser.error("--engine postgresql needs a server: run me through benchmarks/run")
     report = Report()
-    suite = Suite(args.work, args.quick, report)
+    suite = Suite(args.work, args.quick, report, engines=engines, server=server)
     print("machine: " + json.dumps(machine()), flush=True)
+    if server is not None:
+        report.notes.append(
+            f"PostgreSQL {server.version()}: a throwaway server on a Unix socket "
+            "(scripts/pg-server.sh: fsync, synchronous_commit and full_page_writes off, "
+            "other settings Debian's defaults), a scratch database per datastore")
+        print(report.notes[-1], flush=True)
     for group in args.only or GROUPS:
         print(f"== {group}", flush=True)
         getattr(suite, group)()
@@ -285,7 +408,7 @@ def main() -> None:
     if args.json is not None:
         args.json.write_text(report.to_json(), encoding="utf-8")
     if args.write:
-        write_markdown(report, "quick" if args.quick else "full", began)
+        write_markdown(report, "quick" if args.quick else "full", args.engine, began)
 
 
 if __name__ == "__main__":
