@@ -8,6 +8,10 @@ and the partial index `build_ready` holds exactly the queued builds whose count 
 by system, required features, priority, age. A decision reads, for each system the slot runs
 and each set of features it offers, the head of one index range, and merges them; only builds
 deferred or backed off until later are skipped over one by one.
+
+Two builds of one derivation never run at once: on one machine the second would wait on the
+store's lock and then find the output it must delete held by the first, so the later one waits
+in the queue until the first ends.
 """
 
 from __future__ import annotations
@@ -133,9 +137,13 @@ def allocate(slot: Slot, now: float | None = None, exclude: Iterable[int] = ()) 
     moment = time.time() if now is None else now
     with database_proxy.atomic():
         for build_id in candidate_ids(slot, moment, exclude):
+            twin = Build.alias()
+            running_twin = twin.select(SQL("1")).where(
+                (twin.derivation == Build.derivation) & (twin.state == RUNNING)
+            )
             taken = (
                 Build.update(state=RUNNING, started_at=moment)
-                .where((Build.id == build_id) & (Build.state == QUEUED))
+                .where((Build.id == build_id) & (Build.state == QUEUED) & ~fn.EXISTS(running_twin))
                 .execute()
             )
             if not taken:

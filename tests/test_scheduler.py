@@ -124,6 +124,21 @@ def test_a_queued_or_running_input_blocks_until_it_ends(store: Datastore) -> Non
     assert miscounted() == []
 
 
+def test_two_builds_of_one_derivation_never_run_at_once(store: Datastore) -> None:
+    slot = scheduler.Slot("m", (X86,), frozenset())
+    drv = make_drv("twice")
+    first, second = queue(drv, now=100.0) + queue(drv, now=200.0)
+    (other,) = queue(make_drv("other"), now=300.0)
+    attempt = scheduler.allocate(slot)
+    assert attempt is not None and attempt.build.uuid == first
+    following = scheduler.allocate(slot)  # the twin waits; the next build goes instead
+    assert following is not None and following.build.uuid == other
+    assert scheduler.allocate(slot) is None
+    records.succeed(attempt.id, [], None)
+    last = scheduler.allocate(slot)
+    assert last is not None and last.build.uuid == second
+
+
 def test_systems_and_features(store: Datastore) -> None:
     plain, kvm, big = make_drv("plain"), make_drv("kvm", features="kvm"), make_drv(
         "big", features="big-parallel kvm")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from buildfarm.errors import NotFoundError, UsageError
 
 from . import events
+from .bulk import chunks, insert_rows
 from .models import (
     CANCELED,
     FINAL_STATES,
@@ -32,12 +33,6 @@ from .models import (
 if TYPE_CHECKING:
     from buildfarm.submission import ReadDerivation, SubmitOptions, Submitted
 
-CHUNK = 500  # rows per IN (...) or insert batch: well under SQLite's variable limit
-
-
-def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def iso(moment: float | None) -> str | None:
@@ -46,27 +41,11 @@ def iso(moment: float | None) -> str | None:
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds")
 
 
-def _insert_rows(table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """INSERT every row with one prepared statement (executemany): building SQL text per batch
-    costs far more than the inserts themselves at 100,000 rows."""
-    if not rows:
-        return
-    db = database_proxy.obj
-    marks = ", ".join([db.param] * len(columns))
-    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
-    cursor = db.cursor()
-    try:
-        for chunk in _chunks(rows, 5000):
-            cursor.executemany(sql, chunk)
-    finally:
-        cursor.close()
-
-
 def _ids_by(table: str, column: str, keys: Sequence[str]) -> dict[str, int]:
     """key -> id of the rows of `table` whose `column` is one of `keys`."""
     db = database_proxy.obj
     found: dict[str, int] = {}
-    for chunk in _chunks(list(keys)):
+    for chunk in chunks(list(keys)):
         marks = ", ".join([db.param] * len(chunk))
         sql = f"SELECT {column}, id FROM {table} WHERE {column} IN ({marks})"
         found.update(db.execute_sql(sql, tuple(chunk)).fetchall())
@@ -78,7 +57,7 @@ def _record_derivations(items: Sequence[ReadDerivation], now: float) -> dict[str
     unique = list({item.path: item for item in items}.values())
     ids = _ids_by("derivation", "path", [i.path for i in unique])
     new = [i for i in unique if i.path not in ids]
-    _insert_rows(
+    insert_rows(
         "derivation",
         ("path", "system", "required_features", "contents", "created_at"),
         [
@@ -87,12 +66,12 @@ def _record_derivations(items: Sequence[ReadDerivation], now: float) -> dict[str
         ],
     )
     ids.update(_ids_by("derivation", "path", [i.path for i in new]))
-    _insert_rows(
+    insert_rows(
         "derivation_output",
         ("derivation_id", "name", "path", "hash_algo", "hash"),
         [(ids[i.path], o.name, o.path, o.hash_algo, o.hash) for i in new for o in i.drv.outputs],
     )
-    _insert_rows(
+    insert_rows(
         "derivation_input",
         ("derivation_id", "input_path", "outputs"),
         [(ids[i.path], path, " ".join(names)) for i in new for path, names in i.drv.input_drvs],
@@ -103,7 +82,7 @@ def _record_derivations(items: Sequence[ReadDerivation], now: float) -> dict[str
 def _existing_builds(derivation_ids: Sequence[int], states: Sequence[str]) -> dict[int, str]:
     """derivation id -> UUID of its oldest build in one of `states`."""
     found: dict[int, str] = {}
-    for chunk in _chunks(list(derivation_ids)):
+    for chunk in chunks(list(derivation_ids)):
         query: Any = (
             Build.select(Build.derivation, Build.uuid)
             .where(Build.derivation.in_(chunk) & Build.state.in_(list(states)))
@@ -159,7 +138,7 @@ def record_submission(
             if options.ignore_if_built or options.ignore_if_queued:
                 existing[ids[target.path]] = uuid  # the same DRV twice in one call
             results.append(Submitted(uuid, target.path, created=True))
-        _insert_rows(
+        insert_rows(
             "build",
             (
                 "uuid", "derivation_id", "system", "required_features", "state", "priority",
@@ -169,7 +148,7 @@ def record_submission(
         )
         build_ids = _ids_by("build", "uuid", [b[0] for b in new_builds])
         if tags:
-            _insert_rows(
+            insert_rows(
                 "build_tag",
                 ("build_id", "key", "value"),
                 [(build_ids[b[0]], k, v) for b in new_builds for k, v in tags.items()],
@@ -306,7 +285,7 @@ def _attempts_json(build: Build) -> list[dict[str, Any]]:
 def _newest_builds(drv_paths: Sequence[str]) -> dict[str, tuple[str, str]]:
     """derivation path -> (UUID, state) of its newest build, for those that have one."""
     found: dict[str, tuple[str, str]] = {}
-    for chunk in _chunks(list(drv_paths)):
+    for chunk in chunks(list(drv_paths)):
         query: Any = (
             Build.select(Derivation.path, Build.uuid, Build.state)
             .join(Derivation)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .bulk import insert_rows
 from .models import Build, BuildTag, DerivationOutput, Event
 
 
@@ -44,17 +45,10 @@ def record_many(
     name: str, builds: Sequence[tuple[int, dict[str, Any]]], now: float
 ) -> None:
     """Queue one event per (build id, build summary), in batches."""
-    rows = [
-        {
-            "name": name,
-            "build": build_id,
-            "payload": json.dumps({"event": name, "build": summary}, sort_keys=True),
-            "created_at": now,
-        }
+    insert_rows("event", ("name", "build_id", "payload", "created_at"), [
+        (name, build_id, json.dumps({"event": name, "build": summary}, sort_keys=True), now)
         for build_id, summary in builds
-    ]
-    for start in range(0, len(rows), 200):
-        Event.insert_many(rows[start : start + 200]).execute()
+    ])
 
 
 def pending(limit: int = 100) -> list[Event]:
