@@ -128,41 +128,26 @@ class Suite:
                                    peer=floor, peer_name="python -c pass"))
 
     def submit(self) -> None:
+        """`buildfarm submit -` of 100,000 derivations into each engine's datastore; on
+        PostgreSQL the peer is the same submission into SQLite, when this run measured it."""
         import bench_submit
 
-        if "sqlite" in self.engines:
-            count = 100_000
-            done = bench_submit.submit_from_stdin(self.work, count)
+        count = 100_000
+        done: dict[str, dict[str, float]] = {}
+        for engine in self.engines:
+            print(f"submit of {count:,} derivations{self.suffix(engine)} ...", flush=True)
+            url = None if engine == "sqlite" else self.pg().create("submit")
+            done[engine] = bench_submit.submit_from_stdin(self.work, count, url)
+            if url is not None:
+                self.pg().drop("submit")
+            peer = done.get("sqlite") if engine != "sqlite" else None
             self.report.add(Figure(
-                f"submit of {count:,} derivations from stdin", done["seconds"], "s",
-                target=("<=", 60), note=f"{done['rate']:,.0f} derivations/s",
+                f"submit of {count:,} derivations from stdin{self.suffix(engine)}",
+                done[engine]["seconds"], "s", target=("<=", 60),
+                peer=peer["seconds"] if peer else None,
+                peer_name="the same into SQLite" if peer else "",
+                note=f"{done[engine]['rate']:,.0f} derivations/s",
             ))
-        if "postgresql" in self.engines:
-            self._submit_postgresql()
-
-    def _submit_postgresql(self) -> None:
-        """`buildfarm submit -` into PostgreSQL at a few thousand derivations, the SQLite
-        figure's 100,000 being out of reach: the time grows with the square of the count
-        (every inserted build fires the statement-level waiting_on trigger, whose recount
-        scans the queue). The peer is the same submission into SQLite, in the same run."""
-        import bench_submit
-
-        counts = (1_000, 2_000, 4_000, 8_000)
-        curve = {}
-        for count in counts:
-            print(f"submit of {count:,} derivations (PostgreSQL) ...", flush=True)
-            done = bench_submit.submit_from_stdin(self.work, count, self.pg().create("submit"))
-            self.pg().drop("submit")
-            curve[count] = done
-        count = counts[-1]
-        peer = bench_submit.submit_from_stdin(self.work, count)
-        self.report.add(Figure(
-            f"submit of {count:,} derivations from stdin (PostgreSQL)",
-            curve[count]["seconds"], "s", peer=peer["seconds"],
-            peer_name="the same into SQLite",
-            note=f"{curve[count]['rate']:,.0f} derivations/s against {peer['rate']:,.0f}; "
-                 "curve: " + ", ".join(f"{c:,}: {d['seconds']:.1f} s" for c, d in curve.items()),
-        ))
 
     def _scratch_copy(self, count: int, engine: str) -> str:
         """A copy of the datastore of `count` builds, for a group that changes it (the other

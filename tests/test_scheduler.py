@@ -200,6 +200,34 @@ def test_counts_made_by_the_migration_for_an_existing_queue(database: ScratchDat
         assert miscounted() == []
 
 
+def test_statements_of_many_rows_keep_the_counts(store: Datastore) -> None:
+    """One statement that inserts, requeues, ends or deletes a build and the builds that need
+    it together (PostgreSQL's statement triggers see the whole statement at once)."""
+    slot = scheduler.Slot("m", (X86,), frozenset())
+    base = make_drv("base")
+    mid = make_drv("mid", [base])
+    queue(base, mid, make_drv("top", [base, mid]))
+    db = database_proxy.obj
+    copies = (
+        "INSERT INTO build (uuid, derivation_id, system, required_features, state, priority, "
+        "created_at) SELECT uuid || '-again', derivation_id, system, required_features, "
+        "'queued', 7, created_at + 1 FROM build"
+    )
+    for statement in (
+        copies,
+        "UPDATE build SET state = 'canceled' WHERE priority <> 7",
+        "UPDATE build SET state = 'canceled'",
+        "UPDATE build SET state = 'queued'",
+        "UPDATE build SET state = 'running' WHERE priority = 7",
+        "UPDATE build SET state = 'succeeded' WHERE priority <> 7",
+        "DELETE FROM build WHERE priority = 7",
+    ):
+        with database_proxy.atomic():
+            db.execute_sql(statement)
+        assert miscounted() == [], statement
+        assert offered(slot, time.time()) == reference(slot, time.time()), statement
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_any_sequence_of_changes_keeps_the_counts_and_the_rule(
     store: Datastore, seed: int

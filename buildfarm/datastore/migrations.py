@@ -129,6 +129,70 @@ _POSTGRESQL_TRIGGERS = (
 )
 
 
+# Migration 4, PostgreSQL: the recount above reads every queued build per change (its OR of two
+# sets keeps the planner off the indexes), so a completion cost 0.2-0.3 s at 10,000 queued builds
+# or more and a submission grew with the square of its size. Now, as SQLite's row triggers do,
+# only the builds entering the queue are counted from scratch, and the builds that need a
+# changed one get the difference: +1 per input build that entered, -1 per one that left. Both
+# reach their rows through indexes. The count is nested subqueries, which fixes the order
+# PostgreSQL reads them in (inputs, their derivation, its active builds): as a join, the planner
+# may start from every active build when its statistics predate a big submission.
+_POSTGRESQL_WAITING_COUNT = (
+    "(SELECT COALESCE(SUM((SELECT COUNT(*) FROM build AS wb"
+    " WHERE wb.derivation_id = (SELECT wd.id FROM derivation AS wd WHERE wd.path = wi.input_path)"
+    f" AND wb.state IN {_ACTIVE})), 0)"
+    " FROM derivation_input AS wi WHERE wi.derivation_id = build.derivation_id)"
+)
+
+
+def _postgresql_count_and_shift(changed: str) -> str:
+    """PL/pgSQL: count from scratch the builds of `changed` (id, derivation_id, sign: +1 a
+    build that entered the queue, -1 one that left it) that entered; add the signs to the
+    other active builds whose derivation has theirs as an input."""
+    return f"""
+        UPDATE build SET waiting_on = {_POSTGRESQL_WAITING_COUNT}
+        WHERE build.id IN (SELECT c.id FROM ({changed}) AS c WHERE c.sign = 1)
+            AND build.state IN {_ACTIVE};
+        UPDATE build SET waiting_on = build.waiting_on + shift.delta
+        FROM (SELECT di.derivation_id, SUM(c.sign) AS delta
+              FROM ({changed}) AS c
+              JOIN derivation AS dd ON dd.id = c.derivation_id
+              JOIN derivation_input AS di ON di.input_path = dd.path
+              GROUP BY di.derivation_id) AS shift
+        WHERE build.derivation_id = shift.derivation_id AND build.state IN {_ACTIVE}
+            AND build.id NOT IN (SELECT c.id FROM ({changed}) AS c WHERE c.sign = 1);"""
+
+
+_POSTGRESQL_SHIFTING = (
+    f"""CREATE OR REPLACE FUNCTION build_waiting_rows() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF pg_trigger_depth() > 1 THEN RETURN NULL; END IF;
+            IF TG_OP = 'INSERT' THEN
+                {_postgresql_count_and_shift(
+                    f"SELECT id, derivation_id, 1 AS sign FROM changed_builds "
+                    f"WHERE state IN {_ACTIVE}")}
+            ELSE
+                {_postgresql_count_and_shift(
+                    f"SELECT id, derivation_id, -1 AS sign FROM changed_builds "
+                    f"WHERE state IN {_ACTIVE}")}
+            END IF;
+            RETURN NULL;
+        END $fn$""",
+    f"""CREATE OR REPLACE FUNCTION build_waiting_update() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        BEGIN
+            IF pg_trigger_depth() > 1 THEN RETURN NULL; END IF;
+            PERFORM 1 FROM new_builds AS n JOIN old_builds AS o ON o.id = n.id
+                WHERE (n.state IN {_ACTIVE}) <> (o.state IN {_ACTIVE}) LIMIT 1;
+            IF NOT FOUND THEN RETURN NULL; END IF;
+            {_postgresql_count_and_shift(
+                f"SELECT n.id, n.derivation_id, CASE WHEN n.state IN {_ACTIVE} THEN 1 ELSE -1 "
+                "END AS sign FROM new_builds AS n JOIN old_builds AS o ON o.id = n.id "
+                f"WHERE (n.state IN {_ACTIVE}) <> (o.state IN {_ACTIVE})")}
+            RETURN NULL;
+        END $fn$""",
+)
+
+
 # A step is DDL text, or {engine: (DDL text, ...)} where the engines need different statements.
 Step = str | Mapping[str, Sequence[str]]
 
@@ -268,6 +332,11 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[Step]]] = (
             "CREATE INDEX build_newest ON build (created_at, id)",
             "CREATE INDEX build_state_newest ON build (state, created_at, id)",
         ),
+    ),
+    (
+        4,
+        "PostgreSQL: waiting_on kept by differences, through indexes, not recounted",
+        ({"sqlite": (), "postgresql": _POSTGRESQL_SHIFTING},),
     ),
 )
 
