@@ -132,6 +132,17 @@ class Suite:
         PostgreSQL the peer is the same submission into SQLite, when this run measured it."""
         import bench_submit
 
+        small = 10_000
+        seconds = bench_submit.read_seconds(self.work, small)
+        self.report.add(Figure(
+            f"derivation reader: read and parse {small:,} .drv files", seconds, "s",
+            note=f"{small / seconds:,.0f} derivations/s",
+        ))
+        done_small = bench_submit.submit_from_stdin(self.work, small)
+        self.report.add(Figure(
+            f"submit of {small:,} derivations from stdin (issue 2)", done_small["seconds"], "s",
+            target=("<=", 10), note=f"{done_small['rate']:,.0f} derivations/s",
+        ))
         count = 100_000
         done: dict[str, dict[str, float]] = {}
         for engine in self.engines:
