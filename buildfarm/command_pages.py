@@ -255,7 +255,7 @@ def command_page(path: tuple[str, ...], command: click.Command, ctx: click.Conte
     out += _exit_status(path)
     if not path:
         related = [(page_name(p), 1) for p in everything if p]
-        related += [("buildfarm-inventory", 5), ("buildfarm-hooks", 7)]
+        related += [("buildfarm-inventory", 5), ("buildfarm-hooks", 7), ("buildfarm-web", 7)]
     else:
         related = [("buildfarm", 1)]
         if len(path) > 1:
@@ -264,6 +264,8 @@ def command_page(path: tuple[str, ...], command: click.Command, ctx: click.Conte
             related.append(("buildfarm-inventory", 5))
         if path[0] in ("run", "hooks", "submit"):
             related.append(("buildfarm-hooks", 7))
+        if path[0] == "web":
+            related.append(("buildfarm-web", 7))
     return Page(name, 1, "\n".join(out + roff.see_also(related)) + "\n")
 
 

@@ -187,3 +187,25 @@ def test_shell_completion_works_as_documented() -> None:
             env={**os.environ, "_BUILDFARM_COMPLETE": f"{shell}_source"},
         )
         assert source.returncode == 0 and "_BUILDFARM_COMPLETE" in source.stdout, shell
+
+
+def test_the_web_page_documents_every_route_and_parameter() -> None:
+    from buildfarm.web.api import ENDPOINTS
+    from buildfarm.web.app import WebApp
+
+    words = rendered(MAN / "buildfarm-web.7")
+    app = WebApp("sqlite:///nowhere.db")
+    try:
+        routes = {r.resource.canonical for r in app.application().router.routes()
+                  if r.resource is not None}
+    finally:
+        app.close_executor()
+    routes.discard("/static/{name}")  # the page's own script and style
+    assert routes
+    for route in routes:
+        assert route.replace("{uuid}", "UUID").replace("{name}", "NAME") in words or \
+            route in words, route
+    for endpoint in ENDPOINTS:
+        assert f"{endpoint.method} {endpoint.path}" in words
+        for name, _ in endpoint.parameters:
+            assert f" {name} " in words, (endpoint.path, name)

@@ -442,7 +442,9 @@ def test_api_round_trips_hostile_strings_and_never_emits_markup(
     assert [b["name"] for b in named["builds"]] == [EVIL_NAME]
 
 
-def test_secrets_and_the_datastore_url_are_never_shown(farm: Farm, tmp_path: Path) -> None:
+def test_secrets_and_the_datastore_url_are_never_shown(
+    farm: Farm, database: ScratchDatabase, tmp_path: Path
+) -> None:
     from buildfarm import keys
 
     keys.generate(str(farm.state))
@@ -454,6 +456,7 @@ def test_secrets_and_the_datastore_url_are_never_shown(farm: Farm, tmp_path: Pat
         paths = [*every_path(farm), "/builds/not-a-uuid", "/builds?state=bogus",
                  "/api/builds?limit=x", "/api/builds/00000000-0000-0000-0000-000000000000",
                  "/events?last_event_id=-1", "/nowhere", "/api/overview", "/api/machines",
+                 "/api/builds/" + farm.builds["leaf"] + "/log/stream?offset=0",
                  f"/api/builds/{farm.builds['app']}", "/api/machines/m1"]
         statuses = set()
         for path in paths:
@@ -463,6 +466,12 @@ def test_secrets_and_the_datastore_url_are_never_shown(farm: Farm, tmp_path: Pat
                 assert secret not in body, (path, secret)
                 assert all(secret not in v for v in headers.values()), (path, secret)
         assert statuses == {200, 400, 404}
+        replay = EventStream(web.netloc, last_event_id=0)
+        events = replay.take(len(stored_events(database)))
+        replay.close()
+        assert any(payload.get("log") for _, _, payload in events)
+        for secret in (farm.url, str(farm.state), *secret_words):
+            assert secret not in json.dumps(events), secret
     finally:
         web.stop()
 
@@ -512,8 +521,13 @@ class EventStream:
 
 
 def stored_events(database: ScratchDatabase) -> list[tuple[int, str, dict[str, Any]]]:
+    """The events as stored, their log shown as its URL path (as the web shows it)."""
     rows = database.rows("SELECT id, name, payload FROM event ORDER BY id")
-    return [(int(i), str(n), json.loads(p)) for i, n, p in rows]
+    events = [(int(i), str(n), json.loads(p)) for i, n, p in rows]
+    for _, _, payload in events:
+        if payload.get("log"):
+            payload["log"] = f"/builds/{payload['build']['uuid']}/log"
+    return events
 
 
 def test_event_stream_follows_the_farm_and_resumes_where_it_left(

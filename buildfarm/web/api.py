@@ -81,10 +81,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "events", "GET", "/events",
         "Build events as server-sent events, the same events and JSON objects the hooks get "
-        "(see buildfarm-hooks(7)): the SSE event name is the event's name, its id the event's "
-        "number, its data the JSON object. A client starts with the events after it "
-        "connected; with Last-Event-ID: N (which browsers send when they reconnect) or "
-        "?last_event_id=N it gets every event after N, in order, first; 0 replays them all.",
+        "(see buildfarm-hooks(7)), except that log is the log's URL path on this server "
+        "(/builds/UUID/log), not a file of the coordinator: the SSE event name is the "
+        "event's name, its id the event's number, its data the JSON object. A client starts "
+        "with the events after it connected; with Last-Event-ID: N (which browsers send "
+        "when they reconnect) or ?last_event_id=N it gets every event after N, in order, "
+        "first; 0 replays them all.",
         (("last_event_id", "As the Last-Event-ID header."),),
         content_type="text/event-stream",
     ),
@@ -129,7 +131,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "GET /events answers text/event-stream. Each event is sent as id: N, event: NAME and "
         "data: JSON, where N is the event's number in the datastore (BUILDFARM_EVENT_ID of the "
         "hooks), NAME one of the events of buildfarm-hooks(7) and JSON the object a hook reads "
-        "on its standard input. Events come in the order they were recorded, each once. A "
+        "on its standard input, its log the URL path /builds/UUID/log instead of a file "
+        "path. Events come in the order they were recorded, each once. A "
         "client that reconnects with Last-Event-ID: N (browsers' EventSource does so by "
         "itself) gets every event after N first, then the new ones; without it, only events "
         "recorded after it connected. Comment lines keep a quiet stream open.",

@@ -110,6 +110,9 @@ class WebApp:
         await self.hub.close()
         if self._datastore is not None:
             await self.db(self._datastore.close)
+        self.close_executor()
+
+    def close_executor(self) -> None:
         self._executor.shutdown(wait=True)
 
     def application(self) -> web.Application:

@@ -12,6 +12,7 @@ pages render them.
 from __future__ import annotations
 
 import heapq
+import json
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -533,6 +534,16 @@ def newest_event_id() -> int:
     return int(row.id) if row is not None else 0
 
 
+def public_payload(payload: str) -> str:
+    """An event as the web shows it: as the hooks get it, except `log`, a file of the
+    coordinator's state directory for them, which is the log's URL path here."""
+    if '"log": "' not in payload:
+        return payload
+    event = json.loads(payload)
+    event["log"] = f"/builds/{event['build']['uuid']}/log"
+    return json.dumps(event, sort_keys=True)
+
+
 def events_after(last_id: int, limit: int = 500) -> list[tuple[int, str, str]]:
     """(id, name, payload) of the events after `last_id`, oldest first (the primary key)."""
     query: Any = (
@@ -542,7 +553,7 @@ def events_after(last_id: int, limit: int = 500) -> list[tuple[int, str, str]]:
         .limit(limit)
         .tuples()
     )
-    return [(int(i), str(n), str(p)) for i, n, p in query]
+    return [(int(i), str(n), public_payload(str(p))) for i, n, p in query]
 
 
 def systems() -> list[str]:
