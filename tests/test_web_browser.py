@@ -10,6 +10,7 @@ same run takes the README's screenshots: BUILDFARM_SCREENSHOTS=1 copies them to 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ BROWSER_DIR = Path(__file__).parent / "browser"
 DOCS = Path(__file__).parent.parent / "docs"
 CHROMIUM = "/usr/bin/chromium"
 NODE_TIMEOUT = 240
+LATE = 25  # seconds after its submission that the late build may start
 
 
 def _unavailable(problem: str) -> None:
@@ -97,8 +99,12 @@ def test_live_pages_in_chromium_during_a_run(
         for build in quick:
             wait_for(f"build {build} ended",
                      lambda b=build: farm.state_of(b) in ("succeeded", "failed"))
-        (overview_build,) = farm.submit(ticking(f"overview-{tag}", 30))
-        (log_build,) = farm.submit(ticking(f"logtail-{tag}", 50))
+        # Long enough that Chromium, however slow to start, sees them run.
+        (overview_build,) = farm.submit(ticking(f"overview-{tag}", 60))
+        (log_build,) = farm.submit(ticking(f"logtail-{tag}", 80))
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=LATE)
+        (late_build,) = farm.submit(ticking(f"late-{tag}", 30),
+                                    extra=("--defer-until", later.isoformat()))
         farm.wait_for_state(overview_build, "running")
         farm.wait_for_state(log_build, "running")
         wait_for("the log's first lines",
@@ -107,9 +113,11 @@ def test_live_pages_in_chromium_during_a_run(
         shots.mkdir()
         results = scenarios({
             "url": web.url, "overviewBuild": overview_build, "logBuild": log_build,
+            "lateBuild": late_build,
             "filterName": f"filterme-{tag}", "screenshots": str(shots), "chromium": CHROMIUM,
         }, tmp_path)
         farm.wait_for_state(log_build, "succeeded")
+        farm.wait_for_state(late_build, "succeeded")
     finally:
         web.stop()
         run.stop()
@@ -121,6 +129,8 @@ def test_live_pages_in_chromium_during_a_run(
     assert log["streaming"] == f"/builds/{log_build}/log/stream"
     assert log["after"] > log["before"] > 0 and log["sameDocument"], log
     assert log["navigations"] == 1, log
+    late = results["late"]
+    assert late["queuedAtFirst"] and late["sameDocument"] and late["navigations"] == 1, late
     narrowed = results["filter"]
     assert narrowed["before"] >= 6 and narrowed["after"] == 3, narrowed
     assert sorted(narrowed["names"]) == [f"filterme-{tag}-{n}" for n in range(3)]

@@ -99,10 +99,13 @@ SCRIPT = """\
       .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
       .then(function (text) {
         var fresh = new DOMParser().parseFromString(text, 'text/html');
-        fresh.querySelectorAll('[data-live][id]').forEach(function (el) {
-          var old = document.getElementById(el.id);
-          if (old) { old.replaceWith(document.importNode(el, true)); }
+        // A live part is replaced by its new version, which may no longer be live (a log
+        // section that now follows its stream).
+        document.querySelectorAll('[data-live][id]').forEach(function (old) {
+          var el = fresh.getElementById(old.id);
+          if (el) { old.replaceWith(document.importNode(el, true)); }
         });
+        followLogs();
         tick();
         document.documentElement.setAttribute('data-refreshed', String(Date.now()));
       })
@@ -126,8 +129,12 @@ SCRIPT = """\
   }
 
   // A running build's log: the page has the tail so far, the stream sends what follows.
+  function followLogs() {
+    document.querySelectorAll('pre[data-log-stream]:not([data-following])').forEach(followLog);
+  }
   function followLog(pre) {
     if (!window.EventSource) { return; }
+    pre.setAttribute('data-following', 'true');
     var url = pre.getAttribute('data-log-stream') + '?offset=' +
       encodeURIComponent(pre.getAttribute('data-offset') || '0');
     var source = new EventSource(url);
@@ -148,7 +155,7 @@ SCRIPT = """\
     tick();
     setInterval(tick, 1000);
     if (main && main.hasAttribute('data-refresh')) { followEvents(main); }
-    document.querySelectorAll('pre[data-log-stream]').forEach(followLog);
+    followLogs();
     document.querySelectorAll('pre.log').forEach(function (pre) {
       pre.scrollTop = pre.scrollHeight;
     });

@@ -409,14 +409,16 @@ def build_page(data: Mapping[str, Any], log: Mapping[str, Any] | None) -> Markup
 
 
 def log_section(uuid: str, log: Mapping[str, Any] | None) -> Markup:
+    """The log's tail. While no attempt writes one, the section is refreshed with the page, so
+    that it turns into a live tail when one starts; a live tail is then left to its stream."""
     if log is None:
-        return h("section", {"id": "log"}, h("h2", None, "Log"),
+        return h("section", {"id": "log", "data-live": True}, h("h2", None, "Log"),
                  h("p", {"class": "muted"}, "No log yet."))
     cut = log["size"] - log["shown"]
     note = f"The last {log['shown']:,} of {log['size']:,} bytes. " if cut > 0 else ""
     stream = url(["builds", uuid, "log", "stream"]) if log["running"] else None
     return h(
-        "section", {"id": "log"},
+        "section", {"id": "log", "data-live": not log["running"]},
         h("h2", None, "Log", h("span", {"class": "live"}, " (live)") if log["running"] else None),
         h("p", {"class": "muted"}, note,
           h("a", {"href": url(["builds", uuid, "log"])}, "Full log")),

@@ -2,6 +2,7 @@
 //
 // Usage: node scenarios.js CONFIG.json — CONFIG names the server and the builds:
 //   { "url": "http://127.0.0.1:PORT", "overviewBuild": UUID, "logBuild": UUID,
+//     "lateBuild": UUID (deferred: still queued when its page opens),
 //     "filterName": TEXT, "screenshots": DIR, "chromium": "/usr/bin/chromium" }
 // Prints one JSON object with what each scenario saw; pytest checks it. A scenario that cannot
 // see what it waits for fails with a message (exit status 1).
@@ -57,6 +58,23 @@ async function buildLog(context, config) {
   return { page, result: { streaming, before, after, sameDocument, navigations: navigations() } };
 }
 
+// A build's page opened while it waits in the queue: when the build starts, its log appears
+// and grows, without a reload.
+async function lateLog(context, config) {
+  const page = await context.newPage();
+  const navigations = await noReloads(page);
+  await page.goto(`${config.url}/builds/${config.lateBuild}`);
+  await page.evaluate(() => { window.__buildfarmLoaded = true; });
+  const queuedAtFirst = (await page.$('#log-text')) === null;
+  await page.waitForSelector('#log-text[data-following]', { timeout: WAIT });
+  await page.waitForFunction(
+    () => /tick 3 of/.test(document.getElementById('log-text').textContent),
+    null, { timeout: WAIT });
+  const sameDocument = await page.evaluate(() => window.__buildfarmLoaded === true);
+  await page.close();
+  return { queuedAtFirst, sameDocument, navigations: navigations() };
+}
+
 // The builds list: a derivation name filter narrows it.
 async function filter(context, config) {
   const page = await context.newPage();
@@ -85,9 +103,11 @@ async function main() {
   try {
     const results = {};
     // Both builds run at once: watch them at once.
-    const [seen, log] = await Promise.all([overview(context, config), buildLog(context, config)]);
+    const [seen, log, late] = await Promise.all([
+      overview(context, config), buildLog(context, config), lateLog(context, config)]);
     results.overview = seen.result;
     results.log = log.result;
+    results.late = late;
     if (config.screenshots) {
       await log.page.screenshot({ path: path.join(config.screenshots, 'build.png'),
                                   fullPage: true });
