@@ -157,6 +157,24 @@ def test_ignore_if_built_reuses_the_queued_build(state: Path) -> None:
     assert third != first
 
 
+def test_ignore_if_queued_reuses_a_queued_or_running_build_only(
+    state: Path, database: ScratchDatabase
+) -> None:
+    """What the missing-inputs hook relies on: no second build of an input while one is queued
+    or running, a new one once it has ended (succeeded or not)."""
+    (first,) = ok("submit", str(HELLO)).split()
+    assert ok("submit", str(HELLO), "--ignore-if-queued").split() == [first]
+    assert ok("submit", str(HELLO), str(HELLO), "--ignore-if-queued").split() == [first, first]
+    database.execute("UPDATE build SET state = 'running'")
+    assert ok("submit", str(HELLO), "--ignore-if-queued").split() == [first]
+    database.execute("UPDATE build SET state = 'succeeded'")
+    (after,) = ok("submit", str(HELLO), "--ignore-if-queued").split()
+    assert after != first
+    assert ok("submit", str(HELLO), "--ignore-if-built").split() == [first]  # the oldest
+    names = [r[0] for r in database.rows("SELECT name FROM event ORDER BY id")]
+    assert names == ["build-submitted", "build-submitted"]
+
+
 def test_cancel_and_priority(state: Path, database: ScratchDatabase) -> None:
     (u,) = ok("submit", str(HELLO)).split()
     ok("builds", "priority", u, "42")

@@ -91,6 +91,7 @@ def test_a_machine_lost_mid_step_is_retried_elsewhere_and_comes_back(
             victim = by_name[wait_for_step(farm, build, step).machine]
             (other,) = [h for h in hosts if h is not victim]
             victim.kill()
+            killed_at = time.time()
             farm.wait_for_state(build, "succeeded")
             lost, retried = farm.attempts(build)
             assert (lost.machine, lost.result) == (victim.name, "interrupted")
@@ -100,8 +101,9 @@ def test_a_machine_lost_mid_step_is_retried_elsewhere_and_comes_back(
             check_stored(farm, build, other)
             # Backed off: reconnecting fails, the coordinator counts the failures and waits.
             run.wait_line(f"machine {victim.name} unavailable")
-            failures, _until, error = machine_state(farm, victim.name)
+            failures, until, error = machine_state(farm, victim.name)
             assert failures >= 1 and error, (failures, error)
+            assert until is not None and until > killed_at, until  # left alone until then
             if step != "build":
                 return
             # It comes back when its sshd does: with the other machine gone, a new build can

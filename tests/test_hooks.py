@@ -326,6 +326,38 @@ def test_events_of_one_build_in_order_others_beside(store: Datastore, tmp_path: 
     assert not pending_ids()
 
 
+def test_the_pool_and_per_event_limits_hold(store: Datastore, tmp_path: Path) -> None:
+    """--hook-workers scripts at once at most, --hook-parallelism of one event name; both
+    reached (the pool runs them in parallel)."""
+    hooks_dir = tmp_path / "hooks"
+    running = tmp_path / "running"
+    for event in ("build-started", "build-success"):
+        (running / event).mkdir(parents=True)
+        add_hook(
+            hooks_dir, event, "h",
+            f'touch "{running}/{event}/$$"\n'
+            f'echo "$(ls "{running}"/*/ | grep -c "^[0-9]") $(ls "{running}/{event}" | wc -l)"'
+            f' >> "{tmp_path}/{event}.counts"\n'
+            "/bin/sleep 0.4\n"
+            f'rm "{running}/{event}/$$"\n',
+        )
+    for _ in range(6):
+        build = a_build()
+        event_rows.record("build-started", build, machine="m", attempt=1)
+        event_rows.record("build-success", build, machine="m", attempt=1, log=None, outputs={})
+    runner = Deliveries(hooks_dir, workers=3, per_event=2).deliver_all()
+    assert runner.runs == 12 and runner.failures == 0
+    counts = [
+        tuple(int(n) for n in line.split())
+        for event in ("build-started", "build-success")
+        for line in (tmp_path / f"{event}.counts").read_text().splitlines()
+    ]
+    assert len(counts) == 12
+    assert max(everyone for everyone, _ in counts) == 3
+    assert max(same for _, same in counts) == 2
+    assert not pending_ids()
+
+
 def test_an_interrupted_delivery_is_delivered_again(store: Datastore, tmp_path: Path) -> None:
     """At least once: a delivery stopped midway leaves the event pending for the next runner."""
     hooks_dir = tmp_path / "hooks"
