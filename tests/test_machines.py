@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,17 +122,28 @@ def test_machines_shows_each_machine_with_the_reason_when_down(
     assert "\x1b[" not in farm.cli("machines").stdout
 
 
-def test_a_frozen_machine_costs_its_connect_timeout(farm: Farm, testbed: Testbed) -> None:
-    frozen = testbed.add_host(f"frozen-{token()[:6]}")
+def test_frozen_machines_cost_one_connect_timeout_together(
+    farm: Farm, testbed: Testbed
+) -> None:
+    """Machines are probed at once: three that never answer cost one connect timeout, not
+    three (probed one after the other, the command would take at least 9 s)."""
+    frozen = [testbed.add_host(f"frozen{n}-{token()[:6]}") for n in range(3)]
     try:
-        write(farm, entry(frozen, connect_timeout=2))
-        frozen.pause()  # the kernel still accepts the connection; sshd never answers
-        (row,) = machines_json(farm).values()
+        write(farm, *(entry(host, connect_timeout=3) for host in frozen))
+        for host in frozen:
+            host.pause()  # the kernel still accepts the connection; sshd never answers
+        began = time.monotonic()
+        rows = machines_json(farm)
+        took = time.monotonic() - began
     finally:
-        testbed.remove_host(frozen)
-    assert row["reachable"] is False
-    assert "no answer from" in row["error"] and "within 2s (connect_timeout)" in row["error"]
-    assert row["probe_seconds"] < 2 + 1
+        for host in frozen:
+            testbed.remove_host(host)
+    assert sorted(rows) == sorted(host.name for host in frozen)
+    for row in rows.values():
+        assert row["reachable"] is False
+        assert "no answer from" in row["error"] and "within 3s (connect_timeout)" in row["error"]
+        assert row["probe_seconds"] < 3 + 1
+    assert took < 3 * 2, took
 
 
 def test_machines_shows_running_builds_and_backoff_from_the_coordinator(
