@@ -347,6 +347,9 @@ def test_overview_shows_queue_machines_running_results_and_chart(
     assert parsed.all("tr", data_uuid=farm.builds["running"])
     assert parsed.all("svg", **{"class": "chart"})
     assert len(parsed.all("rect", **{"class": "ok"})) == 1  # this hour's: one success
+    assert len(parsed.all("rect", **{"class": "bad"})) == 1  # one failure; the setup failure
+    # is not a build built, only named in the hour's title
+    assert "1 succeeded, 1 failed (1 other attempts ended: tried again)" in "".join(parsed.text)
     assert parsed.all("a", href="/machines/m1")
     for section in ("queue", "machines", "running", "recent", "per-hour"):
         assert parsed.all("section", id=section, data_live=True)

@@ -34,8 +34,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "overview", "GET", "/api/overview",
         "The overview: queued builds per system (queued, and ready: no input build pending), "
         "machines (state, systems, slots busy and free, last error), running attempts (build, "
-        "machine, step and since when), the attempts that ended last, and attempts ended per "
-        "hour over the last 24 hours (succeeded, failed, other).",
+        "machine, step and since when), the attempts that ended last, and per hour over the "
+        "last 24 hours the builds built (succeeded, failed) and the other attempts that "
+        "ended (other: setup failures and interruptions, after which the build was tried "
+        "again).",
     ),
     Endpoint(
         "builds", "GET", "/api/builds",
@@ -105,7 +107,7 @@ PAGES: tuple[tuple[str, str], ...] = (
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("DESCRIPTION", (
         "buildfarm web serves read-only pages about the farm of one datastore: an overview "
-        "(queue, machines, running builds, recent results, attempts per hour), the builds "
+        "(queue, machines, running builds, recent results, builds per hour), the builds "
         "with filters, each build and each machine. Every page is plain HTML that works "
         "without JavaScript; a small script adds live updates. Each page has a JSON twin "
         "under /api, and /events streams the build events the hooks get.",

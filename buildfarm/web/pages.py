@@ -147,23 +147,25 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> Markup:
 
 
 def chart(hours: Sequence[Mapping[str, Any]]) -> Markup:
-    """Builds per hour as an SVG bar chart (succeeded below, failed and other on top)."""
+    """Builds built per hour as an SVG bar chart: succeeded below, failed on top. Each build
+    ends with one such attempt; attempts that ended otherwise (setup failures, interruptions:
+    the build was tried again) are only named in each hour's title."""
     width, height, top = 480.0, 90.0, 8.0
     bar = width / max(1, len(hours))
-    peak = max((b["succeeded"] + b["failed"] + b["other"] for b in hours), default=0) or 1
+    peak = max((b["succeeded"] + b["failed"] for b in hours), default=0) or 1
     scale = (height - top - 14) / peak
     shapes: list[Markup] = [
         h("line", {"class": "axis", "x1": 0, "x2": width, "y1": height - 14, "y2": height - 14})
     ]
     total = 0
     for i, b in enumerate(hours):
-        ok, bad = b["succeeded"], b["failed"] + b["other"]
+        ok, bad = b["succeeded"], b["failed"]
         total += ok + bad
         x = i * bar + 1
         base = height - 14
-        label = f"{b['hour'][:13].replace('T', ' ')}h: {ok} succeeded, {b['failed']} failed"
+        label = f"{b['hour'][:13].replace('T', ' ')}h: {ok} succeeded, {bad} failed"
         if b["other"]:
-            label += f", {b['other']} other"
+            label += f" ({b['other']} other attempts ended: tried again)"
         group = [h("title", None, label)]
         if ok:
             group.append(h("rect", {"class": "ok", "x": f"{x:.1f}", "y": f"{base - ok * scale:.1f}",
@@ -182,7 +184,7 @@ def chart(hours: Sequence[Mapping[str, Any]]) -> Markup:
                             b["hour"][11:16]))
     shapes.append(h("text", {"x": 2, "y": top}, f"peak {peak}/h"))
     return h("svg", {"class": "chart", "viewBox": f"0 0 {width:g} {height:g}", "role": "img",
-                     "aria-label": f"attempts ended per hour over the last day: {total}"},
+                     "aria-label": f"builds built per hour over the last day: {total}"},
              shapes)
 
 
@@ -215,7 +217,7 @@ def overview_page(data: Mapping[str, Any]) -> Markup:
         h("section", {"id": "recent", "data-live": True},
           h("h2", None, "Recent results"), results_table(data["recent"])),
         h("section", {"id": "per-hour", "data-live": True},
-          h("h2", None, "Attempts ended per hour, last 24 hours"), chart(data["per_hour"])),
+          h("h2", None, "Builds per hour, last 24 hours"), chart(data["per_hour"])),
     )
     return document("Overview", body, nav="overview", refresh="5")
 

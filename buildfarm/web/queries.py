@@ -296,7 +296,9 @@ def _first_attempt_since(moment: float) -> int | None:
 
 
 def per_hour(now: float | None = None) -> list[dict[str, Any]]:
-    """Attempts that ended in each of the last HOURS hours: succeeded, failed, other."""
+    """The builds built in each of the last HOURS hours, by the attempts that ended their
+    build (succeeded, failed), and the attempts after which their build was tried again
+    (other: setup failures, interruptions)."""
     moment = time.time() if now is None else now
     end = (int(moment) // 3600 + 1) * 3600
     start = end - HOURS * 3600
