@@ -479,6 +479,23 @@ def test_secrets_and_the_datastore_url_are_never_shown(
         web.stop()
 
 
+def test_the_web_server_writes_nothing(farm: Farm, database: ScratchDatabase) -> None:
+    """Read-only: every page, API call, log and event replay leaves the datastore as it was."""
+    before = database.dump()
+    web = WebServer(server_env(farm.state, farm.url, farm.inventory))
+    try:
+        api = [p.replace("/builds", "/api/builds", 1) if p.startswith("/builds/") else p
+               for p in every_path(farm)]
+        for path in [*every_path(farm), *api, "/api/overview", "/api/machines", "/api"]:
+            assert web.get(path)[0] == 200, path
+        replay = EventStream(web.netloc, last_event_id=0)
+        replay.take(len(stored_events(database)))
+        replay.close()
+    finally:
+        web.stop()
+    assert database.dump() == before
+
+
 # -- the event stream ----------------------------------------------------------------------
 
 
