@@ -76,7 +76,7 @@ def list_and_show(datastore: str) -> dict[str, float]:
     return {
         "list": command_seconds(["builds", "list", "--limit", "50"], env),
         "list_json": command_seconds(["builds", "list", "--limit", "50", "--json"], env),
-        "list_failed": command_seconds(["builds", "list", "--limit", "50", "--state", "failed"],
+        "list_state": command_seconds(["builds", "list", "--limit", "50", "--state", "queued"],
                                        env),
         "show": command_seconds(["builds", "show", uuid], env),
     }

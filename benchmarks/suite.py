@@ -240,7 +240,7 @@ class Suite:
         ours, peer = bench_cli.list_and_show(big), bench_cli.list_and_show(small)
         for key, label in (("list", "builds list --limit 50"),
                            ("list_json", "builds list --limit 50 --json"),
-                           ("list_failed", "builds list --limit 50 --state failed"),
+                           ("list_state", "builds list --limit 50 --state queued"),
                            ("show", "builds show UUID")):
             self.report.add(Figure(
                 f"{label}, {self.biggest:,} builds (whole command){self.suffix(engine)}",
