@@ -28,6 +28,9 @@ from buildfarm.signing import SigningKey
 from buildfarm.store_session import SessionFailed, StoreSession, StoreSessions
 
 T = TypeVar("T")
+# What an attempt pushes to a machine: the .drv closure, input sources from the coordinator's
+# own store, input outputs from the output store.
+PUSH_KINDS = ("derivations", "sources", "inputs")
 SMALL = 120.0  # seconds a store query may take
 TRANSFER = 3600.0  # seconds an import or export may take
 
@@ -78,7 +81,9 @@ class AttemptRun:
     log_path: str
     max_log_bytes: int
     on_step: Callable[[str], None] | None = None
-    on_progress: Callable[[int], None] | None = None
+    on_progress: Callable[[int], None] | None = None  # bytes of the outputs fetched so far
+    # Bytes pushed to the machine, as they are sent: (kind, bytes) with kind one of PUSH_KINDS.
+    on_pushed: Callable[[str, int], None] | None = None
     system: str | None = None  # the build's, for the published narinfo's System line
     sessions: StoreSessions | None = None  # a Nix machine's store sessions
     session: StoreSession | None = None  # the one this attempt uses, when one was free
@@ -110,17 +115,25 @@ class AttemptRun:
             raise StoreCommandFailed(f"{command.argv[0]}: {_first_error(result.stderr)}")
         return self.backend.parse_missing(result.stdout)
 
-    async def import_bundle(self, bundle_file: str, what: str) -> None:
+    async def import_bundle(self, bundle_file: str, what: str, kind: str) -> None:
+        """Import a bundle into the machine's store; `kind` (of PUSH_KINDS) names what it holds
+        for on_pushed."""
+        on_pushed = self.on_pushed
+
+        def sent(size: int) -> None:
+            if on_pushed is not None:
+                on_pushed(kind, size)
+
         if self.session is not None:
             try:
-                await self.session.import_paths(_file_chunks(bundle_file), TRANSFER)
+                await self.session.import_paths(_file_chunks(bundle_file, sent), TRANSFER)
             except SessionFailed as e:
                 detail = f"{what} could not be imported: {e}"
                 raise SetupFailed(MISSING_INPUTS, (), detail) from None
             return
         command = self.backend.import_bundle()
         result = await self.remote.run_streaming(
-            command.argv, stdin=_file_chunks(bundle_file), timeout=TRANSFER
+            command.argv, stdin=_file_chunks(bundle_file, sent), timeout=TRANSFER
         )
         if not result.ok:
             raise SetupFailed(
@@ -155,7 +168,7 @@ class AttemptRun:
                 [(k.path, k.contents) for k in to_push], self._signer()
             )
             try:
-                await self.import_bundle(bundle, f"{len(to_push)} derivation(s)")
+                await self.import_bundle(bundle, f"{len(to_push)} derivation(s)", "derivations")
             finally:
                 os.unlink(bundle)
 
@@ -173,7 +186,7 @@ class AttemptRun:
             localstore.bundle, wanted, self.outputs.tmp_dir, self._signer()
         )
         try:
-            await self.import_bundle(bundle, f"{len(wanted)} input source(s)")
+            await self.import_bundle(bundle, f"{len(wanted)} input source(s)", "sources")
         finally:
             os.unlink(bundle)
 
@@ -189,7 +202,7 @@ class AttemptRun:
         if to_push:
             bundle = self.outputs.output_bundle(to_push, self._signer())
             try:
-                await self.import_bundle(bundle, f"{len(to_push)} input output(s)")
+                await self.import_bundle(bundle, f"{len(to_push)} input output(s)", "inputs")
             finally:
                 os.unlink(bundle)
         pushed = {h.path for h in to_push}
@@ -355,12 +368,17 @@ def _first_error(stderr: bytes) -> str:
     return lines[-1][:1000] if lines else "no message"
 
 
-async def _file_chunks(path: str, size: int = 1 << 20) -> Any:
+async def _file_chunks(
+    path: str, sent: Callable[[int], None] | None = None, size: int = 1 << 20
+) -> Any:
+    """The file's blocks; `sent` is told each block's size as it is taken to be sent."""
     with open(path, "rb") as handle:
         while True:
             block = handle.read(size)
             if not block:
                 return
+            if sent is not None:
+                sent(len(block))
             yield block
 
 

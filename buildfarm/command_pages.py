@@ -210,12 +210,16 @@ def _run_sections() -> list[str]:
         "On SIGHUP, and whenever the inventory file changes (its modification time or size; "
         "checked at every turn of the main loop), run reads the inventory again, without a "
         "restart. Machines added start taking builds at once. Machines removed (or disabled) "
-        "finish the builds they run and take no more. Machines changed take their new settings; "
+        "finish the builds they run and take no more; when the last has ended the log says "
+        "`machine NAME retired` and its connection is closed. Machines changed take their new "
+        "settings; "
         "when how to reach them changed (host, port, user, keys, known hosts, transport, "
         "sessions, timeouts) they get a new connection, and the old one is closed once the "
         "builds using it end.",
         "A file that does not load (a YAML or field error) changes nothing: the old inventory "
-        "stays in use, and the log says `inventory not reloaded, keeping the old one:` and why.",
+        "stays in use, and the log says `inventory not reloaded, keeping the old one:` and why. "
+        "Replace the file in one step (write a new one and rename it over the old, as most "
+        "editors do), so run never reads it half written.",
         code=True)
     lines += roff.section(
         "METRICS",

@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -34,16 +34,14 @@ from buildfarm.datastore import attempts as records
 from buildfarm.datastore import open_datastore
 from buildfarm.datastore.models import Attempt, Build, MachineState
 from buildfarm.errors import AlreadyRunningError, BuildfarmError, DatastoreError, RemoteError
+from buildfarm.fleet import Fleet, MachineSlots, RunningAttempt, close_connection
 from buildfarm.hooks import HookRunner, HookSettings
-from buildfarm.inventory import Inventory, Machine
-from buildfarm.inventory import load as load_inventory
+from buildfarm.inventory import Inventory
 from buildfarm.keys import key_name
 from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
 from buildfarm.outputs import OutputStore, Publisher
-from buildfarm.remote import Remote
 from buildfarm.runlock import RunLock
 from buildfarm.signing import SigningKey, load_key, save_key
-from buildfarm.store_session import StoreSessions, session_limit
 
 if TYPE_CHECKING:
     from buildfarm.metrics import Metrics
@@ -92,56 +90,17 @@ class LineReporter:
         pass
 
 
-@dataclass
-class RunningAttempt:
-    attempt_id: int
-    build_uuid: str
-    drv_path: str
-    started: float
-    task: asyncio.Task[None] | None = None
-    step: str = "allocated"
-    transferred: int = 0
-    system: str | None = None
-
-
-@dataclass
-class MachineSlots:
-    """A machine's connection and what it is doing now."""
-
-    machine: Machine
-    remote: Remote
-    sessions: StoreSessions | None = None
-    ready: bool = False
-    connecting: asyncio.Task[None] | None = None
-    running: dict[int, RunningAttempt] = field(default_factory=dict)
-    load: float | None = None
-    cores: int | None = None
-    load_probed: float = 0.0
-    last_error: str | None = None
-    retiring: bool = False
-
-    @property
-    def free(self) -> int:
-        return 0 if self.retiring else self.machine.max_builds - len(self.running)
-
-    def overloaded(self) -> bool:
-        threshold = self.machine.overload_threshold
-        if threshold is None or self.load is None or not self.cores:
-            return False
-        return self.load / self.cores > threshold
-
-
 class Coordinator:
     def __init__(
         self, settings: Settings, inventory: Inventory, options: RunOptions, reporter: Reporter,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
-        self.inventory = inventory
         self.options = options
         self.reporter = reporter
         self.metrics = metrics
-        self.machines: dict[str, MachineSlots] = {}
+        self.fleet = Fleet(inventory, reporter.event)
+        self.machines = self.fleet.machines  # by name; removed machines until their builds end
         self.should_exit = False
         self.force_exit = False
         self.started = time.time()
@@ -153,9 +112,6 @@ class Coordinator:
         self._lock_checked = time.monotonic()
         self._datastore_lost = False
         self._signal_handlers: dict[int, Any] = {}
-        self._reload_requested = False
-        self._inventory_stamp: tuple[float, int] | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self.outputs: OutputStore | None = None
         self.key: SigningKey | None = None
         self.hooks = HookRunner(
@@ -234,81 +190,17 @@ class Coordinator:
             self.settings.outputs_dir, Publisher(self.key, key_name(self.settings.state_dir))
         )
         self.outputs.clean_temporary()
-        self._inventory_stamp = _stamp(self.inventory.path)
-        for machine in self.inventory.machines:
-            if machine.enabled:
-                self.machines[machine.name] = _machine_slots(machine)
+        self.fleet.start()
         names = ", ".join(self.machines) or "none"
         self.reporter.event(f"coordinator started with machines: {names}")
         if self.metrics is not None:
             self.reporter.event(f"metrics at {await self.metrics.start(self)}")
 
-    # -- inventory reload (SIGHUP, or the file changed)
+    # -- inventory reload (SIGHUP, or the file changed): see buildfarm.fleet
 
     def request_reload(self) -> None:
-        self._reload_requested = True
+        self.fleet.request_reload()
         self._wake.set()
-
-    async def maybe_reload(self) -> None:
-        stamp = _stamp(self.inventory.path)
-        if not self._reload_requested and stamp == self._inventory_stamp:
-            return
-        self._reload_requested = False
-        self._inventory_stamp = stamp
-        try:
-            fresh = await asyncio.to_thread(load_inventory, self.inventory.path)
-        except BuildfarmError as e:
-            self.reporter.event(f"inventory not reloaded, keeping the old one: {e}")
-            return
-        self.apply_inventory(fresh)
-
-    def apply_inventory(self, fresh: Inventory) -> None:
-        """New machines start taking builds; removed ones finish what runs and take no more;
-        changed ones take their new settings (a new connection if how to reach them changed)."""
-        wanted = {m.name: m for m in fresh.machines if m.enabled}
-        for name, slots in list(self.machines.items()):
-            machine = wanted.get(name)
-            if machine is None:
-                if not slots.retiring:
-                    slots.retiring = True
-                    self.reporter.event(f"machine {name} removed: finishing its running builds")
-                continue
-            if machine == slots.machine and not slots.retiring:
-                continue
-            if _reach(machine) != _reach(slots.machine):
-                self._retire_connection(slots)
-                fresh_slots = _machine_slots(machine)
-                slots.remote, slots.sessions = fresh_slots.remote, fresh_slots.sessions
-                slots.ready = False
-            slots.machine, slots.retiring = machine, False
-            self.reporter.event(f"machine {name} updated")
-        for name, machine in wanted.items():
-            if name not in self.machines:
-                self.machines[name] = _machine_slots(machine)
-                self.reporter.event(f"machine {name} added")
-        self.inventory = fresh
-        self._wake.set()
-
-    def _retire_connection(self, slots: MachineSlots) -> None:
-        """Close a connection once the attempts using it have ended."""
-        old, sessions = slots.remote, slots.sessions
-        tasks = [r.task for r in slots.running.values() if r.task is not None]
-
-        async def close_when_done() -> None:
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await _close_connection(old, sessions)
-
-        task = asyncio.create_task(close_when_done())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _drop_retired(self) -> None:
-        for name, slots in list(self.machines.items()):
-            if slots.retiring and not slots.running:
-                if slots.connecting is not None:
-                    slots.connecting.cancel()
-                self._retire_connection(slots)
-                del self.machines[name]
 
     def _signing_key(self) -> SigningKey:
         try:
@@ -325,8 +217,8 @@ class Coordinator:
         depth_probed = 0.0
         while not self.should_exit:
             await self.check_run_lock()
-            await self.maybe_reload()
-            self._drop_retired()
+            await self.fleet.maybe_reload()  # before allocating: new machines start connecting
+            self.fleet.drop_retired()
             await self.check_cancellations()
             await self.allocate()
             await self.hooks.dispatch()
@@ -366,8 +258,8 @@ class Coordinator:
             if slots.connecting is not None:
                 slots.connecting.cancel()
         await asyncio.gather(
-            *(_close_connection(s.remote, s.sessions) for s in self.machines.values()),
-            *self._background,
+            *(close_connection(s.remote, s.sessions) for s in self.machines.values()),
+            *self.fleet.background,
             return_exceptions=True,
         )
         if self.metrics is not None:
@@ -461,6 +353,8 @@ class Coordinator:
             return
         now = time.monotonic()
         for slots in self._ordered_machines():
+            if slots.retiring:
+                continue  # removed: finishes its builds on the connection it has
             self._ensure_connecting(slots)
             if slots.sessions is not None:
                 slots.sessions.prune()
@@ -514,6 +408,9 @@ class Coordinator:
             max_log_bytes=self.options.max_log_bytes,
             on_step=lambda name: setattr(run, "step", name),
             on_progress=lambda n: setattr(run, "transferred", n),
+            on_pushed=None if self.metrics is None else functools.partial(
+                self.metrics.pushed, machine.name
+            ),
             system=run.system,
         )
         uuid, name = run.build_uuid, machine.name
@@ -610,20 +507,6 @@ def _reconnecting(call: Callable[[], T], notify: Callable[[str], None],
         return result
 
 
-def _machine_slots(machine: Machine) -> MachineSlots:
-    """A machine's connection, with a pool of store sessions if it is a Nix machine."""
-    remote = Remote(machine)
-    limit = session_limit(machine.max_sessions, machine.max_builds)
-    sessions = StoreSessions(remote, limit) if machine.store == "nix" and limit else None
-    return MachineSlots(machine, remote, sessions)
-
-
-async def _close_connection(remote: Remote, sessions: StoreSessions | None) -> None:
-    if sessions is not None:
-        await sessions.close()
-    await remote.close()
-
-
 def _setup_failures(attempt_id: int) -> int:
     """How many setup failures this build has had in a row (for the retry delay)."""
     from buildfarm.datastore.models import SETUP_FAILURE
@@ -651,21 +534,3 @@ def _note_machine(name: str, error: str | None, backoff_until: float | None) -> 
             MachineState.create(name=name, **fields)
         else:
             MachineState.update(**fields).where(MachineState.name == name).execute()
-
-
-def _stamp(path: str) -> tuple[float, int] | None:
-    """When the inventory file last changed (None if it is gone)."""
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return status.st_mtime, status.st_size
-
-
-def _reach(machine: Machine) -> tuple[object, ...]:
-    """The settings that decide how a machine is reached: a change needs a new connection."""
-    return (
-        machine.host, machine.port, machine.user, machine.identity, machine.known_hosts,
-        machine.host_key, machine.transport, machine.max_sessions, machine.connect_timeout,
-        machine.keepalive_interval,
-    )

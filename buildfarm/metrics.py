@@ -2,10 +2,11 @@
 library (prometheus_client).
 
 Counters and the duration histogram are updated where things happen (the coordinator calls
-attempt_ended when an attempt ends); gauges are read from the coordinator at each scrape. The
-HTTP server runs in the coordinator's event loop (aiohttp), so a scrape reads the coordinator
-between two of its steps, never in the middle of one; build counts come from the datastore,
-through the coordinator's datastore thread, at most once every COUNT_EVERY seconds.
+attempt_ended when an attempt ends; pushed as an attempt sends a bundle to a machine); gauges
+are read from the coordinator at each scrape. The HTTP server runs in the coordinator's event
+loop (aiohttp), so a scrape reads the coordinator between two of its steps, never in the middle
+of one; build counts come from the datastore, through the coordinator's datastore thread, at
+most once every COUNT_EVERY seconds.
 
 METRICS is the one declared list: the collectors take their help texts from it, and
 buildfarm-run(1) is generated from it.
@@ -71,6 +72,10 @@ METRICS: tuple[MetricSpec, ...] = (
                "Time from allocation to the end of each attempt, by result."),
     MetricSpec("buildfarm_fetched_bytes_total", "counter", ("machine",),
                "Bytes of build outputs fetched from each machine."),
+    MetricSpec("buildfarm_pushed_bytes_total", "counter", ("machine", "kind"),
+               "Bytes pushed to each machine, by kind: derivations (the .drv closure), sources "
+               "(input sources from the coordinator's store), inputs (input outputs from the "
+               "output store)."),
     MetricSpec("buildfarm_machine_up", "gauge", ("machine",),
                "1 while the coordinator holds a working connection to the machine, else 0."),
     MetricSpec("buildfarm_machine_slots", "gauge", ("machine",),
@@ -181,6 +186,7 @@ class Metrics:
         self.duration = Histogram(**spec("buildfarm_build_duration_seconds"),
                                   buckets=DURATION_BUCKETS)
         self.fetched = Counter(**spec("buildfarm_fetched_bytes_total"))
+        self.pushed_bytes = Counter(**spec("buildfarm_pushed_bytes_total"))
         self.registry.register(_Live(self))
 
     def attempt_ended(self, machine: str, result: str, setup_kind: str | None, seconds: float,
@@ -193,6 +199,10 @@ class Metrics:
         self.duration.labels(result).observe(max(0.0, seconds))
         if fetched_bytes > 0:
             self.fetched.labels(machine).inc(fetched_bytes)
+
+    def pushed(self, machine: str, kind: str, size: int) -> None:
+        """Count bytes pushed to a machine, as they are sent (kind: attempt.PUSH_KINDS)."""
+        self.pushed_bytes.labels(machine, kind).inc(size)
 
     def exposition(self) -> bytes:
         """The text a scrape gets."""

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from farm import Farm, token, wait_for
-from testbed import Host, Testbed, instantiate, nix_expr_trivial
+from farm import Farm, check_stored, token, wait_for
+from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
 
 @pytest.fixture
@@ -140,41 +140,80 @@ def test_the_live_view_on_a_terminal(farm: Farm, hosts: list[Host]) -> None:
     assert "succeeded" in text
 
 
-def test_inventory_reload_on_sighup(farm: Farm, hosts: list[Host], tmp_path: Path) -> None:
-    """A machine added and SIGHUP'd takes builds; a broken file keeps the old inventory; a
-    removed machine finishes its running build and takes no more."""
+def test_inventory_reload_on_sighup(farm: Farm, hosts: list[Host]) -> None:
+    """Reloads on a file change (no signal) and on SIGHUP (file unchanged to the coordinator):
+    a broken file keeps the old inventory; a removed machine takes no new build though it has
+    free slots, and finishes the one it runs; an added machine takes builds."""
     first, second = hosts
     tag = token()
-    farm.write_inventory([first], max_builds=1)
-    (slow,) = farm.submit(slow_build(tag, 60))
-    coordinator = farm.start()
+    gate = Path(f"/tmp/buildfarm-gate-{tag}")  # the gated build ends once this file exists
+    gated_script = (f"echo run {tag}; while [ ! -e {gate} ]; do /bin/sleep 0.2; done; "
+                    f"echo gated {tag} > $out")
+
+    def quick(n: int) -> str:
+        return instantiate(nix_expr_trivial(f"quick{n}-{tag}", f"echo {n} {tag} > $out"))
+
+    def machines_of(build: str) -> list[str]:
+        return [a.machine for a in farm.attempts(build)]
+
+    farm.write_inventory([first], max_builds=3)
+    (gated,) = farm.submit(instantiate(nix_expr_trivial(f"gated-{tag}", gated_script)))
+    run = farm.background()
     try:
-        wait_for("the slow build on the first machine", lambda: remote_running(tag))
-        quick_drv = instantiate(nix_expr_trivial(f"quick-{tag}", f"echo {tag} > $out"))
-        (quick,) = farm.submit(quick_drv)
+        wait_for("the gated build on the first machine", lambda: remote_running(tag))
+        # A broken file, no signal: reported, and the first machine still takes builds.
         farm.inventory.write_text("machines:\n  - name: [broken\n")
-        coordinator.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
-        assert farm.show(quick)["state"] == "queued"
-        farm.write_inventory([first, second], max_builds=1)
-        coordinator.send_signal(signal.SIGHUP)
-        wait_for("the quick build", lambda: farm.show(quick)["state"] == "succeeded")
-        assert [a["machine"] for a in farm.show(quick)["attempts"]] == [second.name]
-        # Remove the first machine: its build keeps running, new builds go elsewhere.
-        farm.write_inventory([second], max_builds=1)
-        coordinator.send_signal(signal.SIGHUP)
-        another = instantiate(nix_expr_trivial(f"another-{tag}", f"echo 2 {tag} > $out"))
-        (later,) = farm.submit(another)
-        wait_for("the later build", lambda: farm.show(later)["state"] == "succeeded")
-        assert farm.show(later)["attempts"][0]["machine"] == second.name
-        assert farm.show(slow)["state"] == "running"
-        assert remote_running(tag)
-        farm.cli("builds", "cancel", slow)
-        wait_for("the slow build to stop", lambda: not remote_running(tag), timeout=30)
+        run.wait_line("inventory not reloaded, keeping the old one:")
+        (one,) = farm.submit(quick(1))
+        farm.wait_for_state(one, "succeeded")
+        assert machines_of(one) == [first.name]
+        # The file edited, no signal: the first machine removed, the second added (one slot).
+        # Of two builds the second machine can run one at a time; the first, with two free
+        # slots, takes neither.
+        farm.inventory.write_text(
+            inventory_yaml([second], "nix", max_builds=1) + "# the first machine removed\n"
+        )
+        run.wait_line(f"machine {second.name} added")
+        assert f"machine {first.name} removed: finishing its running builds" in run.output
+        two, three = farm.submit(quick(2), quick(3))
+        farm.wait_for_state(two, "succeeded")
+        farm.wait_for_state(three, "succeeded")
+        assert machines_of(two) == machines_of(three) == [second.name]
+        # The removed machine's build goes on, then succeeds there; then it is dropped.
+        assert farm.state_of(gated) == "running" and remote_running(tag)
+        assert f"machine {first.name} retired" not in run.output
+        gate.touch()
+        farm.wait_for_state(gated, "succeeded")
+        assert [(a.machine, a.result) for a in farm.attempts(gated)] == [(first.name, "success")]
+        check_stored(farm, gated, first)
+        run.wait_line(f"machine {first.name} retired: its builds have ended")
+        # SIGHUP with a file the coordinator cannot tell from the one it read (same size and
+        # modification time): the first machine back, the second removed.
+        replace_unnoticed(farm.inventory, inventory_yaml([first], "nix", max_builds=1))
+        run.process.send_signal(signal.SIGHUP)
+        run.wait_line(f"machine {first.name} added")
+        (four,) = farm.submit(quick(4))
+        farm.wait_for_state(four, "succeeded")
+        assert machines_of(four) == [first.name]
+        run.wait_line(f"machine {second.name} retired: its builds have ended")
     finally:
-        coordinator.send_signal(signal.SIGTERM)
-        out, _ = coordinator.communicate(timeout=60)
-    assert coordinator.returncode == 0, out
-    assert "inventory not reloaded, keeping the old one:" in out
-    assert f"machine {second.name} added" in out
-    assert f"machine {first.name} removed: finishing its running builds" in out
+        gate.touch()
+        try:
+            out = run.stop()
+        finally:
+            gate.unlink(missing_ok=True)
+    assert run.process.returncode == 0, out
+    assert "Traceback" not in out, out
+
+
+def replace_unnoticed(path: Path, text: str) -> None:
+    """Replace a file in one rename by one of the same size and modification time (padded with
+    a YAML comment), so only a signal can make the coordinator read it again."""
+    before = path.stat()
+    padding = before.st_size - len(text.encode()) - 2
+    assert padding >= 0, "the new text must not be longer than the old"
+    fresh = path.with_suffix(".new")
+    fresh.write_text(f"{text}#{'x' * padding}\n")
+    os.utime(fresh, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert fresh.stat().st_size == before.st_size
+    os.replace(fresh, path)

@@ -17,8 +17,9 @@ from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
 from buildfarm import metrics
 from buildfarm.config import Settings
-from buildfarm.coordinator import Coordinator, LineReporter, MachineSlots, RunOptions
+from buildfarm.coordinator import Coordinator, LineReporter, RunOptions
 from buildfarm.errors import UsageError
+from buildfarm.fleet import MachineSlots
 from buildfarm.inventory import Inventory, Machine
 from buildfarm.remote import Remote
 
@@ -64,6 +65,8 @@ def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
     sink.build_counts = {"queued": 4, "succeeded": 2}
     sink.attempt_ended("m1", "success", None, 12.5, 4096)
     sink.attempt_ended("m1", "setup-failure", "missing-inputs", 0.5, 0)
+    sink.pushed("m1", "inputs", 1000)
+    sink.pushed("m1", "inputs", 24)
     text = sink.exposition().decode()
     assert families(text) == {spec.name for spec in metrics.METRICS}
     for spec in metrics.METRICS:
@@ -79,6 +82,7 @@ def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
     assert value(samples, "buildfarm_build_duration_seconds_bucket", result="success",
                  le="15.0") == 1
     assert value(samples, "buildfarm_fetched_bytes_total", machine="m1") == 4096
+    assert value(samples, "buildfarm_pushed_bytes_total", machine="m1", kind="inputs") == 1024
     assert value(samples, "buildfarm_machine_up", machine="m1") == 1
     assert value(samples, "buildfarm_machine_slots", machine="m1") == 3
     assert value(samples, "buildfarm_machine_load", machine="m1") == 0.25
@@ -148,7 +152,12 @@ def metrics_url(coordinator: Background) -> str:
 
 def test_metrics_are_scraped_during_a_run(farm: Farm, hosts: list[Host]) -> None:
     tag = token()
-    up = hosts[0]
+    up, other = hosts
+    # A leaf built on the other machine first: the output store holds it, `up` lacks it.
+    pushed_leaf, pushed_top = chain(2, f"pushed-{tag}")
+    farm.write_inventory([other])
+    farm.submit(pushed_leaf)
+    assert farm.run().returncode == 0
     dead = {"name": "dead", "host": "127.0.0.1", "port": 1, "user": up.user,
             "systems": ["x86_64-linux"], "known_hosts": str(up.known_hosts)}
     machines = yaml.safe_load(inventory_yaml([up], "nix", max_builds=2))["machines"]
@@ -157,22 +166,28 @@ def test_metrics_are_scraped_during_a_run(farm: Farm, hosts: list[Host]) -> None
     quick = [instantiate(nix_expr_trivial(f"quick{n}-{tag}", f"echo {n} {tag} > $out"))
              for n in range(3)]
     _leaf, top = chain(2, tag)  # only the top: a missing-inputs setup failure (no hook)
+    # A build for a system no machine has stays queued.
+    foreign = instantiate(nix_expr_trivial(f"foreign-{tag}", "exit 1").replace(
+        "builtins.currentSystem", '"riscv64-linux"'))
     (slow_build,) = farm.submit(slow)
+    farm.submit(foreign)
     coordinator = farm.background("--metrics", "127.0.0.1:0")
     try:
         url = metrics_url(coordinator)
+        wait_for("the queue depth by system", lambda: value(
+            scrape(url), "buildfarm_queue_depth", system="riscv64-linux") == 1)
         wait_for("the slow build to run", lambda: value(
             scrape(url), "buildfarm_machine_slots_used", machine=up.name) == 1)
         during = scrape(url)
         assert value(during, "buildfarm_machine_up", machine=up.name) == 1
         assert value(during, "buildfarm_machine_slots", machine=up.name) == 2
-        farm.submit(*quick, top)
+        farm.submit(*quick, top, pushed_top)
 
         def finished() -> bool:
             samples = scrape(url)
             return (value(samples, "buildfarm_attempts_total", machine=up.name,
-                          result="success") >= 3
-                    and value(samples, "buildfarm_builds", state="succeeded") >= 3
+                          result="success") >= 4
+                    and value(samples, "buildfarm_builds", state="succeeded") >= 5
                     and value(samples, "buildfarm_setup_failures_total", machine=up.name,
                               kind="missing-inputs") >= 1
                     and value(samples, "buildfarm_hook_failures_total") >= 3)
@@ -184,6 +199,12 @@ def test_metrics_are_scraped_during_a_run(farm: Farm, hosts: list[Host]) -> None
         assert sum(value(done, "buildfarm_builds", state=s) for s in ("queued", "running")) >= 2
         assert value(done, "buildfarm_build_duration_seconds_count", result="success") >= 3
         assert value(done, "buildfarm_fetched_bytes_total", machine=up.name) > 0
+        # pushed_top's derivation and its leaf's output went to `up` (the leaf's .drv too).
+        assert value(done, "buildfarm_pushed_bytes_total", machine=up.name, kind="inputs") > 0
+        assert value(done, "buildfarm_pushed_bytes_total", machine=up.name,
+                     kind="derivations") > 0
+        assert value(done, "buildfarm_pushed_bytes_total", machine=up.name, kind="sources") == 0
+        assert value(done, "buildfarm_queue_depth", system="riscv64-linux") == 1
         assert value(done, "buildfarm_hook_runs_total") >= 6  # two scripts per success
         assert value(done, "buildfarm_machine_up", machine="dead") == 0
         assert value(done, "buildfarm_machine_failures", machine="dead") >= 1

@@ -1,0 +1,178 @@
+"""The coordinator's machines: each one's connection and running attempts, and the inventory
+reload that adds, changes and retires them (on SIGHUP, or when the file changes).
+
+A removed machine is *retiring*: it has no free slot, so it takes no new build, but the attempts
+it runs go on to their end on its connection; once none is left it is dropped and its
+connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from buildfarm.errors import BuildfarmError
+from buildfarm.inventory import Inventory, Machine
+from buildfarm.inventory import load as load_inventory
+from buildfarm.remote import Remote
+from buildfarm.store_session import StoreSessions, session_limit
+
+
+@dataclass
+class RunningAttempt:
+    attempt_id: int
+    build_uuid: str
+    drv_path: str
+    started: float
+    task: asyncio.Task[None] | None = None
+    step: str = "allocated"
+    transferred: int = 0
+    system: str | None = None
+
+
+@dataclass
+class MachineSlots:
+    """A machine's connection and what it is doing now."""
+
+    machine: Machine
+    remote: Remote
+    sessions: StoreSessions | None = None
+    ready: bool = False
+    connecting: asyncio.Task[None] | None = None
+    running: dict[int, RunningAttempt] = field(default_factory=dict)
+    load: float | None = None
+    cores: int | None = None
+    load_probed: float = 0.0
+    last_error: str | None = None
+    retiring: bool = False
+
+    @property
+    def free(self) -> int:
+        return 0 if self.retiring else self.machine.max_builds - len(self.running)
+
+    def overloaded(self) -> bool:
+        threshold = self.machine.overload_threshold
+        if threshold is None or self.load is None or not self.cores:
+            return False
+        return self.load / self.cores > threshold
+
+
+def machine_slots(machine: Machine) -> MachineSlots:
+    """A machine's connection, with a pool of store sessions if it is a Nix machine."""
+    remote = Remote(machine)
+    limit = session_limit(machine.max_sessions, machine.max_builds)
+    sessions = StoreSessions(remote, limit) if machine.store == "nix" and limit else None
+    return MachineSlots(machine, remote, sessions)
+
+
+async def close_connection(remote: Remote, sessions: StoreSessions | None) -> None:
+    if sessions is not None:
+        await sessions.close()
+    await remote.close()
+
+
+class Fleet:
+    """The machines `run` uses, by name, kept in step with the inventory file."""
+
+    def __init__(self, inventory: Inventory, report: Callable[[str], None]) -> None:
+        self.inventory = inventory
+        self.report = report
+        self.machines: dict[str, MachineSlots] = {}
+        self.background: set[asyncio.Task[None]] = set()  # connections closing
+        self._requested = False
+        self._stamp: tuple[float, int] | None = None
+
+    def start(self) -> None:
+        """Connections for the inventory's enabled machines (they connect when first needed)."""
+        self._stamp = _stamp(self.inventory.path)
+        for machine in self.inventory.machines:
+            if machine.enabled:
+                self.machines[machine.name] = machine_slots(machine)
+
+    def request_reload(self) -> None:
+        """SIGHUP: read the file again at the next turn, changed or not."""
+        self._requested = True
+
+    async def maybe_reload(self) -> None:
+        """Reload if asked to or if the file changed. A file that does not load is reported and
+        changes nothing."""
+        stamp = _stamp(self.inventory.path)
+        if not self._requested and stamp == self._stamp:
+            return
+        self._requested = False
+        self._stamp = stamp
+        try:
+            fresh = await asyncio.to_thread(load_inventory, self.inventory.path)
+        except BuildfarmError as e:
+            self.report(f"inventory not reloaded, keeping the old one: {e}")
+            return
+        self.apply(fresh)
+
+    def apply(self, fresh: Inventory) -> None:
+        """New machines start taking builds; removed ones finish what runs and take no more;
+        changed ones take their new settings (a new connection if how to reach them changed)."""
+        wanted = {m.name: m for m in fresh.machines if m.enabled}
+        for name, slots in list(self.machines.items()):
+            machine = wanted.get(name)
+            if machine is None:
+                if not slots.retiring:
+                    slots.retiring = True
+                    self.report(f"machine {name} removed: finishing its running builds")
+                continue
+            if machine == slots.machine and not slots.retiring:
+                continue
+            if _reach(machine) != _reach(slots.machine):
+                self._retire_connection(slots)
+                fresh_slots = machine_slots(machine)
+                slots.remote, slots.sessions = fresh_slots.remote, fresh_slots.sessions
+                slots.ready = False
+            slots.machine, slots.retiring = machine, False
+            self.report(f"machine {name} updated")
+        for name, machine in wanted.items():
+            if name not in self.machines:
+                self.machines[name] = machine_slots(machine)
+                self.report(f"machine {name} added")
+        self.inventory = fresh
+
+    def drop_retired(self) -> None:
+        """Drop the removed machines whose builds have all ended, and close their connections."""
+        for name, slots in list(self.machines.items()):
+            if slots.retiring and not slots.running:
+                if slots.connecting is not None:
+                    slots.connecting.cancel()
+                self._retire_connection(slots)
+                del self.machines[name]
+                self.report(f"machine {name} retired: its builds have ended")
+
+    def _retire_connection(self, slots: MachineSlots) -> None:
+        """Close a connection once the attempts using it have ended."""
+        old, sessions = slots.remote, slots.sessions
+        tasks = [r.task for r in slots.running.values() if r.task is not None]
+
+        async def close_when_done() -> None:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await close_connection(old, sessions)
+
+        task = asyncio.create_task(close_when_done())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    """When the inventory file last changed (None if it is gone)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_mtime, status.st_size
+
+
+def _reach(machine: Machine) -> tuple[object, ...]:
+    """The settings that decide how a machine is reached: a change needs a new connection."""
+    return (
+        machine.host, machine.port, machine.user, machine.identity, machine.known_hosts,
+        machine.host_key, machine.transport, machine.max_sessions, machine.connect_timeout,
+        machine.keepalive_interval,
+    )
