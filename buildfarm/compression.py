@@ -9,6 +9,7 @@ size needs little memory; output is deterministic (no time stamp or file name in
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -47,6 +48,17 @@ def parse_compression(text: str) -> Compression:
         bounds = _LEVELS[kind]
         raise UsageError(f"{kind} levels go from {bounds.start} to {bounds.stop - 1}")
     return Compression(kind, value)
+
+
+def parse_compressions(texts: Sequence[str]) -> tuple[Compression, ...]:
+    """Repeated `TYPE[:LEVEL]`s, in the order given (Nix picks the last); none: the default."""
+    chosen = tuple(parse_compression(text) for text in texts)
+    seen: set[str] = set()
+    for compression in chosen:
+        if compression.type in seen:
+            raise UsageError(f"compression {compression.type!r} given twice: give each type once")
+        seen.add(compression.type)
+    return chosen or DEFAULT_COMPRESSIONS
 
 
 def compress(source: BinaryIO, target: BinaryIO, compression: Compression) -> int:

@@ -29,6 +29,7 @@ from buildfarm.attempt import (
     TransferFailed,
 )
 from buildfarm.backends import get_backend
+from buildfarm.compression import DEFAULT_COMPRESSIONS, Compression
 from buildfarm.config import Settings
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import open_datastore
@@ -70,6 +71,7 @@ class RunOptions:
     grace: float = 30.0  # seconds running builds get to finish on SIGINT/SIGTERM
     tick: float = 1.0
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    compressions: tuple[Compression, ...] = DEFAULT_COMPRESSIONS  # of published nars
 
 
 class Reporter(Protocol):
@@ -187,7 +189,8 @@ class Coordinator:
             self.reporter.event(f"{recovered} attempt(s) left running by a previous run requeued")
         self.key = self._signing_key()
         self.outputs = OutputStore(
-            self.settings.outputs_dir, Publisher(self.key, key_name(self.settings.state_dir))
+            self.settings.outputs_dir, Publisher(self.key, key_name(self.settings.state_dir),
+                                                 compressions=self.options.compressions)
         )
         self.outputs.clean_temporary()
         self.fleet.start()

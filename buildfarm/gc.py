@@ -5,7 +5,8 @@ stored closure (those are pushed to machines), and every reference of an output 
 (a substitute cache must be closed under references, or clients cannot fetch what it lists).
 Among the rest, least recently used first: an output goes if it is older than the age limit,
 or while the store is over the size limit. Files no datastore record accounts for (left by a
-crash mid-import) go once they are older than an hour, so an import in flight is never touched.
+crash mid-import), and compressed nars no kept output's narinfo names, go once they are older
+than an hour, so an import or publication in flight is never touched.
 The records are deleted in one transaction that also reads what is needed, so no build can be
 queued in between; the files go after it, narinfo first.
 """
@@ -225,6 +226,7 @@ def _orphans(
     removed."""
     names = {os.path.basename(i.path) for i in kept}
     hashes = {name[:32] for name in names}
+    compressed = {f for i in kept for f in store.files_of(i.path)}  # those their narinfos name
     derivers = {os.path.basename(i.deriver) for i in kept if i.deriver}
     gone_logs = {os.path.basename(d) for d in derivers_gone if d} - derivers
     cutoff = policy.now - policy.orphan_grace
@@ -238,8 +240,10 @@ def _orphans(
             if not accounted and name in gone_logs:
                 found.append(path)
                 continue
-        else:
+        elif kind == "nar":
             accounted = name in names
+        else:
+            accounted = path in compressed
         if accounted:
             continue
         try:

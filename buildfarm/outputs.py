@@ -3,14 +3,18 @@ and published as a substitute cache any plain web server can serve.
 
 Layout under the state directory's `outputs/`, the URLs `guix publish` uses:
   nar/<store basename>                  each output's nar, uncompressed (`Compression: none`)
-  nar/<gzip|zstd>/<store basename>      the same nar compressed
+  nar/<gzip|zstd>/<hash>-<file hash>    the same nar compressed, named by the output's hash
+                                        part and the sha256 (nix-base32) of the file itself
   <hash>.narinfo                        signed for Guix (`Signature:`) and Nix (`Sig:`)
   nix-cache-info                        StoreDir, WantMassQuery, Priority
   log/<drv basename>                    the gzip build log of the successful attempt
   tmp/                                  transfers and files being written (never served)
 Every file is written under a temporary name, fsynced and renamed; an output's narinfo is
 written last, so a crash leaves at worst orphan files (`buildfarm outputs gc` removes them),
-never a narinfo naming a missing nar. The metadata lives in the datastore.
+never a narinfo naming a missing nar. Compressed nars are never rewritten in place: a rebuild
+whose nar differs gets new file names, and the old files go only once the new narinfo has
+replaced the old one, so a reader sees either narinfo with the very files it describes. The
+metadata lives in the datastore.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
+from urllib.parse import unquote
 
 from buildfarm import derivation as drvmod
 from buildfarm import nar
@@ -65,6 +70,14 @@ def _fsync_directory(path: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _sha256_nix32(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return nar.nix_base32_encode(digest.digest())
 
 
 def _size(path: str) -> int | None:
@@ -112,9 +125,26 @@ class OutputStore:
         return os.path.join(self.nar_dir, name)
 
     def compressed_path(self, store_path: str, kind: str) -> str:
-        if kind not in TYPES:
-            raise ArchiveError(f"unknown compression {kind!r}")
-        return os.path.join(self.nar_dir, kind, os.path.basename(self.nar_path(store_path)))
+        """The `kind` compressed nar the narinfo of `store_path` names."""
+        info = self.read_narinfo(store_path)
+        for file in info.files if info is not None else ():
+            path = self.file_of_url(file.url)
+            if file.compression == kind and path is not None:
+                return path
+        raise ArchiveError(f"{store_path}: no {kind} nar published")
+
+    def file_of_url(self, url: str) -> str | None:
+        """The file a narinfo's `URL:` names (`nar/<name>` or `nar/<kind>/<name>`), or None
+        if it names nothing this store writes."""
+        parts = url.split("/")
+        name = unquote(parts[-1])
+        if parts[0] != ni.NAR_PATH or not ni.BASENAME.fullmatch(name):
+            return None
+        if len(parts) == 2:
+            return os.path.join(self.nar_dir, name)
+        if len(parts) == 3 and parts[1] in TYPES:
+            return os.path.join(self.nar_dir, parts[1], name)
+        return None
 
     def narinfo_path(self, store_path: str) -> str:
         return os.path.join(self.root, f"{ni.hash_part(store_path)}.narinfo")
@@ -126,12 +156,15 @@ class OutputStore:
         return os.path.join(self.log_dir, os.path.basename(drv_path))
 
     def files_of(self, store_path: str) -> list[str]:
-        """Every file of one output, in the order they are removed: narinfo first."""
-        return [
-            self.narinfo_path(store_path),
-            *(self.compressed_path(store_path, kind) for kind in TYPES),
-            self.nar_path(store_path),
-        ]
+        """Every file of one output, in the order they are removed: narinfo first, then the
+        compressed nars it names, then the nar."""
+        source = self.nar_path(store_path)
+        return [self.narinfo_path(store_path), *self._named_by(store_path, source), source]
+
+    def _named_by(self, store_path: str, source: str) -> list[str]:
+        info = self.read_narinfo(store_path)
+        named = [self.file_of_url(f.url) for f in info.files] if info is not None else []
+        return list(dict.fromkeys(p for p in named if p is not None and p != source))
 
     def disk_usage(self, store_path: str) -> int:
         return sum(_size(path) or 0 for path in self.files_of(store_path))
@@ -167,41 +200,34 @@ class OutputStore:
         system: str | None = None,
         log_file: str | None = None,
     ) -> ni.Narinfo:
-        """Write the compressed nars, the log and then the signed narinfo of a stored output.
+        """Write the compressed nars, the log and then the signed narinfo of a stored output;
+        then remove the compressed nars the narinfo it replaced named and this one does not.
 
         Compressed nars a current narinfo already describes are kept, so publishing again is
-        cheap; a different nar hash (a rebuild that differs) or a new key rewrites them."""
+        cheap; a different nar hash (a rebuild that differs) makes new ones, under new names."""
         publisher = self.publisher
         if publisher is None:
             raise ArchiveError("the output store has no signing key to publish with")
+        for compression in publisher.compressions:
+            if compression.type not in TYPES:
+                raise ArchiveError(f"unknown compression {compression.type!r}")
         source = self.nar_path(path)
         if _size(source) is None:
             raise ArchiveError(f"{path}: its nar is not in the output store")
         current = self.read_narinfo(path)
-        known: dict[str, int | None] = {}
+        ready: dict[str, ni.NarFile] = {}
         if current is not None and current.nar_hash == nar_hash:
-            known = {f.url: f.file_size for f in current.files}
-        todo: dict[str, tuple[str, Compression]] = {}
-        sizes: dict[str, int] = {}
-        for compression in publisher.compressions:
-            url = ni.nar_url(path, compression.type)
-            target = self.compressed_path(path, compression.type)
-            size = _size(target)
-            if size is None or known.get(url) != size:
-                todo[url] = (target, compression)
-            else:
-                sizes[url] = size
+            for file in current.files:
+                existing = self.file_of_url(file.url)
+                if (existing is not None and existing != source and file.compression not in ready
+                        and _size(existing) == file.file_size):
+                    ready[file.compression] = file
+        todo = [c for c in publisher.compressions if c.type not in ready]
         if todo:
             # zlib and zstd release the GIL: each compression gets a core of its own.
             with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-                futures = {url: pool.submit(self._compress, source, target, compression)
-                           for url, (target, compression) in todo.items()}
-                sizes.update({url: future.result() for url, future in futures.items()})
-        files = [
-            ni.NarFile(url, c.type, sizes[url])
-            for c in publisher.compressions
-            for url in [ni.nar_url(path, c.type)]
-        ]
+                futures = [pool.submit(self._compress, path, source, c) for c in todo]
+                ready.update({c.type: f.result() for c, f in zip(todo, futures, strict=True)})
         info = ni.Narinfo(
             store_path=path,
             nar_hash=nar_hash,
@@ -209,16 +235,23 @@ class OutputStore:
             references=tuple(sorted(references)),
             deriver=deriver or None,
             system=system,
-            files=tuple(files),
+            files=tuple(ready[c.type] for c in publisher.compressions),
         )
         info = ni.sign(info, publisher.key, publisher.key_name, publisher.host)
         self.ensure_cache_info(info.store_dir)
         if log_file is not None and deriver:
             self.publish_log(deriver, log_file)
         text = info.render().encode("utf-8")
-        target = self.narinfo_path(path)
         if current is None or current.render().encode("utf-8") != text:
-            self._write_file(target, text)
+            self._write_file(self.narinfo_path(path), text)
+        if current is not None:
+            # Only now that no narinfo names them: a reader never meets a missing nar.
+            named = {self.file_of_url(f.url) for f in info.files}
+            for file in current.files:
+                old = self.file_of_url(file.url)
+                if old is not None and old not in named and old != source:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(old)
         return info
 
     def publish_log(self, drv_path: str, log_file: str) -> bool:
@@ -242,20 +275,23 @@ class OutputStore:
                 os.unlink(temporary)
         return True
 
-    def _compress(self, source: str, target: str, compression: Compression) -> int:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+    def _compress(self, path: str, source: str, compression: Compression) -> ni.NarFile:
+        """Compress the nar of `path` to nar/<kind>/<hash part>-<sha256 of the file>."""
+        directory = os.path.join(self.nar_dir, compression.type)
+        os.makedirs(directory, exist_ok=True)
         temporary = self.temp_path(compression.type)
         try:
             with open(source, "rb") as inp, open(temporary, "wb") as out:
                 size = compress(inp, out, compression)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(temporary, target)
-            _fsync_directory(os.path.dirname(target))
+            name = f"{ni.hash_part(path)}-{_sha256_nix32(temporary)}"
+            os.replace(temporary, os.path.join(directory, name))
+            _fsync_directory(directory)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
-        return size
+        return ni.NarFile(f"{ni.NAR_PATH}/{compression.type}/{name}", compression.type, size)
 
     def _write_file(self, target: str, data: bytes) -> None:
         temporary = self.temp_path(os.path.basename(target))

@@ -192,6 +192,23 @@ def test_stray_files_go_once_old_enough(farm: tuple[OutputStore, str]) -> None:
         assert os.path.exists(store.narinfo_path(kept))
 
 
+def test_compressed_nars_no_narinfo_names_go_once_old_enough(farm: tuple[OutputStore, str]
+                                                            ) -> None:
+    """A publication a crash interrupted leaves compressed nars the narinfo does not name."""
+    store, url = farm
+    with open_datastore(url):
+        kept = add_output(store, "akept", 1)
+        named = store.files_of(kept)
+        stray = Path(store.root, "nar", "zstd", f"{'a' * 32}-{'0' * 52}")
+        stray.write_bytes(b"half a publication")
+        hours_ago = time.time() - 2 * 3600
+        for path in (stray, *map(Path, named)):
+            os.utime(path, (hours_ago, hours_ago))
+        result = gc.collect(store, gc.GcPolicy(older_than=30 * DAY, now=time.time()))
+        assert result.orphans == (str(stray),) and not stray.exists()
+        assert all(os.path.exists(f) for f in named) and len(named) == 4
+
+
 def test_cli(farm: tuple[OutputStore, str], monkeypatch: pytest.MonkeyPatch) -> None:
     store, url = farm
     state = Path(store.root).parent

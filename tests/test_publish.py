@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
+import hashlib
 import json
 import os
 import selectors
@@ -53,6 +55,10 @@ def reported() -> dict[str, tuple[str, int | None]]:
     }
 
 
+def sha256_nix32(data: bytes) -> str:
+    return nix_base32_encode(hashlib.sha256(data).digest())
+
+
 def publisher() -> Publisher:
     return Publisher(KEY, "farm-1", host="farm.example.org")
 
@@ -88,13 +94,16 @@ def test_import_publishes_every_output(published: tuple[OutputStore, list[Output
     assert (info.store_path, info.nar_hash, info.nar_size) == (TOP, record.nar_hash, len(nar))
     assert info.references == (DEP,) and info.deriver == TOP_DRV and info.system == "x86_64-linux"
     assert [f.compression for f in info.files] == ["gzip", "zstd"]  # Nix takes the last
-    gz = Path(store.root) / "nar" / "gzip" / os.path.basename(TOP)
-    zst = Path(store.root) / "nar" / "zstd" / os.path.basename(TOP)
+    gz, zst = (Path(store.root, f.url) for f in info.files)
     assert gzip.decompress(gz.read_bytes()) == nar
     assert zstandard.ZstdDecompressor().decompressobj().decompress(zst.read_bytes()) == nar
     assert [f.file_size for f in info.files] == [gz.stat().st_size, zst.stat().st_size]
-    assert [f.url for f in info.files] == [f"nar/gzip/{os.path.basename(TOP)}",
-                                           f"nar/zstd/{os.path.basename(TOP)}"]
+    # Named by the output's hash part and the file's own sha256 (content-addressed).
+    assert [f.url for f in info.files] == [
+        f"nar/{kind}/b929rzxqin9xa830zfpbfbgx8wajdhdn-{sha256_nix32(path.read_bytes())}"
+        for kind, path in (("gzip", gz), ("zstd", zst))
+    ]
+    assert [store.compressed_path(TOP, k) for k in ("gzip", "zstd")] == [str(gz), str(zst)]
     verify_guix_narinfo(text, [KEY.public_bytes])
     assert ni.verify_nix_sigs(info, [KEY.nix_public("farm-1")])
     assert text.split("Signature: 1;")[1].startswith("farm.example.org;")
@@ -122,16 +131,116 @@ def test_publishing_again_keeps_files_a_rebuild_replaces_them(
     assert (compressed.stat().st_ino, narinfo.stat().st_ino) == before
     assert again == ni.parse(narinfo.read_text())
 
-    # A rebuild whose nar differs: the compressed nars and the narinfo are rewritten.
+    # A rebuild whose nar differs: new compressed nars, under new names; the old ones go.
     nar = Path(store.nar_path(TOP))
     nar.write_bytes(nar.read_bytes().replace(b"dep", b"DEP"))
-    other = "sha256:" + "1" * 52
+    other = "sha256:" + sha256_nix32(nar.read_bytes())
     store.publish(TOP, other, nar.stat().st_size, record.references, record.deriver)
-    assert compressed.stat().st_ino != before[0]
+    rebuilt = Path(store.compressed_path(TOP, "zstd"))
+    assert rebuilt != compressed and not compressed.exists()
     assert zstandard.ZstdDecompressor().decompressobj().decompress(
-        compressed.read_bytes()) == nar.read_bytes()
+        rebuilt.read_bytes()) == nar.read_bytes()
     info = store.read_narinfo(TOP)
     assert info is not None and info.nar_hash == other and info.system is None
+
+
+class CheckedStore(OutputStore):
+    """An output store that checks, before and after every file it writes, that the narinfo
+    on disk and the files it names agree (what a reader could see at that instant)."""
+
+    checks = 0
+
+    def consistent(self, path: str) -> None:
+        text = Path(self.narinfo_path(path)).read_text()
+        info = ni.parse(text)
+        for file in info.files:
+            data = Path(self.root, file.url).read_bytes()  # exists
+            assert len(data) == file.file_size, (file, text)
+            nar = (gzip.decompress(data) if file.compression == "gzip" else
+                   zstandard.ZstdDecompressor().decompressobj().decompress(data))
+            assert (len(nar), "sha256:" + sha256_nix32(nar)) == (info.nar_size, info.nar_hash)
+        self.checks += 1
+
+    def _compress(self, path: str, source: str, compression: Compression) -> ni.NarFile:
+        self.consistent(path)
+        made = super()._compress(path, source, compression)
+        self.consistent(path)
+        return made
+
+    def _write_file(self, target: str, data: bytes) -> None:
+        if target.endswith(".narinfo"):
+            self.consistent(TOP)
+        super()._write_file(target, data)
+        if target.endswith(".narinfo"):
+            self.consistent(TOP)
+
+
+def test_a_rebuild_that_differs_is_never_seen_half_published(
+    published: tuple[OutputStore, list[OutputRecord]],
+) -> None:
+    """At every step of publishing a different nar under the same store path, the narinfo on
+    disk names files that exist and match its FileSize and NarHash; afterwards only the files
+    the new narinfo names are left."""
+    first, records = published
+    record = next(r for r in records if r.path == TOP)
+    store = CheckedStore(first.root, publisher())
+    nar = Path(store.nar_path(TOP))
+    original = nar.read_bytes()
+    versions = [original.replace(b"dep", b"DEP"), original.replace(b"dep", b"Dep"), original]
+    seen: list[set[str]] = []
+    for content in versions:
+        nar.write_bytes(content)
+        info = store.publish(TOP, "sha256:" + sha256_nix32(content), len(content),
+                             record.references, record.deriver)
+        store.consistent(TOP)
+        named = {str(Path(store.root, f.url)) for f in info.files}
+        on_disk = {str(p) for p in Path(store.root, "nar").glob(f"*/{ni.hash_part(TOP)}-*")}
+        assert on_disk == named and len(named) == 2  # no stale file left
+        seen.append(named)
+    assert store.checks >= 3 * 6
+    assert seen[0].isdisjoint(seen[1]) and seen[1].isdisjoint(seen[2])
+    # Back to the first nar: the very files the first publication made, by the same names.
+    assert seen[2] == {store.compressed_path(TOP, k) for k in ("gzip", "zstd")}
+    assert list(Path(store.root, "tmp").iterdir()) == []
+
+
+def test_only_the_configured_compressions_are_published(
+    published: tuple[OutputStore, list[OutputRecord]],
+) -> None:
+    first, records = published
+    record = next(r for r in records if r.path == DEP)
+    for published_file in first.files_of(DEP)[:-1]:  # all but the nar: never published
+        os.unlink(published_file)
+    nar = Path(first.nar_path(DEP)).read_bytes()
+
+    def publish(*compressions: Compression) -> list[str]:
+        store = OutputStore(first.root, Publisher(KEY, "farm-1", compressions=compressions))
+        store.publish(DEP, record.nar_hash, len(nar), (), record.deriver)
+        text = Path(store.narinfo_path(DEP)).read_text()
+        lines = [line for line in text.splitlines()
+                 if line.startswith(("URL:", "Compression:", "FileSize:"))]
+        files = sorted(str(p.relative_to(store.root)) for p in Path(store.root, "nar").glob(
+            f"*/{ni.hash_part(DEP)}-*"))
+        assert files == sorted(f.url for f in ni.parse(text).files)  # nothing else of DEP's
+        return lines
+
+    zstd_only = publish(Compression("zstd", 19))
+    assert [line.split(":")[0] for line in zstd_only] == ["URL", "Compression", "FileSize"]
+    assert zstd_only[1] == "Compression: zstd"
+    url = zstd_only[0].removeprefix("URL: ")
+    data = Path(first.root, url).read_bytes()
+    assert zstd_only[2] == f"FileSize: {len(data)}"
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(data) == nar
+
+    # Another choice for the same nar: the zstd nar is kept, gzip added first, as asked.
+    both = publish(Compression("gzip", 9), Compression("zstd", 3))
+    assert [both[1], both[4]] == ["Compression: gzip", "Compression: zstd"]
+    assert both[3] == zstd_only[0]
+    assert gzip.decompress(Path(first.root, both[0].removeprefix("URL: ")).read_bytes()) == nar
+
+    # gzip only: the zstd nar goes once the narinfo no longer names it.
+    assert publish(Compression("gzip", 1)) == both[:3]
+    assert not Path(first.root, url).exists()
 
 
 def test_without_a_publisher_nothing_is_published(tmp_path: Path) -> None:
@@ -183,6 +292,7 @@ def test_http_serves_the_layout(published: tuple[OutputStore, list[OutputRecord]
     base = os.path.basename(TOP)
     nar = Path(store.nar_path(TOP)).read_bytes()
     zst = Path(store.compressed_path(TOP, "zstd")).read_bytes()
+    gz_url, zst_url = (f.url for f in ni.parse(Path(store.narinfo_path(TOP)).read_text()).files)
 
     async def check(client: TestClient[Any, Any]) -> None:
         response = await client.get("/nix-cache-info")
@@ -194,11 +304,11 @@ def test_http_serves_the_layout(published: tuple[OutputStore, list[OutputRecord]
         assert response.headers["Content-Type"] == "application/x-nix-narinfo"
         assert ni.parse(await response.text()).store_path == TOP
 
-        response = await client.get(f"/nar/zstd/{base}")
+        response = await client.get(f"/{zst_url}")
         assert response.status == 200 and await response.read() == zst
         response = await client.get(f"/nar/{base}")
         assert response.status == 200 and await response.read() == nar
-        response = await client.head(f"/nar/gzip/{base}")
+        response = await client.head(f"/{gz_url}")
         assert response.status == 200
         assert int(response.headers["Content-Length"]) == os.path.getsize(
             store.compressed_path(TOP, "gzip"))
@@ -232,6 +342,7 @@ def test_http_serves_the_layout(published: tuple[OutputStore, list[OutputRecord]
     "/nar/00000000000000000000000000000000-missing",
     "/nar/gzip/00000000000000000000000000000000-missing",
     "/nar/lzip/b929rzxqin9xa830zfpbfbgx8wajdhdn-top",
+    "/nar/gzip/b929rzxqin9xa830zfpbfbgx8wajdhdn-top",  # the name before content addressing
     "/nar/..%2F..%2Fnix-cache-info",
     "/nar/gzip/..",
     "/tmp/x",
@@ -360,7 +471,14 @@ def test_key_name_defaults_to_the_host_name_and_sticks(state: Path) -> None:
 @pytest.fixture
 def server(state: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     assert cli_run("key", "generate", "--name", "farm-1")[0] == 0
-    env = {**os.environ, "BUILDFARM_STATE_DIR": str(state)}
+    with publishing(state) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def publishing(state: Path, **env_vars: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`buildfarm publish` on a free port, in a process of its own."""
+    env = {**os.environ, "BUILDFARM_STATE_DIR": str(state), **env_vars}
     process = subprocess.Popen(
         [sys.executable, "-m", "buildfarm", "publish", "--listen", "127.0.0.1:0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -403,3 +521,43 @@ def test_publish_without_a_key_says_how_to_make_one(state: Path) -> None:
     assert code == 1 and "buildfarm key generate" in err
     code, _, err = cli_run("publish", "--listen", "nowhere")
     assert code == 1 and "ADDRESS:PORT" in err
+
+
+@pytest.mark.parametrize(("values", "error"), [
+    (["lzip"], "unsupported compression 'lzip': use one of gzip, zstd"),
+    (["gzip:10"], "gzip levels go from 1 to 9"),
+    (["zstd:fast"], "invalid compression level 'fast'"),
+    (["zstd", "gzip", "zstd:3"], "compression 'zstd' given twice: give each type once"),
+])
+def test_a_bad_compression_is_one_line_and_exit_1(state: Path, values: list[str], error: str
+                                                  ) -> None:
+    options = [arg for value in values for arg in ("--compression", value)]
+    for command in (["run", "--exit-when-idle", "--no-ui"], ["publish", "--listen", ":0"]):
+        code, out, err = cli_run(*command, *options)
+        assert (code, out, err) == (1, "", f"Error: {error}\n"), command
+    # The variable both commands read, with its values separated by spaces.
+    result = CliRunner(env={"BUILDFARM_COMPRESSIONS": " ".join(values)}).invoke(
+        cli, ["publish"], catch_exceptions=False)
+    assert (result.exit_code, result.stderr) == (1, f"Error: {error}\n")
+    assert not (state / "outputs").exists()  # nothing done
+
+
+def test_publish_publishes_on_request_in_the_compressions_of_its_variable(
+    state: Path, database: ScratchDatabase,
+) -> None:
+    """An output stored without a narinfo, published by `buildfarm publish` when first asked
+    for, in BUILDFARM_COMPRESSIONS's compressions only."""
+    assert cli_run("key", "generate", "--name", "farm-1")[0] == 0
+    records = import_sample(OutputStore(str(state / "outputs")), state)
+    with open_datastore(database.url):
+        record_outputs(records, time.time())
+    with publishing(state, BUILDFARM_DB=database.url, BUILDFARM_COMPRESSIONS="zstd:1") as (_, url):
+        with urllib.request.urlopen(f"{url}{ni.hash_part(TOP)}.narinfo", timeout=30) as response:
+            info = ni.parse(response.read().decode())
+        assert [f.compression for f in info.files] == ["zstd"]
+        with urllib.request.urlopen(url + info.files[0].url, timeout=30) as response:
+            data = response.read()
+    assert len(data) == info.files[0].file_size
+    nar = Path(state / "outputs" / "nar" / os.path.basename(TOP)).read_bytes()
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(data) == nar
+    assert not (state / "outputs" / "nar" / "gzip").exists()

@@ -13,6 +13,21 @@ from buildfarm.config import Settings
 from buildfarm.errors import BuildfarmError
 
 
+def compression_option(command: Any) -> Any:
+    """--compression, shared by the commands that publish outputs (they should agree)."""
+    return click.option(
+        "--compression",
+        "compressions",
+        multiple=True,
+        envvar="BUILDFARM_COMPRESSIONS",
+        metavar="TYPE[:LEVEL]",
+        help="Publish each output's nar in this compression: gzip (levels 1-9, default 3) or "
+        "zstd (1-22, default 10). Repeat it for several, listed in narinfos in that order "
+        "(Nix takes the last) [default: gzip:3 then zstd:10; env: BUILDFARM_COMPRESSIONS, "
+        "separated by spaces].",
+    )(command)
+
+
 def _load_inventory(settings: Settings) -> Any:
     import os
 
@@ -74,6 +89,7 @@ def _load_inventory(settings: Settings) -> Any:
     help="Serve Prometheus metrics at http://ADDRESS:PORT/metrics (port 0 picks a free port; "
     "the URL is printed at start).",
 )
+@compression_option
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -85,13 +101,16 @@ def run(
     hook_parallelism: int,
     max_log_size: str,
     metrics_address: str | None,
+    compressions: tuple[str, ...],
 ) -> None:
     """Run the coordinator: allocate queued builds to machines and build them."""
     import asyncio
 
+    from buildfarm.compression import parse_compressions
     from buildfarm.coordinator import Coordinator, LineReporter, Reporter, RunOptions
     from buildfarm.gc import parse_size
 
+    chosen = parse_compressions(compressions)
     settings = _settings(ctx)
     inventory = _load_inventory(settings)
     options = RunOptions(
@@ -101,6 +120,7 @@ def run(
         hook_workers=hook_workers,
         hook_parallelism=hook_parallelism,
         max_log_bytes=parse_size(max_log_size),
+        compressions=chosen,
     )
     metrics = None
     if metrics_address is not None:
@@ -154,19 +174,26 @@ def hooks_list(ctx: click.Context, as_json: bool) -> None:
     "--listen", default="0.0.0.0:8080", show_default=True, metavar="ADDRESS:PORT",
     help="Where to listen (port 0 picks a free port; the URL is printed at start).",
 )
+@compression_option
 @click.pass_context
-def publish(ctx: click.Context, listen: str) -> None:
-    """Serve the output store as a Guix and Nix substitute server (narinfos, nars, logs)."""
+def publish(ctx: click.Context, listen: str, compressions: tuple[str, ...]) -> None:
+    """Serve the output store as a Guix and Nix substitute server (narinfos, nars, logs).
+
+    Outputs stored before publishing existed, or by a coordinator without a key, are
+    published on first request, in the compressions --compression names (give it the same
+    value as `buildfarm run`, or set BUILDFARM_COMPRESSIONS for both)."""
     import asyncio
 
     from buildfarm import keys
+    from buildfarm.compression import parse_compressions
     from buildfarm.outputs import OutputStore, Publisher
     from buildfarm.publish import parse_listen, serve
 
+    chosen = parse_compressions(compressions)
     host, port = parse_listen(listen)
     settings = _settings(ctx)
     keys.public_key(settings.state_dir, "nix")  # a missing key fails here, with the remedy
-    store = OutputStore(settings.outputs_dir, Publisher.load(settings.state_dir))
+    store = OutputStore(settings.outputs_dir, Publisher.load(settings.state_dir, chosen))
 
     def ready(url: str) -> None:
         click.echo(f"buildfarm publish: serving {settings.outputs_dir} at {url}")
