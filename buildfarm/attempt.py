@@ -33,6 +33,7 @@ T = TypeVar("T")
 PUSH_KINDS = ("derivations", "sources", "inputs")
 SMALL = 120.0  # seconds a store query may take
 TRANSFER = 3600.0  # seconds an import or export may take
+DELETE_WAIT = 60.0  # seconds to wait for sessions of other attempts that may hold the outputs
 
 
 class SetupFailed(Exception):
@@ -233,11 +234,16 @@ class AttemptRun:
             await self.step("delete-outputs", "skipped: no output is on the machine")
             return
         await self.step("delete-outputs")
-        if self.session is not None and self.sessions is not None:
+        if self.sessions is not None:
             # Store sessions root what they built or imported: end ours and the idle ones.
             self.session = await self.sessions.renew(self.session)
         command = self.backend.delete(present)
         result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
+        if (not result.ok and self.sessions is not None
+                and await self.sessions.wait_for_older(DELETE_WAIT)):
+            # A session busy with another attempt may have built or imported them before:
+            # it has ended on its way back; the outputs are no longer held by it.
+            result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
         if not result.ok:
             raise SetupFailed(
                 COULD_NOT_DELETE_OUTPUTS, present, _first_error(result.stderr)

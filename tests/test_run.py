@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from farm import Farm, chain, token
+from farm import Farm, chain, token, wait_for
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
 
@@ -188,3 +188,34 @@ def test_input_sources_come_from_the_coordinators_store(farm: Farm, hosts: list[
     assert info["state"] == "succeeded", (info, done.stdout)
     out = info["outputs"]["out"]
     assert hosts[0].local_path(out).read_text() == f"from a source file {tag}\n"
+
+
+def test_a_rebuild_deletes_outputs_a_reused_store_session_held(
+    farm: Farm, hosts: list[Host]
+) -> None:
+    """A build's store session roots its output until the session ends, and sessions are reused:
+    the session that built X goes on to serve a slow build C. A rebuild of X on that machine
+    must delete X's output, which C's session holds: it waits for that session to come back
+    (and end) and deletes then, instead of failing its attempt."""
+    tag = token()
+    again = instantiate(nix_expr_trivial(f"again-{tag}", f"echo {tag} > $out"))
+    slow = instantiate(nix_expr_trivial(
+        f"slowly-{tag}", f"echo slow {tag}; /bin/sleep 6; echo {tag} > $out"))
+    farm.write_inventory(hosts[:1], max_builds=2)
+    (first,) = farm.submit(again)
+    run = farm.background()
+    try:
+        farm.wait_for_state(first, "succeeded")
+        (held,) = farm.submit(slow)  # takes the idle session that built `again`
+        wait_for("the slow build to run", lambda: any(
+            a.step == "build" and a.result is None for a in farm.attempts(held)))
+        (rebuild,) = farm.submit(again)
+        farm.wait_for_state(rebuild, "succeeded")
+        farm.wait_for_state(held, "succeeded")
+    finally:
+        output = run.stop()
+    (attempt,) = farm.attempts(rebuild)  # one attempt: the delete did not fail
+    assert attempt.result == "success", (attempt, output)
+    steps = [s["name"] for s in farm.show(rebuild)["attempts"][0]["steps"]]
+    assert "delete-outputs" in steps
+    assert [a.result for a in farm.attempts(held)] == ["success"]

@@ -167,15 +167,9 @@ _POSTGRESQL_SHIFTING = (
     f"""CREATE OR REPLACE FUNCTION build_waiting_rows() RETURNS trigger LANGUAGE plpgsql AS $fn$
         BEGIN
             IF pg_trigger_depth() > 1 THEN RETURN NULL; END IF;
-            IF TG_OP = 'INSERT' THEN
-                {_postgresql_count_and_shift(
-                    f"SELECT id, derivation_id, 1 AS sign FROM changed_builds "
-                    f"WHERE state IN {_ACTIVE}")}
-            ELSE
-                {_postgresql_count_and_shift(
-                    f"SELECT id, derivation_id, -1 AS sign FROM changed_builds "
-                    f"WHERE state IN {_ACTIVE}")}
-            END IF;
+            {_postgresql_count_and_shift(
+                "SELECT id, derivation_id, CASE TG_OP WHEN 'INSERT' THEN 1 ELSE -1 END AS sign "
+                f"FROM changed_builds WHERE state IN {_ACTIVE}")}
             RETURN NULL;
         END $fn$""",
     f"""CREATE OR REPLACE FUNCTION build_waiting_update() RETURNS trigger LANGUAGE plpgsql AS $fn$
