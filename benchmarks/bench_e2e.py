@@ -69,8 +69,12 @@ def run_buildfarm(hosts: list[Host], drvs: list[str], slots: int, work: Path) ->
     env.pop("BUILDFARM_DB", None)
     _buildfarm(["submit", *drvs], env)
     began = time.perf_counter()
+    # BUILDFARM_BENCH_PROFILE=DIR: the coordinator runs under cProfile, one file per run in DIR
+    # (read with `python -m pstats FILE`); its figures are then not comparable.
+    profile = os.environ.get("BUILDFARM_BENCH_PROFILE")
+    profiler = ["-m", "cProfile", "-o", f"{profile}/run-{state.name}.prof"] if profile else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "buildfarm", "run", "--no-ui", "--exit-when-idle"],
+        [sys.executable, *profiler, "-m", "buildfarm", "run", "--no-ui", "--exit-when-idle"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert process.stdout is not None

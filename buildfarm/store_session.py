@@ -383,11 +383,13 @@ class StoreSessions:
         if not older():
             return False
         deadline = time.monotonic() + timeout
-        while older():
+        while True:
+            self._returned.clear()  # before looking: a session given back after it wakes us
+            if not older():
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self._returned.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._returned.wait(), left)
         await asyncio.gather(*self._ending, return_exceptions=True)
