@@ -135,12 +135,12 @@ def allocate(slot: Slot, now: float | None = None, exclude: Iterable[int] = ()) 
     The attempt comes with its build and the build's derivation loaded, so the caller reads
     them without going back to the datastore."""
     moment = time.time() if now is None else now
+    twin = Build.alias()
+    running_twin = twin.select(SQL("1")).where(
+        (twin.derivation == Build.derivation) & (twin.state == RUNNING)
+    )
     with database_proxy.atomic():
         for build_id in candidate_ids(slot, moment, exclude):
-            twin = Build.alias()
-            running_twin = twin.select(SQL("1")).where(
-                (twin.derivation == Build.derivation) & (twin.state == RUNNING)
-            )
             taken = (
                 Build.update(state=RUNNING, started_at=moment)
                 .where((Build.id == build_id) & (Build.state == QUEUED) & ~fn.EXISTS(running_twin))

@@ -367,7 +367,8 @@ class StoreSessions:
         self._generation += 1
         if session is not None:
             self._busy.discard(session)
-        ending, self._idle = [*([session] if session else []), *self._idle], []
+        ending = [s for s in (session, *self._idle) if s is not None]
+        self._idle = []
         for old in ending:
             self._end(old)
         await asyncio.gather(*self._ending, return_exceptions=True)
