@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import io
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from buildfarm import derivation as drvmod
 from buildfarm import localstore
@@ -23,9 +25,9 @@ from buildfarm.errors import ArchiveError, RemoteError
 from buildfarm.inventory import Machine
 from buildfarm.logs import LogWriter
 from buildfarm.outputs import OutputStore
-from buildfarm.remote import Remote
+from buildfarm.remote import Remote, RunResult
 from buildfarm.signing import SigningKey
-from buildfarm.store_session import SessionFailed, StoreSession, StoreSessions
+from buildfarm.store_session import PathInfo, SessionFailed, StoreSession, StoreSessions
 
 T = TypeVar("T")
 # What an attempt pushes to a machine: the .drv closure, input sources from the coordinator's
@@ -34,6 +36,9 @@ PUSH_KINDS = ("derivations", "sources", "inputs")
 SMALL = 120.0  # seconds a store query may take
 TRANSFER = 3600.0  # seconds an import or export may take
 DELETE_WAIT = 60.0  # seconds to wait for sessions of other attempts that may hold the outputs
+# Outputs (total nar bytes) a store session sends back on its own channel, held in memory;
+# larger ones are exported into a file on the machine and pulled over SFTP, resumably.
+STREAM_LIMIT = 4 << 20
 
 
 class SetupFailed(Exception):
@@ -95,11 +100,19 @@ class AttemptRun:
     inputs_complete: bool = False
     outputs_paths: list[str] = field(default_factory=list)
     absent: set[str] = field(default_factory=set)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # recorded with the next step
 
-    async def step(self, name: str, detail: str | None = None) -> None:
-        await self.db(records.step, self.attempt_id, name, detail)
+    async def step(self, name: str, detail: str | None = None, log_path: str | None = None) -> None:
+        skipped, self.skipped = self.skipped, []
+        await self.db(functools.partial(
+            records.step, self.attempt_id, name, detail, skipped=skipped, log_path=log_path
+        ))
         if self.on_step is not None:
             self.on_step(name)
+
+    def skip(self, name: str, why: str) -> None:
+        """A step with nothing to do: recorded with the next one, saving a transaction."""
+        self.skipped.append((name, why))
 
     async def missing(self, paths: Sequence[str]) -> list[str]:
         if not paths:
@@ -116,9 +129,9 @@ class AttemptRun:
             raise StoreCommandFailed(f"{command.argv[0]}: {_first_error(result.stderr)}")
         return self.backend.parse_missing(result.stdout)
 
-    async def import_bundle(self, bundle_file: str, what: str, kind: str) -> None:
-        """Import a bundle into the machine's store; `kind` (of PUSH_KINDS) names what it holds
-        for on_pushed."""
+    async def import_bundle(self, bundle: str | bytes, what: str, kind: str) -> None:
+        """Import a bundle (a file's name, or the bundle itself) into the machine's store;
+        `kind` (of PUSH_KINDS) names what it holds for on_pushed."""
         on_pushed = self.on_pushed
 
         def sent(size: int) -> None:
@@ -127,14 +140,14 @@ class AttemptRun:
 
         if self.session is not None:
             try:
-                await self.session.import_paths(_file_chunks(bundle_file, sent), TRANSFER)
+                await self.session.import_paths(_chunks(bundle, sent), TRANSFER)
             except SessionFailed as e:
                 detail = f"{what} could not be imported: {e}"
                 raise SetupFailed(MISSING_INPUTS, (), detail) from None
             return
         command = self.backend.import_bundle()
         result = await self.remote.run_streaming(
-            command.argv, stdin=_file_chunks(bundle_file, sent), timeout=TRANSFER
+            command.argv, stdin=_chunks(bundle, sent), timeout=TRANSFER
         )
         if not result.ok:
             raise SetupFailed(
@@ -145,9 +158,10 @@ class AttemptRun:
     # .drv closure, its sources, the input outputs and the outputs; later steps use its answer.
 
     async def survey(self) -> None:
-        self.known = await self.db(closure.derivations, self.drv_path)
-        self.inputs, self.inputs_complete = await self.db(closure.input_outputs, self.drv_path)
-        self.outputs_paths = sorted((await self.db(records.output_paths, self.drv_path)).values())
+        self.known, (self.inputs, self.inputs_complete), outputs = await self.db(
+            _what_the_datastore_knows, self.drv_path
+        )
+        self.outputs_paths = sorted(outputs.values())
         sources: set[str] = set()
         for item in self.known:
             sources.update(drvmod.parse(item.contents, source=item.path).input_srcs)
@@ -168,10 +182,7 @@ class AttemptRun:
             bundle = self.outputs.derivation_bundle(
                 [(k.path, k.contents) for k in to_push], self._signer()
             )
-            try:
-                await self.import_bundle(bundle, f"{len(to_push)} derivation(s)", "derivations")
-            finally:
-                os.unlink(bundle)
+            await self.import_bundle(bundle, f"{len(to_push)} derivation(s)", "derivations")
 
     async def push_sources(self, sources: Sequence[str]) -> None:
         """Send input sources from the coordinator's own store, or fail: nothing else has them."""
@@ -193,10 +204,11 @@ class AttemptRun:
 
     async def push_inputs(self) -> list[str]:
         """Push the input outputs the output store holds and the machine lacks; return the rest."""
-        await self.step("push-inputs")
         missing = [p for p in self.inputs if p in self.absent]
         if not missing:
+            self.skip("push-inputs", "skipped: every input output is on the machine")
             return []
+        await self.step("push-inputs")
         held = await self.db(closure.stored_closure, missing)
         lacking = set(await self.missing([h.path for h in held]))
         to_push = [h for h in held if h.path in lacking]
@@ -212,7 +224,7 @@ class AttemptRun:
     async def dry_run(self, unavailable: Sequence[str]) -> None:
         """Ask the store what it would build, unless every input is known to be present."""
         if self.inputs_complete and not unavailable:
-            await self.step("dry-run", "skipped: every input output is on the machine")
+            self.skip("dry-run", "skipped: every input output is on the machine")
             return
         await self.step("dry-run")
         command = self.backend.dry_run(self.drv_path)
@@ -231,7 +243,7 @@ class AttemptRun:
         """Outputs already on the machine are deleted, so the build really runs."""
         present = [p for p in self.outputs_paths if p not in self.absent]
         if not present:
-            await self.step("delete-outputs", "skipped: no output is on the machine")
+            self.skip("delete-outputs", "skipped: no output is on the machine")
             return
         await self.step("delete-outputs")
         if self.sessions is not None:
@@ -250,35 +262,34 @@ class AttemptRun:
             )
 
     async def build(self) -> None:
-        await self.step("build")
-        machine = self.machine
-        command = self.backend.build(
-            self.drv_path, max_silent_time=machine.max_silent_time, timeout=machine.timeout
-        )
         log = LogWriter(self.log_path, self.max_log_bytes)
-        await self.db(records.set_log, self.attempt_id, self.log_path)
-        if self.session is not None:
-            try:
-                await self._build_in_session(self.session, log)
-            finally:
-                log.close()
-            return
         try:
-            result = await self.remote.run_streaming(
-                command.argv,
-                on_stdout=log.write,
-                on_stderr=log.write,
-                # The store enforces both limits; these are the coordinator's safety net.
-                timeout=None if machine.timeout is None else machine.timeout + 60,
-                silence_timeout=None
-                if machine.max_silent_time is None
-                else machine.max_silent_time + 60,
-            )
+            await self.step("build", log_path=self.log_path)
+            if self.session is not None:
+                await self._build_in_session(self.session, log)
+                return
+            result = await self._build_by_command(log)
         finally:
             log.close()
         if not result.ok:
             _kind, reason = self.backend.classify_build_failure(result.exit_status, log.tail)
             raise BuildFailed(result.exit_status, reason)
+
+    async def _build_by_command(self, log: LogWriter) -> RunResult:
+        machine = self.machine
+        command = self.backend.build(
+            self.drv_path, max_silent_time=machine.max_silent_time, timeout=machine.timeout
+        )
+        return await self.remote.run_streaming(
+            command.argv,
+            on_stdout=log.write,
+            on_stderr=log.write,
+            # The store enforces both limits; these are the coordinator's safety net.
+            timeout=None if machine.timeout is None else machine.timeout + 60,
+            silence_timeout=None
+            if machine.max_silent_time is None
+            else machine.max_silent_time + 60,
+        )
 
     async def _build_in_session(self, session: StoreSession, log: LogWriter) -> None:
         machine = self.machine
@@ -299,7 +310,20 @@ class AttemptRun:
             raise BuildFailed(status, reason)
 
     async def fetch_outputs(self, outputs: Sequence[str]) -> list[records.OutputRecord]:
-        """Export on the machine, pull over SFTP, verify, store atomically."""
+        """Export on the machine, pull over SFTP, verify, store atomically. A store session
+        sends small outputs itself: no export command, no temporary file, no SFTP."""
+        reported: dict[str, tuple[str, int | None]] | None = None
+        if self.session is not None:
+            infos = await self._session_infos(outputs)
+            reported = {p: (info.nar_hash, info.nar_size) for p, info in infos.items()}
+            if sum(info.nar_size for info in infos.values()) <= STREAM_LIMIT:
+                await self.step("fetch-outputs", "streamed by the store session")
+                try:
+                    bundle = await self.session.export_paths(infos, TRANSFER, self.on_progress)
+                except SessionFailed as e:
+                    raise TransferFailed(f"export failed: {e}") from None
+                await self.step("verify-outputs")
+                return await self._store(io.BytesIO(bundle), outputs, reported)
         await self.step("export-outputs")
         local_file = self.outputs.temp_path(f"attempt-{self.attempt_id}.bundle")
         remote_file = ""
@@ -312,23 +336,29 @@ class AttemptRun:
             await self.step("fetch-outputs")
             await self.remote.fetch(remote_file, local_file, progress=self.on_progress)
             await self.step("verify-outputs")
-            reported = await self._reported_hashes(outputs)
-            try:
-                return await asyncio.to_thread(
-                    self.outputs.import_bundle, local_file, outputs, reported, self.drv_path,
-                    system=self.system, log_file=self.log_path,
-                )
-            except ArchiveError as e:
-                raise TransferFailed(str(e)) from None
+            if reported is None:
+                reported = {p: await self._reported_hash(p) for p in outputs}
+            return await self._store(local_file, outputs, reported)
         finally:
             if os.path.exists(local_file):
                 os.unlink(local_file)
             if remote_file.startswith("/"):
                 await _quietly(self.remote.remove(remote_file))
 
-    async def _reported_hashes(self, paths: Sequence[str]) -> dict[str, tuple[str, int | None]]:
-        if self.session is None:
-            return {p: await self._reported_hash(p) for p in paths}
+    async def _store(
+        self, bundle: str | BinaryIO, outputs: Sequence[str],
+        reported: dict[str, tuple[str, int | None]],
+    ) -> list[records.OutputRecord]:
+        try:
+            return await asyncio.to_thread(
+                self.outputs.import_bundle, bundle, outputs, reported, self.drv_path,
+                system=self.system, log_file=self.log_path,
+            )
+        except ArchiveError as e:
+            raise TransferFailed(str(e)) from None
+
+    async def _session_infos(self, paths: Sequence[str]) -> dict[str, PathInfo]:
+        assert self.session is not None
         try:
             infos = await self.session.path_infos(paths, SMALL)
         except SessionFailed as e:
@@ -336,7 +366,7 @@ class AttemptRun:
         lacking = [p for p in paths if p not in infos]
         if lacking:
             raise TransferFailed(f"cannot hash {lacking[0]}: not valid on the machine")
-        return {p: (infos[p].nar_hash, infos[p].nar_size) for p in paths}
+        return {p: infos[p] for p in paths}
 
     async def _reported_hash(self, path: str) -> tuple[str, int | None]:
         command = self.backend.nar_hash(path)
@@ -364,6 +394,15 @@ class AttemptRun:
                 self.sessions.give_back(self.session)
 
 
+def _what_the_datastore_knows(
+    drv_path: str,
+) -> tuple[list[closure.KnownDerivation], tuple[list[str], bool], dict[str, str]]:
+    """For the survey, in one call to the datastore thread: the .drv closure we hold, the
+    input outputs (and whether we know them all), the outputs by name."""
+    return (closure.derivations(drv_path), closure.input_outputs(drv_path),
+            records.output_paths(drv_path))
+
+
 def _first_error(stderr: bytes) -> str:
     """The telling part of a store command's stderr: its last error line with the lines that
     continue it (Guix prints keys and signatures over several lines), else its last line."""
@@ -374,11 +413,12 @@ def _first_error(stderr: bytes) -> str:
     return lines[-1][:1000] if lines else "no message"
 
 
-async def _file_chunks(
-    path: str, sent: Callable[[int], None] | None = None, size: int = 1 << 20
+async def _chunks(
+    bundle: str | bytes, sent: Callable[[int], None] | None = None, size: int = 1 << 20
 ) -> Any:
-    """The file's blocks; `sent` is told each block's size as it is taken to be sent."""
-    with open(path, "rb") as handle:
+    """The blocks of a file (named by `bundle`) or of `bundle` itself; `sent` is told each
+    block's size as it is taken to be sent."""
+    with open(bundle, "rb") if isinstance(bundle, str) else io.BytesIO(bundle) as handle:
         while True:
             block = handle.read(size)
             if not block:

@@ -21,7 +21,9 @@ class LogWriter:
     """Compresses a build log as it arrives; past `max_bytes` it keeps counting, not writing."""
 
     def __init__(self, path: str, max_bytes: int = DEFAULT_MAX_LOG_BYTES) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):  # a stat is cheaper than a failing mkdir
+            os.makedirs(directory, exist_ok=True)
         self.path = path
         self.max_bytes = max_bytes
         self.written = 0

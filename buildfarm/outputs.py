@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import socket
@@ -347,11 +348,12 @@ class OutputStore:
         for name in os.listdir(self.tmp_dir):
             os.unlink(os.path.join(self.tmp_dir, name))
 
+    @staticmethod
     def _write_bundle(
-        self, items: Sequence[tuple[BinaryIO | bytes, str, Sequence[str], str]],
-        key: SigningKey | None,
-    ) -> str:
-        """An export bundle in a temporary file, each item signed with `key` if given."""
+        items: Sequence[tuple[BinaryIO | bytes, str, Sequence[str], str]],
+        key: SigningKey | None, out: BinaryIO,
+    ) -> None:
+        """An export bundle written to `out`, each item signed with `key` if given."""
         signed: list[tuple[BinaryIO | bytes, str, Sequence[str], str, str | None]] = []
         for source, path, references, deriver in items:
             signature = None
@@ -366,37 +368,41 @@ class OutputStore:
                 digest.update(nar.export_trailer(path, references, deriver))
                 signature = key.sign_guix(digest.digest())
             signed.append((source, path, references, deriver, signature))
-        fd, target = tempfile.mkstemp(dir=self.tmp_dir, suffix=".bundle")
-        with os.fdopen(fd, "wb") as out:
-            nar.write_bundle(out, signed)
-        return target
+        nar.write_bundle(out, signed)
 
     def derivation_bundle(
         self, derivations: Sequence[tuple[str, bytes]], key: SigningKey | None
-    ) -> str:
+    ) -> bytes:
+        """An export bundle of `.drv` files, in memory: they are small."""
         items: list[tuple[BinaryIO | bytes, str, Sequence[str], str]] = []
         for path, contents in derivations:
             references = drvmod.parse(contents, source=path).references
             items.append((regular_file_nar(contents), path, references, ""))
-        return self._write_bundle(items, key)
+        out = io.BytesIO()
+        self._write_bundle(items, key, out)
+        return out.getvalue()
 
     def output_bundle(self, stored: Sequence[StoredOutput], key: SigningKey | None) -> str:
+        """An export bundle of stored outputs, in a temporary file: they may be large."""
         handles = [open(self.nar_path(s.path), "rb") for s in stored]  # noqa: SIM115
         try:
-            return self._write_bundle(
-                [
-                    (handle, s.path, s.refs.split(), s.deriver)
-                    for handle, s in zip(handles, stored, strict=True)
-                ],
-                key,
-            )
+            fd, target = tempfile.mkstemp(dir=self.tmp_dir, suffix=".bundle")
+            with os.fdopen(fd, "wb") as out:
+                self._write_bundle(
+                    [
+                        (handle, s.path, s.refs.split(), s.deriver)
+                        for handle, s in zip(handles, stored, strict=True)
+                    ],
+                    key, out,
+                )
+            return target
         finally:
             for handle in handles:
                 handle.close()
 
     def import_bundle(
         self,
-        bundle_file: str,
+        bundle_file: str | BinaryIO,
         expected: Sequence[str],
         reported: dict[str, tuple[str, int | None]],
         deriver: str,
@@ -422,8 +428,11 @@ class OutputStore:
         finals: list[tuple[str, str]] = []
         try:
             try:
-                with open(bundle_file, "rb") as stream:
-                    items = list(nar.read_bundle(stream, sink))
+                if isinstance(bundle_file, str):
+                    with open(bundle_file, "rb") as stream:
+                        items = list(nar.read_bundle(stream, sink))
+                else:
+                    items = list(nar.read_bundle(bundle_file, sink))
             finally:
                 for handle in opened:
                     handle.close()

@@ -4,9 +4,9 @@ Starting a `nix-store` process costs a Nix machine more CPU than a trivial build
 attempt needs several store operations (which paths are valid, import, build, nar hashes). Like
 Nix's own remote building (its legacy SSH store) and hydra-queue-runner, a Nix machine keeps
 `nix-store --serve --write` processes (one per running attempt at most) reused from attempt to
-attempt: each operation is one request on its stdin and one answer on its stdout, and the build
-log arrives on its stderr. Guix has no
-such command (its offload talks to the daemon through `guix repl`), so Guix machines run one
+attempt: each operation is one request on its stdin and one answer on its stdout (small outputs
+come back that way too, as an export bundle), and the build log arrives on its stderr. Guix has
+no such command (its offload talks to the daemon through `guix repl`), so Guix machines run one
 command per operation (buildfarm.attempt).
 
 Wire format, from NixOS/nix src/nix-store/nix-store.cc (opServe), src/libstore/serve-protocol.hh
@@ -41,6 +41,7 @@ CLIENT_VERSION = 0x204
 CMD_QUERY_VALID_PATHS = 1
 CMD_QUERY_PATH_INFOS = 2
 CMD_IMPORT_PATHS = 4
+CMD_EXPORT_PATHS = 5
 CMD_BUILD_PATHS = 6
 HANDSHAKE_TIMEOUT = 60.0
 STDERR_TAIL = 8192
@@ -74,6 +75,13 @@ def _string(value: str | bytes) -> bytes:
 
 def _strings(values: Sequence[str]) -> bytes:
     return _int(len(values)) + b"".join(_string(v) for v in values)
+
+
+def _exported_size(path: str, info: PathInfo) -> int:
+    """Bytes of one item of an export bundle: 1, the nar, the export magic, the path, the
+    references, the deriver, 0 (no signature)."""
+    return (8 + info.nar_size + 8 + len(_string(path)) + len(_strings(info.references))
+            + len(_string(info.deriver or "")) + 8)
 
 
 class StoreSession:
@@ -140,6 +148,32 @@ class StoreSession:
                 await self._read_strings()  # signatures
                 infos[path] = PathInfo(nar_hash, nar_size, references, deriver or None)
             return infos
+
+        return await self._operation(ask, timeout)
+
+    async def export_paths(
+        self, infos: dict[str, PathInfo], timeout: float,
+        progress: Callable[[int], None] | None = None,
+    ) -> bytes:
+        """The export bundle (`nix-store --export` format) of the paths ``infos`` describes, as
+        `path_infos` answered: the bundle carries no length, so its length is computed from
+        theirs and exactly that much is read (a store that sends less or more breaks the
+        session or fails the nar hash check)."""
+        paths = sorted(infos)
+        length = 8 + sum(_exported_size(path, infos[path]) for path in paths)
+
+        async def ask() -> bytes:
+            self._send(_int(CMD_EXPORT_PATHS) + _int(0) + _strings(paths))
+            await self._drain()
+            data = bytearray()
+            while len(data) < length:
+                chunk = await self._process.stdout.read(min(length - len(data), 1 << 20))
+                if not chunk:
+                    raise asyncio.IncompleteReadError(bytes(data), length)
+                data += chunk
+                if progress is not None:
+                    progress(len(data))
+            return bytes(data)
 
         return await self._operation(ask, timeout)
 
@@ -420,7 +454,9 @@ class StoreSessions:
 
 
 def session_limit(max_sessions: int, max_builds: int) -> int:
-    """Sessions hold a channel each. Every running attempt needs at most one more channel at
-    a time, so half the channels left after the kill reserve and SFTP keeps progress."""
+    """Sessions hold a channel each, busy or idle. Of the channels left after the kill reserve
+    and SFTP, all but one may be sessions: a command (a build without a session, or an
+    attempt's occasional export, dry run or delete) then always finds a channel in time, as
+    commands never wait for each other."""
     spare = max_sessions - 2 if max_sessions >= 3 else max_sessions
-    return max(0, min(max_builds, spare // 2))
+    return max(0, min(max_builds, spare - 1))

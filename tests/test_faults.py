@@ -21,6 +21,8 @@ import yaml
 from farm import AttemptRow, Farm, check_stored, running, token, wait_for
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
+from buildfarm.attempt import STREAM_LIMIT
+
 BIG = 64 * 1024 * 1024  # bytes of an output whose transfer takes long enough to be hit
 KEEPALIVE = 1.0  # the inventory's keepalive_interval in the stall tests: the stall timeout knob
 # A stalled connection is given up after 3 unanswered keepalives (remote.KEEPALIVE_COUNT_MAX);
@@ -266,8 +268,10 @@ def test_a_machine_whose_host_key_changed_is_refused(
 
 # --- 6. a corrupt transfer -----------------------------------------------------------------
 
-# nix-store, except that while $HOME/corrupt exists, an export has one byte changed (inside
-# the first file's contents, so the bundle still reads and only the hash check can tell).
+# nix-store, except that while $HOME/corrupt exists, what it exports has bytes changed inside
+# the file contents (the bundle still reads; only the hash check can tell): one byte of an
+# `--export`, and every "corruptme" on the stdout of a store session (`--serve`: its answers
+# carry store paths, and the paths of the test do not hold that word).
 CORRUPTING_NIX_STORE = """#!/bin/sh
 if [ "$1" = --export ] && [ -e "$HOME/corrupt" ]; then
     tmp=$(mktemp) || exit 1
@@ -278,6 +282,16 @@ if [ "$1" = --export ] && [ -e "$HOME/corrupt" ]; then
     rm -f "$tmp"
     exit $status
 fi
+if [ "$1" = --serve ] && [ -e "$HOME/corrupt" ]; then
+    /usr/bin/nix-store "$@" | /usr/bin/python3 -c '
+import os
+while data := os.read(0, 65536):
+    data = data.replace(b"corruptme", b"Xorruptme")
+    while data:
+        data = data[os.write(1, data):]
+'
+    exit
+fi
 exec /usr/bin/nix-store "$@"
 """
 
@@ -286,8 +300,10 @@ def corrupt(farm: Farm, build: str) -> list[AttemptRow]:
     return [a for a in farm.attempts(build) if "corrupt transfer" in (a.detail or "")]
 
 
+# A small output comes back on the store session; a large one through a file and SFTP.
+@pytest.mark.parametrize("size", [4096, STREAM_LIMIT + 4096])
 def test_a_corrupt_transfer_is_detected_not_stored_and_retried(
-    farm: Farm, testbed: Testbed, private_nix: Path
+    farm: Farm, testbed: Testbed, private_nix: Path, size: int
 ) -> None:
     bin_dir = testbed.directory / f"corrupting-bin-{token()}"
     bin_dir.mkdir(mode=0o755)
@@ -299,7 +315,7 @@ def test_a_corrupt_transfer_is_detected_not_stored_and_retried(
     flag.write_text("")
     try:
         tag = token()
-        script = f"/usr/bin/yes {tag} | /usr/bin/head -c 4096 > $out"
+        script = f"/usr/bin/yes corruptme-{tag} | /usr/bin/head -c {size} > $out"
         (build,) = farm.submit(instantiate(nix_expr_trivial(f"corrupt-{tag}", script)))
         farm.write_inventory([host])
         with running(farm, "--grace", "0"):
@@ -308,7 +324,9 @@ def test_a_corrupt_transfer_is_detected_not_stored_and_retried(
             assert failed.result == "interrupted", failed
             assert failed in corrupt(farm, build) or failed.detail == "coordinator stopping"
         for failed in corrupt(farm, build):
-            assert farm.steps(failed.id)[-1] == "verify-outputs"
+            steps = farm.steps(failed.id)
+            assert steps[-1] == "verify-outputs"
+            assert ("export-outputs" in steps) == (size > STREAM_LIMIT)
         # Nothing of it was kept.
         assert farm.rows("SELECT path FROM stored_output") == []
         outputs = farm.state / "outputs"

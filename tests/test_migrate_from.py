@@ -52,8 +52,7 @@ def populate(url: str) -> dict[str, str]:
         uuids["top"] = _submit(TOP, 0)
         uuids["dep"] = _submit(DEP, 10)
         attempt = _allocate(uuids["dep"])  # top waits for dep
-        records.step(attempt, "build", "on builder-1")
-        records.set_log(attempt, "/logs/dep.gz")
+        records.step(attempt, "build", "on builder-1", log_path="/logs/dep.gz")
         records.fail(attempt, 1, "builder failed with exit status 1", "/logs/dep.gz")
 
         uuids["hello"] = _submit(HELLO, 20)

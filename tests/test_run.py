@@ -45,7 +45,10 @@ def test_chain_across_machines_pushes_the_leaf_output(farm: Farm, hosts: list[Ho
     assert info["state"] == "succeeded", (info, done.stdout)
     assert info["attempts"][0]["machine"] == second.name
     steps = [s["name"] for s in info["attempts"][0]["steps"]]
-    assert steps[:5] == ["push-derivations", "push-inputs", "dry-run", "delete-outputs", "build"]
+    assert steps == ["push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",
+                     "fetch-outputs", "verify-outputs"]
+    # A small output comes back on the store session, without a file on the machine.
+    assert info["attempts"][0]["steps"][5]["detail"] == "streamed by the store session"
     # The leaf's output went to the second machine from the output store, not rebuilt there.
     assert second.local_path(leaf_out).read_text().startswith("leaf-")
     top_out = info["outputs"]["out"]

@@ -97,6 +97,11 @@ def test_a_session_queries_imports_builds_and_hashes(hosts: list[Host]) -> None:
                 assert infos[out].nar_hash == expected
                 assert infos[out].nar_size == int(size)
                 assert infos[out].deriver == drv
+                # What `nix-store --export` writes, read to the length computed from the infos.
+                seen: list[int] = []
+                bundle = await session.export_paths(infos, BOUND, seen.append)
+                assert bundle == host.run(f"nix-store --export {out}").stdout
+                assert seen[-1] == len(bundle)
                 assert session.usable
             finally:
                 await session.close()
@@ -283,8 +288,9 @@ def test_a_machine_that_cannot_serve_gets_no_sessions(
 
 
 def test_sessions_leave_channels_for_commands() -> None:
-    assert session_limit(10, 4) == 4  # OpenSSH's default MaxSessions: one session per slot
-    assert session_limit(10, 8) == 4  # 8 channels for commands: half may be sessions
+    assert session_limit(8, 4) == 4  # the default max_sessions: one session per slot
+    assert session_limit(8, 8) == 5  # 6 channels for sessions and commands: one is kept
+    assert session_limit(10, 8) == 7
     assert session_limit(4, 4) == 1
     assert session_limit(2, 4) == 1
     assert session_limit(1, 1) == 0

@@ -135,9 +135,8 @@ def populate(state: Path, url: str) -> Farm:
 
         attempt = start_attempt("m1")
         assert attempt.build.uuid == farm.builds["leaf"]
-        records.step(attempt.id, "build")
         log = write_log(logs, farm.builds["leaf"], attempt.id, "leaf building\n" + EVIL_LOG)
-        records.set_log(attempt.id, log)
+        records.step(attempt.id, "build", log_path=log)
         records.succeed(attempt.id, [], log)
 
         attempt = start_attempt("m1")
@@ -155,12 +154,11 @@ def populate(state: Path, url: str) -> Farm:
 
         Build.update(retry_after=None).where(Build.uuid == farm.builds["other"]).execute()
         attempt = start_attempt(EVIL_MACHINE, "aarch64-linux")
-        records.step(attempt.id, "build")
         farm.running_log = str(logs / f"{farm.builds['other']}-{attempt.id}.log.gz")
         farm.writer = LogWriter(farm.running_log)  # as the coordinator writes it
+        records.step(attempt.id, "build", log_path=farm.running_log)
         farm.writer.write(b"first line\n")
         farm.writer.flush()
-        records.set_log(attempt.id, farm.running_log)
         farm.builds["running"] = farm.builds["other"]
         farm.builds["queued"], = submit(make_drv("waiting-3"))
     return farm

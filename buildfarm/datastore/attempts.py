@@ -44,18 +44,26 @@ class OutputRecord:
     file: str
 
 
-def step(attempt_id: int, name: str, detail: str | None = None) -> None:
+def step(
+    attempt_id: int, name: str, detail: str | None = None, *,
+    skipped: Sequence[tuple[str, str]] = (), log_path: str | None = None,
+) -> None:
+    """Start step `name`, after the `skipped` ones (name, why), recorded as taking no time;
+    `log_path` names the attempt's log from now on."""
     now = time.time()
     with database_proxy.atomic():
         AttemptStep.update(ended_at=now).where(
             (AttemptStep.attempt == attempt_id) & AttemptStep.ended_at.is_null()
         ).execute()
+        for skipped_name, why in skipped:
+            AttemptStep.create(
+                attempt=attempt_id, name=skipped_name, started_at=now, ended_at=now, detail=why
+            )
         AttemptStep.create(attempt=attempt_id, name=name, started_at=now, detail=detail)
-        Attempt.update(step=name).where(Attempt.id == attempt_id).execute()
-
-
-def set_log(attempt_id: int, log_path: str) -> None:
-    Attempt.update(log_path=log_path).where(Attempt.id == attempt_id).execute()
+        fields: dict[str, str] = {"step": name}
+        if log_path is not None:
+            fields["log_path"] = log_path
+        Attempt.update(**fields).where(Attempt.id == attempt_id).execute()
 
 
 def _close(attempt: Attempt, result: str, now: float, **fields: object) -> None:
