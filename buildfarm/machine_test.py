@@ -43,8 +43,9 @@ CHECKS: dict[str, str] = {
     "coordinator's key for Guix, which refuses unsigned or unauthorized archives — and then "
     "holds it as a valid store item.",
     "pull": "The machine exports that item into a file (guix archive --export or nix-store "
-    "--export), the coordinator fetches the file over SFTP, as it fetches build outputs, and "
-    "finds the nar hash of what it sent.",
+    "--export), the coordinator fetches the file over SFTP, as it fetches build outputs (but "
+    "a Nix machine's small ones, which its store session sends), and finds the nar hash of "
+    "what it sent.",
 }
 
 
