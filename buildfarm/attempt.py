@@ -315,15 +315,12 @@ class AttemptRun:
         reported: dict[str, tuple[str, int | None]] | None = None
         if self.session is not None:
             infos = await self._session_infos(outputs)
-            reported = {p: (info.nar_hash, info.nar_size) for p, info in infos.items()}
-            if sum(info.nar_size for info in infos.values()) <= STREAM_LIMIT:
-                await self.step("fetch-outputs", "streamed by the store session")
-                try:
-                    bundle = await self.session.export_paths(infos, TRANSFER, self.on_progress)
-                except SessionFailed as e:
-                    raise TransferFailed(f"export failed: {e}") from None
-                await self.step("verify-outputs")
-                return await self._store(io.BytesIO(bundle), outputs, reported)
+            # A nar size of 0 is unknown (a path registered by an old Nix): the hash still
+            # checks the transfer, but there is no length to read the stream to.
+            reported = {p: (info.nar_hash, info.nar_size or None) for p, info in infos.items()}
+            sizes = [info.nar_size for info in infos.values()]
+            if 0 not in sizes and sum(sizes) <= STREAM_LIMIT:
+                return await self._stream_outputs(self.session, infos, reported)
         await self.step("export-outputs")
         local_file = self.outputs.temp_path(f"attempt-{self.attempt_id}.bundle")
         remote_file = ""
@@ -344,6 +341,24 @@ class AttemptRun:
                 os.unlink(local_file)
             if remote_file.startswith("/"):
                 await _quietly(self.remote.remove(remote_file))
+
+    async def _stream_outputs(
+        self, session: StoreSession, infos: dict[str, PathInfo],
+        reported: dict[str, tuple[str, int | None]],
+    ) -> list[records.OutputRecord]:
+        await self.step("fetch-outputs", "streamed by the store session")
+        try:
+            bundle = await session.export_paths(infos, TRANSFER, self.on_progress)
+        except SessionFailed as e:
+            raise TransferFailed(f"export failed: {e}") from None
+        await self.step("verify-outputs")
+        try:
+            return await self._store(io.BytesIO(bundle), list(infos), reported)
+        except TransferFailed:
+            # What it sent was not what it described: whatever follows on its stream is
+            # suspect too, so the session ends.
+            await session.close(kill=True)
+            raise
 
     async def _store(
         self, bundle: str | BinaryIO, outputs: Sequence[str],

@@ -2,8 +2,9 @@
 
 One ``Remote`` per inventory machine keeps ONE asyncssh connection (and one SFTP client) open and
 reuses it for everything, reconnecting lazily when it drops. The rules that keep a farm safe live
-here and nowhere else: argv lists are quoted with ``shlex.join`` (nothing reaches a remote shell
-unquoted), host keys are always checked, at most ``max_sessions`` channels are open at once,
+here (and in buildfarm.ssh_connect) and nowhere else: argv lists are quoted with ``shlex.join``
+(nothing reaches a remote shell unquoted), host keys are always checked, at most
+``max_sessions`` channels are open at once,
 every network wait is bounded (connect_timeout, keepalives), a failing machine is backed off
 (circuit breaker: exponential backoff with full jitter) without touching the others, and a
 streamed command runs in its own process group so that a timeout or a cancel kills it and all
@@ -22,7 +23,6 @@ import logging
 import os
 import random
 import shlex
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from buildfarm import transfer
+from buildfarm import ssh_connect, transfer
 from buildfarm.errors import RemoteError
 from buildfarm.inventory import Machine
 from buildfarm.processes import (
@@ -45,6 +45,7 @@ from buildfarm.processes import (
     gather_or_cancel,
     kill_local_group,
 )
+from buildfarm.ssh_connect import describe
 
 __all__ = ["CommandTimeoutError", "Remote", "RemoteProcess", "RunResult"]
 
@@ -53,14 +54,9 @@ _T = TypeVar("_T")
 _Sink = Callable[[bytes], None]
 
 READ_CHUNK = 64 * 1024
-KEEPALIVE_COUNT_MAX = 3
 CHANNEL_OPEN_RETRIES = 6
 CHANNEL_RETRY_DELAY = 0.05
 KILL_GRACE = 2.0
-# AES-GCM is hardware-accelerated on any build machine worth the name: about twice the SFTP
-# throughput of the default chacha20-poly1305 (testbed.md).
-ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr"]
 _RETRIED_OPEN_ERRORS = {asyncssh.OPEN_CONNECT_FAILED, asyncssh.OPEN_RESOURCE_SHORTAGE}
 
 
@@ -104,32 +100,6 @@ class _Job:
     silence_timeout: float | None = None
     group: bool = True
     interactive: bool = False  # the caller talks to stdin itself (RemoteProcess)
-
-
-class _HostKeyCheck:
-    """What a handshake learned about the machine's host key, for a useful message."""
-
-    def __init__(self) -> None:
-        self.known = False
-        self.offered: asyncssh.SSHKey | None = None
-
-
-class _Client(asyncssh.SSHClient):
-    def __init__(self, remote: Remote, check: _HostKeyCheck) -> None:
-        self._remote, self._check = remote, check
-        self._conn: asyncssh.SSHClientConnection | None = None
-
-    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
-        self._conn = conn
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._conn is not None:
-            self._remote._connection_lost(self._conn, exc)
-
-    def validate_host_public_key(self, host: str, addr: str, port: int,
-                                 key: asyncssh.SSHKey) -> bool:
-        self._check.offered = key  # called only for a key that known_hosts does not trust
-        return False
 
 
 class RemoteProcess:
@@ -260,89 +230,13 @@ class Remote:
                 return conn
             self._check_breaker()
             try:
-                conn = await self._open_connection()
+                conn = await ssh_connect.open_connection(self.machine, self._connection_lost)
             except RemoteError as exc:
                 self.note_failure(str(exc))
                 raise
             self._conn = conn
             self.note_success()
             return conn
-
-    async def _open_connection(self) -> asyncssh.SSHClientConnection:
-        m, check = self.machine, _HostKeyCheck()
-        where = f"{m.host}:{m.port}"
-        known_hosts: Any
-        if m.host_key:  # a pin: that key and no other
-            try:
-                known_hosts = ([asyncssh.import_public_key(m.host_key)], [], [])
-            except (ValueError, asyncssh.KeyImportError) as exc:
-                raise RemoteError(f"{m.name}: host_key is not a public key line: {exc}") from None
-            check.known = True
-        else:
-            path = os.path.expanduser(m.known_hosts or "~/.ssh/known_hosts")
-            try:
-                table = asyncssh.read_known_hosts(path)
-            except (OSError, ValueError) as exc:
-                raise RemoteError(
-                    f"{m.name}: cannot read known_hosts {path}: {_describe(exc)}; create it "
-                    f"(ssh-keyscan -p {m.port} {m.host} >> {path}) or set host_key"
-                ) from None
-
-            def known_hosts(host: str, addr: str, port: int | None) -> Any:
-                found = table.match(host, addr, port)
-                check.known = bool(found[0] or found[1])
-                return found
-
-        keys: Any = [os.path.expanduser(m.identity)] if m.identity else ()
-        # The user's ssh config fills what the inventory leaves open (user, keys, proxies).
-        ssh_config = os.path.expanduser("~/.ssh/config")
-        config: Any = [ssh_config] if os.path.isfile(ssh_config) else None
-        try:
-            return await asyncio.wait_for(asyncssh.connect(
-                m.host or "localhost", m.port, client_keys=keys,
-                username=m.user if m.user is not None else (),
-                agent_path=None if m.identity else (), known_hosts=known_hosts, config=config,
-                connect_timeout=m.connect_timeout, keepalive_interval=m.keepalive_interval,
-                keepalive_count_max=KEEPALIVE_COUNT_MAX, encryption_algs=ENCRYPTION_ALGS,
-                client_factory=lambda: _Client(self, check),
-            ), m.connect_timeout + 1.0)
-        except asyncssh.HostKeyNotVerifiable:
-            raise RemoteError(self._host_key_message(check)) from None
-        except asyncssh.PermissionDenied:
-            raise RemoteError(
-                f"{m.name}: authentication failed for {m.user or '(local user)'}@{where}; "
-                f"is the public key of {m.identity or 'your default key'} in the machine's "
-                "authorized_keys?"
-            ) from None
-        except socket.gaierror as exc:
-            raise RemoteError(f"{m.name}: cannot resolve host {m.host}: {exc.strerror}") from None
-        except ConnectionRefusedError:
-            raise RemoteError(f"{m.name}: connection refused by {where}; is sshd running there?"
-                              ) from None
-        except TimeoutError:
-            raise RemoteError(
-                f"{m.name}: no answer from {where} within {m.connect_timeout:g}s (connect_timeout)"
-            ) from None
-        except (OSError, asyncssh.Error) as exc:
-            raise RemoteError(f"{m.name}: cannot connect to {where}: {_describe(exc)}") from None
-
-    def _host_key_message(self, check: _HostKeyCheck) -> str:
-        m = self.machine
-        offered = ""
-        if check.offered is not None:
-            offered = (f" (it offered {check.offered.get_algorithm()} "
-                       f"{check.offered.get_fingerprint()})")
-        source = ("the inventory's host_key pin" if m.host_key
-                  else m.known_hosts or "~/.ssh/known_hosts")
-        if not check.known:
-            return (
-                f"host key for {m.name} ({m.host}:{m.port}) is unknown: {source} has no entry for "
-                f"it{offered}; add it (ssh-keyscan -p {m.port} {m.host}) or set host_key"
-            )
-        return (
-            f"host key for {m.name} ({m.host}:{m.port}) does not match {source}{offered}; "
-            "if the machine was reinstalled, update known_hosts / host_key"
-        )
 
     def _connection_lost(self, conn: asyncssh.SSHClientConnection, exc: Exception | None) -> None:
         if conn is not self._conn:
@@ -352,7 +246,7 @@ class Remote:
             self._sftp = None
             self._slots.release()
         if exc is not None and not self._closing:
-            self.note_failure(f"connection lost: {_describe(exc)}")
+            self.note_failure(f"connection lost: {describe(exc)}")
 
     async def _open_channel(self, opener: Callable[[], Awaitable[_T]]) -> _T:
         """Open a channel, retrying sshd's brief "open failed" right after another closed."""
@@ -371,7 +265,7 @@ class Remote:
         try:
             yield
         except (OSError, asyncssh.Error) as exc:
-            raise RemoteError(f"{self.machine.name}: {what}: {_describe(exc)}") from None
+            raise RemoteError(f"{self.machine.name}: {what}: {describe(exc)}") from None
 
     # --- commands --------------------------------------------------------------------------
 
@@ -579,7 +473,7 @@ class Remote:
                     process.close()
         except (OSError, asyncssh.Error) as exc:
             log.warning("%s: could not kill process group %d: %s",
-                        self.machine.name, pgid, _describe(exc))
+                        self.machine.name, pgid, describe(exc))
 
     # --- files -----------------------------------------------------------------------------
 
@@ -662,13 +556,3 @@ class Remote:
             return path
         result = await self.run(["mktemp", "-t", "buildfarm.XXXXXXXXXX"], check=True)
         return result.stdout.decode().strip()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, asyncssh.Error) and exc.reason:
-        return exc.reason
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
-    return str(exc) or type(exc).__name__

@@ -455,8 +455,8 @@ class StoreSessions:
 
 def session_limit(max_sessions: int, max_builds: int) -> int:
     """Sessions hold a channel each, busy or idle. Of the channels left after the kill reserve
-    and SFTP, all but one may be sessions: a command (a build without a session, or an
-    attempt's occasional export, dry run or delete) then always finds a channel in time, as
-    commands never wait for each other."""
+    and SFTP, all but one may be sessions, which leaves commands (a build without a session,
+    an attempt's occasional export, dry run or delete) at least one channel: they may queue
+    for it, but none needs another to finish, so each gets its turn."""
     spare = max_sessions - 2 if max_sessions >= 3 else max_sessions
     return max(0, min(max_builds, spare - 1))

@@ -25,7 +25,7 @@ from buildfarm.attempt import STREAM_LIMIT
 
 BIG = 64 * 1024 * 1024  # bytes of an output whose transfer takes long enough to be hit
 KEEPALIVE = 1.0  # the inventory's keepalive_interval in the stall tests: the stall timeout knob
-# A stalled connection is given up after 3 unanswered keepalives (remote.KEEPALIVE_COUNT_MAX);
+# A stalled connection is given up after 3 unanswered keepalives (ssh_connect.KEEPALIVE_COUNT_MAX);
 # the rest is slack for a loaded machine.
 STALL_BOUND = 3 * KEEPALIVE + 12.0
 
