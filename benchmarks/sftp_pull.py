@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from buildfarm import transfer as transfer_module
+from buildfarm import sftp as sftp_module
 from buildfarm.errors import BuildfarmError
 from buildfarm.inventory import load
 from buildfarm.remote import Remote
@@ -81,13 +81,13 @@ def main() -> None:
     parser.add_argument("machine")
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-requests", type=int, default=transfer_module.SFTP_MAX_REQUESTS,
+    parser.add_argument("--max-requests", type=int, default=sftp_module.MAX_REQUESTS,
                         help="SFTP reads in flight (for tuning)")
-    parser.add_argument("--block-size", type=int, default=transfer_module.SFTP_BLOCK_SIZE,
+    parser.add_argument("--block-size", type=int, default=sftp_module.BLOCK_SIZE,
                         help="bytes per SFTP read (for tuning)")
     args = parser.parse_args()
-    transfer_module.SFTP_MAX_REQUESTS = args.max_requests
-    transfer_module.SFTP_BLOCK_SIZE = args.block_size
+    sftp_module.MAX_REQUESTS = args.max_requests
+    sftp_module.BLOCK_SIZE = args.block_size
     try:
         machine = load(args.inventory).machine(args.machine)
         asyncio.run(_bench(Remote(machine), args.size_mb, args.rounds))

@@ -45,6 +45,7 @@ from buildfarm.processes import (
     gather_or_cancel,
     kill_local_group,
 )
+from buildfarm.sftp import SFTPClient
 from buildfarm.ssh_connect import describe
 
 __all__ = ["CommandTimeoutError", "Remote", "RemoteProcess", "RunResult"]
@@ -147,7 +148,7 @@ class Remote:
         self._kill_grace = kill_grace
         self._rng = rng or random.Random()
         self._conn: asyncssh.SSHClientConnection | None = None
-        self._sftp: asyncssh.SFTPClient | None = None
+        self._sftp: SFTPClient | None = None
         self._sftp_conn: asyncssh.SSHClientConnection | None = None
         self._connect_lock, self._sftp_lock = asyncio.Lock(), asyncio.Lock()
         # With room for it, one channel stays reserved for kills (so a cancel never waits behind
@@ -210,7 +211,7 @@ class Remote:
         try:
             async with self._sftp_lock:
                 if self._sftp is not None:
-                    self._sftp.exit()
+                    self._sftp.close()
                     self._sftp = None
                     self._slots.release()
             if conn is not None:
@@ -478,29 +479,35 @@ class Remote:
     # --- files -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _sftp_client(self) -> AsyncIterator[asyncssh.SFTPClient]:
+    async def _sftp_client(self) -> AsyncIterator[SFTPClient]:
         conn = await self._connection()
+
+        def start() -> Awaitable[SFTPClient]:
+            return SFTPClient.start(conn)
+
         if not self._keep_sftp:  # too few channels to keep one for SFTP: open it per use
             async with self._slots:
-                sftp = await self._open_channel(conn.start_sftp_client)
+                sftp = await self._open_channel(start)
                 try:
                     yield sftp
                 finally:
-                    sftp.exit()
+                    sftp.close()
             return
         async with self._sftp_lock:
-            if self._sftp is not None and self._sftp_conn is not conn:
+            if self._sftp is not None and (self._sftp_conn is not conn or self._sftp.error):
+                self._sftp.close()
                 self._sftp = None
                 self._slots.release()
             if self._sftp is None:
                 await self._slots.acquire()
                 try:
-                    self._sftp = await self._open_channel(conn.start_sftp_client)
+                    self._sftp = await self._open_channel(start)
                     self._sftp_conn = conn
                 except BaseException:
                     self._slots.release()
                     raise
-        yield self._sftp
+            sftp = self._sftp
+        yield sftp
 
     async def fetch(
         self, remote_path: str, local_path: str, *, progress: Callable[[int], None] | None = None
@@ -516,18 +523,20 @@ class Remote:
                 return await transfer.copy_local(remote_path, local_path, progress)
         try:
             async with self.boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
-                async with await sftp.open(remote_path, "rb", block_size=0) as source:
-                    size = (await source.stat()).size or 0
+                handle = await sftp.open(remote_path)
+                try:
+                    size = await sftp.size(handle)
                     target = transfer.local(lambda: open(local_path, "ab"))  # noqa: SIM115
                     try:
                         offset = target.tell()
                         if offset > size:
                             transfer.local(lambda: target.truncate(0))
                             offset = 0
-                        offset = await transfer.pull(source, target, offset, size, progress,
-                                             transfer.tcp_socket(self._conn))
+                        offset = await sftp.pull(handle, target, offset, size, progress)
                     finally:
                         transfer.local(target.close)
+                finally:
+                    sftp.close_handle(handle)
                 if offset != size:
                     raise RemoteError(f"{self.machine.name}: {remote_path} shrank during the "
                                       f"transfer ({offset} of {size} bytes)")
@@ -544,7 +553,7 @@ class Remote:
                     os.unlink(remote_path)
                 return
             async with self._sftp_client() as sftp:
-                with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                with contextlib.suppress(FileNotFoundError):
                     await sftp.remove(remote_path)
 
     async def mktemp(self) -> str:

@@ -413,6 +413,49 @@ def test_fetch_round_trip_and_resume(hosts: list[Host], tmp_path: Path) -> None:
 
 
 @pytest.mark.testbed
+def test_a_file_that_shrinks_during_a_fetch_leaves_a_valid_prefix(
+    hosts: list[Host], tmp_path: Path
+) -> None:
+    """Reads past the new end come back short or at end of file: the fetch says the file
+    shrank, the local file holds exactly the bytes still there, and a later fetch resumes."""
+    host, data = hosts[0], random.Random(8).randbytes(32 * 1024 * 1024)
+    # 32 reads of 255 KiB are in flight when the first block is written, all before the cut;
+    # the read that spans the cut is sent after it and comes back short.
+    cut = 9 * 1024 * 1024 + 1000
+
+    async def scenario() -> None:
+        async with opened(machine_for(host)) as remote:
+            path = await remote.mktemp()
+            created.append(path)
+            await remote.run(["sh", "-c", 'cat > "$1"', "sh", path], input=data, check=True)
+            seen: list[int] = []
+
+            def progress(offset: int) -> None:
+                if not seen:  # blocks the event loop: no reply is read meanwhile
+                    host.run(f"truncate -s {cut} {shlex.quote(path)}")
+                seen.append(offset)
+
+            target = tmp_path / "cut"
+            with pytest.raises(RemoteError, match=rf"{path} shrank during the transfer "
+                                                  rf"\({cut} of {len(data)} bytes\)"):
+                await remote.fetch(path, str(target), progress=progress)
+            assert target.read_bytes() == data[:cut]
+            assert seen == sorted(seen) and seen[-1] == cut
+
+            await remote.run(["sh", "-c", 'cat > "$1"', "sh", path], input=data, check=True)
+            again = tmp_path / "again"  # two fetches share the SFTP channel
+            assert await asyncio.gather(remote.fetch(path, str(target)),
+                                        remote.fetch(path, str(again))) == [len(data)] * 2
+            assert target.read_bytes() == data and again.read_bytes() == data
+
+    created: list[str] = []
+    try:
+        asyncio.run(scenario())
+    finally:
+        _remove_on(host, created)
+
+
+@pytest.mark.testbed
 def test_run_streaming_delivers_chunks_while_the_command_runs(hosts: list[Host]) -> None:
     """The command only finishes once the test has seen its first line: proof of streaming."""
 
