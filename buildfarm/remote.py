@@ -4,11 +4,11 @@ One ``Remote`` per inventory machine keeps ONE asyncssh connection (and one SFTP
 reuses it for everything, reconnecting lazily when it drops. The rules that keep a farm safe live
 here (and in buildfarm.ssh_connect) and nowhere else: argv lists are quoted with ``shlex.join``
 (nothing reaches a remote shell unquoted), host keys are always checked, at most
-``max_sessions`` channels are open at once,
-every network wait is bounded (connect_timeout, keepalives), a failing machine is backed off
-(circuit breaker: exponential backoff with full jitter) without touching the others, and a
-streamed command runs in its own process group so that a timeout or a cancel kills it and all
-its children. ``transport: local`` machines get the same API over local subprocesses.
+``max_sessions`` channels are open at once, every network wait is bounded (connect_timeout,
+keepalives), a failing machine is backed off (circuit breaker: exponential backoff with full
+jitter) without touching the others, and a streamed command runs in its own process group so
+that a timeout or a cancel kills it and all its children. ``transport: local`` machines get the
+same API over local subprocesses.
 
 Errors: everything raises ``RemoteError`` naming the machine; a command killed for running too
 long or too quietly raises ``CommandTimeoutError`` (a ``RemoteError``); a cancelled call kills its
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from buildfarm import ssh_connect, transfer
+from buildfarm import transfer
 from buildfarm.errors import RemoteError
 from buildfarm.inventory import Machine
 from buildfarm.processes import (
@@ -46,7 +46,7 @@ from buildfarm.processes import (
     kill_local_group,
 )
 from buildfarm.sftp import SFTPClient
-from buildfarm.ssh_connect import describe
+from buildfarm.ssh_connect import describe, open_connection
 
 __all__ = ["CommandTimeoutError", "Remote", "RemoteProcess", "RunResult"]
 
@@ -231,7 +231,7 @@ class Remote:
                 return conn
             self._check_breaker()
             try:
-                conn = await ssh_connect.open_connection(self.machine, self._connection_lost)
+                conn = await open_connection(self.machine, self._connection_lost)
             except RemoteError as exc:
                 self.note_failure(str(exc))
                 raise

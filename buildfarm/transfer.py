@@ -14,6 +14,7 @@ from typing import TypeVar
 
 _T = TypeVar("_T")
 
+
 class LocalFileError(Exception):
     """An OSError of a file on the coordinator, carried past ``Remote.boundary`` (which would
     make it a RemoteError)."""
