@@ -7,7 +7,7 @@ works on it: 16 machines' worth of slots, each decision `scheduler.allocate` for
 (timed), each completion `attempts.succeed` (timed, it recounts the dependants' waiting_on).
 Past a warm-up (the bootstrap chains), D decisions are timed.
 
-The peer is the rule of design.md step 2 asked directly, as the scheduler did before migration
+The peer is the scheduling rule (ARCHITECTURE.md step 2) asked directly, as the scheduler did before migration
 3: the first queued build, in priority order, with no queued or running input build (a NOT
 EXISTS test per queued build, in order): timed on the same datastore, same moment.
 
@@ -24,7 +24,7 @@ from typing import Any
 from figures import percentile
 from graphs import distribution
 
-from buildfarm import scheduler
+from buildfarm.coordinator import scheduler
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import open_datastore
 from buildfarm.datastore.builds import record_submission

@@ -24,7 +24,7 @@ def drv_files(work: Path, count: int) -> list[str]:
 
 def read_seconds(work: Path, count: int) -> float:
     """Seconds the derivation reader takes to read and parse `count` .drv files."""
-    from buildfarm import derivation
+    from buildfarm.formats import derivation
 
     files = drv_files(work, count)
     began = time.perf_counter()

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from buildfarm.inventory import load
-from buildfarm.remote import Remote
+from buildfarm.ssh.remote import Remote
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))

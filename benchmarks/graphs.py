@@ -21,8 +21,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from buildfarm import derivation as drvmod
-from buildfarm.nar import nix_base32_encode
+from buildfarm.formats import derivation as drvmod
+from buildfarm.formats.nar import nix_base32_encode
 from buildfarm.submission import ReadDerivation, text_store_path
 
 # (system, share of the derivations): a distribution built for several architectures.

@@ -1,4 +1,4 @@
-"""How fast buildfarm.remote pulls a file, next to the best an SSH exec channel does.
+"""How fast buildfarm.ssh.remote pulls a file, next to the best an SSH exec channel does.
 
 Usage: python benchmarks/sftp_pull.py INVENTORY MACHINE [--size-mb 200] [--rounds 3]
            [--max-requests N] [--block-size BYTES]
@@ -20,10 +20,10 @@ import sys
 import tempfile
 import time
 
-from buildfarm import sftp as sftp_module
 from buildfarm.errors import BuildfarmError
 from buildfarm.inventory import load
-from buildfarm.remote import Remote
+from buildfarm.ssh import sftp as sftp_module
+from buildfarm.ssh.remote import Remote
 
 
 async def _bench(remote: Remote, size_mb: int, rounds: int) -> None:

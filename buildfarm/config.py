@@ -39,13 +39,11 @@ class Settings:
         hooks_dir: str | None = None,
     ) -> Settings:
         """Explicit values win; click has already applied the BUILDFARM_* variables."""
-        from buildfarm.datastore import default_url
-
         state = os.path.abspath(os.path.expanduser(state_dir or default_state_dir()))
         config = default_config_dir()
         return cls(
             state_dir=state,
-            db_url=db_url or default_url(state),
+            db_url=db_url or f"sqlite://{os.path.join(state, 'buildfarm.db')}",  # state is absolute
             inventory_path=os.path.expanduser(
                 inventory_path or os.path.join(config, "inventory.yaml")
             ),

@@ -8,40 +8,20 @@ import re
 import time
 import uuid as uuidlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
-from buildfarm import derivation as drvmod
+from buildfarm.datastore.builds import ReadDerivation, SubmitOptions, Submitted
 from buildfarm.errors import BuildfarmError, UsageError
+from buildfarm.formats import derivation as drvmod
+
+# The records a submission makes are the datastore's types; they are offered here too.
+__all__ = [
+    "ReadDerivation", "SubmitOptions", "Submitted", "derivation_store_path", "parse_tag",
+    "parse_time", "parse_uuid", "read_closure", "read_derivation", "submit", "text_store_path",
+]
 
 TAG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
 MAX_TAG_VALUE = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitOptions:
-    priority: int = 0
-    tags: tuple[tuple[str, str], ...] = ()
-    uuid: str | None = None
-    ignore_if_built: bool = False  # reuse a queued, running or succeeded build
-    ignore_if_queued: bool = False  # reuse a queued or running build
-    defer_until: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ReadDerivation:
-    """A parsed derivation with its store path and the exact bytes it was read from."""
-
-    path: str
-    drv: drvmod.Derivation
-    contents: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    uuid: str
-    derivation: str
-    created: bool  # False when --ignore-if-built found an existing build
 
 
 def parse_tag(text: str) -> tuple[str, str]:
@@ -77,7 +57,7 @@ def parse_uuid(text: str) -> str:
 
 def text_store_path(store_dir: str, name: str, contents: bytes, references: Iterable[str]) -> str:
     """The store path of a text file such as a .drv (Nix's makeTextPath, which Guix shares)."""
-    from buildfarm.nar import nix_base32_encode
+    from buildfarm.formats.nar import nix_base32_encode
 
     kind = ":".join(["text", *sorted(references)])
     digest = hashlib.sha256(contents).hexdigest()

@@ -207,7 +207,7 @@ def running(farm: Farm, *args: str) -> Iterator[Background]:
 def check_stored(farm: Farm, build: str, host: Host) -> None:
     """The build's output is in the output store whole, with the nar hash the machine that
     built it reports, and no transfer is left behind in the store's tmp/."""
-    from buildfarm import nar
+    from buildfarm.formats import nar
 
     out = farm.show(build)["outputs"]["out"]
     ((nar_hash, file),) = farm.rows("SELECT nar_hash, file FROM stored_output WHERE path = ?", out)

@@ -24,7 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buildfarm.backends import FAILURE_KINDS, Backend, Command, DryRun, get_backend
+from buildfarm.backends import Backend, Command, DryRun, get_backend
+from buildfarm.backends.base import FAILURE_KINDS
 from buildfarm.backends.guix import GuixBackend
 from buildfarm.backends.nix import NixBackend
 from buildfarm.errors import RemoteError, UsageError

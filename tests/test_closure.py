@@ -9,10 +9,10 @@ from collections.abc import Iterator, Sequence
 import pytest
 from engines import ScratchDatabase
 
-from buildfarm import derivation as drvmod
 from buildfarm.datastore import Datastore, closure, open_datastore
 from buildfarm.datastore.builds import record_submission
 from buildfarm.datastore.models import StoredOutput
+from buildfarm.formats import derivation as drvmod
 from buildfarm.submission import ReadDerivation, SubmitOptions, text_store_path
 
 

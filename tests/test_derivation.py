@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buildfarm import derivation
-from buildfarm.derivation import Derivation, DerivationOutput
 from buildfarm.errors import DerivationError
+from buildfarm.formats import derivation
+from buildfarm.formats.derivation import Derivation, DerivationOutput
 
 DATA = Path(__file__).parent / "data"
 NIX_DRVS = sorted((DATA / "nix").glob("*.drv"))

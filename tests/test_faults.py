@@ -21,7 +21,7 @@ import yaml
 from farm import AttemptRow, Farm, check_stored, running, token, wait_for
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
-from buildfarm.attempt import STREAM_LIMIT
+from buildfarm.coordinator.attempt import STREAM_LIMIT
 
 BIG = 64 * 1024 * 1024  # bytes of an output whose transfer takes long enough to be hit
 KEEPALIVE = 1.0  # the inventory's keepalive_interval in the stall tests: the stall timeout knob
@@ -112,8 +112,8 @@ def test_a_machine_lost_mid_step_is_retried_elsewhere_and_comes_back(
             # only succeed there.
             other.kill()
             victim.start()
-            # The breaker retries it within its longest backoff (remote.py: 300 s), however
-            # many failures it counted meanwhile; usually within seconds.
+            # The breaker retries it within its longest backoff (buildfarm/ssh/remote.py: 300 s),
+            # however many failures it counted meanwhile; usually within seconds.
             run.wait_line(f"machine {victim.name} connected", count=2, timeout=330)
             (again,) = farm.submit(slow_build(tag, 0))
             farm.wait_for_state(again, "succeeded")

@@ -25,7 +25,7 @@ from engines import ScratchDatabase
 from farm import Farm, running, token, wait_for
 from testbed import Host, Testbed, instantiate_all, nix_expr_trivial
 
-from buildfarm import nar, narinfo
+from buildfarm.formats import nar, narinfo
 
 BUILDS = int(os.environ.get("BUILDFARM_FAULT_BUILDS", "100"))
 KILLS = int(os.environ.get("BUILDFARM_FAULT_KILLS", "20"))
@@ -221,7 +221,7 @@ json.dump({"uuids": uuids, "errors": errors}, sys.stdout)
 def write_queued_derivations(directory: Path, count: int, tag: str) -> list[str]:
     """`count` derivation files for a system no machine has: they stay queued, so the
     coordinator's work is the builds the test gives it, not these."""
-    from buildfarm.derivation import Derivation, DerivationOutput, serialize
+    from buildfarm.formats.derivation import Derivation, DerivationOutput, serialize
 
     files = []
     for n in range(count):

@@ -23,13 +23,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from buildfarm import derivation as drvmod
-from buildfarm import nar
 from buildfarm.backends import Command, get_backend
-from buildfarm.derivation import Derivation, DerivationOutput
 from buildfarm.errors import ArchiveError, BuildfarmError, DerivationError, UsageError
-from buildfarm.outputs import OutputStore
-from buildfarm.processes import GROUP_WRAPPER as _GROUP_WRAPPER
+from buildfarm.formats import derivation as drvmod
+from buildfarm.formats import nar
+from buildfarm.formats.derivation import Derivation, DerivationOutput
+from buildfarm.outputs.store import OutputStore
+from buildfarm.ssh.processes import GROUP_WRAPPER as _GROUP_WRAPPER
 from buildfarm.submission import derivation_store_path
 
 EXAMPLES = int(os.environ.get("BUILDFARM_FUZZ_EXAMPLES", "300"))
@@ -297,7 +297,7 @@ def fake_store_bin(scratch: Path) -> Path:
 
 def run_like_sshd(command: Command, bin_dir: Path, cwd: Path) -> bytes:
     """What a machine does with it: sshd hands the command string to the login shell
-    (`sh -c`), which runs remote.py's process-group wrapper around the quoted argv."""
+    (`sh -c`), which runs buildfarm/ssh/remote.py's process-group wrapper around the quoted argv."""
     done = subprocess.run(
         ["/bin/sh", "-c", _GROUP_WRAPPER + shlex.join(command.argv)], input=command.stdin,
         capture_output=True, cwd=cwd, check=False, timeout=30,

@@ -19,8 +19,8 @@ import pytest
 from guix_emulator import install_emulator
 from testbed import instantiate, nix_expr_trivial
 
-from buildfarm import derivation, nar
-from buildfarm.signing import guix_public_key_from_sexp, verify_guix
+from buildfarm.formats import derivation, nar
+from buildfarm.formats.signing import guix_public_key_from_sexp, verify_guix
 
 LOG_DIR = Path("/nix/var/log/nix/drvs")
 HASH_MISMATCH = (

@@ -16,7 +16,7 @@ import pytest
 from farm import Farm, chain, token, wait_for
 from testbed import Host, Testbed, instantiate, nix_expr_trivial, process_state
 
-from buildfarm import hooks
+from buildfarm.coordinator import hooks
 
 SHIPPED = Path(__file__).parent.parent / "hooks.d"
 

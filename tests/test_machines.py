@@ -16,8 +16,8 @@ import yaml
 from farm import Farm, token, wait_for
 from testbed import Host, Testbed, current_system, instantiate, inventory_yaml, nix_expr_trivial
 
-from buildfarm.json_schemas import SCHEMAS, validate
-from buildfarm.signing import SigningKey, save_key
+from buildfarm.docs.json_schemas import SCHEMAS, validate
+from buildfarm.formats.signing import SigningKey, save_key
 
 
 def dead_port() -> int:

@@ -1,4 +1,4 @@
-"""The man pages in man/ are generated from the code (buildfarm/manpages.py): they must be
+"""The man pages in man/ are generated from the code (buildfarm/docs/manpages.py): they must be
 current, render without a warning, cover every command, option and --json shape, and agree
 with inventory.example.yaml, which is where the inventory fields are described."""
 
@@ -14,9 +14,11 @@ from pathlib import Path
 import click
 import pytest
 
-from buildfarm import command_pages, inventory, inventory_page, manpages, metrics
+from buildfarm import inventory
 from buildfarm.cli import cli
-from buildfarm.json_schemas import SCHEMAS, describe
+from buildfarm.coordinator import metrics
+from buildfarm.docs import command_pages, inventory_page, manpages
+from buildfarm.docs.json_schemas import SCHEMAS, describe
 
 MAN = manpages.MAN_DIR
 
@@ -36,8 +38,8 @@ def commands() -> list[tuple[tuple[str, ...], click.Command]]:
 
 
 def test_the_pages_are_current() -> None:
-    """Fails when the code and man/ differ: run `python -m buildfarm.manpages`."""
-    assert manpages.drift() == [], "run `python -m buildfarm.manpages` and commit man/"
+    """Fails when the code and man/ differ: run `python -m buildfarm.docs.manpages`."""
+    assert manpages.drift() == [], "run `python -m buildfarm.docs.manpages` and commit man/"
     assert manpages.main(["--check"]) == 0
 
 
@@ -121,7 +123,7 @@ def test_run_documents_metrics_signals_and_reload() -> None:
 
 
 def test_machines_test_documents_its_checks_and_exit_status() -> None:
-    from buildfarm.machine_test import CHECKS
+    from buildfarm.machines.checks import CHECKS
 
     words = rendered(MAN / "buildfarm-machines-test.1")
     for name in CHECKS:

@@ -15,13 +15,13 @@ from farm import Background, Farm, chain, token, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
-from buildfarm import metrics
 from buildfarm.config import Settings
-from buildfarm.coordinator import Coordinator, LineReporter, RunOptions
+from buildfarm.coordinator import metrics
+from buildfarm.coordinator.fleet import MachineSlots
+from buildfarm.coordinator.service import Coordinator, LineReporter, RunOptions
 from buildfarm.errors import UsageError
-from buildfarm.fleet import MachineSlots
 from buildfarm.inventory import Inventory, Machine
-from buildfarm.remote import Remote
+from buildfarm.ssh.remote import Remote
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner, Result
 from engines import ScratchDatabase, sqlite_url
 
-from buildfarm import scheduler, submission
+from buildfarm import submission
+from buildfarm.coordinator import scheduler
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import builds, events, migrations, open_datastore
 from buildfarm.datastore.copy import copy_datastore

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buildfarm import nar
 from buildfarm.errors import ArchiveError
+from buildfarm.formats import nar
 
 DATA = Path(__file__).parent / "data" / "nix"
 TOP_NAR = (DATA / "b929rzxqin9xa830zfpbfbgx8wajdhdn-top.nar").read_bytes()

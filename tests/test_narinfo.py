@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from buildfarm import narinfo as ni
 from buildfarm.errors import ArchiveError
-from buildfarm.signing import SignatureError, SigningKey, load_key, verify_guix_narinfo
+from buildfarm.formats import narinfo as ni
+from buildfarm.formats.signing import SignatureError, SigningKey, load_key, verify_guix_narinfo
 
 KEY = SigningKey(hashlib.sha256(b"narinfo test key").digest())
 OTHER = SigningKey(hashlib.sha256(b"another key").digest())

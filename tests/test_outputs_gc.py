@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 from engines import ScratchDatabase
 
-from buildfarm import gc
 from buildfarm.cli import cli
 from buildfarm.datastore import open_datastore
 from buildfarm.datastore.models import (
@@ -23,8 +22,9 @@ from buildfarm.datastore.models import (
     StoredOutput,
 )
 from buildfarm.errors import UsageError
-from buildfarm.outputs import OutputStore, Publisher
-from buildfarm.signing import SigningKey
+from buildfarm.formats.signing import SigningKey
+from buildfarm.outputs import gc
+from buildfarm.outputs.store import OutputStore, Publisher
 
 NOW = 1_800_000_000.0
 DAY = 86400.0

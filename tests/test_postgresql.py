@@ -21,9 +21,9 @@ from engines import PostgresServer, ScratchDatabase
 from testbed import Host, current_system, instantiate_all, inventory_yaml, nix_expr_trivial
 
 from buildfarm.cli import cli
+from buildfarm.coordinator.runlock import RunLock
 from buildfarm.datastore import connect, migrations, open_datastore, postgresql
 from buildfarm.errors import AlreadyRunningError
-from buildfarm.runlock import RunLock
 
 pytestmark = pytest.mark.postgresql_only
 
@@ -230,7 +230,7 @@ def test_the_run_lock_goes_with_its_process(pg_database: ScratchDatabase, tmp_pa
     script = textwrap.dedent(
         f"""
         import sys, time
-        from buildfarm.runlock import RunLock
+        from buildfarm.coordinator.runlock import RunLock
         lock = RunLock({pg_database.url!r}, {str(tmp_path)!r})
         lock.acquire()
         print("locked", flush=True)

@@ -26,16 +26,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 from engines import ScratchDatabase
 
-from buildfarm import narinfo as ni
 from buildfarm.cli import cli
-from buildfarm.compression import Compression
 from buildfarm.datastore import open_datastore
 from buildfarm.datastore.attempts import OutputRecord, record_outputs
 from buildfarm.datastore.models import Attempt, Build, Derivation
-from buildfarm.nar import nix_base32_encode
-from buildfarm.outputs import OutputStore, Publisher
-from buildfarm.publish import Publication, parse_listen
-from buildfarm.signing import SigningKey, verify_guix_narinfo
+from buildfarm.formats import narinfo as ni
+from buildfarm.formats.compression import Compression
+from buildfarm.formats.nar import nix_base32_encode
+from buildfarm.formats.signing import SigningKey, verify_guix_narinfo
+from buildfarm.outputs.publish import Publication, parse_listen
+from buildfarm.outputs.store import OutputStore, Publisher
 
 DATA = Path(__file__).parent / "data" / "nix"
 KEY = SigningKey(bytes(range(32)))
@@ -460,7 +460,7 @@ def test_key_generate_and_show(state: Path) -> None:
 
 
 def test_key_name_defaults_to_the_host_name_and_sticks(state: Path) -> None:
-    from buildfarm.keys import default_key_name, key_name
+    from buildfarm.formats.keys import default_key_name, key_name
 
     assert cli_run("key", "generate")[0] == 0
     assert key_name(state) == default_key_name()

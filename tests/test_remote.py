@@ -1,4 +1,4 @@
-"""buildfarm.remote on real sshd hosts (the test bed) and on the local transport.
+"""buildfarm.ssh.remote on real sshd hosts (the test bed) and on the local transport.
 
 What is checked: argv reaches the machine verbatim, whatever it holds; channels stay under
 max_sessions however many calls wait; host keys are always checked, with a message that says
@@ -28,7 +28,7 @@ from testbed import Host, Testbed
 
 from buildfarm.errors import RemoteError
 from buildfarm.inventory import Machine
-from buildfarm.remote import CommandTimeoutError, Remote, RunResult
+from buildfarm.ssh.remote import CommandTimeoutError, Remote, RunResult
 
 BOUND = 30.0  # an upper bound for anything that should fail "quickly"; never a measurement
 PWNED = f"/tmp/pwned-{uuid.uuid4().hex}"  # created only if an argument reached a shell

@@ -21,15 +21,15 @@ import pytest
 from click.testing import CliRunner
 from engines import ScratchDatabase
 
-from buildfarm import scheduler
 from buildfarm.cli import cli
-from buildfarm.command_pages import has_json, walk
+from buildfarm.coordinator import scheduler
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import open_datastore
+from buildfarm.docs.command_pages import has_json, walk
+from buildfarm.docs.json_schemas import SCHEMAS, Shape, obj, string, validate
+from buildfarm.docs.json_schemas import F as Field
+from buildfarm.docs.json_schemas import list_of as list_shape
 from buildfarm.inventory import local_system
-from buildfarm.json_schemas import SCHEMAS, Shape, obj, string, validate
-from buildfarm.json_schemas import F as Field
-from buildfarm.json_schemas import list_of as list_shape
 
 DATA = Path(__file__).parent / "data"
 HELLO = DATA / "nix" / "76w21n1f03fs5kw8fnffphx7qrqffw6r-hello.drv"

@@ -20,8 +20,8 @@ import yaml
 from farm import Farm, chain, token, wait_for
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
-from buildfarm import nar
-from buildfarm.signing import SigningKey, save_key, verify_guix
+from buildfarm.formats import nar
+from buildfarm.formats.signing import SigningKey, save_key, verify_guix
 
 FULL_STEPS = [
     "push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",

@@ -1,9 +1,10 @@
 """The scheduler: which queued build a free slot gets, and the `waiting_on` counts (kept by the
 datastore's triggers) that let it answer from an index at any queue length.
 
-The reference is the rule of design.md step 2, written as the direct query the scheduler used
-before the counts existed: after every kind of state change, on every engine, the scheduler must
-offer exactly the builds that query finds, in the same order.
+The reference is the scheduling rule (ARCHITECTURE.md, "The life of one build", step 2: the first
+queued build in priority order with no queued or running input build), written as the direct query
+the scheduler used before the counts existed: after every kind of state change, on every engine, the
+scheduler must offer exactly the builds that query finds, in the same order.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from collections.abc import Iterator, Sequence
 import pytest
 from engines import ScratchDatabase
 
-from buildfarm import derivation as drvmod
-from buildfarm import scheduler
+from buildfarm.coordinator import scheduler
 from buildfarm.datastore import Datastore, builds, open_datastore
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore.models import MISSING_INPUTS, Build, database_proxy
+from buildfarm.formats import derivation as drvmod
 from buildfarm.submission import ReadDerivation, SubmitOptions, text_store_path
 
 X86, ARM = "x86_64-linux", "aarch64-linux"
@@ -69,7 +70,7 @@ def offered(slot: scheduler.Slot, now: float) -> list[str]:
 
 
 def reference(slot: scheduler.Slot, now: float) -> list[str]:
-    """design.md step 2, as one direct query (linear in the queue: the tests' yardstick)."""
+    """The scheduling rule (ARCHITECTURE.md step 2), as one direct query (linear in the queue: the tests' yardstick)."""
     db = database_proxy.obj
     p = db.param
     systems = ", ".join([p] * len(slot.systems))

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from buildfarm import sexp
 from buildfarm.errors import BuildfarmError
-from buildfarm.sexp import SexpError
+from buildfarm.formats import sexp
+from buildfarm.formats.sexp import SexpError
 
 PUBLIC_KEY_TEXT = (
     "(public-key \n"

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from buildfarm import sexp, signing
 from buildfarm.errors import BuildfarmError, UsageError
-from buildfarm.signing import SignatureError, SigningKey
+from buildfarm.formats import sexp, signing
+from buildfarm.formats.signing import SignatureError, SigningKey
 
 DATA = Path(__file__).parent / "data"
 SEEDS = [hashlib.sha256(b"seed %d" % i).digest() for i in range(6)]
@@ -586,7 +586,7 @@ def test_acl_layout_and_reading(gcry: Gcrypt) -> None:
         signing.guix_acl_public_keys("(not-an-acl)")
 
 
-# --- libgcrypt's own reader and printer agree with buildfarm.sexp ------------------------------
+# --- libgcrypt's own reader and printer agree with buildfarm.formats.sexp ---------------------
 
 SEXP_ATOMS = st.one_of(
     st.binary(max_size=24),

@@ -17,10 +17,10 @@ from farm import token
 from test_remote import BOUND, machine_for, opened
 from testbed import Host, instantiate, nix_expr_trivial
 
-from buildfarm import store_session
 from buildfarm.inventory import Machine
-from buildfarm.remote import CommandTimeoutError, Remote
-from buildfarm.store_session import SessionFailed, StoreSession, StoreSessions, session_limit
+from buildfarm.ssh import store_session
+from buildfarm.ssh.remote import CommandTimeoutError, Remote
+from buildfarm.ssh.store_session import SessionFailed, StoreSession, StoreSessions, session_limit
 
 
 def _local(*argv: str) -> str:

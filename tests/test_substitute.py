@@ -30,8 +30,8 @@ from testbed import (
     nix_expr_trivial,
 )
 
-from buildfarm import narinfo as ni
-from buildfarm.signing import SigningKey
+from buildfarm.formats import narinfo as ni
+from buildfarm.formats.signing import SigningKey
 
 TIMEOUT = 180
 

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from engines import ScratchDatabase
 
-from buildfarm import derivation as drvmod
+from buildfarm.formats import derivation as drvmod
 from buildfarm.logs import LogWriter
 from buildfarm.submission import ReadDerivation, SubmitOptions, text_store_path
 
@@ -77,7 +77,7 @@ def submit(*items: ReadDerivation, tags: tuple[tuple[str, str], ...] = (),
 
 
 def start_attempt(machine: str, system: str = SYSTEM) -> Any:
-    from buildfarm import scheduler
+    from buildfarm.coordinator import scheduler
 
     attempt = scheduler.allocate(scheduler.Slot(machine, (system,), frozenset()))
     assert attempt is not None
@@ -446,7 +446,7 @@ def test_api_round_trips_hostile_strings_and_never_emits_markup(
 def test_secrets_and_the_datastore_url_are_never_shown(
     farm: Farm, database: ScratchDatabase, tmp_path: Path
 ) -> None:
-    from buildfarm import keys
+    from buildfarm.formats import keys
 
     keys.generate(str(farm.state))
     secrets = [path.read_text() for path in farm.state.glob("*secret*") if path.is_file()]

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from guix_emulator import copy_sources, install_emulator
 
-from buildfarm.signing import SigningKey, guix_acl_sexp, save_key
+from buildfarm.formats.signing import SigningKey, guix_acl_sexp, save_key
 
 TEST_USER = "bftest"
 LOOPBACK = "127.0.0.1"
@@ -742,7 +742,7 @@ def inventory_yaml(hosts: Sequence[Host], store: str = "nix", **machine_override
 
 
 class _InventoryDumper(yaml.SafeDumper):
-    """Indents list items under their key, as design.md's inventory example does."""
+    """Indents list items under their key, as inventory.example.yaml does."""
 
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
         del indentless

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from buildfarm.backends import (
+from buildfarm.backends.base import (
     Command,
     DryRun,
     FailureKind,

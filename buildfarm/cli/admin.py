@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from buildfarm.cli import BuildfarmGroup, _open, _settings, cli
+from buildfarm.cli.group import BuildfarmGroup, _open, _settings, cli
 
 
 @cli.group("db", cls=BuildfarmGroup)
@@ -102,8 +102,8 @@ def key() -> None:
 @click.pass_context
 def key_generate(ctx: click.Context, name: str | None, force: bool) -> None:
     """Make an Ed25519 key pair in the state directory (the secret key is mode 0600)."""
-    from buildfarm import keys
-    from buildfarm.signing import SECRET_KEY_FILE
+    from buildfarm.formats import keys
+    from buildfarm.formats.signing import SECRET_KEY_FILE
 
     state_dir = _settings(ctx).state_dir
     made = keys.generate(state_dir, name=name, force=force)
@@ -121,7 +121,7 @@ def key_generate(ctx: click.Context, name: str | None, force: bool) -> None:
 @click.pass_context
 def key_show(ctx: click.Context, form: str, as_json: bool) -> None:
     """Print the public key for Guix (`| guix archive --authorize`) or Nix."""
-    from buildfarm import keys
+    from buildfarm.formats import keys
 
     state_dir = _settings(ctx).state_dir
     if as_json:
@@ -152,8 +152,8 @@ def outputs_gc(
 ) -> None:
     """Remove stored outputs by age and/or total size, keeping inputs of queued or running
     builds and the references of every output kept."""
-    from buildfarm import gc
-    from buildfarm.outputs import OutputStore
+    from buildfarm.outputs import gc
+    from buildfarm.outputs.store import OutputStore
 
     policy = gc.GcPolicy(
         older_than=gc.parse_duration(older_than) if older_than is not None else None,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import click
 
-from buildfarm.cli import BUILD_STATES, BuildfarmGroup, _open, cli
+from buildfarm.cli.group import BUILD_STATES, BuildfarmGroup, _open, cli
 
 
 def _read_paths(paths: Sequence[str]) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from buildfarm.cli import BuildfarmGroup, _open, _settings, cli
+from buildfarm.cli.group import BuildfarmGroup, _open, _settings, cli
 from buildfarm.config import Settings
 from buildfarm.errors import BuildfarmError
 
@@ -106,9 +106,9 @@ def run(
     """Run the coordinator: allocate queued builds to machines and build them."""
     import asyncio
 
-    from buildfarm.compression import parse_compressions
-    from buildfarm.coordinator import Coordinator, LineReporter, Reporter, RunOptions
-    from buildfarm.gc import parse_size
+    from buildfarm.coordinator.service import Coordinator, LineReporter, Reporter, RunOptions
+    from buildfarm.formats.compression import parse_compressions
+    from buildfarm.outputs.gc import parse_size
 
     chosen = parse_compressions(compressions)
     settings = _settings(ctx)
@@ -124,7 +124,7 @@ def run(
     )
     metrics = None
     if metrics_address is not None:
-        from buildfarm.metrics import Metrics, parse_address
+        from buildfarm.coordinator.metrics import Metrics, parse_address
 
         metrics = Metrics(*parse_address(metrics_address))
     live = None
@@ -132,7 +132,7 @@ def run(
     if no_ui or not sys.stdout.isatty():
         reporter = LineReporter()
     else:
-        from buildfarm.ui import LiveReporter
+        from buildfarm.coordinator.live import LiveReporter
 
         reporter = live = LiveReporter()
     try:
@@ -152,7 +152,7 @@ def hooks() -> None:
 @click.pass_context
 def hooks_list(ctx: click.Context, as_json: bool) -> None:
     """Show which scripts fire on which events, in the order they run."""
-    from buildfarm.hooks import EVENTS, scripts
+    from buildfarm.coordinator.hooks import EVENTS, scripts
     from buildfarm.render import print_json, print_table
 
     hooks_dir = _settings(ctx).hooks_dir
@@ -184,10 +184,10 @@ def publish(ctx: click.Context, listen: str, compressions: tuple[str, ...]) -> N
     value as `buildfarm run`, or set BUILDFARM_COMPRESSIONS for both)."""
     import asyncio
 
-    from buildfarm import keys
-    from buildfarm.compression import parse_compressions
-    from buildfarm.outputs import OutputStore, Publisher
-    from buildfarm.publish import parse_listen, serve
+    from buildfarm.formats import keys
+    from buildfarm.formats.compression import parse_compressions
+    from buildfarm.outputs.publish import parse_listen, serve
+    from buildfarm.outputs.store import OutputStore, Publisher
 
     chosen = parse_compressions(compressions)
     host, port = parse_listen(listen)
@@ -221,7 +221,7 @@ def machines(ctx: click.Context, as_json: bool) -> None:
 
     import peewee
 
-    from buildfarm import machines as probing
+    from buildfarm.machines import status as probing
     from buildfarm.render import print_json, print_table
 
     inventory = _load_inventory(_settings(ctx))
@@ -257,9 +257,9 @@ def machines_test(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> 
     import asyncio
 
     from buildfarm.errors import UsageError
-    from buildfarm.machine_test import report_lines, test_all
+    from buildfarm.formats.signing import load_key
+    from buildfarm.machines.checks import report_lines, test_all
     from buildfarm.render import print_json, use_colour
-    from buildfarm.signing import load_key
 
     settings = _settings(ctx)
     inventory = _load_inventory(settings)

@@ -1,4 +1,5 @@
-"""One attempt of one build on one machine: the steps of design.md, "One build, step by step".
+"""One attempt of one build on one machine: the steps of ARCHITECTURE.md, "The life of one build",
+step 3 (survey, push, dry run, delete outputs, build, fetch and verify the outputs).
 
 Every step is recorded on the attempt before it starts. The steps only talk to the machine and
 the output store; how an attempt ends is decided by the exception it raises (or not).
@@ -15,19 +16,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from buildfarm import derivation as drvmod
-from buildfarm import localstore
 from buildfarm.backends import Backend
+from buildfarm.coordinator import localstore
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import closure
 from buildfarm.datastore.models import COULD_NOT_DELETE_OUTPUTS, MISSING_INPUTS
 from buildfarm.errors import ArchiveError, RemoteError
+from buildfarm.formats import derivation as drvmod
+from buildfarm.formats.signing import SigningKey
 from buildfarm.inventory import Machine
 from buildfarm.logs import LogWriter
-from buildfarm.outputs import OutputStore
-from buildfarm.remote import Remote, RunResult
-from buildfarm.signing import SigningKey
-from buildfarm.store_session import PathInfo, SessionFailed, StoreSession, StoreSessions
+from buildfarm.outputs.store import OutputStore
+from buildfarm.ssh.remote import Remote, RunResult
+from buildfarm.ssh.store_session import PathInfo, SessionFailed, StoreSession, StoreSessions
 
 T = TypeVar("T")
 # What an attempt pushes to a machine: the .drv closure, input sources from the coordinator's
@@ -42,7 +43,8 @@ STREAM_LIMIT = 4 << 20
 
 
 class SetupFailed(Exception):
-    """The machine could not start the build (design.md: setup failure)."""
+    """The machine could not start the build (missing inputs, or outputs it cannot delete): the
+build goes back to the queue."""
 
     def __init__(self, kind: str, paths: Sequence[str], detail: str) -> None:
         super().__init__(detail)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from buildfarm.errors import BuildfarmError
 from buildfarm.inventory import Inventory, Machine
 from buildfarm.inventory import load as load_inventory
-from buildfarm.remote import Remote
-from buildfarm.store_session import StoreSessions, session_limit
+from buildfarm.ssh.remote import Remote
+from buildfarm.ssh.store_session import StoreSessions, session_limit
 
 
 @dataclass

@@ -7,7 +7,7 @@ next start. Hooks run in a bounded pool of asyncio tasks beside the scheduler: a
 slow, hangs, fails, crashes or floods its output costs a worker slot, never the main loop.
 
 EVENTS, PAYLOAD_FIELDS, BUILD_FIELDS and ENVIRONMENT are the one declared description of what a
-hook gets; man/buildfarm-hooks.7 is generated from them (buildfarm/manpages.py).
+hook gets; man/buildfarm-hooks.7 is generated from them (buildfarm/docs/manpages.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from buildfarm.coordinator import Coordinator
+    from buildfarm.coordinator.service import Coordinator
 
 
 def _elapsed(seconds: float) -> str:

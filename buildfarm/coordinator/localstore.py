@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from buildfarm import nar
-from buildfarm.signing import SigningKey
+from buildfarm.formats import nar
+from buildfarm.formats.signing import SigningKey
 
 
 def _references_command(path: str) -> list[str] | None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,7 +36,26 @@ from buildfarm.errors import UsageError
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from buildfarm.coordinator import Coordinator
+    from buildfarm.coordinator.fleet import MachineSlots
+    from buildfarm.coordinator.hooks import HookRunner
+
+T = TypeVar("T")
+
+
+class Observed(Protocol):
+    """What a scrape reads of the running coordinator (coordinator.service.Coordinator hands
+    itself to `Metrics.start`): its queue, machines and hook counts, and its datastore thread."""
+
+    @property
+    def queue_depth(self) -> Mapping[str, int]: ...
+
+    @property
+    def machines(self) -> Mapping[str, MachineSlots]: ...
+
+    @property
+    def hooks(self) -> HookRunner: ...
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 logger = logging.getLogger("buildfarm")
 COUNT_EVERY = 2.0  # seconds between two counts of the builds by state
@@ -171,7 +190,7 @@ class Metrics:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.registry = CollectorRegistry()
-        self.coordinator: Coordinator | None = None
+        self.coordinator: Observed | None = None
         self.build_counts: dict[str, int] = {}
         self._counted = float("-inf")
         self._runner: web.AppRunner | None = None
@@ -221,7 +240,7 @@ class Metrics:
 
     # -- the HTTP server, in the coordinator's event loop
 
-    async def start(self, coordinator: Coordinator) -> str:
+    async def start(self, coordinator: Observed) -> str:
         """Listen; return the URL of the metrics."""
         from aiohttp import web
 

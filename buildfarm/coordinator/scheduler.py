@@ -1,4 +1,4 @@
-"""Which build goes to which machine next (design.md, step 2), at any queue length.
+"""Which build goes to which machine next (ARCHITECTURE.md, step 2), at any queue length.
 
 A queued build may start when no input derivation of it has a build still queued or running.
 Testing that for every queued build in priority order is linear in the builds that are blocked

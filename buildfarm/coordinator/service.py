@@ -20,32 +20,32 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from buildfarm import scheduler
-from buildfarm.attempt import (
+from buildfarm.backends import get_backend
+from buildfarm.config import Settings
+from buildfarm.coordinator import scheduler
+from buildfarm.coordinator.attempt import (
     AttemptRun,
     BuildFailed,
     SetupFailed,
     StoreCommandFailed,
     TransferFailed,
 )
-from buildfarm.backends import get_backend
-from buildfarm.compression import DEFAULT_COMPRESSIONS, Compression
-from buildfarm.config import Settings
+from buildfarm.coordinator.fleet import Fleet, MachineSlots, RunningAttempt, close_connection
+from buildfarm.coordinator.hooks import HookRunner, HookSettings
+from buildfarm.coordinator.runlock import RunLock
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import open_datastore
 from buildfarm.datastore.models import Attempt, Build, MachineState
 from buildfarm.errors import AlreadyRunningError, BuildfarmError, DatastoreError, RemoteError
-from buildfarm.fleet import Fleet, MachineSlots, RunningAttempt, close_connection
-from buildfarm.hooks import HookRunner, HookSettings
+from buildfarm.formats.compression import DEFAULT_COMPRESSIONS, Compression
+from buildfarm.formats.keys import key_name
+from buildfarm.formats.signing import SigningKey, load_key, save_key
 from buildfarm.inventory import Inventory
-from buildfarm.keys import key_name
 from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
-from buildfarm.outputs import OutputStore, Publisher
-from buildfarm.runlock import RunLock
-from buildfarm.signing import SigningKey, load_key, save_key
+from buildfarm.outputs.store import OutputStore, Publisher
 
 if TYPE_CHECKING:
-    from buildfarm.metrics import Metrics
+    from buildfarm.coordinator.metrics import Metrics
 
 logger = logging.getLogger("buildfarm")
 T = TypeVar("T")
@@ -199,7 +199,7 @@ class Coordinator:
         if self.metrics is not None:
             self.reporter.event(f"metrics at {await self.metrics.start(self)}")
 
-    # -- inventory reload (SIGHUP, or the file changed): see buildfarm.fleet
+    # -- inventory reload (SIGHUP, or the file changed): see buildfarm.coordinator.fleet
 
     def request_reload(self) -> None:
         self.fleet.request_reload()

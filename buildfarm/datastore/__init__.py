@@ -19,10 +19,6 @@ POSTGRES_PREFIXES = postgresql.PREFIXES
 BUSY_TIMEOUT_MS = 60_000
 
 
-def default_url(state_dir: str) -> str:
-    return f"{SQLITE_PREFIX}{os.path.join(os.path.abspath(state_dir), 'buildfarm.db')}"
-
-
 def sqlite_path(url: str) -> str | None:
     """The file of an sqlite:// URL (None for other engines)."""
     if not url.startswith(SQLITE_PREFIX):
@@ -156,7 +152,6 @@ __all__ = [
     "ALL_MODELS",
     "Datastore",
     "connect",
-    "default_url",
     "describe",
     "open_datastore",
     "opened",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid as uuidlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,33 @@ from .models import (
 )
 
 if TYPE_CHECKING:
-    from buildfarm.submission import ReadDerivation, SubmitOptions, Submitted
+    from buildfarm.formats import derivation as drvmod
 
+
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    priority: int = 0
+    tags: tuple[tuple[str, str], ...] = ()
+    uuid: str | None = None
+    ignore_if_built: bool = False  # reuse a queued, running or succeeded build
+    ignore_if_queued: bool = False  # reuse a queued or running build
+    defer_until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadDerivation:
+    """A parsed derivation with its store path and the exact bytes it was read from."""
+
+    path: str
+    drv: drvmod.Derivation
+    contents: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    uuid: str
+    derivation: str
+    created: bool  # False when --ignore-if-built found an existing build
 
 
 def iso(moment: float | None) -> str | None:
@@ -102,8 +128,6 @@ def record_submission(
 ) -> list[Submitted]:
     """Record derivations and one build per target, with their build-submitted events, in one
     transaction and in batches (100,000 submissions must take well under a minute)."""
-    from buildfarm.submission import Submitted
-
     reuse = (
         (QUEUED, RUNNING, SUCCEEDED)
         if options.ignore_if_built

@@ -8,7 +8,8 @@ import peewee as pw
 
 database_proxy: Any = pw.DatabaseProxy()
 
-# Build states and attempt results: the words of design.md.
+# Build states and attempt results: the words of the README ("Build states") and of the man
+# pages; the CLI, the pages and the hooks show them as they are.
 QUEUED, RUNNING, SUCCEEDED = "queued", "running", "succeeded"
 FAILED, CANCELED = "failed", "canceled"
 BUILD_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)

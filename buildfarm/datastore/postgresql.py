@@ -1,10 +1,10 @@
 """PostgreSQL specifics: the driver (psycopg 3), URLs, and the advisory locks.
 
-The queries in datastore/*.py and scheduler.py read, check and then write, as SQLite allows:
-there one writer at a time holds the database (BEGIN IMMEDIATE). To keep them correct under
-PostgreSQL's READ COMMITTED, every transaction first takes one transaction-scoped advisory lock,
-so writers queue in order exactly as on SQLite; each later statement sees what the previous
-holder committed. Statements outside a transaction (reads, single-row updates) never wait.
+The queries in datastore/*.py and coordinator/scheduler.py read, check and then write, as SQLite
+allows: there one writer at a time holds the database (BEGIN IMMEDIATE). To keep them correct under
+PostgreSQL's READ COMMITTED, every transaction first takes one transaction-scoped advisory lock, so
+writers queue in order exactly as on SQLite; each later statement sees what the previous holder
+committed. Statements outside a transaction (reads, single-row updates) never wait.
 """
 
 from __future__ import annotations

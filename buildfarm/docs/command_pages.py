@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import click
 
-from buildfarm import __version__, roff
-from buildfarm.json_schemas import SCHEMAS, describe
+from buildfarm import __version__
+from buildfarm.docs import roff
+from buildfarm.docs.json_schemas import SCHEMAS, describe
 
-SOURCE = "buildfarm/cli.py and the lists it documents"
+SOURCE = "buildfarm/cli/ and the lists it documents"
 EXIT_STATUS = (
     ("0", "Success."),
     ("1", "An error: one line on standard error says what went wrong (never a traceback)."),
@@ -172,14 +173,14 @@ def _extra_sections(path: tuple[str, ...]) -> list[str]:
     if path == ("run",):
         return _run_sections()
     if path == ("machines",):
-        from buildfarm.machines import STATES
+        from buildfarm.machines.status import STATES
 
         lines = roff.section("STATES", "The STATE column of the table:")
         for state, meaning in STATES.items():
             lines += roff.tagged(state, meaning)
         return lines
     if path == ("machines", "test"):
-        from buildfarm.machine_test import CHECKS
+        from buildfarm.machines.checks import CHECKS
 
         lines = roff.section(
             "CHECKS", "The checks run in this order; a machine's first failed check ends its "
@@ -191,7 +192,7 @@ def _extra_sections(path: tuple[str, ...]) -> list[str]:
 
 
 def _run_sections() -> list[str]:
-    from buildfarm.metrics import METRICS, PATH
+    from buildfarm.coordinator.metrics import METRICS, PATH
 
     lines = roff.section(
         "OUTPUT",

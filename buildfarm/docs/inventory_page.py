@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from buildfarm import __version__, inventory, roff
+from buildfarm import __version__, inventory
+from buildfarm.docs import roff
 
 _ITEM = re.compile(r"^  (\S+?)\s{2,}(\S.*)$")  # "  name   description" under "# "
 _FIELDS_HEADING = "Every machine field, with its default and an example:"

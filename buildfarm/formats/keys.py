@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from buildfarm.errors import NotFoundError, UsageError
-from buildfarm.signing import SECRET_KEY_FILE, SigningKey, load_key, save_key
+from buildfarm.formats.signing import SECRET_KEY_FILE, SigningKey, load_key, save_key
 
 NAME_FILE = "signing-key.name"
 PUBLIC_FILE = "signing-key.pub"

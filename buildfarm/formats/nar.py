@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from buildfarm.derivation import is_store_path
 from buildfarm.errors import ArchiveError
+from buildfarm.formats.derivation import is_store_path
 
 __all__ = [
     "EXPORT_MAGIC",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import quote
 
 from buildfarm.errors import ArchiveError
-from buildfarm.signing import (
+from buildfarm.formats.signing import (
     SigningKey,
     guix_narinfo_signature_line,
     narinfo_fingerprint,

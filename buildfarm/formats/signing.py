@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from buildfarm import sexp
 from buildfarm.errors import BuildfarmError, UsageError
+from buildfarm.formats import sexp
 
 SECRET_KEY_FILE = "signing-key.secret"
 """File name `save_key` writes in its directory: one line, the base64 seed."""

@@ -20,14 +20,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from buildfarm import nar
 from buildfarm.backends import Backend, get_backend
 from buildfarm.errors import ArchiveError, RemoteError
+from buildfarm.formats import nar
+from buildfarm.formats.signing import SigningKey
 from buildfarm.inventory import Machine
-from buildfarm.machines import STORE_DIRS, STORE_PROGRAMS, close_quietly, command_problem, reason
-from buildfarm.outputs import regular_file_nar
-from buildfarm.remote import Remote, RunResult
-from buildfarm.signing import SigningKey
+from buildfarm.machines.status import (
+    STORE_DIRS,
+    STORE_PROGRAMS,
+    close_quietly,
+    command_problem,
+    reason,
+)
+from buildfarm.outputs.store import regular_file_nar
+from buildfarm.ssh.remote import Remote, RunResult
 
 TEST_ITEM_NAME = "buildfarm-machine-test"
 
@@ -96,11 +102,11 @@ def ssh_command(machine: Machine) -> str:
 
 
 def _login_problem(message: str, machine: Machine) -> tuple[str, str]:
-    """(what happened, what to fix) from a connection error of remote.py."""
+    """(what happened, what to fix) from a connection error of buildfarm.ssh."""
     if "connection refused" in message:
         return message.split("; ", 1)[0], (
             f"start sshd on {machine.host}, or correct port {machine.port} in the inventory")
-    if "; " in message:  # remote.py's messages end with what to do
+    if "; " in message:  # buildfarm.ssh's messages end with what to do
         detail, fix = message.split("; ", 1)
         return detail, fix
     if "no answer" in message:

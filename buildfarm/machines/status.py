@@ -1,5 +1,5 @@
 """`buildfarm machines`: each inventory machine as the running coordinator sees it (from the
-datastore) beside a fresh probe of all of them at once (`machines test` is machine_test.py).
+datastore) beside a fresh probe of all of them at once (`machines test` is checks.py).
 
 Probes run concurrently, one task per machine, each on a fresh connection (no backoff carried
 over), so one unreachable machine costs its connect timeout and no more.
@@ -17,7 +17,7 @@ from typing import Any
 from buildfarm.backends import get_backend
 from buildfarm.errors import RemoteError
 from buildfarm.inventory import Machine
-from buildfarm.remote import Remote, RunResult
+from buildfarm.ssh.remote import Remote, RunResult
 
 # Where a store may be, in the order looked for ($NIX_STORE_DIR, which both honour, first).
 STORE_DIRS = {"guix": ("/gnu/store", "/nix/store"), "nix": ("/nix/store", "/gnu/store")}
@@ -269,7 +269,7 @@ STATE_STYLES = {"up": "green", "down": "red", "broken": "yellow", "disabled": "d
 
 def table_row(row: dict[str, Any]) -> dict[str, Any]:
     """A `machines --json` object as the columns of the table people read."""
-    from buildfarm.gc import format_size
+    from buildfarm.outputs.gc import format_size
 
     if row["reachable"] is None:
         state = "disabled"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from buildfarm.errors import UsageError
-from buildfarm.outputs import OutputStore
+from buildfarm.outputs.store import OutputStore
 
 ORPHAN_GRACE = 3600.0  # seconds a file without a record is left alone (an import may be writing)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -1,6 +1,6 @@
 """`buildfarm publish`: the output store served over HTTP as a Guix/Nix substitute server.
 
-The output store is already laid out the way `guix publish` answers (outputs.py), so this is a
+The output store is already laid out the way `guix publish` answers (store.py), so this is a
 static file server (aiohttp: sendfile, HEAD, single-range requests) with three additions:
 narinfos and logs get the content types Guix and Nix expect; a narinfo or log that was never
 published (an output stored before publishing existed, or by a coordinator without a key) is
@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from buildfarm import narinfo as ni
-from buildfarm.compression import TYPES
 from buildfarm.errors import ArchiveError, UsageError
-from buildfarm.outputs import CACHE_INFO, OutputStore
+from buildfarm.formats import narinfo as ni
+from buildfarm.formats.compression import TYPES
+from buildfarm.outputs.store import CACHE_INFO, OutputStore
 
 T = TypeVar("T")
 DEFAULT_LISTEN = "0.0.0.0:8080"  # guix publish's default

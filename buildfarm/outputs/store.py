@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import unquote
 
-from buildfarm import derivation as drvmod
-from buildfarm import nar
-from buildfarm import narinfo as ni
-from buildfarm.compression import DEFAULT_COMPRESSIONS, TYPES, Compression, compress
 from buildfarm.datastore.attempts import OutputRecord
 from buildfarm.datastore.models import StoredOutput
 from buildfarm.errors import ArchiveError
-from buildfarm.signing import SigningKey, load_key
+from buildfarm.formats import derivation as drvmod
+from buildfarm.formats import nar
+from buildfarm.formats import narinfo as ni
+from buildfarm.formats.compression import DEFAULT_COMPRESSIONS, TYPES, Compression, compress
+from buildfarm.formats.signing import SigningKey, load_key
 
 CACHE_INFO = "nix-cache-info"
 
@@ -101,7 +101,7 @@ class Publisher:
     def load(cls, state_dir: str, compressions: Sequence[Compression] = DEFAULT_COMPRESSIONS
              ) -> Publisher:
         """The coordinator's key (STATE_DIR/signing-key.secret) and its Nix key name."""
-        from buildfarm.keys import key_name
+        from buildfarm.formats.keys import key_name
 
         return cls(load_key(state_dir), key_name(state_dir), compressions=tuple(compressions))
 

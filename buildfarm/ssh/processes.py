@@ -1,4 +1,4 @@
-"""Started commands, remote or local, as the SSH layer (buildfarm.remote) drives them: their
+"""Started commands, remote or local, as the SSH layer (buildfarm.ssh.remote) drives them: their
 pipes, their process group, and how to end it.
 """
 

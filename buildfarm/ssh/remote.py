@@ -2,7 +2,7 @@
 
 One ``Remote`` per inventory machine keeps ONE asyncssh connection (and one SFTP client) open and
 reuses it for everything, reconnecting lazily when it drops. The rules that keep a farm safe live
-here (and in buildfarm.ssh_connect) and nowhere else: argv lists are quoted with ``shlex.join``
+here (and in buildfarm.ssh.connect) and nowhere else: argv lists are quoted with ``shlex.join``
 (nothing reaches a remote shell unquoted), host keys are always checked, at most
 ``max_sessions`` channels are open at once, every network wait is bounded (connect_timeout,
 keepalives), a failing machine is backed off (circuit breaker: exponential backoff with full
@@ -31,10 +31,11 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from buildfarm import transfer
 from buildfarm.errors import RemoteError
 from buildfarm.inventory import Machine
-from buildfarm.processes import (
+from buildfarm.ssh import transfer
+from buildfarm.ssh.connect import describe, open_connection
+from buildfarm.ssh.processes import (
     GROUP_WRAPPER,
     KILL_SCRIPT,
     LocalProc,
@@ -45,8 +46,7 @@ from buildfarm.processes import (
     gather_or_cancel,
     kill_local_group,
 )
-from buildfarm.sftp import SFTPClient
-from buildfarm.ssh_connect import describe, open_connection
+from buildfarm.ssh.sftp import SFTPClient
 
 __all__ = ["CommandTimeoutError", "Remote", "RemoteProcess", "RunResult"]
 

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import asyncssh
 
-from buildfarm.transfer import LocalFileError
+from buildfarm.ssh.transfer import LocalFileError
 
 BLOCK_SIZE = 255 * 1024  # OpenSSH's sftp-server answers at most 256 KiB - 1 KiB per read
 MAX_REQUESTS = 32  # 8 MiB in flight; more only adds bookkeeping (benchmarks/sftp_pull.py)

@@ -7,7 +7,7 @@ Nix's own remote building (its legacy SSH store) and hydra-queue-runner, a Nix m
 attempt: each operation is one request on its stdin and one answer on its stdout (small outputs
 come back that way too, as an export bundle), and the build log arrives on its stderr. Guix has
 no such command (its offload talks to the daemon through `guix repl`), so Guix machines run one
-command per operation (buildfarm.attempt).
+command per operation (buildfarm.coordinator.attempt).
 
 Wire format, from NixOS/nix src/nix-store/nix-store.cc (opServe), src/libstore/serve-protocol.hh
 and src/libutil/serialise.cc: integers are 64-bit little-endian; a string is its length, its
@@ -28,7 +28,7 @@ from typing import TypeVar
 import asyncssh
 
 from buildfarm.errors import RemoteError
-from buildfarm.remote import CommandTimeoutError, Remote, RemoteProcess, RunResult
+from buildfarm.ssh.remote import CommandTimeoutError, Remote, RemoteProcess, RunResult
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

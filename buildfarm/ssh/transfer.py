@@ -1,5 +1,5 @@
 """The local side of pulling a file: the copy for `transport: local` machines, and the error
-that says the coordinator's own file failed. Used by ``Remote.fetch`` and buildfarm.sftp.
+that says the coordinator's own file failed. Used by ``Remote.fetch`` and buildfarm.ssh.sftp.
 
 An OSError of the coordinator's own file is carried as LocalFileError past the machine's error
 boundary: a full local disk says nothing about the machine and must not back it off.

@@ -337,7 +337,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    from buildfarm.publish import parse_listen as parse
+    from buildfarm.outputs.publish import parse_listen as parse
 
     return parse(text)
 
@@ -351,7 +351,7 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or `stop` is set); `on_ready` gets the URL once listening."""
-    from buildfarm.publish import url_of
+    from buildfarm.outputs.publish import url_of
 
     webapp = WebApp(db_url, inventory_path)
     await webapp.open()

@@ -16,10 +16,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, cast
 
-from buildfarm import sexp
 from buildfarm.errors import ArchiveError
-from buildfarm.nar import Signature, read_bundle, write_bundle
-from buildfarm.signing import SignatureError, SigningKey, load_key, save_key, verify_guix
+from buildfarm.formats import sexp
+from buildfarm.formats.nar import Signature, read_bundle, write_bundle
+from buildfarm.formats.signing import SignatureError, SigningKey, load_key, save_key, verify_guix
 from guix_emulator.options import (
     BUILD_OPTIONS,
     HELP_VERSION,
@@ -232,7 +232,7 @@ def _nix_export(path: str, key: SigningKey) -> ExportItem:
     return spool, items[0].path, items[0].references, items[0].deriver, key.sign_guix
 
 
-_BUNDLE_ERRORS = (  # buildfarm.nar's reasons -> the daemon's messages ([LS], archive.cc)
+_BUNDLE_ERRORS = (  # buildfarm.formats.nar's reasons -> the daemon's messages ([LS], archive.cc)
     ("item marker", "input doesn't look like something created by `nix-store --export'"),
     ("export magic", "normalized archive cannot be imported; wrong format"),
     ("nar magic", "bad archive: input doesn't look like a Nix archive"),

@@ -15,8 +15,8 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 
-from buildfarm import derivation
 from buildfarm.errors import BuildfarmError
+from buildfarm.formats import derivation
 from guix_emulator.options import (
     BUILD_OPTIONS,
     HELP_VERSION,

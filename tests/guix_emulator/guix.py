@@ -16,7 +16,7 @@ guix/scripts/hash.scm), `guix --version`.
 
 Emulator details, which real Guix does not have:
 - Guix's signing-key.sec holds the ECDSA scalar d; buildfarm signs from an Ed25519 seed, so the
-  key pair also needs `signing-key.secret` (buildfarm.signing.save_key's file) in the config
+  key pair also needs `signing-key.secret` (buildfarm.formats.signing.save_key's file) in the config
   directory ($GUIX_CONFIGURATION_DIRECTORY, default /etc/guix).  `--generate-key` writes it.
 - Build logs are Nix's: "View build log at" names $GUIX_LOG_DIRECTORY or $NIX_LOG_DIR/drvs/..
   (default /nix/var/log/nix).  No colours (Guix colours only a terminal), no "hint:" lines.

@@ -1,7 +1,7 @@
 """`guix hash [-S nar] [-H ALGO] [-f FORMAT] FILE...` ([H] guix/scripts/hash.scm).
 
 The coordinator asks a Guix machine for a store item's nar hash this way (no Guix command
-prints the stored NarHash).  The nar is buildfarm.nar's serialisation, Guix's `file-hash*`.
+prints the stored NarHash).  The nar is buildfarm.formats.nar's serialisation, Guix's `file-hash*`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, cast
 
-from buildfarm.nar import dump_path, nix_base32_encode
+from buildfarm.formats.nar import dump_path, nix_base32_encode
 from guix_emulator.options import (
     HELP_VERSION,
     NONE,

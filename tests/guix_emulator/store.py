@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from buildfarm import derivation
+from buildfarm.formats import derivation
 from guix_emulator.options import STORE, Leave
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

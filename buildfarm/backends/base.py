@@ -1,0 +1,329 @@
+"""What both store backends share: the `Backend` protocol, the `Command` a backend asks the
+coordinator to run, and the readers of answers Guix and Nix give alike (plans, build failures,
+path lists). Guix's daemon is a fork of Nix's, so most of what a backend reads is read here.
+Every parser raises `RemoteError` on output it cannot read, never anything else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from buildfarm.errors import RemoteError, UsageError
+
+# Kinds returned by `Backend.classify_build_failure`.
+FailureKind = Literal["failed", "timeout", "silent", "missing-derivation", "other"]
+FAILURE_KINDS: frozenset[str] = frozenset(
+    {"failed", "timeout", "silent", "missing-derivation", "other"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One program to run on a machine: argv words (never a shell string) and optional stdin."""
+
+    argv: tuple[str, ...]
+    stdin: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise UsageError("a command needs at least a program name")
+        for word in self.argv:
+            if not isinstance(word, str):
+                raise UsageError(f"command word {word!r} is not a string")
+            if "\0" in word:
+                raise UsageError(f"command word {word!r} contains a NUL byte")
+
+
+@dataclass(frozen=True, slots=True)
+class DryRun:
+    """What the store says a build would do before the build itself runs."""
+
+    would_build: tuple[str, ...]  # .drv paths
+    would_download: tuple[str, ...]  # store paths
+    # Paths the store can neither build nor substitute (Nix's "don't know how to build").
+    unknown: tuple[str, ...] = ()
+
+
+class Backend(Protocol):
+    """The store commands of one kind of machine (guix.py and nix.py name each command)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def signed_imports(self) -> bool: ...
+
+    def missing(self, paths: Sequence[str]) -> Command: ...
+    def parse_missing(self, stdout: bytes) -> list[str]: ...
+    def import_bundle(self) -> Command: ...
+    def export(self, paths: Sequence[str]) -> Command: ...
+    def export_to_file(self, paths: Sequence[str], file: str) -> Command: ...
+    def export_to_temp(self, paths: Sequence[str]) -> Command: ...
+    def dry_run(self, drv: str) -> Command: ...
+    def parse_dry_run(self, stdout: bytes, stderr: bytes) -> DryRun: ...
+    def delete(self, paths: Sequence[str]) -> Command: ...
+    def build(self, drv: str, *, max_silent_time: int | None, timeout: int | None) -> Command: ...
+    def classify_build_failure(
+        self, exit_status: int | None, log_tail: bytes
+    ) -> tuple[FailureKind, str]: ...
+    def nar_hash(self, path: str) -> Command: ...
+    def parse_nar_hash(self, stdout: bytes) -> tuple[str, int | None]: ...
+    def version(self) -> Command: ...
+    def parse_version(self, stdout: bytes) -> str: ...
+    def parse_build_outputs(self, stdout: bytes) -> list[str]: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by both backends: argument checks, text decoding, path lists.
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+_NIX32 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
+
+
+def check_paths(paths: Iterable[str], what: str = "store path") -> tuple[str, ...]:
+    """Absolute paths only: a word starting with '-' could otherwise be read as an option."""
+    if isinstance(paths, str):
+        raise UsageError(f"expected a list of {what}s, got the single string {paths!r}")
+    checked = tuple(paths)
+    for path in checked:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise UsageError(f"{what} {path!r} is not an absolute path")
+        if "\0" in path:
+            raise UsageError(f"{what} {path!r} contains a NUL byte")
+    return checked
+
+
+def check_seconds(value: int | None, option: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{option} must be a whole number of seconds >= 0, not {value!r}")
+    return value
+
+
+def shell_redirect(program: Sequence[str], paths: Sequence[str], file: str) -> Command:
+    """`program PATHS... > FILE` without building a shell string from data.
+
+    FILE and every path reach sh as separate argv words ("$0" and "$@"), so no quoting of them
+    is ever needed: spaces, quotes, `$(...)`, `;` and newlines stay literal.
+    """
+    if not isinstance(file, str) or not file or "\0" in file:
+        raise UsageError(f"export file name {file!r} is not usable")
+    script = "exec " + " ".join(program) + ' "$@" > "$0"'
+    return Command(("sh", "-c", script, file, *paths))
+
+
+def shell_export_to_temp(program: Sequence[str], paths: Sequence[str]) -> Command:
+    """`program PATHS... > TMP` into a fresh temporary file whose name is printed first: one
+    command where mktemp and the export would be two. Paths reach sh as "$@" words."""
+    script = (
+        'f=$(mktemp -t buildfarm.XXXXXXXXXX) || exit 1; printf "%s\\n" "$f"; exec '
+        + " ".join(program) + ' "$@" > "$f"'
+    )
+    return Command(("sh", "-c", script, "export", *paths))
+
+
+def decode(data: bytes, what: str) -> str:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RemoteError(f"{what}: expected bytes, got {type(data).__name__}")
+    return strip_ansi(bytes(data).decode("utf-8", errors="replace"))
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def parse_path_lines(stdout: bytes, what: str) -> list[str]:
+    """One absolute path per line (blank lines skipped), as `--missing`/`--realise` print."""
+    paths: list[str] = []
+    for line in decode(stdout, what).split("\n"):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        if not line.startswith("/") or line != line.strip():
+            raise RemoteError(f"{what}: expected one store path per line, got {line[:200]!r}")
+        paths.append(line)
+    return paths
+
+
+def is_nix32_sha256(text: str) -> bool:
+    return _NIX32.fullmatch(text) is not None
+
+
+def first_line(stdout: bytes, what: str) -> str:
+    for line in decode(stdout, what).splitlines():
+        if line.strip():
+            return line.strip()
+    raise RemoteError(f"{what}: no output")
+
+
+# --------------------------------------------------------------------------------------------
+# Dry-run plans: a header line, then one indented store path per line.
+
+
+@dataclass(frozen=True, slots=True)
+class PlanHeader:
+    """A header that opens a list in a dry-run plan."""
+
+    pattern: re.Pattern[str]  # matched against the stripped line; group "count" if it has one
+    section: str  # "build", "download" or "unknown"
+
+
+_PLAN_ITEM = re.compile(r"[ \t]+(/\S+)[ \t]*")
+
+
+def parse_plan(text: str, headers: Sequence[PlanHeader], what: str) -> DryRun:
+    """Collect the paths listed under each header; anything outside a list is ignored.
+
+    A list ends at the first line that is not an indented path. A header with no paths under
+    it, a count that disagrees with the list, or a build list naming a non-.drv path raises.
+    """
+    found: dict[str, list[str]] = {"build": [], "download": [], "unknown": []}
+    current: tuple[str, str, int | None, list[str]] | None = None  # header, section, count, items
+
+    def close() -> None:
+        if current is None:
+            return
+        header, section, count, items = current
+        if not items:
+            raise RemoteError(f"{what}: {header!r} is followed by no store paths")
+        if count is not None and count != len(items):
+            raise RemoteError(f"{what}: {header!r} announces {count} paths but lists {len(items)}")
+        for item in items:
+            if section == "build" and not item.endswith(".drv"):
+                raise RemoteError(f"{what}: {item!r} under {header!r} is not a .drv path")
+            if item not in found[section]:
+                found[section].append(item)
+
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        header = _match_header(stripped, headers)
+        if header is not None:
+            close()
+            section, count = header
+            current = (stripped, section, count, [])
+            continue
+        if current is not None:
+            item = _PLAN_ITEM.fullmatch(raw)
+            if item is not None:
+                current[3].append(item.group(1))
+                continue
+            close()
+            current = None
+    close()
+    return DryRun(tuple(found["build"]), tuple(found["download"]), tuple(found["unknown"]))
+
+
+def _match_header(line: str, headers: Sequence[PlanHeader]) -> tuple[str, int | None] | None:
+    for header in headers:
+        match = header.pattern.fullmatch(line)
+        if match is not None:
+            count = match.groupdict().get("count")
+            return header.section, int(count) if count is not None else None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Build failures. Guix's daemon (nix/libstore/build.cc in Guix) and Nix's share these messages;
+# each pattern cites where its text comes from.
+
+# Guix nix/libstore/build.cc and Nix src/libstore/build/worker.cc, Worker::waitForInput:
+#   "%1% timed out after %2% seconds of silence" / "%1% timed out after %2% seconds"
+# where %1% is the goal name ("building of `X'" in Guix, "building of 'X!*' from .drv file" in
+# Nix 2.8, "building derivation 'X'" in newer Nix).
+_SILENT = re.compile(r"timed out after (?P<seconds>\d+) seconds of silence")
+_TIMEOUT = re.compile(r"timed out after (?P<seconds>\d+) seconds(?! of silence)")
+# Daemons quote paths as `X' (old Guix, Nix 1.x), \u2018X\u2019 (Guix since 2015) or 'X' (Nix 2).
+_OPEN = "[`'\u2018\"]"
+_CLOSE = "['\u2019\"]"
+_QUOTED_DRV = _OPEN + "(?P<drv>[^'\u2019\"\\s]+)" + _CLOSE
+# Guix nix/libstore/build.cc DerivationGoal::haveDerivation: "cannot build missing derivation
+# \u2018%1%\u2019" (older Guix: `%1%'); Nix src/libstore/build/derivation-goal.cc: "... '%s'".
+_MISSING = re.compile("cannot build missing derivation " + _QUOTED_DRV, re.I)
+# Guix nix/libstore/build.cc: BuildError(format("builder for `%1%' %2%") % drvPath %
+# statusToString(status)); Nix 2.8 src/libstore/build/local-derivation-goal.cc: "builder for
+# '%s' %s". statusToString (libutil/util.cc): "failed with exit code %1%", "failed due to signal
+# %1% (%2%)", "died abnormally".
+_STATUS = (
+    r"(?P<status>failed with exit code (?P<code>\d+)"
+    r"|failed due to signal (?P<signal>\d+)(?: \([^)\n]*\))?|died abnormally)"
+)
+_BUILDER_FOR = re.compile("builder for " + _QUOTED_DRV + " " + _STATUS)
+# Nix >= 2.30 src/libstore/build/derivation-building-goal.cc fixupBuilderFailureErrorMessage:
+#   "Cannot build '%s'.\nReason: builder %s."
+_CANNOT_BUILD = re.compile(r"Cannot build '(?P<drv>[^'\s]+)'\.\s*Reason: builder " + _STATUS)
+# Guix nix/libstore/build.cc Worker::run / buildPaths: "build of %1% failed" % showPaths(failed),
+# printed by the client as "guix build: error: build of `X' failed".
+_BUILD_OF = re.compile("build of (?P<drvs>" + _OPEN + "[^\n]*?" + _CLOSE + ") failed")
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.-]+(?: [\w.-]+)?: )?error: (?P<message>.+)$", re.M)
+
+_REASON_LIMIT = 300
+
+
+def classify_failure(
+    exit_status: int | None,
+    log_tail: bytes,
+    *,
+    failed_statuses: frozenset[int] = frozenset(),
+    timeout_statuses: frozenset[int] = frozenset(),
+) -> tuple[FailureKind, str]:
+    """(kind, one-line reason) from the end of a build log and the command's exit status."""
+    if isinstance(log_tail, bytes | bytearray | memoryview):
+        text = strip_ansi(bytes(log_tail).decode("utf-8", errors="replace"))
+    else:
+        text = ""
+
+    silent = _last(_SILENT, text)
+    if silent is not None:
+        return "silent", f"timed out after {silent['seconds']} seconds of silence"
+    timeout = _last(_TIMEOUT, text)
+    if timeout is not None:
+        return "timeout", f"timed out after {timeout['seconds']} seconds"
+    missing = _last(_MISSING, text)
+    if missing is not None:
+        return "missing-derivation", f"cannot build missing derivation {missing['drv']}"
+    builder = _last_of((_BUILDER_FOR, _CANNOT_BUILD), text)
+    if builder is not None:
+        return "failed", _one_line(f"builder for {builder['drv']} {builder['status']}")
+    build_of = _last(_BUILD_OF, text)
+    if build_of is not None:
+        drvs = re.sub(_OPEN + "|" + _CLOSE, "", build_of["drvs"])
+        return "failed", _one_line(f"build of {drvs} failed (builder exit code not reported)")
+    error = _last(_ERROR_LINE, text)
+    status = "no exit status" if exit_status is None else f"exit status {exit_status}"
+    detail = error["message"].strip() if error is not None else None
+    if exit_status is not None and exit_status in timeout_statuses:
+        return "timeout", _one_line(f"{detail or 'build timed out'} ({status})")
+    if exit_status is not None and exit_status in failed_statuses:
+        return "failed", _one_line(
+            f"{detail or 'build failed, builder exit code not reported'} ({status})"
+        )
+    if detail is not None:
+        return "other", _one_line(f"{detail} ({status})")
+    return "other", f"build command ended with {status}"
+
+
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    match = None
+    for match in pattern.finditer(text):  # noqa: B007 - we want the last one
+        pass
+    return match
+
+
+def _last_of(patterns: Iterable[re.Pattern[str]], text: str) -> re.Match[str] | None:
+    best: re.Match[str] | None = None
+    for pattern in patterns:
+        match = _last(pattern, text)
+        if match is not None and (best is None or match.start() > best.start()):
+            best = match
+    return best
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    if len(text) > _REASON_LIMIT:
+        text = text[: _REASON_LIMIT - 1] + "…"
+    return text

@@ -1,0 +1,3 @@
+"""The `buildfarm run` service: startup, main loop and shutdown (service.py), its machines
+(fleet.py), which build goes where (scheduler.py), one attempt's steps (attempt.py), hooks,
+metrics, the run lock, the live view, and the coordinator's own store (localstore.py)."""
