@@ -7,8 +7,8 @@ works on it: 16 machines' worth of slots, each decision `scheduler.allocate` for
 (timed), each completion `attempts.succeed` (timed, it recounts the dependants' waiting_on).
 Past a warm-up (the bootstrap chains), D decisions are timed.
 
-The peer is the scheduling rule (ARCHITECTURE.md step 2) asked directly, as the scheduler did before migration
-3: the first queued build, in priority order, with no queued or running input build (a NOT
+The peer is the scheduling rule (ARCHITECTURE.md step 2) asked directly, as the scheduler did before
+migration 3: the first queued build, in priority order, with no queued or running input build (a NOT
 EXISTS test per queued build, in order): timed on the same datastore, same moment.
 
 Datastores are named by URL, so either engine works; suite.py copies the SQLite datastore into

@@ -70,7 +70,8 @@ def offered(slot: scheduler.Slot, now: float) -> list[str]:
 
 
 def reference(slot: scheduler.Slot, now: float) -> list[str]:
-    """The scheduling rule (ARCHITECTURE.md step 2), as one direct query (linear in the queue: the tests' yardstick)."""
+    """The scheduling rule (ARCHITECTURE.md step 2), as one direct query (linear in the queue:
+    the tests' yardstick)."""
     db = database_proxy.obj
     p = db.param
     systems = ", ".join([p] * len(slot.systems))
