@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+import needs
 import pytest
 from engines import (
     ENGINES,
@@ -28,7 +29,6 @@ from engines import (
 )
 from testbed import (
     DEFAULT_HOSTS,
-    ENV_REQUIRED,
     Host,
     Testbed,
     TestbedError,
@@ -40,9 +40,7 @@ _TESTBED_FIXTURES = {"testbed", "hosts", "private_nix"}
 
 
 def _unavailable(problem: str) -> NoReturn:
-    if os.environ.get(ENV_REQUIRED) == "1":
-        pytest.fail(f"the test bed is required under scripts/test: {problem}", pytrace=False)
-    pytest.skip(f"test bed unavailable: {problem}; run `bash scripts/test` as root")
+    needs.unavailable(f"the test bed: {problem}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 import shlex
 import shutil
@@ -20,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
+from guix_emulator import install_emulator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -504,12 +505,6 @@ def test_export_to_temp_names_the_file_it_wrote(
 _ISOLATE = 'mount --bind "$0" /nix && exec "$@"'
 
 
-def _unavailable(problem: str) -> None:
-    if os.environ.get("BUILDFARM_TESTBED") == "1":
-        pytest.fail(f"needed under scripts/test: {problem}", pytrace=False)
-    pytest.skip(problem)
-
-
 @dataclass
 class Store:
     """A private Nix store: every command runs with `nix_dir` bind-mounted on /nix."""
@@ -563,7 +558,7 @@ def _store_problem() -> str | None:
 def _make_store(root: Path, extra_env: Mapping[str, str] | None = None) -> Store:
     problem = _store_problem()
     if problem is not None:
-        _unavailable(problem)
+        needs.unavailable(problem)
     for sub in ("nix", "conf", "home"):
         (root / sub).mkdir(parents=True)
     (root / "conf" / "nix.conf").write_text(NIX_CONF)
@@ -581,7 +576,7 @@ def _make_store(root: Path, extra_env: Mapping[str, str] | None = None) -> Store
     store = Store(root / "nix", env)
     probe = store.run(["nix-store", "--version"])
     if probe.returncode != 0:
-        _unavailable(f"cannot run Nix in a private mount namespace: {probe.stderr.decode()}")
+        needs.unavailable(f"cannot run Nix in a private mount namespace: {probe.stderr.decode()}")
     return store
 
 
@@ -631,25 +626,11 @@ def nix_machine(store: Store) -> Machine:
     return Machine(NIX, store)
 
 
-def _guix_emulator() -> Callable[[Path], Path] | None:
-    for module_name in ("tests.guix_emulator", "guix_emulator"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        install: Callable[[Path], Path] = module.install_emulator
-        return install
-    return None
-
-
 def _guix_machine(root: Path) -> Machine:
-    install = _guix_emulator()
-    if install is None:
-        _unavailable("the Guix emulator (tests/guix_emulator) is not available")
-    assert install is not None
+    needs.libgcrypt()
     bin_dir = root / "guix-bin"
     bin_dir.mkdir(parents=True)
-    guix = Path(install(bin_dir))
+    guix = install_emulator(bin_dir)
     config = root / "guix-config"
     config.mkdir()
     env = {"GUIX_CONFIGURATION_DIRECTORY": str(config)}
@@ -771,8 +752,6 @@ def test_nar_hash_matches_the_nar(machine: Machine) -> None:
         machine.ok(backend.build(drv, max_silent_time=None, timeout=None)).stdout
     )
     answer = machine.run(backend.nar_hash(output))
-    if answer.returncode == 2 and answer.stderr.startswith(b"guix-emulator: "):
-        pytest.skip("the Guix emulator does not emulate `guix hash`")
     assert answer.returncode == 0, answer.stderr
     digest, size = backend.parse_nar_hash(answer.stdout)
     nar = store.check(["nix-store", "--dump", output])

@@ -65,7 +65,7 @@ def guix_hosts(testbed: Testbed, coordinator_key: SigningKey) -> Iterator[dict[s
     """Two guix hosts: one authorizes the coordinator's key, the other does not."""
     made = {
         "trusting": testbed.add_guix_host(f"guix-t-{token()[:6]}",
-                                          authorized=[coordinator_key.public_bytes]),
+                                          authorized=[coordinator_key.guix_public_sexp()]),
         "wary": testbed.add_guix_host(f"guix-w-{token()[:6]}", authorized=[]),
     }
     try:

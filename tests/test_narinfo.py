@@ -10,12 +10,15 @@ of guix/narinfo.scm's `valid-narinfo?`. Nix: narinfos written and signed by Nix 
 from __future__ import annotations
 
 import base64
-import ctypes
 import hashlib
 from dataclasses import replace
 from pathlib import Path
 
+import needs
 import pytest
+from guix_emulator import gcrypt
+from guix_emulator.gcrypt import Sexp
+from guix_emulator.pki import hash_data
 
 from buildfarm.errors import ArchiveError
 from buildfarm.formats import narinfo as ni
@@ -28,46 +31,19 @@ DEP = "/gnu/store/5qn9lblnzjgza2vb23kwaclrcxnska2z-dep"
 TOP_HASH = "sha256:17b1gfk75b5qawgl2phjcj0fqwqxfgyh2rhjgj5fyyhaflcq9j2f"
 
 
-def _libgcrypt() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL("libgcrypt.so.20")
-    except OSError:
-        return None
-    lib.gcry_check_version.restype = ctypes.c_char_p
-    lib.gcry_check_version.argtypes = [ctypes.c_char_p]
-    lib.gcry_check_version(None)
-    lib.gcry_sexp_new.restype = ctypes.c_uint
-    lib.gcry_sexp_new.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p,
-                                  ctypes.c_size_t, ctypes.c_int]
-    lib.gcry_sexp_find_token.restype = ctypes.c_void_p
-    lib.gcry_sexp_find_token.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-    lib.gcry_pk_verify.restype = ctypes.c_uint
-    lib.gcry_pk_verify.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    return lib
-
-
-LIBGCRYPT = _libgcrypt()
-
-
 def libgcrypt_accepts(narinfo_text: str, public_sexp: str) -> bool:
     """What Guix does with a narinfo's Signature: the hash of the text above it, checked by
     gcry_pk_verify against the sig-val, for the authorized public key."""
-    lib = LIBGCRYPT
-    if lib is None:
-        pytest.skip("libgcrypt.so.20 is not installed (Debian package libgcrypt20)")
+    needs.libgcrypt()
     index = narinfo_text.index("Signature:")
     digest = hashlib.sha256(narinfo_text[:index].encode()).digest()
     line = narinfo_text[index:].split("\n", 1)[0]
-    signature = base64.b64decode(line.split(";")[2])
-
-    def new(text: bytes) -> ctypes.c_void_p:
-        handle = ctypes.c_void_p()
-        assert lib.gcry_sexp_new(ctypes.byref(handle), text, len(text), 1) == 0
-        return handle
-
-    sig_val = lib.gcry_sexp_find_token(new(signature), b"sig-val", 7)
-    data = new(b"(data (flags rfc6979) (hash sha256 #" + digest.hex().encode() + b"#))")
-    return lib.gcry_pk_verify(sig_val, data, new(public_sexp.encode())) == 0
+    signature = Sexp.parse(base64.b64decode(line.split(";")[2]))
+    public = Sexp.parse(public_sexp)
+    assert signature is not None and public is not None
+    sig_val = signature.find("sig-val")
+    assert sig_val is not None
+    return gcrypt.verify(sig_val, hash_data(digest), public)
 
 
 def guix_signature(unsigned_info: str) -> str:

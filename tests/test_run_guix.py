@@ -21,7 +21,12 @@ from farm import Farm, chain, token, wait_for
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
 from buildfarm.formats import nar
-from buildfarm.formats.signing import SigningKey, save_key, verify_guix
+from buildfarm.formats.signing import (
+    SigningKey,
+    guix_public_key_from_sexp,
+    save_key,
+    verify_guix,
+)
 
 FULL_STEPS = [
     "push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",
@@ -44,7 +49,7 @@ def guix_bed(testbed: Testbed, coordinator_key: SigningKey) -> Iterator[Testbed]
     bed = Testbed()
     try:
         for name in ("guix-a", "guix-b"):
-            bed.add_guix_host(name, authorized=[coordinator_key.public_bytes])
+            bed.add_guix_host(name, authorized=[coordinator_key.guix_public_sexp()])
         bed.add_host("nix-c")
         for host in bed.hosts:
             # A fresh Nix store makes its gcroots symlinks on first use; two commands doing
@@ -122,8 +127,9 @@ def test_chain_across_guix_machines_pushes_a_signed_leaf(
     assert record["deriver"] == leaf
     signed = nar.export_trailer(leaf_out, record["refs"].split(), record["deriver"])
     digest = hashlib.sha256(stored_nar(farm.state, leaf_out).read_bytes() + signed).digest()
-    assert first.guix_key is not None
-    verify_guix(record["signature"], digest, [first.guix_key.public_bytes])
+    assert first.guix_public_key is not None
+    first_key = guix_public_key_from_sexp(first.guix_public_key)
+    verify_guix(record["signature"], digest, [first_key])
 
     write_inventory(farm, {second: {}})
     (top_build,) = farm.submit(top)
@@ -136,7 +142,7 @@ def test_chain_across_guix_machines_pushes_a_signed_leaf(
     assert [s["name"] for s in attempt["steps"]] == FULL_STEPS
     # guix-b authorizes only the coordinator's key, not guix-a's: the leaf's output reached it
     # re-signed by the coordinator, from the output store; it was not rebuilt there.
-    assert first.guix_key.public_bytes != coordinator_key.public_bytes
+    assert first_key != coordinator_key.public_bytes
     assert second.local_path(leaf_out).read_text() == f"leaf-{tag}\n"
     assert not build_log_exists(second, leaf)
     assert build_log_exists(second, top)
@@ -197,7 +203,8 @@ def test_a_machine_that_does_not_trust_the_coordinator_is_a_setup_failure(
     stranger = SigningKey.generate()
     host = next((h for h in guix_bed.hosts if h.name == "guix-untrusting"), None)
     if host is None:
-        host = guix_bed.add_guix_host("guix-untrusting", authorized=[stranger.public_bytes])
+        host = guix_bed.add_guix_host("guix-untrusting",
+                                      authorized=[stranger.guix_public_sexp()])
     guix_bed.ensure_running()
     write_inventory(farm, {host: {}})
     (build,) = farm.submit(drv)

@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 from farm import Farm, chain, token, wait_for
 from test_web import EventStream, WebServer
-from testbed import ENV_REQUIRED, Host, Testbed, instantiate, nix_expr_trivial
+from testbed import Host, Testbed, instantiate, nix_expr_trivial
 
 BROWSER_DIR = Path(__file__).parent / "browser"
 DOCS = Path(__file__).parent.parent / "docs"
@@ -31,19 +32,13 @@ NODE_TIMEOUT = 240
 LATE = 25  # seconds after its submission that the late build may start
 
 
-def _unavailable(problem: str) -> None:
-    if os.environ.get(ENV_REQUIRED) == "1":
-        pytest.fail(f"browser tests need {problem} (scripts/test installs it)", pytrace=False)
-    pytest.skip(f"browser tests need {problem}")
-
-
 @pytest.fixture(scope="module")
 def playwright() -> Path:
     """tests/browser/node_modules with playwright-core, installed from the lock file once."""
     if shutil.which("node") is None or shutil.which("npm") is None:
-        _unavailable("node and npm (apt-get install nodejs npm)")
+        needs.unavailable("node and npm", "apt-get install nodejs npm")
     if not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"Debian's Chromium at {CHROMIUM} (apt-get install chromium)")
+        needs.unavailable(f"Debian's Chromium at {CHROMIUM}", "apt-get install chromium")
     lock = json.loads((BROWSER_DIR / "package-lock.json").read_text())
     wanted = lock["packages"]["node_modules/playwright-core"]["version"]
     installed = BROWSER_DIR / "node_modules" / "playwright-core" / "package.json"
@@ -54,7 +49,7 @@ def playwright() -> Path:
             cwd=BROWSER_DIR, env=env, capture_output=True, text=True, timeout=300, check=False,
         )
         if done.returncode != 0:
-            _unavailable(f"playwright-core from npm ({done.stderr.strip()[-500:]})")
+            needs.unavailable(f"playwright-core from npm ({done.stderr.strip()[-500:]})")
     return BROWSER_DIR
 
 

@@ -33,8 +33,6 @@ from typing import Any
 import yaml
 from guix_emulator import copy_sources, install_emulator
 
-from buildfarm.formats.signing import SigningKey, guix_acl_sexp, save_key
-
 TEST_USER = "bftest"
 LOOPBACK = "127.0.0.1"
 SSHD = "/usr/sbin/sshd"
@@ -298,7 +296,7 @@ class Host:
         # sshd SetEnv of this host only, over the test bed's (e.g. PATH for the guix emulator).
         self.env: dict[str, str] = dict(env or {})
         self.store = "nix"  # what its `store:` in an inventory is ("guix" for add_guix_host)
-        self.guix_key: SigningKey | None = None  # a guix host's own signing key
+        self.guix_public_key: str | None = None  # a guix host's signing-key.pub
         self.directory = testbed.directory / name
         self.directory.mkdir(mode=0o755)
         self.host_key = self.directory / "ssh_host_ed25519_key"
@@ -357,14 +355,27 @@ class Host:
         """A guix host's GUIX_CONFIGURATION_DIRECTORY (signing key pair, acl)."""
         return self.directory / "guix"
 
-    def authorize_guix_keys(self, keys: Sequence[bytes]) -> None:
-        """Make the guix host's ACL authorize exactly ``keys`` (Ed25519 public keys)."""
-        self._write_guix_file("acl", guix_acl_sexp(keys), 0o644)
+    def authorize_guix_keys(self, keys: Sequence[str]) -> None:
+        """Make the guix host's ACL authorize exactly ``keys`` (public-key s-expressions, as
+        `buildfarm key show --format guix` prints them): `guix archive --authorize` of each,
+        over an empty ACL."""
+        _write_atomically(self.guix_dir / "acl", "(acl)\n", 0o644)
+        for key in keys:
+            self.guix_as_root("archive", "--authorize", stdin=key.encode())
+        self._give_guix_files()
 
-    def _write_guix_file(self, name: str, text: str, mode: int) -> None:
-        path = self.guix_dir / name
-        _write_atomically(path, text, mode)
-        os.chown(path, self.testbed.account.pw_uid, self.testbed.account.pw_gid)
+    def guix_as_root(self, *args: str, stdin: bytes = b"") -> None:
+        """Run the emulator on this host's configuration directory, as the test process."""
+        guix = self.testbed.guix_bin_dir() / "guix"
+        env = {**os.environ, "GUIX_CONFIGURATION_DIRECTORY": str(self.guix_dir)}
+        done = subprocess.run([str(guix), *args], input=stdin, env=env, capture_output=True,
+                              check=False)
+        if done.returncode != 0:
+            raise TestbedError(f"guix {' '.join(args)}: {done.stderr.decode(errors='replace')}")
+
+    def _give_guix_files(self) -> None:
+        for path in self.guix_dir.iterdir():
+            os.chown(path, self.testbed.account.pw_uid, self.testbed.account.pw_gid)
 
     def local_path(self, store_path: str) -> Path:
         """Where the host's ``/nix/store/...`` path is, seen from the test process."""
@@ -624,11 +635,12 @@ class Testbed:
         return host
 
     def add_guix_host(
-        self, name: str | None = None, *, authorized: Sequence[bytes] = (), start: bool = True
+        self, name: str | None = None, *, authorized: Sequence[str] = (), start: bool = True
     ) -> Host:
         """A new host whose ``guix`` is the emulator (tests/guix_emulator) over its private
-        Nix store: its own Guix signing key pair (``host.guix_key``) and an ACL authorizing
-        the Ed25519 public keys ``authorized`` (e.g. the coordinator's), in ``host.guix_dir``.
+        Nix store: its own Guix signing key pair, made by `guix archive --generate-key`
+        (``host.guix_public_key``), and an ACL authorizing the public keys ``authorized``
+        (e.g. the coordinator's), in ``host.guix_dir``.
         """
         host = self.add_host(name, start=False, env={
             "PATH": f"{self.guix_bin_dir()}:/usr/local/bin:/usr/bin:/bin",
@@ -637,13 +649,8 @@ class Testbed:
         host.env["GUIX_CONFIGURATION_DIRECTORY"] = str(host.guix_dir)
         host.guix_dir.mkdir(mode=0o755)
         os.chown(host.guix_dir, self.account.pw_uid, self.account.pw_gid)
-        key = SigningKey.generate()
-        # As `guix archive --generate-key` writes them, plus the seed the emulator signs with.
-        host._write_guix_file("signing-key.pub", key.guix_public_sexp(), 0o444)
-        host._write_guix_file("signing-key.sec", key.guix_private_sexp(), 0o400)
-        secret = save_key(key, host.guix_dir)
-        os.chown(secret, self.account.pw_uid, self.account.pw_gid)
-        host.guix_key = key
+        host.guix_as_root("archive", "--generate-key")
+        host.guix_public_key = (host.guix_dir / "signing-key.pub").read_text()
         host.authorize_guix_keys(authorized)
         if start:
             host.start()
@@ -652,8 +659,8 @@ class Testbed:
     def guix_bin_dir(self) -> Path:
         """A directory holding the emulator's ``guix`` (installed on first use).
 
-        The emulator and buildfarm's sources are copied into the test bed's directory, which
-        bftest can read (the repository and the virtualenv may not be), and compiled there.
+        The emulator's sources are copied into the test bed's directory, which bftest can read
+        (the repository and the virtualenv may not be), and compiled there.
         """
         root = self.directory / "guix-emulator"
         bin_dir = root / "bin"
@@ -664,7 +671,7 @@ class Testbed:
                 raise TestbedError(f"cannot compile the guix emulator: {done.stdout.strip()}")
             for path in source.rglob("*.pyc"):
                 path.chmod(0o644)
-            install_emulator(bin_dir, python=GUIX_PYTHON, project=source)
+            install_emulator(bin_dir, python=GUIX_PYTHON, root=source)
             root.chmod(0o755)
         return bin_dir
 

@@ -487,39 +487,6 @@ def _gcry_verify(
     return False
 
 
-def guix_acl_sexp(keys: Iterable[bytes]) -> str:
-    """/etc/guix/acl authorizing `keys`, in advanced format as `guix archive --authorize` writes
-    it (keys in the given order, duplicates removed)."""
-    entries: list[sexp.Sexp] = [b"acl"]
-    seen: set[bytes] = set()
-    for key in keys:
-        if key not in seen:
-            seen.add(key)
-            entries.append((b"entry", _public_key_sexp(key), (b"tag", (b"guix", b"import"))))
-    return _text(tuple(entries))
-
-
-def guix_acl_public_keys(text: str | bytes) -> list[bytes]:
-    """The Ed25519 keys (q) an ACL authorizes for imports; other key types are skipped."""
-    try:
-        acl = sexp.parse(text)
-    except sexp.SexpError as error:
-        raise SignatureError("key", f"invalid access-control list: {error}") from None
-    if acl[0] != b"acl":
-        raise SignatureError("key", "invalid access-control list: it does not start with 'acl'")
-    keys = []
-    for entry in acl[1:]:
-        match entry:
-            case (b"entry", subject, (b"tag", (b"guix", b"import"))):
-                try:
-                    keys.append(guix_public_key_from_sexp(sexp.canonical(subject)))
-                except SignatureError:
-                    continue
-            case _:
-                raise SignatureError("key", "invalid access-control list entry")
-    return keys
-
-
 # --- Narinfo ----------------------------------------------------------------------------------
 
 _NIX32_ALPHABET = frozenset("0123456789abcdfghijklmnpqrsvwxyz")

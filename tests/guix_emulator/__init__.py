@@ -1,6 +1,10 @@
 """A test double of the `guix` command (see guix.py): Guix's messages, Nix's store underneath.
 
-`install_emulator` puts a `guix` on a test build host's PATH; `copy_sources` copies what it runs
+It shares no code with buildfarm, the program it judges: its .drv reader, nars and export
+bundles, keys, ACL and signatures (on libgcrypt, as Guix's own) are its own, read from Guix's
+source. tests/test_guix_emulator.py checks that nothing here imports buildfarm.
+
+`install_emulator` puts a `guix` on a test build host's PATH; `copy_sources` copies the emulator
 to a place the host's (unprivileged) user can read.
 """
 
@@ -11,40 +15,34 @@ import shutil
 import sys
 from pathlib import Path
 
-EMULATOR = Path(__file__).resolve().with_name("guix.py")
-PROJECT = EMULATOR.parents[2]  # the directory holding the buildfarm package
-_EMULATOR_IN_PROJECT = EMULATOR.relative_to(PROJECT)  # tests/guix_emulator/guix.py
+PACKAGE = Path(__file__).resolve().parent
 
 
-def install_emulator(
-    bin_dir: Path, python: str = sys.executable, project: Path = PROJECT
-) -> Path:
-    """Write an executable `bin_dir/guix` that runs the emulator with `python`; return it.
+def install_emulator(bin_dir: Path, python: str = sys.executable, root: Path = PACKAGE.parent
+                     ) -> Path:
+    """Write an executable `bin_dir/guix` that runs `root/guix_emulator/guix.py` with `python`.
 
-    The emulator needs only the standard library and buildfarm, which the wrapper puts on
-    PYTHONPATH: any Python >= 3.11 the host's user may run will do (e.g. /usr/bin/python3 when
-    the virtualenv's interpreter is not readable by that user). `project` is where the wrapper
-    finds `buildfarm/` and `tests/guix_emulator/` (e.g. a `copy_sources` copy).
+    The emulator needs only the standard library and libgcrypt: any Python >= 3.11 the host's
+    user may run will do (e.g. /usr/bin/python3 when the virtualenv's interpreter is not
+    readable by that user). `root` is the directory holding `guix_emulator/` (by default the
+    tests directory; or a `copy_sources` copy).
     """
-    emulator = project / _EMULATOR_IN_PROJECT
     bin_dir.mkdir(parents=True, exist_ok=True)
     wrapper = bin_dir / "guix"
-    wrapper.write_text(
-        f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(project))}${{PYTHONPATH:+:$PYTHONPATH}}\n"
-        f'export PYTHONPATH\nexec {shlex.quote(python)} {shlex.quote(str(emulator))} "$@"\n')
+    program = root / PACKAGE.name / "guix.py"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(python)} {shlex.quote(str(program))} "$@"\n')
     wrapper.chmod(0o755)
     return wrapper
 
 
 def copy_sources(target: Path) -> Path:
-    """Copy the buildfarm package and the emulator under `target` (world-readable); return it.
+    """Copy the emulator under `target` (world-readable); return `target`.
 
     For hosts whose user cannot read the repository (CI may clone it under /root): pass the
-    result to `install_emulator(..., project=target)`.
+    result to `install_emulator(..., root=target)`.
     """
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(PROJECT / "buildfarm", target / "buildfarm", ignore=ignore)
-    shutil.copytree(EMULATOR.parent, target / _EMULATOR_IN_PROJECT.parent, ignore=ignore)
+    shutil.copytree(PACKAGE, target / PACKAGE.name,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for path in (target, *target.rglob("*")):
         path.chmod(0o755 if path.is_dir() else 0o644)
     return target

@@ -15,8 +15,7 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 
-from buildfarm.errors import BuildfarmError
-from buildfarm.formats import derivation
+from guix_emulator.derivation import Derivation, read_derivation
 from guix_emulator.options import (
     BUILD_OPTIONS,
     HELP_VERSION,
@@ -63,37 +62,31 @@ def verbosity_of(parsed: Parsed) -> int:
     return level
 
 
-def read_drv(path: str) -> derivation.Derivation:
-    try:
-        return derivation.read(path)
-    except BuildfarmError as error:
-        raise Leave(str(error)) from None
-
-
-def build_plan(tops: Sequence[tuple[str, derivation.Derivation]]) -> list[str]:
-    """[D] derivation-build-plan (no substitutes): the .drv files to build, in Guix's order."""
+def build_plan(tops: Sequence[tuple[str, Derivation]]) -> list[str]:
+    """[D] derivation-build-plan with no substitutes (the oracle answers #f for every item):
+    the .drv files to build, in Guix's order."""
     drvs = dict(tops)
     queue = list(drvs)
     while queue:
-        for path, _ in drvs[queue.pop()].input_drvs:
+        for path, _ in drvs[queue.pop()].inputs:
             if path not in drvs:
-                drvs[path] = read_drv(path)
+                drvs[path] = read_derivation(path)
                 queue.append(path)
-    invalid = invalid_paths(o.path for d in drvs.values() for o in d.outputs)
+    invalid = invalid_paths(p for d in drvs.values() for p in d.output_paths)
     plan: list[str] = []
     visited: set[tuple[str, tuple[str, ...]]] = set()
-    work = deque((p, tuple(o.name for o in d.outputs)) for p, d in tops)
+    work = deque((p, tuple(name for name, _ in d.outputs)) for p, d in tops)
     while work:
         key = work.popleft()
         path, outputs = key
         if key in visited:
             continue
         visited.add(key)
-        paths = drvs[path].output_paths
+        paths = dict(drvs[path].outputs)
         if all(paths.get(name) not in invalid for name in outputs):
             continue  # input-built?
         plan.append(path)
-        work.extendleft(reversed(drvs[path].input_drvs))  # (append deps rest)
+        work.extendleft(reversed(drvs[path].inputs))  # (append deps rest)
     return plan
 
 
@@ -119,7 +112,7 @@ class BuildReport:
     """Turns `nix-store --realise --log-format internal-json` events into Guix's stderr: the
     daemon's lines ([BC]) and the client's status lines at a verbosity ([ST] print-build-event)."""
 
-    def __init__(self, verbosity: int, drvs: dict[str, derivation.Derivation]) -> None:
+    def __init__(self, verbosity: int, drvs: dict[str, Derivation]) -> None:
         self.verbosity = verbosity
         self.drvs = drvs
         self.ids: dict[int, str] = {}
@@ -129,9 +122,9 @@ class BuildReport:
         self.failed: set[str] = set()
         self.errors: list[str] = []
 
-    def derivation(self, path: str) -> derivation.Derivation:
+    def derivation(self, path: str) -> Derivation:
         if path not in self.drvs:
-            self.drvs[path] = read_drv(path)
+            self.drvs[path] = read_derivation(path)
         return self.drvs[path]
 
     def daemon(self, line: str) -> None:
@@ -166,7 +159,7 @@ class BuildReport:
         self.building.remove(drv)
         if drv in self.reasons:
             self.build_failed(drv)
-        elif not invalid_paths(o.path for o in self.derivation(drv).outputs):
+        elif not invalid_paths(self.derivation(drv).output_paths):
             if self.verbosity >= 3:
                 say(f"successfully built {drv}\n")  # [ST] build-succeeded, print-log?
             if self.building and self.verbosity >= 1:
@@ -272,12 +265,12 @@ def cmd_build(argv: Sequence[str]) -> int:
     verbosity = verbosity_of(parsed)
     # [B] options->things-to-build walks the operands in alist order, i.e. the last one
     # first: that is the order of the plan's top level and of the outputs on stdout.
-    drvs: list[tuple[str, derivation.Derivation]] = []
+    drvs: list[tuple[str, Derivation]] = []
     for spec in parsed.operands:
         if spec.endswith(".drv"):
             if os.path.exists(spec):  # a missing .drv "can be substituted down the road"
                 path = os.path.realpath(spec)
-                drvs.append((path, read_drv(path)))
+                drvs.append((path, read_derivation(path)))
         elif not in_store(spec):
             raise Leave(f"{spec}: unknown package")  # (gnu packages) specification->package
     # Non-.drv store items only ask the daemon to substitute them: a no-op here either way
@@ -300,5 +293,5 @@ def cmd_build(argv: Sequence[str]) -> int:
     if plan or missing:
         realise([p for p, _ in drvs] + missing, parsed, BuildReport(verbosity, dict(drvs)))
     for _, drv in drvs:  # [UI] show-derivation-outputs, derivation-output-names order
-        sys.stdout.write("".join(f"{o.path}\n" for o in drv.outputs))
+        sys.stdout.write("".join(f"{path}\n" for path in drv.output_paths))
     return 0

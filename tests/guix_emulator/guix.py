@@ -5,27 +5,33 @@ by running its exact command lines over real SSH.  This program answers them the
 (1.4-era, Millak/guix sources) does: same stdout, stderr lines and exit status, each message
 citing its source.  [B] guix/scripts/build.scm, [A] guix/scripts/archive.scm, [GC]
 guix/scripts/gc.scm, [UI] guix/ui.scm, [SC] guix/scripts.scm, [ST] guix/status.scm, [S]
-guix/store.scm, [D] guix/derivations.scm, [AU] guix/scripts/authenticate.scm, [PKI] guix/pki.scm,
+guix/store.scm, [D] guix/derivations.scm, [SER] guix/serialization.scm, [AU]
+guix/scripts/authenticate.scm, [PKI] guix/pki.scm, [GG] guile-gcrypt's gcrypt/pk-crypto.scm,
 [37] Guile's srfi-37.scm, and the daemon's nix/libstore/ [BC] build.cc, [LS] local-store.cc,
-[GCC] gc.cc, [SA] store-api.cc.  The builds, queries, exports and imports themselves are done by
-`nix-store` on the host's store (NIX_STORE_DIR, default /nix/store).
+[GCC] gc.cc, [SA] store-api.cc, nix/libutil/ [AR] archive.cc, [SZ] serialise.cc.  The builds,
+queries, deletions and the final step of an import are done by `nix-store` on the host's store
+(NIX_STORE_DIR, default /nix/store); the formats (derivation.py, serialization.py) and the
+cryptography (gcrypt.py on libgcrypt, pki.py) are the emulator's own, never buildfarm's.
 
 Emulated: `guix build`, `guix archive --export/--import/--missing/--authorize/--generate-key`,
 `guix gc --delete/--references/--requisites/--referrers/--derivers`, `guix hash` ([H]
 guix/scripts/hash.scm), `guix --version`.
 
 Emulator details, which real Guix does not have:
-- Guix's signing-key.sec holds the ECDSA scalar d; buildfarm signs from an Ed25519 seed, so the
-  key pair also needs `signing-key.secret` (buildfarm.formats.signing.save_key's file) in the config
-  directory ($GUIX_CONFIGURATION_DIRECTORY, default /etc/guix).  `--generate-key` writes it.
 - Build logs are Nix's: "View build log at" names $GUIX_LOG_DIRECTORY or $NIX_LOG_DIR/drvs/..
   (default /nix/var/log/nix).  No colours (Guix colours only a terminal), no "hint:" lines.
 - The daemon's informational lines (e.g. "[0.00 MiB] deleting '...'") are not reproduced; only
   its error-level lines are.  `gc --derivers` lists the registered deriver when it is valid.
-- An export that fails on the signing key writes nothing to stdout (Guix would already have
-  written the first item's nar).
-- Real Guix commands and options this program does not emulate exit with status 2 and a
-  "guix-emulator:" line, so a test can never mistake them for Guix behaviour.
+- Real Guix commands and options this program does not emulate, and inputs on which Guix would
+  crash with a backtrace (an unreadable .drv file), exit with status 2 and a "guix-emulator:"
+  line, so a test can never mistake them for Guix behaviour.
+
+Where to add what is not emulated yet: the daemon's conditions (a daemon that is down, a full
+disk, the GC lock) in store.py, whose functions are the only store queries; substitutes in
+build.py's `build_plan` (Guix's substitution oracle) and `realise`; garbage collection of
+unrooted paths in gc.py's `cmd_gc`, whose unemulated actions are listed in GC_OPTIONS; options
+such as --no-offload in options.py's BUILD_OPTIONS; a translated locale where `say` and the
+`Leave` handler in `main` write every message.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`guix hash [-S nar] [-H ALGO] [-f FORMAT] FILE...` ([H] guix/scripts/hash.scm).
 
 The coordinator asks a Guix machine for a store item's nar hash this way (no Guix command
-prints the stored NarHash).  The nar is buildfarm.formats.nar's serialisation, Guix's `file-hash*`.
+prints the stored NarHash).  The nar is serialization.py's, Guix's `file-hash*`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import base64
 import hashlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, cast
 
-from buildfarm.formats.nar import dump_path, nix_base32_encode
 from guix_emulator.options import (
     HELP_VERSION,
     NONE,
@@ -25,6 +23,18 @@ from guix_emulator.options import (
     show_version,
     unsupported,
 )
+from guix_emulator.serialization import ArchiveError, write_file
+
+NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # guix/base32.scm %nix-base32-charset
+
+
+def nix_base32_encode(digest: bytes) -> str:
+    """guix/base32.scm bytevector->nix-base32-string: the bits of the little-endian number,
+    five at a time, most significant group first."""
+    value = int.from_bytes(digest, "little")
+    length = (len(digest) * 8 + 4) // 5
+    return "".join(NIX_BASE32[(value >> (5 * i)) & 31] for i in reversed(range(length)))
+
 
 _ALGORITHMS = {  # (gcrypt hash) lookup-hash-algorithm names that hashlib also has
     "md5": "md5", "sha1": "sha1", "sha224": "sha224", "sha256": "sha256", "sha384": "sha384",
@@ -64,30 +74,20 @@ HASH_OPTIONS = (
     Opt(("r", "recursive"), "recursive"), *unsupported((("x", "exclude-vcs"), NONE)))
 
 
-class _HashSink:
-    """A write-only stream that hashes what is written (for dump_path)."""
-
-    def __init__(self, name: str) -> None:
-        self.hasher = hashlib.new(name)
-
-    def write(self, data: bytes) -> int:
-        self.hasher.update(data)
-        return len(data)
-
-
 def file_hash(path: str, name: str, nar: bool) -> bytes:
     try:  # [H] file-hash: a system error is "FILE STRERROR"
-        if nar:
-            sink = _HashSink(name)
-            dump_path(path, cast(BinaryIO, sink))
-            return sink.hasher.digest()
         hasher = hashlib.new(name)
+        if nar:
+            write_file(path, hasher.update)
+            return hasher.digest()
         with open(0 if path == "-" else path, "rb", closefd=path != "-") as stream:
             while chunk := stream.read(1 << 20):
                 hasher.update(chunk)
         return hasher.digest()
     except OSError as error:
         raise Leave(f"{path} {error.strerror}") from None
+    except ArchiveError as error:
+        raise Leave(str(error)) from None
 
 
 def cmd_hash(argv: Sequence[str]) -> int:

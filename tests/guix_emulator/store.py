@@ -1,7 +1,9 @@
 """The store as the Guix daemon's RPCs see it, answered by Nix's `nix-store`.
 
 Messages follow the daemon ([SA] nix/libstore/store-api.cc, [LS] local-store.cc): Guix quotes
-paths `like this', where Nix writes 'like this'.
+paths `like this', where Nix writes 'like this'.  Every store query the commands make is a
+function here, so the daemon's own conditions (one that is down, a full disk, the GC lock) have
+one place to be emulated.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from buildfarm.formats import derivation
 from guix_emulator.options import STORE, Leave
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _QUOTED_PATH = re.compile(r"'(/[^']*)'")
+# What Nix 2.8's parseStorePath accepts (src/libstore/path.cc checkName): anything else it
+# refuses outright, where Guix's daemon just answers "not valid".
+_NIX_STORE_PATH = re.compile(
+    re.escape(STORE) + r"/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]{1,211}")
 
 
 def nix_store(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -51,7 +56,7 @@ def assert_store_path(path: str) -> None:
 def invalid_paths(paths: Iterable[str]) -> set[str]:
     """The paths `valid-path?` answers #f for (anything Nix would not even parse included)."""
     unique = list(dict.fromkeys(paths))
-    bad = {p for p in unique if not derivation.is_store_path(p)}
+    bad = {p for p in unique if not _NIX_STORE_PATH.fullmatch(p)}
     candidates = [p for p in unique if p not in bad]
     for start in range(0, len(candidates), 500):
         done = nix_store("--check-validity", "--print-invalid", *candidates[start:start + 500])
@@ -65,10 +70,11 @@ def invalid_paths(paths: Iterable[str]) -> set[str]:
 class PathInfo:
     references: tuple[str, ...]
     deriver: str
+    nar_sha256: str  # base16, as the daemon's printHash writes it
 
 
 def path_infos(paths: Iterable[str]) -> dict[str, PathInfo]:
-    """References and deriver of valid paths, from `nix-store --dump-db PATHS`."""
+    """References, deriver and nar hash of valid paths, from `nix-store --dump-db PATHS`."""
     wanted = list(dict.fromkeys(paths))
     infos: dict[str, PathInfo] = {}
     for start in range(0, len(wanted), 500):
@@ -79,7 +85,8 @@ def path_infos(paths: Iterable[str]) -> dict[str, PathInfo]:
         at = 0
         while at + 4 < len(lines) and lines[at]:  # path, hash, size, deriver, count, refs...
             refs = int(lines[at + 4])
-            infos[lines[at]] = PathInfo(tuple(sorted(lines[at + 5:at + 5 + refs])), lines[at + 3])
+            infos[lines[at]] = PathInfo(tuple(sorted(lines[at + 5:at + 5 + refs])),
+                                        lines[at + 3], lines[at + 1])
             at += 5 + refs
     return infos
 
