@@ -30,6 +30,7 @@ from buildfarm.cli import cli
 from buildfarm.datastore import open_datastore
 from buildfarm.datastore.attempts import OutputRecord, record_outputs
 from buildfarm.datastore.models import Attempt, Build, Derivation
+from buildfarm.errors import ArchiveError
 from buildfarm.formats import narinfo as ni
 from buildfarm.formats.compression import Compression
 from buildfarm.formats.nar import nix_base32_encode
@@ -249,6 +250,57 @@ def test_without_a_publisher_nothing_is_published(tmp_path: Path) -> None:
     assert Path(store.nar_path(TOP)).exists()
     assert not Path(store.narinfo_path(TOP)).exists()
     assert not Path(store.root, "nar", "gzip").exists()
+
+
+def files_in(root: str) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file())
+
+
+def corrupted_top() -> bytes:
+    """The sample export with one byte of top's file contents changed: still a well-formed
+    bundle whose nar is whole, but not the nar the machine reported."""
+    export = (DATA / "top-closure.export").read_bytes()
+    top_nar = (DATA / "b929rzxqin9xa830zfpbfbgx8wajdhdn-top.nar").read_bytes()
+    at = export.index(top_nar) + top_nar.index(b"contents") + 16  # "contents", then the size
+    return export[:at] + bytes([export[at] ^ 0x20]) + export[at + 1:]
+
+
+@pytest.mark.parametrize("case", ["hash", "size", "contents", "missing", "extra"])
+def test_an_output_unlike_what_the_machine_reported_is_never_kept(
+    tmp_path: Path, case: str
+) -> None:
+    """The fetched bundle is checked against the hash and size the machine reported for each
+    output: one mismatch and nothing at all is kept or published."""
+    store = OutputStore(str(tmp_path / "outputs"), publisher())
+    said = reported()
+    bundle, expected = tmp_path / "fetched.bundle", [DEP, TOP]
+    bundle.write_bytes((DATA / "top-closure.export").read_bytes())
+    if case == "hash":
+        said[TOP] = (said[DEP][0], said[TOP][1])
+    elif case == "size":
+        said[TOP] = (said[TOP][0], (said[TOP][1] or 0) + 8)
+    elif case == "contents":
+        bundle.write_bytes(corrupted_top())
+    elif case == "missing":
+        expected = [DEP, TOP, f"/nix/store/{'0' * 32}-other"]
+    else:
+        expected = [TOP]
+    before = files_in(store.root)
+    with pytest.raises(ArchiveError, match="corrupt transfer" if case in (
+            "hash", "size", "contents") else "the bundle holds"):
+        store.import_bundle(str(bundle), expected, said, TOP_DRV)
+    assert files_in(store.root) == before
+
+
+def test_an_unknown_size_is_not_checked_but_the_hash_is(tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path / "outputs"))
+    said = {path: (nar_hash, None) for path, (nar_hash, _) in reported().items()}
+    records = store.import_bundle(str(DATA / "top-closure.export"), [DEP, TOP], said, TOP_DRV)
+    assert [r.nar_size for r in records] == [reported()[DEP][1], reported()[TOP][1]]
+    (tmp_path / "corrupt.bundle").write_bytes(corrupted_top())
+    with pytest.raises(ArchiveError, match="corrupt transfer"):
+        OutputStore(str(tmp_path / "other")).import_bundle(
+            str(tmp_path / "corrupt.bundle"), [DEP, TOP], said, TOP_DRV)
 
 
 def test_a_failed_publication_leaves_no_narinfo(tmp_path: Path) -> None:
