@@ -7,6 +7,7 @@ BUILDFARM_FAULT_BUILDS=500 BUILDFARM_FAULT_SEED=3 bash scripts/test tests/test_f
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -20,12 +21,18 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote
 
+import needs
 import pytest
+import zstandard
 from engines import ScratchDatabase
 from farm import Farm, running, token, wait_for
+from guix_emulator.gcrypt import Sexp
+from guix_emulator.pki import narinfo_signed
 from testbed import Host, Testbed, instantiate_all, nix_expr_trivial
 
 from buildfarm.formats import nar, narinfo
+from buildfarm.formats.keys import key_name
+from buildfarm.formats.signing import load_key
 
 BUILDS = int(os.environ.get("BUILDFARM_FAULT_BUILDS", "100"))
 KILLS = int(os.environ.get("BUILDFARM_FAULT_KILLS", "20"))
@@ -51,6 +58,7 @@ def farm(
     tmp_path: Path, testbed: Testbed, private_nix: Path, database: ScratchDatabase
 ) -> Farm:
     """A farm on the datastore engine under test (these tests run on every engine)."""
+    needs.libgcrypt()  # the narinfos' Guix signatures are checked with it
     farm = Farm(tmp_path / "state", tmp_path / "inventory.yaml", tmp_path / "hooks")
     farm.env["BUILDFARM_DB"] = database.url
     return farm
@@ -109,12 +117,7 @@ def check_consistent(
         if entry.is_file() and entry.name not in recorded:  # a recorded one matched its hash
             assert_whole_nar(entry)
     for info_file in outputs_dir.glob("*.narinfo"):
-        info = narinfo.parse(info_file.read_text())
-        name = os.path.basename(info.store_path)
-        assert recorded.get(name, info.nar_hash) == info.nar_hash, info_file
-        for published in info.files:
-            target = outputs_dir / unquote(published.url)
-            assert published.file_size in (None, target.stat().st_size), published
+        check_narinfo(info_file, outputs_dir, recorded)
     succeeded_outputs = database.rows(
         "SELECT o.path FROM build b JOIN derivation_output o ON o.derivation_id = b.derivation_id"
         " WHERE b.state = 'succeeded'",
@@ -129,6 +132,30 @@ def check_consistent(
         assert submitted_events[uuid] == 1, uuid
         assert success_events[uuid] == (1 if state == "succeeded" else 0), uuid
     return builds  # type: ignore[return-value]
+
+
+def check_narinfo(info_file: Path, outputs_dir: Path, recorded: dict[str, str]) -> None:
+    """A published narinfo is whole and signed (for Guix, checked with libgcrypt; for Nix) and
+    names a whole nar with its hash, the recorded one once recorded (the coordinator publishes
+    before it records), and whole compressed copies of that nar."""
+    text = info_file.read_text()
+    info = narinfo.parse(text)
+    name = os.path.basename(info.store_path)
+    key = load_key(outputs_dir.parent)
+    public = Sexp.parse(key.guix_public_sexp())
+    assert public is not None and narinfo_signed(text, [public]), info_file
+    assert narinfo.verify_nix_sigs(info, [key.nix_public(key_name(outputs_dir.parent))])
+    data = (outputs_dir / "nar" / name).read_bytes()
+    digest = "sha256:" + nar.nix_base32_encode(hashlib.sha256(data).digest())
+    assert (digest, len(data)) == (info.nar_hash, info.nar_size), info_file
+    assert recorded.get(name, digest) == digest, info_file
+    assert info.files, info_file
+    for published in info.files:
+        blob = (outputs_dir / unquote(published.url)).read_bytes()
+        assert published.file_size in (None, len(blob)), published
+        unpacked = (gzip.decompress(blob) if published.compression == "gzip" else
+                    zstandard.ZstdDecompressor().decompress(blob, max_output_size=len(data)))
+        assert unpacked == data, published
 
 
 def assert_whole_nar(path: Path) -> None:

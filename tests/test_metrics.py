@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import stat
+import time
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from farm import Background, Farm, chain, token, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from test_remote import _LongestBackoff
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
 from buildfarm.config import Settings
@@ -57,7 +59,8 @@ def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
     settings = Settings.resolve(state_dir=str(tmp_path), hooks_dir=str(tmp_path / "hooks"))
     machine = Machine(name="m1", host="h", max_builds=3, overload_threshold=0.5)
     coordinator = Coordinator(settings, Inventory("x", (machine,)), RunOptions(), LineReporter())
-    slots = MachineSlots(machine, Remote(machine), ready=True, load=0.25)
+    remote = Remote(machine, backoff_base=600.0, rng=_LongestBackoff())
+    slots = MachineSlots(machine, remote, ready=True, load=0.25)
     coordinator.machines["m1"] = slots
     coordinator.queue_depth = {"x86_64-linux": 4}
     sink = metrics.Metrics("127.0.0.1", 0)
@@ -86,12 +89,19 @@ def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
     assert value(samples, "buildfarm_machine_up", machine="m1") == 1
     assert value(samples, "buildfarm_machine_slots", machine="m1") == 3
     assert value(samples, "buildfarm_machine_load", machine="m1") == 0.25
-    slots.remote.note_failure("refused")
+    assert value(samples, "buildfarm_machine_backoff_seconds", machine="m1") == 0
+    remote.note_failure("refused")
     slots.ready = False
+    until = remote.backed_off_until
+    assert until is not None
+    before = time.time()
     samples = parse(sink.exposition().decode())
+    after = time.time()
     assert value(samples, "buildfarm_machine_up", machine="m1") == 0
     assert value(samples, "buildfarm_machine_failures", machine="m1") == 1
-    assert 0 <= value(samples, "buildfarm_machine_backoff_seconds", machine="m1") <= 1
+    # The time left of the back-off (600 s, drawn at its longest), as of the scrape.
+    assert until - after <= value(samples, "buildfarm_machine_backoff_seconds",
+                                  machine="m1") <= until - before
 
 
 def test_the_server_serves_and_stops(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Keys, the ACL and signatures as Guix handles them ([PKI] guix/pki.scm, [AU]
-guix/scripts/authenticate.scm), on libgcrypt (gcrypt.py).
+guix/scripts/authenticate.scm, [NI] guix/narinfo.scm), on libgcrypt (gcrypt.py).
 
 The daemon signs an export and checks an import by talking to `guix authenticate` ([LS]
 signHash, verifySignature); `sign_hash` and `verify_signature` are those two requests, with the
@@ -8,6 +8,9 @@ agent's replies turned into the daemon's errors.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import os
 import tempfile
 
@@ -183,3 +186,28 @@ def verify_signature(signature_text: bytes, acl: list[Sexp]) -> bytes:
     if digest is None:
         raise Leave(AGENT_DIED)  # bytevector->base16-string of #f: the agent dies
     return digest
+
+
+def narinfo_signed(text: str, acl: list[Sexp]) -> bool:
+    """[NI] guix/narinfo.scm valid-narinfo?: the "Signature: 1;HOST;BASE64" line signs the
+    sha256 of the text above the first "Signature:", with a key of ACL ([PKI]
+    %signature-status: valid-signature, and nothing else, is true)."""
+    at = text.find("Signature:")
+    if at < 0:
+        return False
+    version, _, rest = text[at:].split("\n", 1)[0].removeprefix("Signature:").strip().partition(";")
+    _host, _, encoded = rest.partition(";")
+    try:
+        signature = Sexp.parse(base64.b64decode(encoded, validate=True))
+    except (binascii.Error, GcryptError):
+        return False
+    if version != "1" or signature is None:
+        return False
+    subject, data = signature.find("public-key"), signature.find("data")
+    if subject is None or data is None or subject not in acl:
+        return False
+    hashed = data.find("hash")
+    if hashed is None or hashed.nth_data(2) != hashlib.sha256(text[:at].encode()).digest():
+        return False
+    sig_val = signature.find("sig-val")
+    return sig_val is not None and verify(sig_val, data, subject)
