@@ -237,3 +237,58 @@ def test_db_status_after_a_copy(database: ScratchDatabase, tmp_path: Path) -> No
     status = json.loads(cli("--db", database.url, "db", "status", "--json").stdout)
     assert status["engine"] == database.engine
     assert status["schema_version"] == migrations.LATEST
+
+
+# What the target does to machine_state's row builder-2 once it has arrived: drop it (the counts
+# differ) or change it (the row read back differs). On SQLite a trigger on each insert; on
+# PostgreSQL, whose COPY runs with the table's triggers off, an event trigger on the ALTER TABLE
+# that switches them back on, i.e. right after the COPY.
+_SQLITE_CORRUPTIONS = {
+    "count": "DELETE FROM machine_state WHERE name = NEW.name",
+    "sample": "UPDATE machine_state SET last_error = 'changed' WHERE name = NEW.name",
+}
+_POSTGRESQL_CORRUPTIONS = {
+    "count": "DELETE FROM machine_state WHERE name = 'builder-2'",
+    "sample": "UPDATE machine_state SET last_error = 'changed' WHERE name = 'builder-2'",
+}
+
+
+def corrupt_what_arrives(database: ScratchDatabase, how: str) -> None:
+    with open_datastore(database.url):
+        pass  # the schema, so that the trigger has its table
+    if database.engine == "sqlite":
+        database.execute(
+            "CREATE TRIGGER corrupt AFTER INSERT ON machine_state WHEN NEW.name = 'builder-2' "
+            f"BEGIN {_SQLITE_CORRUPTIONS[how]}; END")
+        return
+    database.execute(
+        "CREATE FUNCTION corrupt() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() "
+        "WHERE object_identity = 'public.machine_state') "
+        f"THEN {_POSTGRESQL_CORRUPTIONS[how]}; END IF; END $$")
+    database.execute("CREATE EVENT TRIGGER corrupt ON ddl_command_end WHEN TAG IN ('ALTER TABLE') "
+                     "EXECUTE FUNCTION corrupt()")
+
+
+@pytest.mark.parametrize(("how", "error"), [
+    ("count", "copy of machine_state does not add up: source 2 rows, read 2, target 1; "
+              "nothing was committed"),
+    ("sample", "copy of machine_state row name='builder-2' differs in the target; "
+               "nothing was committed"),
+])
+def test_a_copy_that_does_not_match_the_source_is_rolled_back(
+    database: ScratchDatabase, tmp_path: Path, how: str, error: str
+) -> None:
+    """The counts and the sample read back are what catch a copy gone wrong in the target."""
+    source = ScratchDatabase("sqlite", sqlite_url(tmp_path / "src.db"))
+    populate(source.url)
+    before = source.dump(DATA_TABLES)
+    corrupt_what_arrives(database, how)
+    with pytest.raises(DatastoreError) as caught:
+        copy_datastore(source.url, database.url)
+    assert str(caught.value) == error
+    assert database.dump(DATA_TABLES) == []  # all of it rolled back
+    assert source.dump(DATA_TABLES) == before
+    done = cli("--db", database.url, "db", "migrate-from", source.url)
+    assert (done.exit_code, done.stderr.splitlines()[-1]) == (1, f"Error: {error}")
+    assert database.dump(DATA_TABLES) == []
