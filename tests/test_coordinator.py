@@ -87,6 +87,63 @@ def test_stopping_gives_a_grace_period_then_stops_and_requeues(
     assert "coordinator stopping" in info["attempts"][0]["detail"]
 
 
+def gated_build(tag: str, gate: Path) -> str:
+    """A build that runs until the file `gate` exists (the test bed's hosts can see it)."""
+    script = f"echo run {tag}; while [ ! -e {gate} ]; do /bin/sleep 0.2; done; echo {tag} > $out"
+    return instantiate(nix_expr_trivial(f"gated-{tag}", script))
+
+
+def test_sigint_stops_allocating_and_lets_running_builds_finish(
+    farm: Farm, hosts: list[Host], testbed: Testbed
+) -> None:
+    """SIGINT: no new build starts, the running one gets the grace period (an hour: it ends
+    long before), and `run` exits once it has ended."""
+    tag = token()
+    gate = testbed.directory / f"gate-{tag}"
+    farm.write_inventory(hosts[:1], max_builds=2)
+    (build,) = farm.submit(gated_build(tag, gate))
+    run = farm.background("--grace", "3600")
+    try:
+        wait_for("the gated build", lambda: remote_running(tag))
+        run.process.send_signal(signal.SIGINT)
+        run.wait_line("stopping: waiting up to 3600s for 1 running build(s) (interrupt again")
+        (late,) = farm.submit(instantiate(nix_expr_trivial(f"late-{tag}", f"echo {tag} > $out")))
+        gate.touch()
+        run.process.wait(timeout=120)  # by itself: the build ended
+    finally:
+        gate.touch()
+        out = run.stop()
+    assert run.process.returncode == 0, out
+    assert [a["result"] for a in farm.show(build)["attempts"]] == ["success"]
+    assert farm.state_of(build) == "succeeded"
+    assert farm.show(late)["attempts"] == [], out  # a free slot, but no allocation after SIGINT
+
+
+def test_a_second_sigint_stops_at_once(farm: Farm, hosts: list[Host], testbed: Testbed) -> None:
+    """The second SIGINT ends the grace period: the build, whose gate never opens and whose
+    grace would last an hour, is stopped on the machine and requeued."""
+    tag = token()
+    gate = testbed.directory / f"gate-{tag}"
+    farm.write_inventory(hosts[:1])
+    (build,) = farm.submit(gated_build(tag, gate))
+    run = farm.background("--grace", "3600")
+    try:
+        wait_for("the gated build", lambda: remote_running(tag))
+        run.process.send_signal(signal.SIGINT)
+        run.wait_line("stopping: waiting up to 3600s")
+        assert remote_running(tag) and run.process.poll() is None
+        run.process.send_signal(signal.SIGINT)
+        run.process.wait(timeout=120)  # a deadline against hanging only: the grace is an hour
+    finally:
+        out = run.stop()
+        gate.touch()
+    assert run.process.returncode == 0, out
+    wait_for("the remote build to stop", lambda: not remote_running(tag))
+    assert farm.state_of(build) == "queued"
+    (attempt,) = farm.show(build)["attempts"]
+    assert (attempt["result"], attempt["detail"]) == ("interrupted", "coordinator stopping")
+
+
 def test_a_killed_coordinator_loses_nothing(farm: Farm, hosts: list[Host]) -> None:
     """SIGKILL mid-build: the next run closes the attempt as interrupted and builds it again."""
     tag = token()
