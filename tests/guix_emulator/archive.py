@@ -38,7 +38,7 @@ from guix_emulator.serialization import (
     EXPORT_MAGIC,
     ArchiveError,
     Source,
-    read_nar,
+    read_export_item,
     write_file,
     write_int,
     write_string,
@@ -168,13 +168,7 @@ def check_secrecy(path: str) -> None:
         raise Leave(f"file `{path}' should be secret (inaccessible to everybody else)!")
 
 
-def read_store_path(source: Source) -> str:
-    path = source.read_string().decode("latin-1")
-    assert_store_path(path)  # [SA] readStorePath
-    return path
-
-
-Accepted = tuple[str, str, list[str], str]  # nar file, path, references, deriver
+Accepted = tuple[str, str, tuple[str, ...], str]  # nar file, path, references, deriver
 
 
 def import_paths() -> int:
@@ -186,44 +180,25 @@ def import_paths() -> int:
     source = Source(sys.stdin.buffer)
     with tempfile.TemporaryDirectory(prefix="guix-import-") as spool:
         try:
-            while True:
-                source.hashing = False
-                marker = source.read_int()
-                if marker == 0:
-                    break
+            while (marker := source.read_int()) != 0:
                 if marker != 1:
                     raise Leave("input doesn't look like something created by "
                                 "`nix-store --export'")
-                source.hasher, source.hashing = hashlib.sha256(), True
                 nar_file = os.path.join(spool, str(len(accepted)))
                 with open(nar_file, "wb") as nar:
                     source.copy = nar.write
-                    try:
-                        read_nar(source)
-                    finally:
-                        source.copy = None
-                if source.read_int() != EXPORT_MAGIC:
-                    raise Leave("normalized archive cannot be imported; wrong format")
-                path = read_store_path(source)
-                references = [read_store_path(source) for _ in range(source.read_int())]
-                deriver = source.read_string().decode("latin-1")
-                if deriver:
-                    assert_store_path(deriver)
-                digest = source.hasher.hexdigest()
-                source.hashing = False
-                if source.read_int() != 1:
-                    raise Leave(f"imported archive of `{path}' lacks a signature")
-                signature = source.read_string()
+                    item = read_export_item(source)
+                    source.copy = None
+                if item.signature is None:
+                    raise Leave(f"imported archive of `{item.path}' lacks a signature")
                 if acl is None:
                     acl = pki.current_acl()
-                if pki.verify_signature(signature, acl).hex() != digest:
+                if pki.verify_signature(item.signature, acl) != item.sha256:
                     raise Leave("signed hash doesn't match actual contents of imported archive; "
                                 "archive could be corrupt, or someone is trying to import a "
                                 "Trojan horse")
-                accepted.append((nar_file, path, references, deriver))
-        except Leave as error:
-            problem = str(error)
-        except ArchiveError as error:
+                accepted.append((nar_file, item.path, item.references, item.deriver))
+        except (Leave, ArchiveError) as error:
             problem = str(error)
         if accepted:
             _nix_import(accepted)

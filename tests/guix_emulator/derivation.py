@@ -37,7 +37,14 @@ def read_derivation(path: str) -> Derivation:
     a Guile error with a backtrace) is not emulated."""
     try:
         with open(path, "rb") as stream:
-            text = stream.read()
+            return parse_derivation(stream.read(), path)
+    except OSError as error:
+        raise NotEmulated(f"cannot read derivation {path}: {error}") from None
+
+
+def parse_derivation(text: bytes, path: str) -> Derivation:
+    """[D] read-derivation on the text of the .drv file `path`."""
+    try:
         match _read(text):
             case ["Derive", [outputs, inputs, sources, str(system), str(builder), list(),
                              list()]] if _all_lists(outputs, inputs) and _strings(sources):
@@ -46,7 +53,7 @@ def read_derivation(path: str) -> Derivation:
                     tuple((name, out) for name, out, *_ in _shaped(outputs, 4)),
                     tuple((drv, tuple(names)) for drv, names in _shaped(inputs, 2)),
                     tuple(sources), system, builder)
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         raise NotEmulated(f"cannot read derivation {path}: {error}") from None
     raise NotEmulated(f"cannot read derivation {path}: failed to parse derivation")
 

@@ -13,7 +13,10 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO
+
+from guix_emulator.store import assert_store_path
 
 EXPORT_MAGIC = 0x4558494E  # [LS] "NIXE"
 ARCHIVE_VERSION_1 = b"nix-archive-1"
@@ -67,6 +70,45 @@ class Source:
         data = self.read(length)
         self.read_padding(length)
         return data
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """One item of an export bundle, its nar aside (copied to the Source's `copy`)."""
+
+    path: str
+    references: tuple[str, ...]
+    deriver: str
+    sha256: bytes  # of the nar and the trailer: what a signature signs
+    signature: bytes | None
+
+
+def read_export_item(source: Source) -> ExportItem:
+    """[LS] importPath's reading of one item, after its marker: the nar, the export magic,
+    the path, references and deriver ([SA] readStorePath: store paths), the signature."""
+    source.hasher, source.hashing = hashlib.sha256(), True
+    read_nar(source)
+    copy, source.copy = source.copy, None
+    try:
+        if source.read_int() != EXPORT_MAGIC:
+            raise ArchiveError("normalized archive cannot be imported; wrong format")
+        path = _read_store_path(source)
+        references = tuple(_read_store_path(source) for _ in range(source.read_int()))
+        deriver = source.read_string().decode("latin-1")
+        if deriver:
+            assert_store_path(deriver)
+        digest = source.hasher.digest()
+        source.hashing = False
+        signature = source.read_string() if source.read_int() == 1 else None
+    finally:
+        source.copy = copy
+    return ExportItem(path, references, deriver, digest, signature)
+
+
+def _read_store_path(source: Source) -> str:
+    path = source.read_string().decode("latin-1")
+    assert_store_path(path)
+    return path
 
 
 def read_nar(source: Source) -> None:

@@ -1,0 +1,399 @@
+"""One attempt's decisions (coordinator/attempt.py), against a scripted machine
+(tests/scripted_store.py: Nix's and Guix's own answers, from a model of the machine's store):
+what is pushed, when inputs are reported missing, whose each failure is. The end-to-end runs
+(test_run.py, test_run_guix.py, test_faults*.py) make the same decisions against real stores.
+
+The coordinator's side is real: an SQLite datastore with the sample derivations top and dep
+(top needs dep's output), the output store, the signing key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import needs
+import pytest
+from engines import ScratchDatabase
+from scripted_store import Item, Recipe, ScriptedStore, text_nar
+
+from buildfarm import submission
+from buildfarm.backends import get_backend
+from buildfarm.coordinator import scheduler
+from buildfarm.coordinator.attempt import (
+    AttemptRun,
+    BuildFailed,
+    SetupFailed,
+    StoreCommandFailed,
+    TransferFailed,
+)
+from buildfarm.datastore import attempts as records
+from buildfarm.datastore import builds, open_datastore
+from buildfarm.datastore.models import COULD_NOT_DELETE_OUTPUTS, MISSING_INPUTS
+from buildfarm.errors import RemoteError
+from buildfarm.formats.signing import SigningKey
+from buildfarm.inventory import Machine
+from buildfarm.outputs.store import OutputStore
+
+DATA = Path(__file__).parent / "data" / "nix"
+DEP_FILE = DATA / "pld6g8hnp87b9d7yvkidbf4zi7hvm33k-dep.drv"
+TOP_FILE = DATA / "mh9rm5mn3ff418ks6pxd8ixg08wlnzqf-top.drv"
+DEP_DRV = "/nix/store/" + DEP_FILE.name
+TOP_DRV = "/nix/store/" + TOP_FILE.name
+DEP_OUT = "/nix/store/5qn9lblnzjgza2vb23kwaclrcxnska2z-dep"
+TOP_OUT = "/nix/store/b929rzxqin9xa830zfpbfbgx8wajdhdn-top"
+DEP_ITEM = Item(text_nar(b"dep output\n"), (), DEP_DRV)
+LIB = "/nix/store/" + "l" * 32 + "-lib"  # what dep's output refers to, in the layered case
+LIB_ITEM = Item(text_nar(b"lib\n"))
+LAYERED_DEP_ITEM = Item(DEP_ITEM.nar, (LIB,), DEP_DRV)
+TOP_ITEM = Item(text_nar(f"top output on {DEP_OUT}\n".encode()), (DEP_OUT,), TOP_DRV)
+SLOT = scheduler.Slot("m", ("x86_64-linux",), frozenset())
+ALL_STEPS = ["push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",
+             "export-outputs", "fetch-outputs", "verify-outputs"]
+# Machines: a Guix one, a Nix one driven by commands, a Nix one through its store sessions.
+KINDS = ["guix", "nix", "nix-session"]
+
+
+@dataclass
+class Coordinator:
+    """The coordinator's side of one attempt of top: datastore, output store, key."""
+
+    tmp: Path
+    outputs: OutputStore
+    key: SigningKey
+    attempt_id: int = 0
+    build_uuid: str = ""
+
+    def machine(self, kind: str) -> ScriptedStore:
+        return ScriptedStore(kind.removesuffix("-session"),
+                             authorized=[self.key.guix_public_sexp()])
+
+    def hold(self, path: str, item: Item, deriver: str) -> list[records.OutputRecord]:
+        """Put `item` in the output store, as a fetched output is."""
+        bundle = self.tmp / "held.bundle"
+        bundle.write_bytes(ScriptedStore("nix", items={path: item}).export([path]))
+        return self.outputs.import_bundle(str(bundle), [path], {path: (item.nar_hash,
+                                                                        len(item.nar))}, deriver)
+
+    def attempt(self, kind: str, store: ScriptedStore) -> list[records.OutputRecord]:
+        """Run the attempt of top on `store`; what it stored, or its exception."""
+        backend = kind.removesuffix("-session")
+
+        async def db(call: Callable[..., Any], *args: Any) -> Any:
+            return call(*args)
+
+        run = AttemptRun(
+            attempt_id=self.attempt_id, build_uuid=self.build_uuid, drv_path=TOP_DRV,
+            machine=Machine(name="m", host="h", store=backend), remote=store,
+            backend=get_backend(backend), outputs=self.outputs, db=db, key=self.key,
+            log_path=str(self.tmp / "top.log.gz"), max_log_bytes=1 << 20,
+            sessions=store.sessions() if kind.endswith("-session") else None,
+        )
+        return asyncio.run(run.run())
+
+    def steps(self) -> list[tuple[str, str | None]]:
+        (attempt,) = builds.show_build(self.build_uuid)["attempts"]
+        return [(s["name"], s["detail"]) for s in attempt["steps"]]
+
+
+def coordinator(tmp_path: Path, database: ScratchDatabase, *, dep_output: bool,
+                dep_known: bool = True, layered: bool = False) -> Iterator[Coordinator]:
+    """Top submitted (with dep, if `dep_known`: its .drv then known to the coordinator, and its
+    build already succeeded), the attempt of top started; dep's output held if `dep_output`
+    (`layered`: referring to LIB, held too)."""
+    needs.libgcrypt()
+    with open_datastore(database.url):
+        side = Coordinator(tmp_path, OutputStore(str(tmp_path / "outputs")),
+                           SigningKey.generate())
+        files = [DEP_FILE, TOP_FILE]
+        if not dep_known:  # top.drv alone: its input's .drv file is not beside it
+            (tmp_path / "alone").mkdir()
+            files = [Path(shutil.copy(TOP_FILE, tmp_path / "alone"))]
+        submitted = submission.submit([str(f) for f in files], submission.SubmitOptions())
+        if dep_known:
+            dep_attempt = scheduler.allocate(SLOT)
+            assert dep_attempt is not None and dep_attempt.build.uuid == submitted[0].uuid
+            held = side.hold(DEP_OUT, DEP_ITEM, DEP_DRV) if dep_output and not layered else []
+            if layered:
+                held = side.hold(LIB, LIB_ITEM, "") + side.hold(DEP_OUT, LAYERED_DEP_ITEM,
+                                                                DEP_DRV)
+            records.succeed(dep_attempt.id, held, None)
+        attempt = scheduler.allocate(SLOT)
+        assert attempt is not None and attempt.build.uuid == submitted[-1].uuid
+        side.attempt_id, side.build_uuid = attempt.id, attempt.build.uuid
+        yield side
+
+
+@pytest.fixture
+def side(tmp_path: Path, database: ScratchDatabase) -> Iterator[Coordinator]:
+    yield from coordinator(tmp_path, database, dep_output=True)
+
+
+@pytest.fixture
+def layered(tmp_path: Path, database: ScratchDatabase) -> Iterator[Coordinator]:
+    """dep's output, held, refers to LIB, held too."""
+    yield from coordinator(tmp_path, database, dep_output=True, layered=True)
+
+
+@pytest.fixture
+def bare(tmp_path: Path, database: ScratchDatabase) -> Iterator[Coordinator]:
+    """dep's build succeeded, but its output is nowhere: not in the output store."""
+    yield from coordinator(tmp_path, database, dep_output=False)
+
+
+@pytest.fixture
+def alone(tmp_path: Path, database: ScratchDatabase) -> Iterator[Coordinator]:
+    """Only top was submitted, and dep.drv could not be read: the coordinator does not know
+    what top's inputs are made by."""
+    yield from coordinator(tmp_path, database, dep_output=False, dep_known=False)
+
+
+def machine_with(side: Coordinator, kind: str, *paths: str) -> ScriptedStore:
+    """A machine whose store holds `paths` (.drv files of top and dep, their outputs), and
+    knows how to build top."""
+    store = side.machine(kind)
+    for path in paths:
+        if path.endswith(".drv"):
+            store.add_derivation(path, (DEP_FILE if path == DEP_DRV else TOP_FILE).read_bytes())
+        else:
+            store.items[path] = {DEP_OUT: DEP_ITEM, TOP_OUT: TOP_ITEM}[path]
+    store.recipes[TOP_DRV] = Recipe({TOP_OUT: TOP_ITEM}, log=b"building top\n")
+    return store
+
+
+def fetched(kind: str) -> list[str]:
+    """How the outputs come back: a store session sends small ones itself."""
+    if kind == "nix-session":
+        return ["session hash", "session export"]
+    return ["export", "hash"]
+
+
+def failure(kind: str, command: str) -> str:
+    """A store's error line for `command`: Nix 2.8's when its database is out of reach, Guix's
+    client's when the daemon is down (guix/store.scm open-connection), or `guix hash`'s when
+    the file is not there (guix/scripts/hash.scm)."""
+    if kind.startswith("nix"):
+        return "error: opening lock file '/nix/var/nix/db/big-lock': Permission denied"
+    if command == "hash":
+        return f"guix hash: error: {TOP_OUT} No such file or directory"
+    program = {"missing": "archive", "export": "archive", "dry-run": "build"}[command]
+    return (f"guix {program}: error: failed to connect to `/var/guix/daemon-socket/socket': "
+            "Connection refused")
+
+
+# --- what is pushed --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_machine_that_has_everything_gets_nothing_and_builds(
+    side: Coordinator, kind: str
+) -> None:
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT)
+    (stored,) = side.attempt(kind, store)
+    assert (stored.path, stored.nar_hash, stored.references) == (
+        TOP_OUT, TOP_ITEM.nar_hash, (DEP_OUT,))
+    assert Path(side.outputs.nar_path(TOP_OUT)).read_bytes() == TOP_ITEM.nar
+    assert store.imported == []
+    session = "session " if kind == "nix-session" else ""
+    assert store.commands == [f"{session}missing", f"{session}build", *fetched(kind)]
+    steps = side.steps()
+    assert [name for name, _ in steps] == [
+        s for s in ALL_STEPS if kind != "nix-session" or s != "export-outputs"]
+    skipped = {name: detail for name, detail in steps if (detail or "").startswith("skipped")}
+    assert skipped == {
+        "push-inputs": "skipped: every input output is on the machine",
+        "dry-run": "skipped: every input output is on the machine",
+        "delete-outputs": "skipped: no output is on the machine",
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_what_the_machine_lacks_is_pushed(side: Coordinator, kind: str) -> None:
+    """The machine has dep.drv: top.drv goes in one bundle, dep's output (held by the output
+    store) in another; a Guix machine checks the coordinator's signature on each."""
+    store = machine_with(side, kind, DEP_DRV)
+    side.attempt(kind, store)
+    assert store.imported == [[TOP_DRV], [DEP_OUT]]
+    assert store.items[TOP_DRV].nar == text_nar(TOP_FILE.read_bytes())
+    assert store.items[DEP_OUT] == DEP_ITEM  # its nar, references and deriver
+    assert "dry-run" not in store.commands  # every input is known to be there now
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("has_lib", [True, False])
+def test_an_input_goes_with_what_it_refers_to_that_the_machine_lacks(
+    layered: Coordinator, kind: str, has_lib: bool
+) -> None:
+    store = machine_with(layered, kind, DEP_DRV, TOP_DRV)
+    if has_lib:
+        store.items[LIB] = LIB_ITEM
+    layered.attempt(kind, store)
+    assert store.imported == [[DEP_OUT] if has_lib else [LIB, DEP_OUT]]
+    assert store.items[DEP_OUT] == LAYERED_DEP_ITEM
+
+
+def test_a_guix_machine_that_does_not_trust_the_coordinator_refuses_the_push(
+    side: Coordinator
+) -> None:
+    store = machine_with(side, "guix", DEP_DRV, DEP_OUT)
+    store.authorized = [SigningKey.generate().guix_public_sexp()]
+    with pytest.raises(SetupFailed) as caught:
+        side.attempt("guix", store)
+    assert (caught.value.kind, caught.value.paths) == (MISSING_INPUTS, ())
+    assert caught.value.detail.startswith(
+        "1 derivation(s) could not be imported: guix archive: error: unauthorized public key: "
+        "(public-key (ecc (curve Ed25519) (q #")
+    assert store.imported == [] and TOP_DRV not in store.items
+
+
+# --- when inputs are reported missing -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_input_nobody_holds_is_reported_missing_after_the_dry_run(
+    bare: Coordinator, kind: str
+) -> None:
+    """dep's output is neither on the machine nor in the output store: the dry run says dep
+    would be built first, and the missing input reported is dep's output."""
+    store = machine_with(bare, kind, DEP_DRV, TOP_DRV)
+    with pytest.raises(SetupFailed) as caught:
+        bare.attempt(kind, store)
+    assert (caught.value.kind, caught.value.paths, caught.value.detail) == (
+        MISSING_INPUTS, (DEP_OUT,), "1 input derivation(s) would be built first")
+    assert "build" not in store.commands and "session build" not in store.commands
+    assert [name for name, _ in bare.steps()] == ["push-derivations", "push-inputs", "dry-run"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dry_run_with_nothing_else_to_build_goes_on(alone: Coordinator, kind: str) -> None:
+    """The coordinator cannot tell whether top's inputs are there (dep.drv unknown to it): the
+    dry run is asked, finds only top to build, and the build goes on."""
+    store = machine_with(alone, kind, DEP_DRV, TOP_DRV, DEP_OUT)
+    (stored,) = alone.attempt(kind, store)
+    assert stored.path == TOP_OUT
+    assert "dry-run" in store.commands and ("dry-run", None) in alone.steps()
+
+
+@pytest.mark.parametrize("kind", ["nix", "nix-session"])
+def test_what_the_store_does_not_know_how_to_build_is_missing(
+    alone: Coordinator, kind: str
+) -> None:
+    """Nix lists what it can neither build nor substitute under "don't know how to build these
+    paths": those are missing inputs too."""
+    store = machine_with(alone, kind, DEP_DRV, TOP_DRV, DEP_OUT)
+    store.answer("dry-run", 0, f"this derivation will be built:\n  {TOP_DRV}\n"
+                               f"don't know how to build these paths:\n  {DEP_DRV}\n")
+    with pytest.raises(SetupFailed) as caught:
+        alone.attempt(kind, store)
+    assert (caught.value.kind, caught.value.paths, caught.value.detail) == (
+        MISSING_INPUTS, (DEP_DRV,), "1 input derivation(s) would be built first")
+    assert "build" not in store.commands and "session build" not in store.commands
+
+
+@pytest.mark.parametrize("kind", ["guix", "nix"])
+def test_a_dry_run_that_fails_is_a_setup_failure(alone: Coordinator, kind: str) -> None:
+    store = machine_with(alone, kind, DEP_DRV, TOP_DRV, DEP_OUT)
+    message = failure(kind, "dry-run")
+    store.answer("dry-run", 1, message + "\n")
+    with pytest.raises(SetupFailed) as caught:
+        alone.attempt(kind, store)
+    assert (caught.value.kind, caught.value.paths, caught.value.detail) == (
+        MISSING_INPUTS, (), f"dry run failed: {message}")
+
+
+# --- outputs already on the machine ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_on_the_machine_are_deleted_and_built_again(side: Coordinator, kind: str) -> None:
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT, TOP_OUT)
+    side.attempt(kind, store)
+    assert store.commands.count("delete") == 1
+    assert ("delete-outputs", None) in side.steps()
+    assert store.items[TOP_OUT].deriver == TOP_DRV  # made by the build that followed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_the_machine_cannot_delete_are_a_setup_failure(
+    side: Coordinator, kind: str
+) -> None:
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT, TOP_OUT)
+    store.alive.add(TOP_OUT)
+    with pytest.raises(SetupFailed) as caught:
+        side.attempt(kind, store)
+    said = {"nix": f"error: Cannot delete path '{TOP_OUT}' since it is still alive. To find "
+                   "out why, use: nix-store --query --roots",
+            "guix": f"guix gc: error: cannot delete path `{TOP_OUT}' since it is still alive"}
+    assert (caught.value.kind, caught.value.paths, caught.value.detail) == (
+        COULD_NOT_DELETE_OUTPUTS, (TOP_OUT,), said[kind.removesuffix("-session")])
+    assert "build" not in store.commands and "session build" not in store.commands
+
+
+# --- whose failure is it ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_builder_that_fails_fails_the_build(side: Coordinator, kind: str) -> None:
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT)
+    store.recipes[TOP_DRV] = Recipe({}, log=b"about to fail\n", exit_code=3)
+    with pytest.raises(BuildFailed) as caught:
+        side.attempt(kind, store)
+    status = 1 if kind == "guix" else 100  # every Guix error exits 1; Nix's build failure
+    assert (caught.value.exit_status, caught.value.reason) == (
+        status, f"builder for {TOP_DRV} failed with exit code 3")
+    assert b"about to fail\n" in gzip.decompress((side.tmp / "top.log.gz").read_bytes())
+
+
+@pytest.mark.parametrize(("kind", "command", "error"), [
+    ("nix", "missing", StoreCommandFailed),
+    ("guix", "missing", StoreCommandFailed),
+    ("nix-session", "missing", StoreCommandFailed),
+    ("nix", "export", TransferFailed),
+    ("guix", "export", TransferFailed),
+    ("nix-session", "export", TransferFailed),
+    ("nix", "hash", TransferFailed),
+    ("guix", "hash", TransferFailed),
+    ("nix-session", "hash", TransferFailed),
+    ("nix-session", "build", StoreCommandFailed),
+])
+def test_a_store_that_fails_a_query_or_a_transfer_is_retried_later(
+    side: Coordinator, kind: str, command: str, error: type[Exception]
+) -> None:
+    """Not the build's failure: the attempt is interrupted and the build tried again."""
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT)
+    message = failure(kind, command)
+    store.answer(command, 1, message + "\n")
+    with pytest.raises(error) as caught:
+        side.attempt(kind, store)
+    assert message in str(caught.value)
+    assert not Path(side.outputs.nar_path(TOP_OUT)).exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_transfer_unlike_what_the_machine_reported_is_not_kept(
+    side: Coordinator, kind: str
+) -> None:
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT)
+    store.recipes[TOP_DRV] = Recipe({TOP_OUT: TOP_ITEM})
+    real_export = store.export
+    store.export = lambda paths: real_export(paths).replace(b"top output", b"TOP OUTPUT")
+    with pytest.raises(TransferFailed, match="corrupt transfer"):
+        side.attempt(kind, store)
+    assert not Path(side.outputs.nar_path(TOP_OUT)).exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("command", ["missing", "import", "build", "export"])
+def test_a_lost_connection_is_the_machines_failure(
+    side: Coordinator, kind: str, command: str
+) -> None:
+    """RemoteError goes up as it is: the coordinator backs the machine off."""
+    store = machine_with(side, kind, TOP_DRV, DEP_OUT)  # dep.drv to push
+    store.lost.add(command)
+    with pytest.raises(RemoteError, match=f"connection lost during {command}"):
+        side.attempt(kind, store)
