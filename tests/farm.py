@@ -227,6 +227,13 @@ def wait_for(
         time.sleep(interval)
 
 
+def gated_build(tag: str, gate: Path) -> str:
+    """A build that runs until the file `gate` exists (put it where the test bed's hosts can
+    see it: in the test bed's directory). Its builder's command line holds "run TAG"."""
+    script = f"echo run {tag}; while [ ! -e {gate} ]; do /bin/sleep 0.1; done; echo {tag} > $out"
+    return instantiate(nix_expr_trivial(f"gated-{tag}", script))
+
+
 def token() -> str:
     return uuidlib.uuid4().hex[:12]
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from farm import Farm, check_stored, token, wait_for
+from farm import Farm, check_stored, gated_build, token, wait_for
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
 
@@ -87,12 +87,6 @@ def test_stopping_gives_a_grace_period_then_stops_and_requeues(
     assert "coordinator stopping" in info["attempts"][0]["detail"]
 
 
-def gated_build(tag: str, gate: Path) -> str:
-    """A build that runs until the file `gate` exists (the test bed's hosts can see it)."""
-    script = f"echo run {tag}; while [ ! -e {gate} ]; do /bin/sleep 0.2; done; echo {tag} > $out"
-    return instantiate(nix_expr_trivial(f"gated-{tag}", script))
-
-
 def test_sigint_stops_allocating_and_lets_running_builds_finish(
     farm: Farm, hosts: list[Host], testbed: Testbed
 ) -> None:
@@ -144,21 +138,23 @@ def test_a_second_sigint_stops_at_once(farm: Farm, hosts: list[Host], testbed: T
     assert (attempt["result"], attempt["detail"]) == ("interrupted", "coordinator stopping")
 
 
-def test_a_killed_coordinator_loses_nothing(farm: Farm, hosts: list[Host]) -> None:
+def test_a_killed_coordinator_loses_nothing(
+    farm: Farm, hosts: list[Host], testbed: Testbed
+) -> None:
     """SIGKILL mid-build: the next run closes the attempt as interrupted and builds it again."""
     tag = token()
-    script = f"echo run {tag}; /bin/sleep 2; echo ok > $out"
-    drv = instantiate(nix_expr_trivial(f"crash-{tag}", script))
+    gate = testbed.directory / f"gate-{tag}"
     farm.write_inventory(hosts[:1])
-    (build,) = farm.submit(drv)
+    (build,) = farm.submit(gated_build(tag, gate))
     coordinator = farm.start()
     try:
         wait_for("the remote build", lambda: remote_running(tag))
     finally:
         coordinator.send_signal(signal.SIGKILL)
         coordinator.communicate(timeout=30)
+        gate.touch()
     assert farm.show(build)["state"] == "running"
-    wait_for("the orphaned builder to finish", lambda: not remote_running(tag), timeout=30)
+    wait_for("the orphaned builder to finish", lambda: not remote_running(tag))
     done = farm.run()
     assert done.returncode == 0, done.stdout
     assert "1 attempt(s) left running by a previous run requeued" in done.stdout

@@ -25,7 +25,7 @@ import needs
 import pytest
 import zstandard
 from engines import ScratchDatabase
-from farm import Farm, running, token, wait_for
+from farm import Farm, gated_build, running, token, wait_for
 from guix_emulator.gcrypt import Sexp
 from guix_emulator.pki import narinfo_signed
 from testbed import Host, Testbed, instantiate_all, nix_expr_trivial
@@ -230,13 +230,17 @@ def test_coordinator_killed_at_random_moments_loses_nothing(
 # One client: the real command line, called in-process once per batch (so that 1,000
 # submissions cost no interpreter start-ups), recording what a user would have seen.
 CLIENT = """
-import json, sys
+import json, os, sys, time
 from click.testing import CliRunner
 from buildfarm.cli import cli
 
-files, batch = json.load(open(sys.argv[1])), int(sys.argv[2])
+files, batch, halfway, go = json.load(open(sys.argv[1])), int(sys.argv[2]), *sys.argv[3:5]
 runner, uuids, errors = CliRunner(), [], []
 for start in range(0, len(files), batch):
+    if start and start // batch == len(files) // batch // 2:  # halfway: say so, wait for go
+        open(halfway, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.05)
     result = runner.invoke(cli, ["submit", *files[start:start + batch]])
     if result.exit_code != 0 or result.stderr:
         errors.append(f"exit {result.exit_code}: {result.stderr}{result.exception!r}")
@@ -268,17 +272,20 @@ def write_queued_derivations(directory: Path, count: int, tag: str) -> list[str]
 
 
 def test_concurrent_clients_submit_while_run_works(
-    farm: Farm, hosts: list[Host], database: ScratchDatabase, tmp_path: Path
+    farm: Farm, hosts: list[Host], testbed: Testbed, database: ScratchDatabase, tmp_path: Path
 ) -> None:
     """CLIENTS processes each submit SUBMISSIONS builds, SUBMIT_BATCH per command, while
     `run` builds and delivers events: every command succeeds (no "database is locked" or any
-    other error reaches a user), and every build is recorded once."""
+    other error reaches a user), and every build is recorded once. One build ends, and its
+    event is delivered, while every client is halfway (each waits there until then)."""
     tag = token()
     members = " ".join(
         f"({nix_expr_trivial(f'busy{n}-{tag}', f'/bin/sleep 0.{n % 8}; echo {n} > $out')})"
         for n in range(BUSY_BUILDS)
     )
     busy = set(farm.submit(*instantiate_all(f"[ {members} ]")))
+    gate = testbed.directory / f"gate-{tag}"
+    (meanwhile,) = farm.submit(gated_build(tag, gate))
     drv_dir = tmp_path / "derivations"
     drv_dir.mkdir()
     # Thousands of small files: on a tmpfs, their writing is not what the test waits for.
@@ -290,24 +297,39 @@ def test_concurrent_clients_submit_while_run_works(
         lists[-1].write_text(json.dumps(files))
     farm.write_inventory(hosts)
     try:
-        submit_concurrently(farm, database, lists, busy)
+        submit_concurrently(farm, database, lists, busy | {meanwhile}, (meanwhile, gate))
     finally:
+        gate.touch()
         subprocess.run(["umount", "--lazy", str(drv_dir)], check=False)
 
 
 def submit_concurrently(
-    farm: Farm, database: ScratchDatabase, lists: list[Path], busy: set[str]
+    farm: Farm, database: ScratchDatabase, lists: list[Path], busy: set[str],
+    meanwhile: tuple[str, Path],
 ) -> None:
+    """The clients submit `lists` while `run` builds `busy`; the gated build `meanwhile` is let
+    end, and its event delivered, while every client waits halfway."""
+    build, gate = meanwhile
+    go = gate.with_name(gate.name + "-clients")
     with running(farm) as run:
         run.wait_line("started on")  # the coordinator is at work
         began = time.time()
         clients = [
             subprocess.Popen(
-                [sys.executable, "-c", CLIENT, str(path), str(SUBMIT_BATCH)],
+                [sys.executable, "-c", CLIENT, str(path), str(SUBMIT_BATCH), f"{path}.halfway",
+                 str(go)],
                 env=farm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
             for path in lists
         ]
+        wait_for("every client halfway", lambda: all(
+            Path(f"{path}.halfway").exists() or client.poll() is not None
+            for path, client in zip(lists, clients, strict=True)))
+        gate.touch()
+        wait_for("the gated build's success delivered", lambda: database.rows(
+            "SELECT e.delivered_at IS NOT NULL FROM event e JOIN build b ON b.id = e.build_id"
+            " WHERE b.uuid = ? AND e.name = 'build-success'", build) == [(True,)])
+        go.touch()
         reports = []
         for client in clients:
             out, err = client.communicate(timeout=3600)

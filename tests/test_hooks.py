@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -329,9 +329,11 @@ def test_events_of_one_build_in_order_others_beside(store: Datastore, tmp_path: 
 
 def test_the_pool_and_per_event_limits_hold(store: Datastore, tmp_path: Path) -> None:
     """--hook-workers scripts at once at most, --hook-parallelism of one event name; both
-    reached (the pool runs them in parallel)."""
+    reached (the pool runs them in parallel). Each script runs until the test releases it, so
+    which run together is decided by the runner, not by how long each takes."""
     hooks_dir = tmp_path / "hooks"
-    running = tmp_path / "running"
+    running, release = tmp_path / "running", tmp_path / "release"
+    release.mkdir()
     for event in ("build-started", "build-success"):
         (running / event).mkdir(parents=True)
         add_hook(
@@ -339,14 +341,40 @@ def test_the_pool_and_per_event_limits_hold(store: Datastore, tmp_path: Path) ->
             f'touch "{running}/{event}/$$"\n'
             f'echo "$(ls "{running}"/*/ | grep -c "^[0-9]") $(ls "{running}/{event}" | wc -l)"'
             f' >> "{tmp_path}/{event}.counts"\n'
-            "/bin/sleep 0.4\n"
+            f'while [ ! -e "{release}/$$" ] && [ ! -e "{release}/all" ]; do /bin/sleep 0.05; done\n'
             f'rm "{running}/{event}/$$"\n',
         )
     for _ in range(6):
         build = a_build()
         event_rows.record("build-started", build, machine="m", attempt=1)
         event_rows.record("build-success", build, machine="m", attempt=1, log=None, outputs={})
-    runner = Deliveries(hooks_dir, workers=3, per_event=2).deliver_all()
+
+    def now_running(event: str = "*") -> list[str]:
+        return [p.name for p in running.glob(f"{event}/*")]
+
+    async def go() -> HookRunner:
+        runner = Deliveries(hooks_dir, workers=3, per_event=2).runner()
+
+        async def until(what: str, check: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + 60  # against hanging only
+            while not check():
+                assert time.monotonic() < deadline, f"never: {what}"
+                await runner.dispatch()
+                await asyncio.sleep(0.05)
+
+        # Two build-started scripts, the limit of one event; the successes wait for them.
+        await until("two build-started scripts", lambda: len(now_running("build-started")) == 2)
+        for pid in now_running("build-started"):
+            (release / pid).touch()
+        # Now two more build-started and those two builds' successes may run: the pool takes
+        # three of the four.
+        await until("three scripts held", lambda: len(
+            [pid for pid in now_running() if not (release / pid).exists()]) == 3)
+        (release / "all").touch()
+        await Deliveries.until_idle(runner)
+        return runner
+
+    runner = asyncio.run(go())
     assert runner.runs == 12 and runner.failures == 0
     counts = [
         tuple(int(n) for n in line.split())

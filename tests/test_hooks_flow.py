@@ -184,21 +184,22 @@ def test_a_hook_past_its_timeout_is_killed_while_builds_go_on(
 def test_a_slow_hook_does_not_delay_allocation(
     farm: Farm, hosts: list[Host], hooks_dir: Path, tmp_path: Path
 ) -> None:
-    """A build-started hook that sleeps 30 s (timeout 60 s): every build starts and succeeds
-    while the first hook still sleeps."""
+    """A build-started hook that waits until the test releases it (its timeout an hour):
+    every build starts and succeeds while the first hook still waits."""
     marks = tmp_path / "marks"
     release = tmp_path / "release"
     add_hook(
         hooks_dir, "build-started", "10-slow",
         f'echo "start $BUILDFARM_BUILD_UUID" >> {marks}\n'
-        f"n=0; while [ $n -lt 300 ] && [ ! -e {release} ]; do /bin/sleep 0.1; n=$((n+1)); done\n"
+        f"while [ ! -e {release} ]; do /bin/sleep 0.1; done\n"
         f'echo "end $BUILDFARM_BUILD_UUID" >> {marks}\n',
     )
     tag = token()
     drvs = [instantiate(nix_expr_trivial(f"s{n}-{tag}", f"echo {n} > $out")) for n in range(3)]
     farm.write_inventory(hosts[:1], max_builds=1)
     builds = farm.submit(*drvs)
-    coordinator = farm.start("--exit-when-idle", "--hook-timeout", "60", "--hook-parallelism", "1")
+    coordinator = farm.start("--exit-when-idle", "--hook-timeout", "3600",
+                             "--hook-parallelism", "1")
     try:
         wait_for(
             "every build to succeed",
@@ -206,10 +207,11 @@ def test_a_slow_hook_does_not_delay_allocation(
         )
         seen = marks.read_text().splitlines()
         assert seen[:1] and seen[0].startswith("start "), seen
-        assert not any(line.startswith("end ") for line in seen), seen  # still sleeping
+        assert not any(line.startswith("end ") for line in seen), seen  # still waiting
         release.touch()
         out, _ = coordinator.communicate(timeout=120)
     finally:
+        release.touch()
         if coordinator.poll() is None:
             stop(coordinator)
     assert coordinator.returncode == 0, out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from farm import Background, Farm, chain, token, wait_for
+from farm import Background, Farm, chain, gated_build, token, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_remote import _LongestBackoff
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
@@ -172,7 +172,8 @@ def test_metrics_are_scraped_during_a_run(farm: Farm, hosts: list[Host]) -> None
             "systems": ["x86_64-linux"], "known_hosts": str(up.known_hosts)}
     machines = yaml.safe_load(inventory_yaml([up], "nix", max_builds=2))["machines"]
     farm.inventory.write_text(yaml.safe_dump({"machines": [*machines, dead]}))
-    slow = instantiate(nix_expr_trivial(f"slow-{tag}", f"echo run {tag}; /bin/sleep 120"))
+    gate = farm.state.parent / "never"  # the slow build runs until it is canceled
+    slow = gated_build(f"slow-{tag}", gate)
     quick = [instantiate(nix_expr_trivial(f"quick{n}-{tag}", f"echo {n} {tag} > $out"))
              for n in range(3)]
     _leaf, top = chain(2, tag)  # only the top: a missing-inputs setup failure (no hook)

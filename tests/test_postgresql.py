@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from engines import PostgresServer, ScratchDatabase
-from testbed import Host, current_system, instantiate_all, inventory_yaml, nix_expr_trivial
+from testbed import (
+    Host,
+    Testbed,
+    current_system,
+    instantiate_all,
+    inventory_yaml,
+    nix_expr_trivial,
+)
 
 from buildfarm.cli import cli
 from buildfarm.coordinator.runlock import RunLock
@@ -402,15 +409,17 @@ def test_a_farm_on_postgresql_with_submitters_hooks_and_run_at_once(
 
 
 def test_run_rides_through_a_server_restart(
-    farm_env: dict[str, str], hosts: list[Host], pg_database: ScratchDatabase,
+    farm_env: dict[str, str], hosts: list[Host], testbed: Testbed, pg_database: ScratchDatabase,
     pg_server: PostgresServer,
 ) -> None:
     """The operator restarts PostgreSQL under a running farm: `run` reconnects, the build
-    running meanwhile and one submitted after the restart both succeed, and the run lock is
-    taken again (a second `run` still refuses)."""
+    running meanwhile (it runs until the restart is over) and one submitted after the restart
+    both succeed, and the run lock is taken again (a second `run` still refuses)."""
     tag = os.urandom(6).hex()
+    gate = testbed.directory / f"gate-{tag}"
+    wait = f"while [ ! -e {gate} ]; do sleep 0.1; done; echo slow > $out"
     slow, later = instantiate_all(
-        f"[ ({nix_expr_trivial(f'pgslow-{tag}', 'sleep 4; echo slow > $out')}) "
+        f"[ ({nix_expr_trivial(f'pgslow-{tag}', wait)}) "
         f"({nix_expr_trivial(f'pglater-{tag}', 'echo later > $out')}) ]"
     )
     Path(farm_env["BUILDFARM_INVENTORY"]).write_text(inventory_yaml(hosts[:1], "nix"))
@@ -441,6 +450,7 @@ def test_run_rides_through_a_server_restart(
         pg_server.restart()
         second = cli("submit", later)
         assert second.returncode == 0, second.stderr
+        gate.touch()
         deadline = time.monotonic() + WAIT
         while pg_database.scalar("SELECT COUNT(*) FROM build WHERE state = 'succeeded'") < 2:
             assert time.monotonic() < deadline, pg_database.rows("SELECT state FROM build")
@@ -452,6 +462,7 @@ def test_run_rides_through_a_server_restart(
         again = cli("run", "--no-ui", "--exit-when-idle")
         assert again.returncode == 1 and "is already using this datastore" in again.stderr
     finally:
+        gate.touch()
         coordinator.send_signal(signal.SIGTERM)
         out, _ = coordinator.communicate(timeout=WAIT)
     assert coordinator.returncode == 0, out

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from farm import Farm, chain, token, wait_for
+from farm import Farm, chain, gated_build, token, wait_for
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
 
@@ -99,35 +97,20 @@ def test_cancel_stops_the_remote_build(farm: Farm, hosts: list[Host]) -> None:
     drv = instantiate(nix_expr_trivial(f"slow-{tag}", f"echo start {tag}; /bin/sleep 300"))
     farm.write_inventory(hosts[:1])
     (build,) = farm.submit(drv)
-    coordinator = farm.start()
+    run = farm.background()
     try:
-        deadline = time.monotonic() + 60
-        while farm.show(build)["attempts"][-1:] == [] or farm.show(build)["attempts"][-1][
-            "step"
-        ] != "build":
-            assert time.monotonic() < deadline, "the build never started"
-            time.sleep(0.2)
-        deadline = time.monotonic() + 30
-        while not _remote_sleep(tag):
-            assert time.monotonic() < deadline, "no remote sleep seen"
-            time.sleep(0.2)
+        wait_for("the remote build", lambda: _remote_sleep(tag))
         farm.cli("builds", "cancel", build)
-        deadline = time.monotonic() + 15
-        while _remote_sleep(tag):
-            assert time.monotonic() < deadline, "the remote build survived its cancel"
-            time.sleep(0.2)
+        wait_for("the remote build to end with its cancel", lambda: not _remote_sleep(tag))
         # The coordinator records the interruption once its kill of the remote group is done.
-        deadline = time.monotonic() + 30
-        while farm.show(build)["attempts"][-1]["result"] is None:
-            assert time.monotonic() < deadline, "the canceled attempt was never closed"
-            time.sleep(0.2)
-        info = farm.show(build)
-        assert info["state"] == "canceled"
-        assert info["attempts"][-1]["result"] == "interrupted"
+        wait_for("the canceled attempt to close",
+                 lambda: farm.show(build)["attempts"][-1]["result"] is not None)
     finally:
-        coordinator.send_signal(signal.SIGTERM)
-        out, _ = coordinator.communicate(timeout=60)
-    assert coordinator.returncode == 0, out
+        out = run.stop()
+    assert run.process.returncode == 0, out
+    info = farm.show(build)
+    assert info["state"] == "canceled"
+    assert [a["result"] for a in info["attempts"]] == ["interrupted"]
 
 
 def _remote_sleep(tag: str) -> bool:
@@ -165,13 +148,12 @@ def test_a_changed_host_key_is_refused(farm: Farm, hosts: list[Host], tmp_path: 
     bad_known_hosts.write_text(f"[127.0.0.1]:{hosts[0].port} {other_key}\n")
     farm.write_inventory(hosts[:1], known_hosts=str(bad_known_hosts))
     (build,) = farm.submit(drv)
-    coordinator = farm.start()
+    run = farm.background()
     try:
-        time.sleep(3)
+        run.wait_line(f"machine {hosts[0].name} unavailable: host key")
     finally:
-        coordinator.send_signal(signal.SIGTERM)
-        out, _ = coordinator.communicate(timeout=60)
-    assert f"machine {hosts[0].name} unavailable: host key" in out
+        out = run.stop()
+    assert run.process.returncode == 0, out
     info = farm.show(build)
     assert info["state"] == "queued" and info["attempts"] == []
     assert not hosts[0].local_path(info["outputs"]["out"]).exists()
@@ -195,30 +177,52 @@ def test_input_sources_come_from_the_coordinators_store(farm: Farm, hosts: list[
     assert hosts[0].local_path(out).read_text() == f"from a source file {tag}\n"
 
 
+# nix-store, except that a refused --delete leaves $HOME/delete-refused behind.
+TELLING_NIX_STORE = """#!/bin/sh
+if [ "$1" = --delete ]; then
+    /usr/bin/nix-store "$@" && exit 0
+    status=$?
+    touch "$HOME/delete-refused"
+    exit $status
+fi
+exec /usr/bin/nix-store "$@"
+"""
+
+
 def test_a_rebuild_deletes_outputs_a_reused_store_session_held(
-    farm: Farm, hosts: list[Host]
+    farm: Farm, testbed: Testbed
 ) -> None:
     """A build's store session roots its output until the session ends, and sessions are reused:
-    the session that built X goes on to serve a slow build C. A rebuild of X on that machine
-    must delete X's output, which C's session holds: it waits for that session to come back
-    (and end) and deletes then, instead of failing its attempt."""
+    the session that built X goes on to serve a build C that runs until the test lets it end. A
+    rebuild of X on that machine must delete X's output, which C's session holds: its delete is
+    refused, it waits for that session to come back (and end) and deletes then, instead of
+    failing its attempt."""
     tag = token()
+    bin_dir = testbed.directory / f"telling-bin-{tag}"
+    bin_dir.mkdir(mode=0o755)
+    (bin_dir / "nix-store").write_text(TELLING_NIX_STORE)
+    (bin_dir / "nix-store").chmod(0o755)
+    host = testbed.add_host(env={"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin"})
+    gate = testbed.directory / f"gate-{tag}"
     again = instantiate(nix_expr_trivial(f"again-{tag}", f"echo {tag} > $out"))
-    slow = instantiate(nix_expr_trivial(
-        f"slowly-{tag}", f"echo slow {tag}; /bin/sleep 6; echo {tag} > $out"))
-    farm.write_inventory(hosts[:1], max_builds=2)
+    farm.write_inventory([host], max_builds=2)
     (first,) = farm.submit(again)
     run = farm.background()
     try:
         farm.wait_for_state(first, "succeeded")
-        (held,) = farm.submit(slow)  # takes the idle session that built `again`
-        wait_for("the slow build to run", lambda: any(
+        (held,) = farm.submit(gated_build(tag, gate))  # takes the session that built `again`
+        wait_for("the gated build to run", lambda: any(
             a.step == "build" and a.result is None for a in farm.attempts(held)))
         (rebuild,) = farm.submit(again)
+        wait_for("the rebuild's delete to be refused",
+                 lambda: (host.home_dir / "delete-refused").exists())
+        gate.touch()
         farm.wait_for_state(rebuild, "succeeded")
         farm.wait_for_state(held, "succeeded")
     finally:
+        gate.touch()
         output = run.stop()
+        testbed.remove_host(host)
     (attempt,) = farm.attempts(rebuild)  # one attempt: the delete did not fail
     assert attempt.result == "success", (attempt, output)
     steps = [s["name"] for s in farm.show(rebuild)["attempts"][0]["steps"]]

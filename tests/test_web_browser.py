@@ -10,7 +10,6 @@ same run takes the README's screenshots: BUILDFARM_SCREENSHOTS=1 copies them to 
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -29,7 +28,6 @@ BROWSER_DIR = Path(__file__).parent / "browser"
 DOCS = Path(__file__).parent.parent / "docs"
 CHROMIUM = "/usr/bin/chromium"
 NODE_TIMEOUT = 240
-LATE = 25  # seconds after its submission that the late build may start
 
 
 @pytest.fixture(scope="module")
@@ -58,29 +56,37 @@ def farm(tmp_path: Path, testbed: Testbed, private_nix: Path) -> Iterator[Farm]:
     yield Farm(tmp_path / "state", tmp_path / "inventory.yaml")
 
 
-def ticking(name: str, ticks: int) -> str:
-    """A build that prints a line every 0.3 s for a while, then succeeds."""
+def ticking(name: str, until: str, attrs: dict[str, str] | None = None) -> str:
+    """The expression of a build that prints a line every 0.3 s until `until` holds (a shell
+    test), then succeeds."""
     script = (
-        f'i=0; while [ $i -lt {ticks} ]; do echo "{name} tick $i of {ticks}"; '
+        f'i=0; until {until}; do echo "{name} tick $i of many"; '
         f"/bin/sleep 0.3; i=$((i+1)); done; echo done > $out"
     )
-    return instantiate(nix_expr_trivial(name, script))
+    return nix_expr_trivial(name, script, attrs=attrs)
 
 
-def scenarios(config: dict[str, Any], work: Path) -> dict[str, Any]:
+def scenarios(config: dict[str, Any], work: Path, gate: Path) -> dict[str, Any]:
+    """Run tests/browser/scenarios.js; open `gate` once its pages have seen their first state."""
     path = work / "browser.json"
-    path.write_text(json.dumps(config))
-    done = subprocess.run(
+    ready = work / "pages-ready"
+    path.write_text(json.dumps({**config, "ready": str(ready)}))
+    node = subprocess.Popen(
         ["node", str(BROWSER_DIR / "scenarios.js"), str(path)],
-        cwd=BROWSER_DIR, capture_output=True, text=True, timeout=NODE_TIMEOUT, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    results: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        cwd=BROWSER_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the pages to see the builds", lambda: ready.exists() or node.poll() is not None,
+                 timeout=NODE_TIMEOUT)
+    finally:
+        gate.touch()
+        out, err = node.communicate(timeout=NODE_TIMEOUT)
+    assert node.returncode == 0, err
+    results: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return results
 
 
 def test_live_pages_in_chromium_during_a_run(
-    playwright: Path, farm: Farm, hosts: list[Host], tmp_path: Path
+    playwright: Path, farm: Farm, hosts: list[Host], testbed: Testbed, tmp_path: Path
 ) -> None:
     tag = token()
     farm.write_inventory(hosts, max_builds=2)
@@ -88,32 +94,36 @@ def test_live_pages_in_chromium_during_a_run(
               for n in range(3)]
     failing = instantiate(nix_expr_trivial(f"broken-{tag}", "echo oops; exit 1"))
     quick = farm.submit(*listed, failing, extra=("--tag", f"suite={tag}"))
+    gate = testbed.directory / f"gate-{tag}"
     run = farm.background()
     web = WebServer(farm.env)
     try:
         for build in quick:
             wait_for(f"build {build} ended",
                      lambda b=build: farm.state_of(b) in ("succeeded", "failed"))
-        # Long enough that Chromium, however slow to start, sees them run.
-        (overview_build,) = farm.submit(ticking(f"overview-{tag}", 60))
-        (log_build,) = farm.submit(ticking(f"logtail-{tag}", 80))
-        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=LATE)
-        (late_build,) = farm.submit(ticking(f"late-{tag}", 30),
-                                    extra=("--defer-until", later.isoformat()))
+        # The overview and log builds run until Chromium has seen them run (and the late
+        # build, which needs the overview build's output, wait in the queue).
+        overview_expr = ticking(f"overview-{tag}", f"[ -e {gate} ]")
+        (overview_build,) = farm.submit(instantiate(overview_expr))
+        (log_build,) = farm.submit(instantiate(ticking(f"logtail-{tag}", f"[ -e {gate} ]")))
+        (late_build,) = farm.submit(instantiate(ticking(
+            f"late-{tag}", "[ $i -ge 4 ]", attrs={"dep": overview_expr})))
         farm.wait_for_state(overview_build, "running")
         farm.wait_for_state(log_build, "running")
         wait_for("the log's first lines",
                  lambda: "tick 1 of" in web.get(f"/builds/{log_build}/log")[2])
         shots = tmp_path / "shots"
         shots.mkdir()
+        assert farm.state_of(late_build) == "queued"
         results = scenarios({
             "url": web.url, "overviewBuild": overview_build, "logBuild": log_build,
             "lateBuild": late_build,
             "filterName": f"filterme-{tag}", "screenshots": str(shots), "chromium": CHROMIUM,
-        }, tmp_path)
+        }, tmp_path, gate)
         farm.wait_for_state(log_build, "succeeded")
         farm.wait_for_state(late_build, "succeeded")
     finally:
+        gate.touch()
         web.stop()
         run.stop()
 

@@ -289,10 +289,12 @@ class Host:
     user = TEST_USER
 
     def __init__(
-        self, testbed: Testbed, name: str, env: Mapping[str, str] | None = None
+        self, testbed: Testbed, name: str, env: Mapping[str, str] | None = None,
+        sftp: str = "internal-sftp",
     ) -> None:
         self.testbed = testbed
         self.name = name
+        self.sftp = sftp  # sshd's SFTP subsystem: its own, or a program
         # sshd SetEnv of this host only, over the test bed's (e.g. PATH for the guix emulator).
         self.env: dict[str, str] = dict(env or {})
         self.store = "nix"  # what its `store:` in an inventory is ("guix" for add_guix_host)
@@ -535,7 +537,7 @@ class Host:
             "X11Forwarding no",
             "AllowAgentForwarding no",
             "AllowTcpForwarding no",
-            "Subsystem sftp internal-sftp",
+            f"Subsystem sftp {self.sftp}",
             f"SetEnv {setenv}",
             "LogLevel INFO",
         ]
@@ -624,11 +626,13 @@ class Testbed:
         self.close()
 
     def add_host(
-        self, name: str | None = None, *, start: bool = True, env: Mapping[str, str] | None = None
+        self, name: str | None = None, *, start: bool = True, env: Mapping[str, str] | None = None,
+        sftp: str = "internal-sftp",
     ) -> Host:
         """A new host with an empty store (started unless ``start=False``); ``env`` adds
-        variables to its commands' environment (sshd SetEnv, over the test bed's)."""
-        host = Host(self, name or f"host{len(self.hosts) + 1}", env)
+        variables to its commands' environment (sshd SetEnv, over the test bed's); ``sftp`` is
+        its SFTP subsystem (e.g. a script that runs /usr/lib/openssh/sftp-server)."""
+        host = Host(self, name or f"host{len(self.hosts) + 1}", env, sftp)
         self.hosts.append(host)
         if start:
             host.start()

@@ -2,8 +2,11 @@
 //
 // Usage: node scenarios.js CONFIG.json — CONFIG names the server and the builds:
 //   { "url": "http://127.0.0.1:PORT", "overviewBuild": UUID, "logBuild": UUID,
-//     "lateBuild": UUID (deferred: still queued when its page opens),
-//     "filterName": TEXT, "screenshots": DIR, "chromium": "/usr/bin/chromium" }
+//     "lateBuild": UUID (waiting on the overview build: queued when its page opens),
+//     "filterName": TEXT, "screenshots": DIR, "chromium": "/usr/bin/chromium",
+//     "ready": FILE }
+// The overview and log builds run until pytest lets them end, which it does once FILE exists:
+// written when each page has seen its first state (a build running, a log, a build queued).
 // Prints one JSON object with what each scenario saw; pytest checks it. A scenario that cannot
 // see what it waits for fails with a message (exit status 1).
 'use strict';
@@ -13,7 +16,13 @@ const os = require('os');
 const path = require('path');
 const { chromium } = require('playwright-core');
 
-const WAIT = 90000; // ms: a scenario waits this long at most for the farm
+const WAIT = 90000; // ms: a scenario waits this long at most for the farm (against hanging)
+
+// Calls `done` once `count` scenarios have called the function it returns.
+function countdown(count, done) {
+  let left = count;
+  return () => { left -= 1; if (left === 0) done(); };
+}
 
 async function noReloads(page) {
   // Counts the main frame's navigations: live updates must not reload the page.
@@ -23,7 +32,7 @@ async function noReloads(page) {
 }
 
 // The overview shows a build running, then (without a reload) succeeded.
-async function overview(context, config) {
+async function overview(context, config, ready) {
   const page = await context.newPage();
   const navigations = await noReloads(page);
   await page.goto(config.url + '/');
@@ -31,6 +40,7 @@ async function overview(context, config) {
   const running = `#running tr[data-uuid="${config.overviewBuild}"]`;
   const wasRunning = await page.waitForSelector(running, { timeout: WAIT })
     .then(() => true, () => false);
+  ready();
   const succeeded = `#recent tr[data-uuid="${config.overviewBuild}"] [data-state="succeeded"]`;
   await page.waitForSelector(succeeded, { timeout: WAIT });
   const stillRunning = await page.$(running);
@@ -42,7 +52,7 @@ async function overview(context, config) {
 }
 
 // A running build's page: its log grows while it runs, without a reload.
-async function buildLog(context, config) {
+async function buildLog(context, config, ready) {
   const page = await context.newPage();
   const navigations = await noReloads(page);
   await page.goto(`${config.url}/builds/${config.logBuild}`);
@@ -50,6 +60,7 @@ async function buildLog(context, config) {
   const pre = page.locator('#log-text');
   const streaming = await pre.getAttribute('data-log-stream');
   const before = (await pre.textContent()).length;
+  ready();
   await page.waitForFunction(
     ([n]) => document.getElementById('log-text').textContent.length > n + 20,
     [before], { timeout: WAIT });
@@ -60,12 +71,13 @@ async function buildLog(context, config) {
 
 // A build's page opened while it waits in the queue: when the build starts, its log appears
 // and grows, without a reload.
-async function lateLog(context, config) {
+async function lateLog(context, config, ready) {
   const page = await context.newPage();
   const navigations = await noReloads(page);
   await page.goto(`${config.url}/builds/${config.lateBuild}`);
   await page.evaluate(() => { window.__buildfarmLoaded = true; });
   const queuedAtFirst = (await page.$('#log-text')) === null;
+  ready();
   await page.waitForSelector('#log-text[data-following]', { timeout: WAIT });
   await page.waitForFunction(
     () => /tick 3 of/.test(document.getElementById('log-text').textContent),
@@ -103,8 +115,10 @@ async function main() {
   try {
     const results = {};
     // Both builds run at once: watch them at once.
+    const ready = countdown(3, () => fs.writeFileSync(config.ready, 'ready\n'));
     const [seen, log, late] = await Promise.all([
-      overview(context, config), buildLog(context, config), lateLog(context, config)]);
+      overview(context, config, ready), buildLog(context, config, ready),
+      lateLog(context, config, ready)]);
     results.overview = seen.result;
     results.log = log.result;
     results.late = late;
