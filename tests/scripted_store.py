@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from guix_emulator import pki
+from guix_emulator.archive import trailer
 from guix_emulator.derivation import parse_derivation
 from guix_emulator.gcrypt import Sexp, generate_key
 from guix_emulator.hash import nix_base32_encode
@@ -30,7 +31,6 @@ from guix_emulator.options import Leave
 from guix_emulator.serialization import (
     ARCHIVE_VERSION_1,
     ArchiveError,
-    ExportItem,
     Source,
     read_export_item,
     write_int,
@@ -218,7 +218,7 @@ class ScriptedStore:
                 item = read_export_item(source)
                 source.copy = None
                 if self.kind == "guix":
-                    self._check_signature(item, acl)
+                    pki.check_import(item, acl)
                 for reference in item.references:
                     if reference not in self.items and reference != item.path:
                         return f"path {self._quote(reference)} is not valid"
@@ -230,14 +230,6 @@ class ScriptedStore:
             if done:
                 self.imported.append(done)
         return None
-
-    @staticmethod
-    def _check_signature(item: ExportItem, acl: list[Sexp]) -> None:
-        if item.signature is None:
-            raise Leave(f"imported archive of `{item.path}' lacks a signature")
-        if pki.verify_signature(item.signature, acl) != item.sha256:
-            raise Leave("signed hash doesn't match actual contents of imported archive; archive "
-                        "could be corrupt, or someone is trying to import a Trojan horse")
 
     def plan(self, drv: str) -> tuple[list[str], list[str]]:
         """What realising `drv` needs: the derivations to build (dependencies first) and the
@@ -343,15 +335,12 @@ class ScriptedStore:
         out = io.BytesIO()
         for path in paths:
             item = self.items[path]
-            trailer = (write_int(0x4558494E) + write_string(path.encode())
-                       + write_int(len(item.references))
-                       + b"".join(write_string(r.encode()) for r in item.references)
-                       + write_string(item.deriver.encode()))
-            out.write(write_int(1) + item.nar + trailer)
+            after = trailer(path, item.references, item.deriver)
+            out.write(write_int(1) + item.nar + after)
             if self.kind == "nix":
                 out.write(write_int(0))
                 continue
-            digest = hashlib.sha256(item.nar + trailer).digest()
+            digest = hashlib.sha256(item.nar + after).digest()
             out.write(write_int(1) + write_string(self._sign(digest).encode("latin-1")))
         out.write(write_int(0))
         return out.getvalue()

@@ -189,14 +189,9 @@ def import_paths() -> int:
                     source.copy = nar.write
                     item = read_export_item(source)
                     source.copy = None
-                if item.signature is None:
-                    raise Leave(f"imported archive of `{item.path}' lacks a signature")
-                if acl is None:
+                if acl is None and item.signature is not None:
                     acl = pki.current_acl()
-                if pki.verify_signature(item.signature, acl) != item.sha256:
-                    raise Leave("signed hash doesn't match actual contents of imported archive; "
-                                "archive could be corrupt, or someone is trying to import a "
-                                "Trojan horse")
+                pki.check_import(item, acl or [])
                 accepted.append((nar_file, item.path, item.references, item.deriver))
         except (Leave, ArchiveError) as error:
             problem = str(error)

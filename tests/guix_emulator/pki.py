@@ -16,6 +16,7 @@ import tempfile
 
 from guix_emulator.gcrypt import GcryptError, Sexp, generate_key, sign, verify
 from guix_emulator.options import Leave, NotEmulated, config_dir, say
+from guix_emulator.serialization import ExportItem
 
 DEFAULT_KEY_PARAMETERS = "(genkey (ecdsa (curve Ed25519) (flags rfc6979)))"  # [A]
 _IMPORT_TAG = "(tag (guix import))"
@@ -161,6 +162,16 @@ def signature_sexp(data: Sexp, secret_key: Sexp, public_key: Sexp) -> Sexp:
     parsed = Sexp.parse(f"(signature {data.text()} {signature.text()} {public_key.text()})")
     assert parsed is not None
     return parsed
+
+
+def check_import(item: ExportItem, acl: list[Sexp]) -> None:
+    """[LS] importPath, once the item is read: a signature is required even from a trusted
+    user, and the hash it signs must be the item's own."""
+    if item.signature is None:
+        raise Leave(f"imported archive of `{item.path}' lacks a signature")
+    if verify_signature(item.signature, acl) != item.sha256:
+        raise Leave("signed hash doesn't match actual contents of imported archive; archive "
+                    "could be corrupt, or someone is trying to import a Trojan horse")
 
 
 def verify_signature(signature_text: bytes, acl: list[Sexp]) -> bytes:
