@@ -149,6 +149,11 @@ _HOST_KEY_TYPES = (
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
 _TRANSPORTS = ("ssh", "local")
+_MAX_SLOTS = 1024  # max_builds, max_sessions
+_DAY = 86400  # connect_timeout, keepalive_interval
+# max_silent_time, timeout: what the stores take (Guix's daemon reads them into an unsigned int,
+# Nix's into a time_t), as a signed 32-bit number of seconds (68 years) for both.
+_MAX_SECONDS = 2**31 - 1
 _STORES = ("guix", "nix")
 
 _TAG = "tag:yaml.org,2002:"
@@ -258,17 +263,19 @@ _FIELDS: dict[str, _Field] = {
     "host_key": _Field("str", "host_key: 'ssh-ed25519 AAAA...'", True, _check_host_key),
     "transport": _Field("str", "transport: ssh", choices=_TRANSPORTS),
     "systems": _Field("list", "systems: [x86_64-linux]", check=_check_system, nonempty=True),
-    "max_builds": _Field("int", "max_builds: 4", minimum=1),
+    "max_builds": _Field("int", "max_builds: 4", minimum=1, maximum=_MAX_SLOTS),
     "features": _Field("list", "features: [kvm, big-parallel]", check=_check_feature),
     "speed": _Field("float", "speed: 2.0", minimum=0, exclusive=True),
     "store": _Field("str", "store: guix", choices=_STORES),
     "overload_threshold": _Field("float", "overload_threshold: 0.8", True, minimum=0,
                                  exclusive=True),
-    "max_sessions": _Field("int", "max_sessions: 8", minimum=1),
-    "connect_timeout": _Field("float", "connect_timeout: 10", minimum=0, exclusive=True),
-    "keepalive_interval": _Field("float", "keepalive_interval: 15", minimum=0),
-    "max_silent_time": _Field("int", "max_silent_time: 3600", True, minimum=1),
-    "timeout": _Field("int", "timeout: 86400", True, minimum=1),
+    "max_sessions": _Field("int", "max_sessions: 8", minimum=1, maximum=_MAX_SLOTS),
+    "connect_timeout": _Field("float", "connect_timeout: 10", minimum=0, exclusive=True,
+                              maximum=_DAY),
+    "keepalive_interval": _Field("float", "keepalive_interval: 15", minimum=0, maximum=_DAY),
+    "max_silent_time": _Field("int", "max_silent_time: 3600", True, minimum=1,
+                              maximum=_MAX_SECONDS),
+    "timeout": _Field("int", "timeout: 86400", True, minimum=1, maximum=_MAX_SECONDS),
     "enabled": _Field("bool", "enabled: true"),
 }
 assert list(_FIELDS) == [f.name for f in dataclasses.fields(Machine)]

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 Styles = Mapping[str, Callable[[Any], str | None]]
 """Column -> the rich style of a value in it (e.g. "green"), used only when colour is on."""
+
+# What would let a value act on a terminal or split a line: the C0 controls (newline and tab
+# too), DEL, the C1 controls, and Unicode's line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` safe on one line of a terminal or of a line-oriented format: each character
+    `_UNSAFE` matches is written as its escape (\\n, \\t, \\x1b, \\u2028), so that what a
+    submitter or a machine wrote can neither drive the terminal nor forge a line."""
+    return _UNSAFE.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 def print_json(value: Any) -> None:
@@ -21,10 +33,12 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, Mapping):
-        return " ".join(f"{k}={v}" for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return " ".join(str(v) for v in value)
-    return str(value)
+        text = " ".join(f"{k}={v}" for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        text = " ".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return one_line(text)
 
 
 def use_colour() -> bool:
@@ -36,11 +50,11 @@ def print_table(
     rows: Sequence[Mapping[str, Any]], columns: Sequence[str], styles: Styles | None = None
 ) -> None:
     """A rich table on a terminal; tab-separated lines with a header elsewhere (for grep/cut).
-    Cells are text, never rich markup."""
+    Cells are text, never rich markup, and one line each (`one_line`)."""
     if not sys.stdout.isatty():
         print("\t".join(c.upper() for c in columns))
         for row in rows:
-            print("\t".join(_cell(row.get(c)).replace("\t", " ") for c in columns))
+            print("\t".join(_cell(row.get(c)) for c in columns))
         return
     from rich.console import Console
     from rich.table import Table

@@ -16,12 +16,31 @@ from buildfarm.formats import derivation as drvmod
 
 # The records a submission makes are the datastore's types; they are offered here too.
 __all__ = [
-    "ReadDerivation", "SubmitOptions", "Submitted", "derivation_store_path", "parse_tag",
-    "parse_time", "parse_uuid", "read_closure", "read_derivation", "submit", "text_store_path",
+    "ReadDerivation", "SubmitOptions", "Submitted", "check_text", "derivation_store_path",
+    "parse_tag", "parse_time", "parse_uuid", "read_closure", "read_derivation", "submit",
+    "text_store_path",
 ]
 
 TAG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
 MAX_TAG_VALUE = 1024
+LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last moment datetime can name
+# Not text a user means: control characters (C0, DEL, C1, Unicode's line and paragraph
+# separators) and the lone surrogates that stand for bytes that are not UTF-8 in arguments.
+_NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def check_text(text: str, what: str, limit: int = MAX_TAG_VALUE) -> str:
+    """`text` when it is one line of UTF-8 text of at most `limit` characters without control
+    characters; else UsageError naming `what` (an option) and the first bad character."""
+    bad = _NOT_TEXT.search(text)
+    if bad is not None:
+        found = ("a byte that is not UTF-8" if "\ud800" <= bad[0] <= "\udfff"
+                 else f"the control character {bad[0]!r}")
+        raise UsageError(f"{what}: {found} at character {bad.start() + 1}; "
+                         "use one line of UTF-8 text")
+    if len(text) > limit:
+        raise UsageError(f"{what}: {len(text)} characters; use at most {limit}")
+    return text
 
 
 def parse_tag(text: str) -> tuple[str, str]:
@@ -32,20 +51,21 @@ def parse_tag(text: str) -> tuple[str, str]:
             f"bad tag {text!r}: use KEY=VALUE, KEY of letters, digits and _.:/- "
             "(starting with a letter, digit or _)"
         )
-    if len(value) > MAX_TAG_VALUE or any(c in value for c in "\n\r\0"):
-        raise UsageError(f"bad tag {key!r}: the value must be one line of at most 1024 characters")
-    return key, value
+    return key, check_text(value, f"bad tag {key!r}")
 
 
 def parse_time(text: str) -> float:
-    """An ISO-8601 date or date-time; without a zone it is local time."""
+    """An ISO-8601 date or date-time from 1970 to 9999; without a zone it is local time."""
     try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
+        moment = datetime.fromisoformat(text.strip()).timestamp()
+    except (ValueError, OverflowError, OSError):  # year 0 in local time, a platform's limits
+        moment = -1.0
+    if not 0 <= moment <= LATEST_TIME:
         raise UsageError(
-            f"bad date {text!r}: use ISO 8601, e.g. 2026-12-01 or 2026-12-01T18:30:00+01:00"
-        ) from None
-    return moment.timestamp()
+            f"bad date {text[:40]!r}: use ISO 8601 from 1970 to 9999, e.g. 2026-12-01 or "
+            "2026-12-01T18:30:00+01:00"
+        )
+    return moment
 
 
 def parse_uuid(text: str) -> str:

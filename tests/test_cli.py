@@ -205,6 +205,20 @@ def test_cancel_and_priority(state: Path, database: ScratchDatabase) -> None:
         (("builds", "cancel", "00000000-0000-0000-0000-000000000000"), "no build with UUID"),
         (("builds", "priority", "00000000-0000-0000-0000-000000000000", "3"), "no build"),
         (("builds", "list", "--tag", "x"), "bad tag"),
+        # Values past what the datastore and the clock can hold, and bytes that are not text.
+        (("submit", str(HELLO), "--priority", "99999999999999999999"), "--priority must be a "
+         "whole number from -2147483648 to 2147483647, not '99999999999999999999'"),
+        (("builds", "priority", "00000000-0000-0000-0000-000000000000", "2147483648"),
+         "PRIORITY must be a whole number from -2147483648 to 2147483647"),
+        (("builds", "list", "--limit", "99999999999999999999"), "--limit must be a whole number "
+         "from 1 to 2147483647"),
+        (("submit", str(HELLO), "--tag", "k=\udcff"), "bad tag 'k': a byte that is not UTF-8 at "
+         "character 1"),
+        (("submit", str(HELLO), "--tag", "k=a\x1b]0;title\x07"), "bad tag 'k': the control "
+         "character '\\x1b' at character 2"),
+        (("builds", "list", "--system", "x\udcff"), "--system: a byte that is not UTF-8"),
+        (("submit", str(HELLO), "--defer-until", "0001-01-01"), "bad date '0001-01-01': use ISO "
+         "8601 from 1970 to 9999"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(

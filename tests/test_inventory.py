@@ -295,16 +295,27 @@ ERRORS = [
     # values
     (m("port: 0"), "4:11: port must be between 1 and 65535, not 0; write e.g. port: 22"),
     (m("port: 70000"), "4:11: port must be between 1 and 65535, not 70000; write e.g. port: 22"),
-    (m("max_builds: 0"), "4:17: max_builds must be at least 1, not 0; write e.g. max_builds: 4"),
-    (m("max_sessions: -3"), "4:19: max_sessions must be at least 1, not -3; write e.g. "
+    (m("max_builds: 0"), "4:17: max_builds must be between 1 and 1024, not 0; write e.g. "
+     "max_builds: 4"),
+    (m("max_builds: 1025"), "4:17: max_builds must be between 1 and 1024, not 1025; write e.g. "
+     "max_builds: 4"),
+    # The stores read these into 32-bit numbers: larger ones made every attempt fail.
+    (m("max_silent_time: 18446744073709551616"), "4:22: max_silent_time must be between 1 and "
+     "2147483647, not 18446744073709551616; write e.g. max_silent_time: 3600"),
+    (m("timeout: 2147483648"), "4:14: timeout must be between 1 and 2147483647, not 2147483648; "
+     "write e.g. timeout: 86400"),
+    (m("connect_timeout: 1e300"), "4:22: connect_timeout must be between 0 and 86400, not 1e300; "
+     "write e.g. connect_timeout: 10"),
+    (m("max_sessions: -3"), "4:19: max_sessions must be between 1 and 1024, not -3; write e.g. "
      "max_sessions: 8"),
-    (m("timeout: 0"), "4:14: timeout must be at least 1, not 0; write e.g. timeout: 86400"),
+    (m("timeout: 0"), "4:14: timeout must be between 1 and 2147483647, not 0; write e.g. "
+     "timeout: 86400"),
     (m("speed: 0"), "4:12: speed must be greater than 0, not 0; write e.g. speed: 2.0"),
     (m("speed: -1.5"), "4:12: speed must be greater than 0, not -1.5; write e.g. speed: 2.0"),
     (m("overload_threshold: 0"), "4:25: overload_threshold must be greater than 0, not 0; write "
      "e.g. overload_threshold: 0.8"),
-    (m("keepalive_interval: -1"), "4:25: keepalive_interval must be at least 0, not -1; write "
-     "e.g. keepalive_interval: 15"),
+    (m("keepalive_interval: -1"), "4:25: keepalive_interval must be between 0 and 86400, not -1; "
+     "write e.g. keepalive_interval: 15"),
     (m("store: gix"), "4:12: unknown store 'gix'; did you mean 'guix'?"),
     (m("store: docker"), "4:12: unknown store 'docker'; use guix or nix"),
     (m("transport: sssh"), "4:16: unknown transport 'sssh'; did you mean 'ssh'?"),

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import click
 
 from buildfarm.cli.group import BUILD_STATES, BuildfarmGroup, _open, cli
+from buildfarm.cli.params import COUNT, PRIORITY, PRIORITY_MAX, PRIORITY_MIN, TEXT
 
 
 def _read_paths(paths: Sequence[str]) -> list[str]:
@@ -23,7 +24,10 @@ def _read_paths(paths: Sequence[str]) -> list[str]:
 @cli.command()
 @click.argument("derivations", nargs=-1, required=True, metavar="DRV...")
 @click.option("--uuid", metavar="UUID", help="Use this UUID for the build (one DRV only).")
-@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option(
+    "--priority", type=PRIORITY, default=0, show_default=True,
+    help=f"Higher runs first ({PRIORITY_MIN} to {PRIORITY_MAX}).",
+)
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the build (repeat).")
 @click.option(
     "--ignore-if-built",
@@ -85,9 +89,10 @@ def builds() -> None:
 @click.option(
     "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only builds with this tag."
 )
-@click.option("--system", metavar="SYSTEM", help="Only builds for this system.")
+@click.option("--system", type=TEXT, metavar="SYSTEM", help="Only builds for this system.")
 @click.option(
-    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most N."
+    "--limit", type=COUNT, default=50, show_default=True, metavar="N",
+    help=f"At most N (1 to {PRIORITY_MAX}).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -120,7 +125,7 @@ def builds_list(
 def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
     """Show one build: derivation, outputs, inputs and attempts."""
     from buildfarm.datastore import builds as queries
-    from buildfarm.render import print_fields, print_json
+    from buildfarm.render import one_line, print_fields, print_json
 
     _open(ctx)
     info = queries.show_build(uuid)
@@ -143,9 +148,9 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
             line += f" {attempt['setup_failure']}"
         if attempt["detail"]:
             line += f": {attempt['detail']}"
-        print(line)
+        print(one_line(line))
         for path in attempt["missing_inputs"]:
-            print(f"  missing {path}")
+            print(f"  missing {one_line(path)}")
 
 
 @builds.command("cancel")
@@ -162,10 +167,11 @@ def builds_cancel(ctx: click.Context, uuids: tuple[str, ...]) -> None:
 
 @builds.command("priority")
 @click.argument("uuid")
-@click.argument("priority", type=int)
+@click.argument("priority", type=PRIORITY)
 @click.pass_context
 def builds_priority(ctx: click.Context, uuid: str, priority: int) -> None:
-    """Change the priority of a queued or running build."""
+    """Change the priority of a queued or running build (PRIORITY: a whole number from
+    -2147483648 to 2147483647; higher runs first)."""
     from buildfarm.datastore import builds as queries
 
     _open(ctx)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from buildfarm.cli.group import BuildfarmGroup, _open, _settings, cli
+from buildfarm.cli.params import DAY, WORKERS, Seconds
 from buildfarm.config import Settings
 from buildfarm.errors import BuildfarmError
 
@@ -48,31 +49,32 @@ def _load_inventory(settings: Settings) -> Any:
 @click.option("--no-ui", is_flag=True, help="One log line per event instead of the live view.")
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=Seconds(0, DAY),
     default=30.0,
     show_default=True,
-    help="Seconds running builds get to finish on SIGINT/SIGTERM before they are stopped.",
+    help="Seconds running builds get to finish on SIGINT/SIGTERM before they are stopped "
+    "(0 to 86400).",
 )
 @click.option(
     "--hook-timeout",
-    type=click.FloatRange(min=0.1),
+    type=Seconds(0.1, DAY),
     default=60.0,
     show_default=True,
-    help="Seconds a hook may run before it is killed.",
+    help="Seconds a hook may run before it is killed (0.1 to 86400).",
 )
 @click.option(
     "--hook-workers",
-    type=click.IntRange(min=1),
+    type=WORKERS,
     default=4,
     show_default=True,
-    help="Hooks running at once.",
+    help="Hooks running at once (1 to 1024).",
 )
 @click.option(
     "--hook-parallelism",
-    type=click.IntRange(min=1),
+    type=WORKERS,
     default=2,
     show_default=True,
-    help="Hooks of one event running at once.",
+    help="Hooks of one event running at once (1 to 1024).",
 )
 @click.option(
     "--max-log-size",

@@ -11,6 +11,7 @@ import click
 from buildfarm import __version__
 from buildfarm.config import Settings
 from buildfarm.errors import BuildfarmError
+from buildfarm.render import one_line
 
 BUILD_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 
@@ -22,16 +23,16 @@ class BuildfarmGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BuildfarmError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(one_line(str(e))) from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
-            raise click.ClickException(f"{where}{e.strerror or e}") from None
+            raise click.ClickException(one_line(f"{where}{e.strerror or e}")) from None
         except Exception as e:
             # peewee is imported only by commands that open a datastore.
             peewee = sys.modules.get("peewee")
             if peewee is None or not isinstance(e, peewee.DatabaseError):
                 raise
-            raise click.ClickException(f"datastore error: {e}") from None
+            raise click.ClickException(one_line(f"datastore error: {e}")) from None
 
 
 def _settings(ctx: click.Context) -> Settings:

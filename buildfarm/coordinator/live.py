@@ -6,6 +6,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from buildfarm.render import one_line
+
 if TYPE_CHECKING:
     from buildfarm.coordinator.service import Coordinator
 
@@ -16,7 +18,8 @@ def _elapsed(seconds: float) -> str:
 
 
 class LiveReporter:
-    """A rich Live display, redrawn on every loop turn and every event."""
+    """A rich Live display, redrawn on every loop turn and every event. What machines and
+    submitters wrote is shown as text (rich.text.Text, never markup), one line each."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -29,7 +32,7 @@ class LiveReporter:
         self._last: Coordinator | None = None
 
     def event(self, line: str) -> None:
-        self.events.append(f"{time.strftime('%H:%M:%S')} {line}")
+        self.events.append(f"{time.strftime('%H:%M:%S')} {one_line(line)}")
         if self._last is not None:
             self.update(self._last)
 
@@ -58,7 +61,9 @@ class LiveReporter:
             busy = len(slots.running)
             bar = "■" * busy + "□" * max(0, slots.machine.max_builds - busy)
             load = f"{slots.load:.2f}" if slots.load is not None else "-"
-            machines.add_row(slots.machine.name, state, bar, load, slots.last_error or "")
+            machines.add_row(
+                slots.machine.name, state, bar, load, Text(one_line(slots.last_error or ""))
+            )
         running = Table(title="running", box=None, header_style="bold", title_justify="left")
         for column in ("build", "machine", "step", "elapsed", "derivation"):
             running.add_column(column.upper())

@@ -43,6 +43,7 @@ from buildfarm.formats.signing import SigningKey, load_key, save_key
 from buildfarm.inventory import Inventory
 from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
 from buildfarm.outputs.store import OutputStore, Publisher
+from buildfarm.render import one_line
 
 if TYPE_CHECKING:
     from buildfarm.coordinator.metrics import Metrics
@@ -86,7 +87,7 @@ class LineReporter:
 
     def event(self, line: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{stamp} {line}", flush=True)
+        print(f"{stamp} {one_line(line)}", flush=True)
 
     def update(self, coordinator: Coordinator) -> None:
         pass

@@ -33,6 +33,7 @@ from buildfarm.machines.status import (
     reason,
 )
 from buildfarm.outputs.store import regular_file_nar
+from buildfarm.render import one_line
 from buildfarm.ssh.remote import Remote, RunResult
 
 TEST_ITEM_NAME = "buildfarm-machine-test"
@@ -309,9 +310,9 @@ def report_lines(reports: Sequence[TestReport], colour: bool) -> list[str]:
         lines.append(f"{report.machine}: " + paint("ok" if report.ok else "FAILED", report.ok))
         for check in report.checks:
             verdict = paint("ok" if check.ok else "FAILED", check.ok)
-            lines.append(f"  {check.name:<{width}}  {verdict}  {check.detail}")
+            lines.append(f"  {check.name:<{width}}  {verdict}  {one_line(check.detail)}")
             if check.fix:
-                lines.append(f"  {'':<{width}}  fix: {check.fix}")
+                lines.append(f"  {'':<{width}}  fix: {one_line(check.fix)}")
         skipped = [name for name in CHECKS if name not in {c.name for c in report.checks}]
         if skipped:
             lines.append(f"  {'':<{width}}  not run: {', '.join(skipped)}")
