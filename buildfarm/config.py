@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 
@@ -18,6 +19,15 @@ def default_state_dir() -> str:
 def default_config_dir() -> str:
     """$XDG_CONFIG_HOME/buildfarm, else ~/.config/buildfarm."""
     return os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "buildfarm")
+
+
+def private_directory(path: str) -> None:
+    """Make the state directory if it is missing, and keep it 0700 (only its owner may enter):
+    it holds the datastore, the signing key and every build log."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
 
 
 @dataclass(frozen=True, slots=True)

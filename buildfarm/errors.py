@@ -27,6 +27,10 @@ class DatastoreError(BuildfarmError):
     """The datastore cannot be opened or is in an unexpected state."""
 
 
+class NoDatastoreError(DatastoreError):
+    """The datastore does not exist yet: only the commands that record something create it."""
+
+
 class NotFoundError(BuildfarmError):
     """An unknown build UUID or other missing record."""
 

@@ -7,7 +7,7 @@ import os
 import re
 import time
 import uuid as uuidlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 
 from buildfarm.datastore.builds import ReadDerivation, SubmitOptions, Submitted
@@ -109,8 +109,7 @@ def derivation_store_path(file: str, drv: drvmod.Derivation, contents: bytes) ->
 
 def read_derivation(file: str) -> ReadDerivation:
     try:
-        with open(file, "rb") as handle:
-            contents = handle.read()
+        contents = drvmod.read_bytes(file)
     except IsADirectoryError:
         raise BuildfarmError(f"{file}: is a directory, not a derivation") from None
     except OSError as e:
@@ -141,8 +140,12 @@ def read_closure(files: Sequence[str]) -> tuple[list[ReadDerivation], list[ReadD
     return targets, inputs
 
 
-def submit(files: Sequence[str], options: SubmitOptions) -> list[Submitted]:
-    """Read every file first, then record everything in one transaction: all or nothing."""
+def submit(
+    files: Sequence[str], options: SubmitOptions, connect: Callable[[], object] | None = None
+) -> list[Submitted]:
+    """Read every file first, then record everything in one transaction: all or nothing.
+    `connect` opens the datastore once all of it is known good, so that a rejected submission
+    creates none."""
     from buildfarm.datastore import builds
 
     if options.uuid is not None and len(files) != 1:
@@ -150,4 +153,6 @@ def submit(files: Sequence[str], options: SubmitOptions) -> list[Submitted]:
     if not files:
         raise UsageError("no derivation given")
     targets, inputs = read_closure(files)
+    if connect is not None:
+        connect()
     return builds.record_submission(targets, inputs, options, now=time.time())

@@ -24,7 +24,7 @@ def db_status(ctx: click.Context, as_json: bool) -> None:
     from buildfarm.render import print_fields, print_json
 
     url = _settings(ctx).db_url
-    database = connect(url)
+    database = connect(url, create=False)
     try:
         info = {
             "url": describe(url),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -9,15 +10,27 @@ import click
 
 from buildfarm.cli.group import BUILD_STATES, BuildfarmGroup, _open, cli
 from buildfarm.cli.params import COUNT, PRIORITY, PRIORITY_MAX, PRIORITY_MIN, TEXT
+from buildfarm.errors import UsageError
+
+PATH_MAX = 4096  # bytes of a file name read from stdin, its line break included
 
 
 def _read_paths(paths: Sequence[str]) -> list[str]:
+    """The files named, '-' standing for one name per line of stdin (whatever bytes they are:
+    file names; a line longer than a file name can be, or with a NUL, is refused)."""
     files: list[str] = []
     for path in paths:
-        if path == "-":
-            files.extend(line.strip() for line in sys.stdin if line.strip())
-        else:
+        if path != "-":
             files.append(path)
+            continue
+        number = 0
+        while line := sys.stdin.buffer.readline(PATH_MAX + 1):
+            number += 1
+            if len(line) > PATH_MAX or b"\0" in line:
+                raise UsageError(f"stdin line {number}: not a file name (longer than {PATH_MAX} "
+                                 "bytes, or a NUL byte)")
+            if name := line.strip():
+                files.append(os.fsdecode(name))
     return files
 
 
@@ -67,8 +80,7 @@ def submit(
         defer_until=submission.parse_time(defer_until) if defer_until is not None else None,
     )
     files = _read_paths(derivations)
-    _open(ctx)
-    results = submission.submit(files, options)
+    results = submission.submit(files, options, connect=lambda: _open(ctx, create=True))
     if as_json:
         from buildfarm.render import print_json
 

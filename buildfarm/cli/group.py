@@ -58,10 +58,12 @@ def _load_peewee(url: str) -> None:
         del sys.modules["psycopg"]
 
 
-def _open(ctx: click.Context) -> Any:
+def _open(ctx: click.Context, *, create: bool = False) -> Any:
+    """The datastore of --db, open until the command ends. Only the commands that record what
+    a user gives (submit) `create` it: the others fail on one that does not exist."""
     from buildfarm.datastore import open_datastore
 
-    store = open_datastore(_settings(ctx).db_url)
+    store = open_datastore(_settings(ctx).db_url, create=create)
     ctx.call_on_close(store.close)
     return store
 

@@ -21,7 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from buildfarm.backends import get_backend
-from buildfarm.config import Settings
+from buildfarm.config import Settings, private_directory
 from buildfarm.coordinator import scheduler
 from buildfarm.coordinator.attempt import (
     AttemptRun,
@@ -183,6 +183,7 @@ class Coordinator:
             self._lock.release()
 
     async def startup(self) -> None:
+        private_directory(self.settings.state_dir)
         self._lock.acquire()
         await self.db(open_datastore, self.settings.db_url)
         recovered = await self.db(records.recover)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from buildfarm.errors import DatastoreError
+from buildfarm.errors import DatastoreError, NoDatastoreError
 
 from . import migrations, postgresql
 from .models import ALL_MODELS, database_proxy
@@ -57,17 +57,31 @@ class Datastore:
         self.close()
 
 
-def _connect(url: str) -> Any:
+def _create_sqlite(path: str) -> None:
+    """A new SQLite datastore's file, mode 0600 (its journals take that mode from it), in a
+    directory made 0700 if missing: it is the farm's history, tags and hooks' payloads."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise DatastoreError(f"cannot create {e.filename or path}: {e.strerror}") from None
+
+
+def _connect(url: str, create: bool) -> Any:
     import peewee as pw
 
     path = sqlite_path(url)
     if path is not None:
-        if path != ":memory:":
-            parent = os.path.dirname(os.path.abspath(path))
-            try:
-                os.makedirs(parent, exist_ok=True)
-            except OSError as e:
-                raise DatastoreError(f"cannot create {parent}: {e.strerror}") from None
+        if path != ":memory:" and not os.path.exists(path):
+            if not create:
+                raise NoDatastoreError(
+                    f"no datastore at {path}: nothing was submitted there yet "
+                    "(`buildfarm submit` creates it)"
+                )
+            _create_sqlite(path)
         return pw.SqliteDatabase(
             path,
             pragmas={
@@ -91,11 +105,12 @@ def _unopenable(url: str, error: Exception) -> DatastoreError:
     return DatastoreError(f"cannot open datastore {describe(url)}: {postgresql.one_line(error)}")
 
 
-def connect(url: str) -> Any:
-    """An open peewee database for `url`, neither migrated nor bound to the models."""
+def connect(url: str, *, create: bool = True) -> Any:
+    """An open peewee database for `url`, neither migrated nor bound to the models. Without
+    `create`, an SQLite file that does not exist is a DatastoreError (nothing is made)."""
     import peewee as pw
 
-    db = _connect(url)
+    db = _connect(url, create)
     # SQLite: switching a new file to WAL needs a moment alone with it, and SQLite answers
     # "locked" at once (no busy wait) to a second process opening it at that moment.
     deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
@@ -111,13 +126,21 @@ def connect(url: str) -> Any:
             raise _unopenable(url, e) from None
 
 
-def open_datastore(url: str, *, upto: int | None = None) -> Datastore:
-    """Open the datastore at `url`, apply pending migrations and bind the models to it."""
+def open_datastore(url: str, *, upto: int | None = None, create: bool = True) -> Datastore:
+    """Open the datastore at `url`, apply pending migrations and bind the models to it.
+    Without `create` (the commands that only read, or change what must exist already), a
+    datastore that does not exist yet is a DatastoreError: neither an SQLite file nor a
+    PostgreSQL schema is made."""
     import peewee as pw
 
-    db = connect(url)
+    db = connect(url, create=create)
     try:
         version = migrations.applied_version(db)
+        if version == 0 and not create:
+            raise NoDatastoreError(
+                f"no datastore in {describe(url)}: nothing was submitted there yet "
+                "(`buildfarm submit` or `buildfarm db migrate` creates it)"
+            )
         if version > migrations.LATEST:
             raise DatastoreError(
                 f"{describe(url)}: schema version {version} is newer than this buildfarm "

@@ -282,7 +282,7 @@ def copy_datastore(
     source_file = sqlite_path(source_url)
     if source_file is not None and not os.path.isfile(source_file):
         raise DatastoreError(f"{source_file}: no such datastore file")
-    source = connect(source_url)
+    source = connect(source_url, create=False)
     try:
         target = connect(target_url)
         try:

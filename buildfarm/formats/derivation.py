@@ -9,8 +9,10 @@ works out the exact byte offset and reason for the error message.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 from buildfarm.errors import DerivationError
@@ -21,6 +23,7 @@ __all__ = [
     "is_store_path",
     "parse",
     "read",
+    "read_bytes",
     "serialize",
     "store_path_name",
 ]
@@ -36,15 +39,23 @@ _HASH_ALGO = re.compile(r"(?:r:|text:)?(?:md5|sha1|sha256|sha512)")
 _HEX = re.compile(r"[0-9a-f]+")
 
 # A string body: anything but '"', '\' and the raw characters the writers always escape.
-_S = r'"([^"\\\n\r\t]*(?:\\[\\"nrt][^"\\\n\r\t]*)*)"'
+# Possessive (*+): a string's end is never backtracked into, and without them Python's matcher
+# keeps a frame per escape, about 80 bytes per 2 bytes of a file of escapes.
+_S = r'"([^"\\\n\r\t]*+(?:\\[\\"nrt][^"\\\n\r\t]*+)*+)"'
 _STRING = re.compile(_S)
 _STRING_THEN = re.compile(_S + r"([,\]])")
 _OUTPUT_THEN = re.compile(rf"\({_S},{_S},{_S},{_S}\)([,\]])")
 _PAIR_THEN = re.compile(rf"\({_S},{_S}\)([,\]])")
 _INPUT_DRV_HEAD = re.compile(rf"\({_S},\[")
 # The usual input derivation, whose output names need no escapes, in one match.
-_PLAIN = r'"[^"\\\n\r\t]*"'
-_INPUT_DRV_THEN = re.compile(rf"\({_S},\[({_PLAIN}(?:,{_PLAIN})*)\]\)([,\]])")
+_PLAIN = r'"[^"\\\n\r\t]*+"'
+_INPUT_DRV_THEN = re.compile(rf"\({_S},\[({_PLAIN}(?:,{_PLAIN})*+)\]\)([,\]])")
+# Bytes of a .drv file at most: a thousand times a large real one, and parsing holds about 2.5
+# times its size.
+MAX_SIZE = 32 << 20
+# Items of any one list at most: real derivations have thousands at most (a large system's input
+# derivations), and each item costs about a hundred bytes of objects however short its text.
+MAX_ITEMS = 1 << 16
 _UNESCAPES = {"\\": "\\", '"': '"', "n": "\n", "r": "\r", "t": "\t"}
 _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 _NEEDS_ESCAPE = re.compile(r'["\\\n\r\t]')
@@ -116,12 +127,35 @@ def store_path_name(path: str) -> str:
     return path.rsplit("/", 1)[1][33:]
 
 
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a `.drv` file: a regular file of at most MAX_SIZE bytes. It is opened
+    without waiting (a FIFO is refused at once, not waited on) and read no further than the
+    limit (so is /dev/zero). OSError when it cannot be read (IsADirectoryError for a
+    directory), DerivationError when it is not a regular file or is too large."""
+    source = os.fspath(path)
+    with open(os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+        kind = stat.S_IFMT(os.fstat(f.fileno()).st_mode)
+        if kind == stat.S_IFDIR:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), source)
+        if kind != stat.S_IFREG:
+            what = _KINDS.get(kind, "a special file")
+            raise DerivationError(source, 0, f"not a regular file but {what}")
+        data = f.read(MAX_SIZE + 1)
+    if len(data) > MAX_SIZE:
+        raise DerivationError(source, MAX_SIZE, f"larger than {MAX_SIZE >> 20} MiB, the most a "
+                              "derivation may be")
+    return data
+
+
 def read(path: str | os.PathLike[str]) -> Derivation:
     """Read and parse a `.drv` file; a file that cannot be read is a DerivationError too."""
     source = os.fspath(path)
     try:
-        with open(source, "rb") as f:
-            data = f.read()
+        data = read_bytes(source)
     except OSError as e:
         raise DerivationError(source, 0, e.strerror or str(e)) from None
     return parse(data, source)
@@ -155,14 +189,16 @@ def _quote(s: str) -> str:
 def _unescape(s: str) -> str:
     """Undo the escapes of a string the scanner already checked (each '\\' starts a pair).
 
-    Splitting on '\\\\' first is safe: scanning left to right, the first double backslash
-    found always starts an escape pair, as an earlier pair would have been found first.
+    Replacing '\\\\' first is safe: scanning left to right, the first double backslash found
+    always starts an escape pair, as an earlier pair would have been found first. It stands in
+    as NUL, which parse() refuses in the text, until the other escapes are undone: a few
+    copies of the string, never an object per escape.
     """
     if "\\" not in s:
         return s
-    return "\\".join(
-        p.replace('\\"', '"').replace("\\n", "\n").replace("\\r", "\r").replace("\\t", "\t")
-        for p in s.split("\\\\")
+    return (
+        s.replace("\\\\", "\0").replace('\\"', '"').replace("\\n", "\n").replace("\\r", "\r")
+        .replace("\\t", "\t").replace("\0", "\\")
     )
 
 
@@ -172,6 +208,11 @@ class _Fail(Exception):
     def __init__(self, index: int, reason: str) -> None:
         self.index = index
         self.reason = reason
+
+
+def _check_count(count: int, pos: int, what: str) -> None:
+    if count > MAX_ITEMS:
+        raise _Fail(pos, f"more than {MAX_ITEMS} items in {what}")
 
 
 def parse(data: bytes, source: str = "<bytes>") -> Derivation:
@@ -275,6 +316,7 @@ def _string_list(text: str, pos: int, what: str) -> tuple[list[tuple[str, int]],
                 raise _string_error(text, pos)
             raise _list_end(text, s.end(), what)
         items.append((_unescape(m[1]), pos))
+        _check_count(len(items), pos, what)
         pos = m.end()
         if m[2] == "]":
             return items, pos
@@ -341,6 +383,7 @@ def _parse_outputs(text: str, pos: int) -> tuple[list[DerivationOutput], int]:
             if _HEX.fullmatch(digest) is None:
                 raise _Fail(m.start(4) - 1, f"hash {digest!r} is not lowercase base16")
         outputs.append(DerivationOutput(name, path, algo, digest))
+        _check_count(len(outputs), pos, "the outputs")
         pos = m.end()
         if m[5] == "]":
             return outputs, pos
@@ -369,8 +412,11 @@ def _parse_input_drvs(
         if path in seen:
             raise _Fail(pos + 1, f"duplicate input derivation {path!r}")
         seen.add(path)
+        _check_count(len(seen), pos, "the input derivations")
         if f is not None:  # output names without escapes, matched in one go
-            input_drvs.append((path, tuple(f[2][1:-1].split('","'))))
+            names = f[2][1:-1].split('","')
+            _check_count(len(names), f.start(2), "the input derivation's outputs")
+            input_drvs.append((path, tuple(names)))
             pos = f.end()
             if f[3] == "]":
                 return input_drvs, pos
@@ -401,6 +447,7 @@ def _parse_env(text: str, pos: int) -> tuple[list[tuple[str, str]], int]:
             raise _Fail(pos + 1, f"duplicate environment variable {key!r}")
         keys.add(key)
         env.append((key, _unescape(m[2])))
+        _check_count(len(env), pos, "the environment")
         pos = m.end()
         if m[3] == "]":
             return env, pos

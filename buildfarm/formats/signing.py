@@ -349,7 +349,7 @@ def save_key(key: SigningKey, directory: str | os.PathLike[str], *,
     path = Path(directory) / SECRET_KEY_FILE
     if path.exists() and not overwrite:
         raise UsageError(f"a signing key already exists at '{path}'; remove it first")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new state directory: private
     temporary = path.with_name(f".{SECRET_KEY_FILE}.{os.getpid()}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -22,12 +23,13 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from buildfarm.errors import ArchiveError, UsageError
+from buildfarm.errors import ArchiveError, NoDatastoreError, UsageError
 from buildfarm.formats import narinfo as ni
 from buildfarm.formats.compression import TYPES
 from buildfarm.outputs.store import CACHE_INFO, OutputStore
 
 T = TypeVar("T")
+logger = logging.getLogger("buildfarm.publish")
 DEFAULT_LISTEN = "0.0.0.0:8080"  # guix publish's default
 NAR_CONTENT_TYPE = "application/x-nix-archive"
 LOG_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Content-Encoding": "gzip"}
@@ -145,7 +147,16 @@ class Publication:
         if self.db_url is not None:
             from buildfarm.datastore import open_datastore
 
-            self._datastore = await self._in_thread(open_datastore, self.db_url)
+            try:
+                self._datastore = await self._in_thread(
+                    functools.partial(open_datastore, self.db_url, create=False)
+                )
+            except NoDatastoreError as e:
+                # Nothing was ever stored, so nothing waits to be published on request: what
+                # `run` stores from now on it publishes itself.
+                logger.warning("%s; serving the output store's files only", e)
+                self.db_url = None
+                return
             await self._in_thread(self.index.refresh)
 
     async def close(self) -> None:

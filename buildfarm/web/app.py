@@ -103,7 +103,9 @@ class WebApp:
     async def open(self) -> None:
         from buildfarm.datastore import open_datastore
 
-        self._datastore = await self.db(open_datastore, self._db_url)
+        self._datastore = await self.db(
+            functools.partial(open_datastore, self._db_url, create=False)
+        )
         await self.hub.start()
 
     async def close(self) -> None:
