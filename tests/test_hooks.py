@@ -658,3 +658,27 @@ def test_the_coordinator_passes_the_declared_environment(tmp_path: Path) -> None
     assert added == set(hooks.ENVIRONMENT)
     assert given["BUILDFARM_DB"] == settings.db_url
     assert given["BUILDFARM_STATE_DIR"] == settings.state_dir
+
+
+def test_hooks_get_no_secret_of_the_coordinator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the datastore's password, not the coordinator's whole environment: only what
+    buildfarm-hooks(7) lists, and what `run --hook-env` names."""
+    from buildfarm.config import Settings
+    from buildfarm.coordinator.service import Coordinator, LineReporter, RunOptions
+    from buildfarm.inventory import Inventory
+
+    monkeypatch.setenv("CLOUD_TOKEN", "tok-TopSecret9")
+    monkeypatch.setenv("PGPASSWORD", "pg-TopSecret9")
+    monkeypatch.setenv("LC_TIME", "C")
+    url = "postgresql://farm:TopSecret9@db.example.org/buildfarm?password=TopSecret9&x=1"
+    settings = Settings.resolve(state_dir=str(tmp_path), db_url=url)
+    for asked, passed in (((), set()), (("PGPASSWORD",), {"PGPASSWORD"})):
+        coordinator = Coordinator(settings, Inventory("x", ()), RunOptions(hook_env=asked),
+                                  LineReporter())
+        env = hooks.hook_environment(coordinator.hooks.settings, 1, {"event": "e", "build": {}})
+        assert env["BUILDFARM_DB"] == "postgresql://farm@db.example.org/buildfarm?x=1"
+        assert not any("TopSecret9" in value for key, value in env.items() if key not in passed)
+        assert {"PATH", "HOME", "LC_TIME"} <= set(env)
+        assert set(env) <= {*hooks.ENVIRONMENT, *hooks.PASSED_ON, "PATH", "LC_TIME", *passed}

@@ -366,3 +366,41 @@ def test_the_state_directory_and_the_datastore_are_private(
     assert done.returncode == 0, done.stdout + done.stderr
     assert mode(fresh) == 0o700
     assert mode(fresh / "signing-key.secret") == 0o600
+
+
+# --- datastore passwords never shown ---------------------------------------------------------
+
+SECRET = "TopSecret9"
+
+
+@pytest.mark.parametrize("url", [
+    f"postgres:/u:{SECRET}@127.0.0.1/db",  # not a URL buildfarm knows: only its scheme is shown
+    f"postgresql://u:{SECRET} Pass@127.0.0.1/db",  # libpq quoted the password back
+    f"postgresql://u:Pa@{SECRET}@127.0.0.1/db",  # libpq took the rest for the host name
+    f"postgresql://u:Pa%zz{SECRET}@127.0.0.1/db",
+    f"postgresql://u:{SECRET}@[::1/db",
+    f"postgresql://127.0.0.1/db?password={SECRET}&port=x",
+    f"postgresql://u:{SECRET}@127.0.0.1:99999/db",
+    f"postgresql://u:{SECRET}@127.0.0.1:1/db",  # nothing listens: the driver's own message
+])
+def test_a_datastore_password_is_never_shown(fresh: Path, url: str) -> None:
+    for args in (("builds", "list"), ("submit", str(HELLO)), ("db", "status")):
+        line = fails("--db", url, *args)
+        assert SECRET not in line and "Secret" not in line, line
+        assert line.startswith(("Error: unknown datastore URL scheme 'postgres:'",
+                                "Error: bad PostgreSQL URL postgresql://",
+                                "Error: cannot open datastore postgresql://")), line
+
+
+@PROPERTY
+@given(password=st.text(min_size=1, max_size=30))
+def test_a_password_is_redacted_however_it_is_written(password: str) -> None:
+    from urllib.parse import quote
+
+    from buildfarm.datastore import postgresql
+
+    url = f"postgresql://farm:{quote(password, safe='')}@db.example.org:5432/buildfarm"
+    assert postgresql.redact(url) == "postgresql://farm:***@db.example.org:5432/buildfarm"
+    assert postgresql.without_password(url) == "postgresql://farm@db.example.org:5432/buildfarm"
+    assert postgresql.conninfo(url) == url
+    assert postgresql.scrub(f"x {password} y {quote(password, safe='')} z") == "x *** y *** z"

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from buildfarm.cli.group import BuildfarmGroup, _open, _settings, cli
-from buildfarm.cli.params import DAY, WORKERS, Seconds
+from buildfarm.cli.params import DAY, TEXT, WORKERS, Seconds
 from buildfarm.config import Settings
 from buildfarm.errors import BuildfarmError
 
@@ -77,6 +77,15 @@ def _load_inventory(settings: Settings) -> Any:
     help="Hooks of one event running at once (1 to 1024).",
 )
 @click.option(
+    "--hook-env",
+    "hook_env",
+    multiple=True,
+    type=TEXT,
+    metavar="NAME",
+    help="Pass this variable of the coordinator's environment on to hooks (repeat it); they "
+    "get only what buildfarm-hooks(7) lists otherwise.",
+)
+@click.option(
     "--max-log-size",
     metavar="SIZE",
     default="64M",
@@ -101,6 +110,7 @@ def run(
     hook_timeout: float,
     hook_workers: int,
     hook_parallelism: int,
+    hook_env: tuple[str, ...],
     max_log_size: str,
     metrics_address: str | None,
     compressions: tuple[str, ...],
@@ -121,6 +131,7 @@ def run(
         hook_timeout=hook_timeout,
         hook_workers=hook_workers,
         hook_parallelism=hook_parallelism,
+        hook_env=hook_env,
         max_log_bytes=parse_size(max_log_size),
         compressions=chosen,
     )

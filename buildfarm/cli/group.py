@@ -32,7 +32,9 @@ class BuildfarmGroup(click.Group):
             peewee = sys.modules.get("peewee")
             if peewee is None or not isinstance(e, peewee.DatabaseError):
                 raise
-            raise click.ClickException(one_line(f"datastore error: {e}")) from None
+            from buildfarm.datastore.postgresql import scrub
+
+            raise click.ClickException(one_line(scrub(f"datastore error: {e}"))) from None
 
 
 def _settings(ctx: click.Context) -> Settings:

@@ -94,18 +94,27 @@ EVENTS: tuple[HookEvent, ...] = (
 )
 EVENT_NAMES = tuple(e.name for e in EVENTS)
 
-# The environment of every hook, besides the coordinator's own, for the man page.
+# The environment of every hook, for the man page: these, PATH, the variables of PASSED_ON the
+# coordinator has, and those `run --hook-env` names. Never the rest of the coordinator's own: it
+# may hold secrets (a PGPASSWORD, a cloud token) that no hook asked for.
 ENVIRONMENT: dict[str, str] = {
     "BUILDFARM_EVENT": "The event's name.",
     "BUILDFARM_EVENT_ID": "The event's number in the datastore: the same when it is delivered "
     "again, so that a hook can recognise an event it has handled.",
     "BUILDFARM_BUILD_UUID": "The build's UUID.",
     "BUILDFARM_DERIVATION": "The build's .drv store path.",
-    "BUILDFARM_DB": "The datastore URL of the running coordinator.",
+    "BUILDFARM_DB": "The datastore URL of the running coordinator, without its password: a "
+    "hook's buildfarm finds a PostgreSQL password in the password file (~/.pgpass, or the file "
+    "PGPASSFILE names), or in PGPASSWORD when buildfarm run --hook-env PGPASSWORD passes it.",
     "BUILDFARM_STATE_DIR": "The coordinator's state directory.",
     "BUILDFARM_INVENTORY": "The coordinator's inventory file.",
     "BUILDFARM_HOOKS_DIR": "The coordinator's hooks directory.",
 }
+
+# What a script needs to run at all, passed on when the coordinator has it; no secret.
+PASSED_ON = ("HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+             "PGPASSFILE")
+PASSED_ON_PREFIX = "LC_"  # the locale's categories
 
 # run-parts(8): skip non-executables, dotfiles, editor backups and package-manager leftovers.
 SKIPPED_NAMES = ("names starting with a dot", "names ending in ~", "names containing .dpkg-",
@@ -137,6 +146,7 @@ def scripts(hooks_dir: str, event: str) -> list[str]:
 class HookSettings:
     hooks_dir: str
     environment: Mapping[str, str] = field(default_factory=dict)  # BUILDFARM_DB, ...
+    passed_on: tuple[str, ...] = ()  # more of the coordinator's variables (run --hook-env)
     timeout: float = 60.0
     workers: int = 4  # hooks running at once
     per_event: int = 2  # scripts of one event name running at once
@@ -241,16 +251,20 @@ async def run_script(script: str, payload: str, env: Mapping[str, str], timeout:
 def hook_environment(
     settings: HookSettings, event_id: int, payload: Mapping[str, Any]
 ) -> dict[str, str]:
-    """The coordinator's environment, its settings, and what names this event."""
+    """What a hook runs with (ENVIRONMENT): the variables that name this event and the
+    coordinator's settings, and of the coordinator's own environment only what a script needs
+    (PASSED_ON) and what `run --hook-env` asks for."""
     build = payload.get("build") or {}
-    env = dict(os.environ)
+    wanted = {*PASSED_ON, *settings.passed_on}
+    env = {k: v for k, v in os.environ.items() if k in wanted or k.startswith(PASSED_ON_PREFIX)}
     env.update(settings.environment)
     env["BUILDFARM_EVENT"] = str(payload.get("event", ""))
     env["BUILDFARM_EVENT_ID"] = str(event_id)
     env["BUILDFARM_BUILD_UUID"] = str(build.get("uuid", ""))
     env["BUILDFARM_DERIVATION"] = str(build.get("derivation", ""))
     # Hooks may call `buildfarm` itself: put this installation first on PATH.
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable),
+                                   os.environ.get("PATH", os.defpath)])
     return env
 
 

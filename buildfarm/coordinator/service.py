@@ -34,7 +34,7 @@ from buildfarm.coordinator.fleet import Fleet, MachineSlots, RunningAttempt, clo
 from buildfarm.coordinator.hooks import HookRunner, HookSettings
 from buildfarm.coordinator.runlock import RunLock
 from buildfarm.datastore import attempts as records
-from buildfarm.datastore import open_datastore
+from buildfarm.datastore import open_datastore, without_password
 from buildfarm.datastore.models import Attempt, Build, MachineState
 from buildfarm.errors import AlreadyRunningError, BuildfarmError, DatastoreError, RemoteError
 from buildfarm.formats.compression import DEFAULT_COMPRESSIONS, Compression
@@ -69,6 +69,7 @@ class RunOptions:
     hook_timeout: float = 60.0
     hook_workers: int = 4
     hook_parallelism: int = 2  # scripts of one event running at once
+    hook_env: tuple[str, ...] = ()  # more of the coordinator's variables hooks get
     grace: float = 30.0  # seconds running builds get to finish on SIGINT/SIGTERM
     tick: float = 1.0
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
@@ -121,11 +122,12 @@ class Coordinator:
             HookSettings(
                 hooks_dir=settings.hooks_dir,
                 environment={
-                    "BUILDFARM_DB": settings.db_url,
+                    "BUILDFARM_DB": without_password(settings.db_url),
                     "BUILDFARM_STATE_DIR": settings.state_dir,
                     "BUILDFARM_INVENTORY": settings.inventory_path,
                     "BUILDFARM_HOOKS_DIR": settings.hooks_dir,
                 },
+                passed_on=options.hook_env,
                 timeout=options.hook_timeout,
                 workers=options.hook_workers,
                 per_event=options.hook_parallelism,

@@ -96,8 +96,10 @@ def _connect(url: str, create: bool) -> Any:
         )
     if postgresql.is_postgresql(url):
         return postgresql.PostgresqlDatastore(url)
+    scheme, colon, _ = url.partition(":")  # never the rest: it may hold a password
+    what = f"scheme {scheme[:20] + ':'!r}" if colon else f"{url[:40]!r} (no scheme)"
     raise DatastoreError(
-        f"unknown datastore URL {url!r}: use sqlite:///PATH (or postgresql://USER@HOST/DB)"
+        f"unknown datastore URL {what}: use sqlite:///PATH (or postgresql://USER@HOST/DB)"
     )
 
 
@@ -171,6 +173,11 @@ def describe(url: str) -> str:
     return postgresql.redact(url)
 
 
+def without_password(url: str) -> str:
+    """The URL as others may have it (hooks): no password in it."""
+    return postgresql.without_password(url)
+
+
 __all__ = [
     "ALL_MODELS",
     "Datastore",
@@ -179,4 +186,5 @@ __all__ = [
     "open_datastore",
     "opened",
     "sqlite_path",
+    "without_password",
 ]

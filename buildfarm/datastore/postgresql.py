@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 import peewee as pw
 
@@ -36,28 +37,84 @@ def is_postgresql(url: str) -> bool:
     return url.startswith(PREFIXES)
 
 
+# --- secrets in URLs ----------------------------------------------------------------------
+# A URL's password may sit in its user information (USER:PASSWORD@HOST) or in a query parameter
+# (?password=...). Neither is ever shown: messages name a URL through redact(), the driver's own
+# messages (which quote what it could not parse) go through scrub(), and hooks get the URL
+# without_password().
+
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)([^&#]*)")
+_MUST_ENCODE = re.compile(r"[@/?#\s]|%(?![0-9A-Fa-f]{2})")
+_SECRETS: set[str] = set()  # of every URL given to conninfo(), for scrub()
+
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where the user information's password is: from its first ':' to the last '@' of the
+    URL (libpq ends the user information at the first '@', urllib at the last: this covers
+    both, and a '/', '?' or '#' left unencoded in the password too)."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    colon = rest.find(":", 0, max(at, 0))
+    if not sep or rest.startswith("/") or colon < 0:
+        return None
+    start = len(scheme) + len(sep)
+    return start + colon + 1, start + at
+
+
+def secrets(url: str) -> list[str]:
+    """The passwords `url` holds, as written and percent-decoded."""
+    span = _password_span(url)
+    found = [url[span[0]:span[1]]] if span is not None else []
+    found += [m[2] for m in _QUERY_PASSWORD.finditer(url)]
+    found += [unquote(s) for s in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def redact(url: str) -> str:
+    """The URL as messages show it: every password written ***."""
+    span = _password_span(url)
+    if span is not None and span[0] < span[1]:
+        url = url[:span[0]] + "***" + url[span[1]:]
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+def without_password(url: str) -> str:
+    """The URL without any password (for hooks: libpq then reads ~/.pgpass or PGPASSFILE)."""
+    span = _password_span(url)
+    if span is not None:
+        url = url[:span[0] - 1] + url[span[1]:]
+    url = _QUERY_PASSWORD.sub(lambda m: m[1][0], url).replace("?&", "?")
+    return url.rstrip("?&")
+
+
+def scrub(text: str) -> str:
+    """`text` (a driver's message, say) with every password of a URL seen written ***."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def conninfo(url: str) -> str:
-    """The libpq URI of a datastore URL (postgres:// is accepted as an alias)."""
+    """The libpq URI of a datastore URL (postgres:// is accepted as an alias). Its passwords
+    are noted for scrub(); a user name or password that libpq and urllib would read apart
+    (an unencoded '@', '/', '?', '#', space or stray '%') is refused, without showing it."""
+    _SECRETS.update(secrets(url))
+    span = _password_span(url)
+    if span is not None:
+        userinfo = url[url.index("://") + 3:span[1]]
+        if _MUST_ENCODE.search(userinfo):
+            raise DatastoreError(
+                f"bad PostgreSQL URL {redact(url)}: percent-encode the user name and password "
+                "(@ as %40, / as %2F, ? as %3F, # as %23, a space as %20, % as %25)"
+            )
     if url.startswith("postgres://"):
         return "postgresql://" + url[len("postgres://") :]
     return url
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    if not is_postgresql(url):
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def one_line(error: BaseException) -> str:
-    """libpq's messages span lines; the CLI shows one."""
-    return " ".join(str(error).split())
+    """libpq's messages span lines; the CLI shows one, without any password (scrub)."""
+    return scrub(" ".join(str(error).split()))
 
 
 def require_driver() -> Any:

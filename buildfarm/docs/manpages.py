@@ -114,14 +114,21 @@ def hooks_page(shipped: Sequence[ShippedHook]) -> str:
     for key, meaning in hooks.BUILD_FIELDS.items():
         out += _tagged(key, meaning)
     out.append(".SH ENVIRONMENT")
-    out.append(_text("A hook runs with the coordinator's environment and:"))
+    out.append(_text("A hook runs with these variables:"))
     for name, meaning in hooks.ENVIRONMENT.items():
         out += _tagged(name, meaning)
     out += _tagged(
         "PATH",
-        "The directory of the coordinator's Python comes first, so that buildfarm is the "
-        "coordinator's own.",
+        "The coordinator's PATH, with the directory of the coordinator's Python first, so that "
+        "buildfarm is the coordinator's own.",
     )
+    passed = ", ".join(hooks.PASSED_ON)
+    out += [".PP", _text(
+        f"Of the coordinator's own environment, a hook gets only {passed} and the "
+        f"{hooks.PASSED_ON_PREFIX}* variables (when the coordinator has them), and those "
+        "buildfarm run --hook-env NAME names (repeat it for several): not the rest, which may "
+        "hold secrets no hook asked for. --hook-env cannot change the variables above."
+    )]
     skipped = "; ".join(hooks.SKIPPED_NAMES)
     out += _section(
         "WHICH SCRIPTS RUN",
