@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -781,3 +782,81 @@ def test_bad_filters_are_usage_errors(listed: list[dict[str, Any]]) -> None:
         list_builds(Filters(), after=listed[0]["uuid"], before=listed[1]["uuid"])
     with pytest.raises(NotFoundError):
         list_builds(Filters(), after="00000000-0000-0000-0000-000000000000")
+
+
+def test_machine_errors_never_show_how_machines_are_reached(
+    database: ScratchDatabase, tmp_path: Path, hosts: list[Any]
+) -> None:
+    """The coordinator's own message for each way a connection fails names the user, address,
+    port, key file or known_hosts file (for the operator, at the terminal). As a machine's
+    last error and an attempt's detail, the pages and the API show each as (hidden)."""
+    import asyncio
+
+    import yaml
+
+    from buildfarm.datastore import attempts as records
+    from buildfarm.datastore import open_datastore
+    from buildfarm.datastore.models import MachineState
+    from buildfarm.errors import RemoteError
+    from buildfarm.inventory import Machine
+    from buildfarm.ssh.connect import open_connection
+
+    host = hosts[0]
+    stranger = tmp_path / "stranger_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+                   check=True)
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    reach = {"host": host.address, "port": host.port, "user": host.user,
+             "identity": str(host.client_key), "known_hosts": str(host.known_hosts)}
+    machines = {
+        "auth": {**reach, "identity": str(stranger)},
+        "unknown-key": {**reach, "known_hosts": str(empty)},
+        "refused": {**reach, "port": closed},
+        "unresolvable": {**reach, "host": "no-such-host.invalid"},
+    }
+
+    def failure(name: str, fields: dict[str, Any]) -> str:
+        try:
+            asyncio.run(open_connection(Machine(name, **fields), lambda *_: None))
+        except RemoteError as e:
+            return str(e)
+        raise AssertionError(f"{name} connected")
+
+    messages = {name: failure(name, fields) for name, fields in machines.items()}
+    assert "authentication failed for" in messages["auth"]
+    assert str(stranger) in messages["auth"] and f"{host.user}@" in messages["auth"]
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump({"machines": [
+        {"name": name, **fields, "systems": [SYSTEM], "store": "guix"}
+        for name, fields in machines.items()]}))
+    with open_datastore(database.url):
+        (uuid,) = submit(make_drv("reach-1.0"))
+        for name, message in [*messages.items(), ("retired", messages["auth"])]:
+            MachineState.create(name=name, last_error=message, failures=1,
+                                updated_at=time.time())
+        attempt = start_attempt("auth")
+        records.interrupt(attempt.id, f"connection lost: {messages['auth']}")
+    secrets = [host.address, str(stranger), str(empty), str(host.known_hosts),
+               str(host.client_key), "no-such-host.invalid", f"{host.user}@",
+               f":{host.port}", f":{closed}", f"-p {host.port}"]
+    web = WebServer(server_env(tmp_path, database.url, str(inventory)))
+    try:
+        shown = ""
+        for path in ("/", "/api/overview", "/machines", "/api/machines", "/machines/auth",
+                     "/api/machines/auth", "/machines/retired", "/api/machines/retired",
+                     f"/builds/{uuid}", f"/api/builds/{uuid}", "/machines/unresolvable"):
+            status, _, body = web.get(path)
+            assert status == 200, (path, body)
+            for secret in secrets:
+                assert secret not in body, (path, secret)
+            shown += body
+        for text in ("authentication failed for (hidden); is the public key of (hidden) in",
+                     "connection refused by (hidden)", "cannot resolve host (hidden)",
+                     "connection lost: auth: authentication failed for (hidden)"):
+            assert text in shown, text
+    finally:
+        web.stop()

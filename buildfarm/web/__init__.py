@@ -3,7 +3,8 @@
 app.py (aiohttp application, handlers, serve), queries.py and listing.py (bounded datastore
 reads), pages.py and html.py (server-rendered HTML, escaped by construction), events.py (the
 server-sent event stream), logview.py (log tails and live logs), assets.py (CSS and the small
-script), api.py (the declared API, for /api and the man page).
+script), api.py (the declared API, for /api and the man page), conceal.py (machines' errors
+without how machines are reached).
 """
 
 from __future__ import annotations

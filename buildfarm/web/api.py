@@ -141,8 +141,9 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("SECURITY", (
         "The pages never show the datastore URL, keys, or how machines are reached (host, "
-        "user, identity). Every string from builds, tags, machines and logs is escaped; every "
-        "response forbids inline scripts and styles (Content-Security-Policy), so even a "
-        "string that slipped through could not run.",
+        "user, port, identity, known_hosts): in a machine's last error and an attempt's "
+        "detail, each is shown as (hidden). Every string from builds, tags, machines and logs "
+        "is escaped; every response forbids inline scripts and styles "
+        "(Content-Security-Policy), so even a string that slipped through could not run.",
     )),
 )

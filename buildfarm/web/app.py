@@ -28,6 +28,7 @@ from buildfarm.inventory import load as load_inventory
 from . import logview, pages, queries
 from .api import ENDPOINTS
 from .assets import ASSETS, etag
+from .conceal import conceal_reach
 from .events import KEEPALIVE, RETRY_MS, EventHub, frame
 from .listing import Filters, list_builds
 
@@ -139,8 +140,13 @@ class WebApp:
 
     # -- data, shared by a page and its API twin
 
+    def _concealed(self, data: T) -> T:
+        """What a page or the API shows: machines' errors without how machines are reached."""
+        concealed: T = conceal_reach(data, self.inventory.get())
+        return concealed
+
     async def _overview(self) -> dict[str, Any]:
-        return await self.db(queries.overview, self.inventory.get())
+        return self._concealed(await self.db(queries.overview, self.inventory.get()))
 
     async def _builds(self, request: web.Request) -> dict[str, Any]:
         q = request.query
@@ -157,8 +163,14 @@ class WebApp:
         return data
 
     async def _machine(self, request: web.Request) -> dict[str, Any]:
-        return await self.db(queries.machine_detail, request.match_info["name"],
-                             self.inventory.get())
+        return self._concealed(await self.db(queries.machine_detail, request.match_info["name"],
+                                             self.inventory.get()))
+
+    async def _machines(self) -> list[dict[str, Any]]:
+        return self._concealed(await self.db(queries.machines, self.inventory.get()))
+
+    async def _build(self, uuid: str) -> dict[str, Any]:
+        return self._concealed(await self.db(queries.build_detail, uuid))
 
     # -- pages
 
@@ -175,7 +187,7 @@ class WebApp:
 
     async def build(self, request: web.Request) -> web.StreamResponse:
         uuid = request.match_info["uuid"]
-        data = await self.db(queries.build_detail, uuid)
+        data = await self._build(uuid)
         log: dict[str, Any] | None = None
         with contextlib.suppress(NotFoundError):
             path, running = await self.db(queries.log_file, uuid)
@@ -185,8 +197,7 @@ class WebApp:
         return html_response(pages.build_page(data, log))
 
     async def machines(self, request: web.Request) -> web.StreamResponse:
-        data = await self.db(queries.machines, self.inventory.get())
-        return html_response(pages.machines_page(data))
+        return html_response(pages.machines_page(await self._machines()))
 
     async def machine(self, request: web.Request) -> web.StreamResponse:
         return html_response(pages.machine_page(await self._machine(request)))
@@ -213,10 +224,10 @@ class WebApp:
         return json_response(data)
 
     async def api_build(self, request: web.Request) -> web.StreamResponse:
-        return json_response(await self.db(queries.build_detail, request.match_info["uuid"]))
+        return json_response(await self._build(request.match_info["uuid"]))
 
     async def api_machines(self, request: web.Request) -> web.StreamResponse:
-        return json_response(await self.db(queries.machines, self.inventory.get()))
+        return json_response(await self._machines())
 
     async def api_machine(self, request: web.Request) -> web.StreamResponse:
         return json_response(await self._machine(request))
