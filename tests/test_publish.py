@@ -549,6 +549,47 @@ def publishing(state: Path, **env_vars: str) -> Iterator[tuple[subprocess.Popen[
         process.communicate(timeout=30)  # waits, and closes the pipes
 
 
+def test_http_serves_no_symbolic_link_and_forbids_sniffing(
+    published: tuple[OutputStore, list[OutputRecord]], tmp_path: Path
+) -> None:
+    """The store never makes a link, so a link in it was put there by someone else: served, it
+    gave away whatever it named (the signing key, /etc/passwd), even one inside the store. Every
+    link, as the file asked for or as a directory on the way, is a 404. Every answer forbids
+    sniffing: a log is text a builder chose, and must never be taken for HTML."""
+    store, _ = published
+    root = Path(store.root)
+    secret = tmp_path / "signing-key.secret"
+    secret.write_text("SECRET-SEED\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    fake = "1" * 32
+    real_narinfo = Path(store.narinfo_path(TOP))
+    (root / f"{fake}.narinfo").symlink_to(secret)
+    (root / "nar" / f"{fake}-x").symlink_to(secret)
+    (root / "log" / f"{fake}-x.drv").symlink_to(secret)
+    (root / "nar" / "gzip").rename(elsewhere / "gzip")
+    (root / "nar" / "gzip").symlink_to(elsewhere / "gzip")  # a directory on the way
+    inner = root / f"{'2' * 32}.narinfo"
+    inner.symlink_to(real_narinfo)  # inside the store, to a file it serves itself
+    gz_url = ni.parse(real_narinfo.read_text()).files[0].url
+    refused = [f"/{fake}.narinfo", f"/nar/{fake}-x", f"/log/{fake}-x.drv", f"/{gz_url}",
+               f"/{'2' * 32}.narinfo"]
+
+    async def check(client: TestClient[Any, Any]) -> None:
+        for path in refused:
+            response = await client.get(path)
+            assert response.status == 404, path
+            assert "SECRET" not in await response.text()
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+        for path in ("/nix-cache-info", f"/{ni.hash_part(TOP)}.narinfo", f"/nar/{Path(TOP).name}",
+                     f"/log/{Path(TOP_DRV).name}"):
+            response = await client.get(path)
+            assert response.status == 200, path
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+    serve(Publication(store, None), check)
+
+
 def test_publish_command_serves_and_stops_on_sigterm(
     server: tuple[subprocess.Popen[str], str],
 ) -> None:

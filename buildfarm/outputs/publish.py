@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
 import os
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +50,20 @@ def parse_listen(text: str) -> tuple[str, int]:
         except ValueError:
             raise UsageError(f"--listen {text!r}: {host!r} is not an IP address") from None
     return host, int(port)
+
+
+def inside(root: str, *parts: str) -> str:
+    """ROOT/PARTS... when it is a regular file reached through no symbolic link; else
+    FileNotFoundError (answered 404). The output store never makes a link, so a link in it was
+    put there by someone else, and may lead anywhere: to the signing key, to /etc."""
+    path = root
+    for part in parts:
+        path = os.path.join(path, part)
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise FileNotFoundError(errno.ENOENT, "a symbolic link in the output store", path)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", path)
+    return path
 
 
 def url_of(host: str, port: int) -> str:
@@ -166,6 +182,7 @@ class Publication:
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[_missing_is_404])
+        app.on_response_prepare.append(_no_sniffing)
         app.router.add_get("/nix-cache-info", self.cache_info)
         app.router.add_get("/signing-key.pub", self.signing_key)
         app.router.add_get(f"/{{hash:[{ni.NIX32}]{{32}}}}.narinfo", self.narinfo)
@@ -178,11 +195,12 @@ class Publication:
 
     async def cache_info(self, request: web.Request) -> web.StreamResponse:
         path = os.path.join(self.store.root, CACHE_INFO)
-        if not os.path.exists(path) and not await self._in_thread(self._write_cache_info):
+        if not os.path.lexists(path) and not await self._in_thread(self._write_cache_info):
             # Nothing stored yet: what guix publish answers.
             return web.Response(text=ni.nix_cache_info(DEFAULT_STORE_DIR),
                                 content_type="text/plain")
-        return web.FileResponse(path, headers={"Content-Type": "text/plain"})
+        return web.FileResponse(inside(self.store.root, CACHE_INFO),
+                                headers={"Content-Type": "text/plain"})
 
     async def signing_key(self, request: web.Request) -> web.StreamResponse:
         if self.store.publisher is None:
@@ -192,31 +210,31 @@ class Publication:
 
     async def narinfo(self, request: web.Request) -> web.StreamResponse:
         hash_part = request.match_info["hash"]
-        path = os.path.join(self.store.root, f"{hash_part}.narinfo")
-        if not os.path.exists(path) and not await self._in_thread(self._publish, hash_part):
+        name = f"{hash_part}.narinfo"
+        if (not os.path.lexists(os.path.join(self.store.root, name))
+                and not await self._in_thread(self._publish, hash_part)):
             raise web.HTTPNotFound(text=f"no narinfo for {hash_part}")
-        return web.FileResponse(path, headers={"Content-Type": ni.CONTENT_TYPE})
+        return web.FileResponse(inside(self.store.root, name),
+                                headers={"Content-Type": ni.CONTENT_TYPE})
 
     async def nar(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         kind = request.match_info.get("kind")
         if not ni.BASENAME.fullmatch(name):
             raise web.HTTPNotFound()
-        directory = os.path.join(self.store.nar_dir, kind) if kind else self.store.nar_dir
-        path = os.path.join(directory, name)
+        path = inside(self.store.root, "nar", *([kind] if kind else []), name)
         return web.FileResponse(path, headers={"Content-Type": NAR_CONTENT_TYPE})
 
     async def log(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         if not ni.BASENAME.fullmatch(name):
             raise web.HTTPNotFound()
-        path = os.path.join(self.store.log_dir, name)
-        if not os.path.exists(path):
+        if not os.path.lexists(os.path.join(self.store.log_dir, name)):
             published = await self._in_thread(self._publish_log, name)
             if published is None:
                 raise web.HTTPNotFound(text=f"no log for {name}")
-            path = published
-        return web.FileResponse(path, headers=LOG_HEADERS)
+            name = os.path.basename(published)
+        return web.FileResponse(inside(self.store.root, "log", name), headers=LOG_HEADERS)
 
     # -- publishing on first request (datastore thread)
 
@@ -267,6 +285,11 @@ class Publication:
         if log_file is None or not self.store.publish_log(drv, log_file):
             return None
         return path
+
+
+async def _no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
+    """Logs are text a builder chose: no browser may take one for HTML or a script."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 @web.middleware
