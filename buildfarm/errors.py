@@ -43,5 +43,10 @@ class RemoteError(BuildfarmError):
     """A machine could not be reached or refused us (host key, login, command)."""
 
 
+class ProtocolError(RemoteError):
+    """A machine answered more than was asked, nonsense, or nothing in time: that session or
+    channel is closed and the machine backed off. The message names the machine."""
+
+
 class AlreadyRunningError(BuildfarmError):
     """Another coordinator already runs on this datastore."""

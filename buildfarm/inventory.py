@@ -51,6 +51,7 @@ class Machine:
     max_sessions: int = 8
     connect_timeout: float = 10.0
     keepalive_interval: float = 15.0
+    answer_timeout: float = 120.0
     max_silent_time: int | None = None
     timeout: int | None = None
     enabled: bool = True
@@ -150,7 +151,7 @@ _HOST_KEY_TYPES = (
 )
 _TRANSPORTS = ("ssh", "local")
 _MAX_SLOTS = 1024  # max_builds, max_sessions
-_DAY = 86400  # connect_timeout, keepalive_interval
+_DAY = 86400  # connect_timeout, keepalive_interval, answer_timeout
 # max_silent_time, timeout: what the stores take (Guix's daemon reads them into an unsigned int,
 # Nix's into a time_t), as a signed 32-bit number of seconds (68 years) for both.
 _MAX_SECONDS = 2**31 - 1
@@ -273,6 +274,8 @@ _FIELDS: dict[str, _Field] = {
     "connect_timeout": _Field("float", "connect_timeout: 10", minimum=0, exclusive=True,
                               maximum=_DAY),
     "keepalive_interval": _Field("float", "keepalive_interval: 15", minimum=0, maximum=_DAY),
+    "answer_timeout": _Field("float", "answer_timeout: 120", minimum=0, exclusive=True,
+                             maximum=_DAY),
     "max_silent_time": _Field("int", "max_silent_time: 3600", True, minimum=1,
                               maximum=_MAX_SECONDS),
     "timeout": _Field("int", "timeout: 86400", True, minimum=1, maximum=_MAX_SECONDS),

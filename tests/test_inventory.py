@@ -45,6 +45,7 @@ machines:
     max_sessions: 4
     connect_timeout: 3
     keepalive_interval: 0
+    answer_timeout: 30
     max_silent_time: 1_200
     timeout: 7200
     enabled: false
@@ -68,7 +69,8 @@ def test_full_inventory_loads_into_frozen_machines(tmp_path: Path,
                 transport="ssh", systems=("x86_64-linux", "i686-linux"), max_builds=4,
                 features=("kvm", "big-parallel"), speed=2.5, store="nix",
                 overload_threshold=0.8, max_sessions=4, connect_timeout=3.0,
-                keepalive_interval=0.0, max_silent_time=1200, timeout=7200, enabled=False,
+                keepalive_interval=0.0, answer_timeout=30.0, max_silent_time=1200, timeout=7200,
+                enabled=False,
             ),
             Machine(
                 name="here", host=None, user="buildfarm",

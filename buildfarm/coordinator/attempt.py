@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from buildfarm.backends import Backend
+from buildfarm.backends import Backend, Command
 from buildfarm.coordinator import localstore
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import closure
 from buildfarm.datastore.models import COULD_NOT_DELETE_OUTPUTS, MISSING_INPUTS
-from buildfarm.errors import ArchiveError, RemoteError
+from buildfarm.errors import ArchiveError, ProtocolError, RemoteError
 from buildfarm.formats import derivation as drvmod
 from buildfarm.formats.signing import SigningKey
 from buildfarm.inventory import Machine
@@ -34,7 +34,6 @@ T = TypeVar("T")
 # What an attempt pushes to a machine: the .drv closure, input sources from the coordinator's
 # own store, input outputs from the output store.
 PUSH_KINDS = ("derivations", "sources", "inputs")
-SMALL = 120.0  # seconds a store query may take
 TRANSFER = 3600.0  # seconds an import or export may take
 DELETE_WAIT = 60.0  # seconds to wait for sessions of other attempts that may hold the outputs
 # Outputs (total nar bytes) a store session sends back on its own channel, held in memory;
@@ -63,7 +62,9 @@ class BuildFailed(Exception):
 
 
 class TransferFailed(Exception):
-    """The outputs could not be fetched, verified or stored: retried later, elsewhere."""
+    """The outputs could not be exported or hashed on the machine: retried later, elsewhere.
+    Outputs that come back malformed or unlike what the machine reported are a ProtocolError:
+    the machine is backed off."""
 
 
 class StoreCommandFailed(Exception):
@@ -116,17 +117,22 @@ class AttemptRun:
         """A step with nothing to do: recorded with the next one, saving a transaction."""
         self.skipped.append((name, why))
 
+    async def _ask(self, command: Command) -> RunResult:
+        """Run a store query, which the machine has its answer_timeout to answer."""
+        return await self.remote.run(command.argv, input=command.stdin,
+                                     timeout=self.machine.answer_timeout)
+
     async def missing(self, paths: Sequence[str]) -> list[str]:
         if not paths:
             return []
         if self.session is not None:
             try:
-                valid = await self.session.query_valid(paths, SMALL)
+                valid = await self.session.query_valid(paths, self.machine.answer_timeout)
             except SessionFailed as e:
                 raise StoreCommandFailed(str(e)) from None
             return [p for p in paths if p not in valid]
         command = self.backend.missing(paths)
-        result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
+        result = await self._ask(command)
         if not result.ok:
             raise StoreCommandFailed(f"{command.argv[0]}: {_first_error(result.stderr)}")
         return self.backend.parse_missing(result.stdout)
@@ -230,7 +236,7 @@ class AttemptRun:
             return
         await self.step("dry-run")
         command = self.backend.dry_run(self.drv_path)
-        result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
+        result = await self._ask(command)
         if not result.ok:
             raise SetupFailed(MISSING_INPUTS, (), f"dry run failed: {_first_error(result.stderr)}")
         plan = self.backend.parse_dry_run(result.stdout, result.stderr)
@@ -252,12 +258,12 @@ class AttemptRun:
             # Store sessions root what they built or imported: end ours and the idle ones.
             self.session = await self.sessions.renew(self.session)
         command = self.backend.delete(present)
-        result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
+        result = await self._ask(command)
         if (not result.ok and self.sessions is not None
                 and await self.sessions.wait_for_older(DELETE_WAIT)):
             # A session busy with another attempt may have built or imported them before:
             # it has ended on its way back; the outputs are no longer held by it.
-            result = await self.remote.run(command.argv, input=command.stdin, timeout=SMALL)
+            result = await self._ask(command)
         if not result.ok:
             raise SetupFailed(
                 COULD_NOT_DELETE_OUTPUTS, present, _first_error(result.stderr)
@@ -356,7 +362,7 @@ class AttemptRun:
         await self.step("verify-outputs")
         try:
             return await self._store(io.BytesIO(bundle), list(infos), reported)
-        except TransferFailed:
+        except ProtocolError:
             # What it sent was not what it described: whatever follows on its stream is
             # suspect too, so the session ends.
             await session.close(kill=True)
@@ -371,13 +377,13 @@ class AttemptRun:
                 self.outputs.import_bundle, bundle, outputs, reported, self.drv_path,
                 system=self.system, log_file=self.log_path,
             )
-        except ArchiveError as e:
-            raise TransferFailed(str(e)) from None
+        except ArchiveError as e:  # malformed, or unlike what the machine reported
+            raise ProtocolError(f"{self.machine.name}: {e}") from None
 
     async def _session_infos(self, paths: Sequence[str]) -> dict[str, PathInfo]:
         assert self.session is not None
         try:
-            infos = await self.session.path_infos(paths, SMALL)
+            infos = await self.session.path_infos(paths, self.machine.answer_timeout)
         except SessionFailed as e:
             raise TransferFailed(f"cannot hash the outputs: {e}") from None
         lacking = [p for p in paths if p not in infos]

@@ -36,7 +36,13 @@ from buildfarm.coordinator.runlock import RunLock
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import open_datastore, without_password
 from buildfarm.datastore.models import Attempt, Build, MachineState
-from buildfarm.errors import AlreadyRunningError, BuildfarmError, DatastoreError, RemoteError
+from buildfarm.errors import (
+    AlreadyRunningError,
+    BuildfarmError,
+    DatastoreError,
+    ProtocolError,
+    RemoteError,
+)
 from buildfarm.formats.compression import DEFAULT_COMPRESSIONS, Compression
 from buildfarm.formats.keys import key_name
 from buildfarm.formats.signing import SigningKey, load_key, save_key
@@ -452,8 +458,15 @@ class Coordinator:
             slots.ready = False
             slots.last_error = str(e)
             slots.remote.note_failure(str(e))
-            await self.db(records.interrupt, run.attempt_id, f"connection lost: {e}")
-            self.reporter.event(f"build {uuid} interrupted on {name}: {e}")
+            what = "machine misbehaved" if isinstance(e, ProtocolError) else "connection lost"
+            await self.db(records.interrupt, run.attempt_id, f"{what}: {e}")
+            until = slots.remote.backed_off_until
+            await self.db(_note_machine, name, str(e), until)
+            line = f"build {uuid} interrupted on {name}: {e}"
+            if until is not None:
+                clock = time.strftime("%H:%M:%S", time.localtime(until))
+                line += f"; {name} backed off until {clock}"
+            self.reporter.event(line)
         except OSError as e:
             # The coordinator's own disk (full, read-only): retry later, keep running.
             await self.db(

@@ -11,8 +11,10 @@ that a timeout or a cancel kills it and all its children. ``transport: local`` m
 same API over local subprocesses.
 
 Errors: everything raises ``RemoteError`` naming the machine; a command killed for running too
-long or too quietly raises ``CommandTimeoutError`` (a ``RemoteError``); a cancelled call kills its
-process group and lets the ``asyncio.CancelledError`` go on.
+long or too quietly raises ``CommandTimeoutError`` (a ``RemoteError``); a command that prints
+more than MAX_OUTPUT where its output is collected, or an SFTP server that breaks the protocol,
+raises ``ProtocolError`` (a ``RemoteError``); a cancelled call kills its process group and lets
+the ``asyncio.CancelledError`` go on.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from buildfarm.errors import RemoteError
+from buildfarm.errors import ProtocolError, RemoteError
 from buildfarm.inventory import Machine
 from buildfarm.ssh import transfer
 from buildfarm.ssh.connect import describe, open_connection
@@ -46,7 +48,7 @@ from buildfarm.ssh.processes import (
     gather_or_cancel,
     kill_local_group,
 )
-from buildfarm.ssh.sftp import SFTPClient
+from buildfarm.ssh.sftp import SFTPClient, Violation
 
 __all__ = ["CommandTimeoutError", "Remote", "RemoteProcess", "RunResult"]
 
@@ -55,6 +57,9 @@ _T = TypeVar("_T")
 _Sink = Callable[[bytes], None]
 
 READ_CHUNK = 64 * 1024
+# Bytes of a command's stdout or stderr collected at most (a dry run of a graph of 100,000
+# derivations prints about 10 MB): more answers nothing the coordinator asks.
+MAX_OUTPUT = 64 << 20
 CHANNEL_OPEN_RETRIES = 6
 CHANNEL_RETRY_DELAY = 0.05
 KILL_GRACE = 2.0
@@ -386,10 +391,14 @@ class Remote:
             nonlocal last_output
             while data := await reader.read(READ_CHUNK):
                 last_output = loop.time()
-                if callback is None:
-                    buffer += data
-                else:
+                if callback is not None:
                     callback(data)
+                    continue
+                buffer += data
+                if len(buffer) > MAX_OUTPUT:
+                    where = "stdout" if buffer is out else "stderr"
+                    raise ProtocolError(f"{self.machine.name}: {job.argv[0]} printed more than "
+                                        f"{MAX_OUTPUT >> 20} MiB on {where}; killed it")
 
         async def feed(writer: Writer) -> None:
             try:
@@ -483,7 +492,7 @@ class Remote:
         conn = await self._connection()
 
         def start() -> Awaitable[SFTPClient]:
-            return SFTPClient.start(conn)
+            return SFTPClient.start(conn, self.machine.answer_timeout)
 
         if not self._keep_sftp:  # too few channels to keep one for SFTP: open it per use
             async with self._slots:
@@ -543,6 +552,8 @@ class Remote:
                 return size
         except transfer.LocalFileError as exc:  # the coordinator's disk: not the machine's fault
             raise exc.error from None
+        except Violation as exc:
+            raise self._violation(exc) from None
 
     async def remove(self, remote_path: str) -> None:
         """Delete a file on the machine; a file that is already gone is fine."""
@@ -552,9 +563,15 @@ class Remote:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(remote_path)
                 return
-            async with self._sftp_client() as sftp:
-                with contextlib.suppress(FileNotFoundError):
-                    await sftp.remove(remote_path)
+            try:
+                async with self._sftp_client() as sftp:
+                    with contextlib.suppress(FileNotFoundError):
+                        await sftp.remove(remote_path)
+            except Violation as exc:
+                raise self._violation(exc) from None
+
+    def _violation(self, exc: Violation) -> ProtocolError:
+        return ProtocolError(f"{self.machine.name}: {exc}; its SFTP channel is closed")
 
     async def mktemp(self) -> str:
         """A fresh, empty temporary file on the machine (the caller removes it)."""

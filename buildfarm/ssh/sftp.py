@@ -10,9 +10,12 @@ the coordinator's CPU is the limit, that is the difference between about 0.8 and
 the throughput of `cat` streamed over the same connection (BENCHMARKS.md).
 
 Errors the machine reports are OSErrors with the matching errno (FileNotFoundError for a missing
-file); a channel that closes or speaks nonsense fails every waiting request with
-asyncssh.ConnectionLost. A local file that cannot be written fails the read with
-transfer.LocalFileError (the machine is not to blame).
+file); a channel that closes fails every waiting request with asyncssh.ConnectionLost. A server
+that breaks the protocol (a reply longer than its read, a reply to no request, nonsense) or
+answers nothing for `timeout` seconds while requests wait is a Violation: the channel is closed
+and every waiting request fails with it. No reply is held beyond what its read asked for. A
+local file that cannot be written fails the read with transfer.LocalFileError (the machine is
+not to blame).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import collections
 import errno
 import os
 import struct
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Awaitable, Callable
+from typing import BinaryIO, TypeVar
 
 import asyncssh
 
 from buildfarm.ssh.transfer import LocalFileError
 
+_T = TypeVar("_T")
 BLOCK_SIZE = 255 * 1024  # OpenSSH's sftp-server answers at most 256 KiB - 1 KiB per read
 MAX_REQUESTS = 32  # 8 MiB in flight; more only adds bookkeeping (benchmarks/sftp_pull.py)
 REFILL = 16  # read requests go out 16 at a time: one SSH packet, one wake-up of the machine's sshd
@@ -40,6 +44,10 @@ _ERRNO = {2: errno.ENOENT, 3: errno.EACCES, 8: errno.EOPNOTSUPP}
 _OPEN_READ, _ATTR_SIZE = 1, 1
 _MAX_MESSAGE = 256 * 1024  # the longest reply other than data that a client must accept
 _DATA_HEADER = 13  # length, type, id, data length
+
+
+class Violation(Exception):
+    """The SFTP server broke the protocol or stopped answering; its channel is closed."""
 
 
 def _string(value: bytes) -> bytes:
@@ -160,11 +168,15 @@ class _Session(asyncssh.SSHClientSession[bytes]):
 
 
 class SFTPClient:
-    """One SFTP channel; any number of requests and pulls may share it."""
+    """One SFTP channel; any number of requests and pulls may share it. A server that leaves
+    requests unanswered for `timeout` seconds is stalled (a Violation)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._version: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A connection lost while the channel opens fails it with nobody left to wait for it.
+        self._version.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._next_id = 0
         self._replies: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._reads: dict[int, _Read] = {}
@@ -175,15 +187,15 @@ class SFTPClient:
         self.error: BaseException | None = None
 
     @classmethod
-    async def start(cls, conn: asyncssh.SSHClientConnection) -> SFTPClient:
+    async def start(cls, conn: asyncssh.SSHClientConnection, timeout: float) -> SFTPClient:
         """Open the `sftp` subsystem on a channel of `conn` and agree on version 3."""
-        client = cls()
+        client = cls(timeout)
         chan, _ = await conn.create_session(lambda: _Session(client), subsystem="sftp",
                                             encoding=None)
         client._chan = chan
         chan.write(struct.pack(">IBI", 5, _INIT, 3))
         try:
-            await client._version
+            await client._answer(client._version)
         except BaseException:
             chan.close()
             raise
@@ -242,7 +254,7 @@ class SFTPClient:
                         ask += want
                     self.send(b"".join(batch))
                 pull.changed.clear()
-                await pull.changed.wait()
+                await self._answer(pull.changed.wait())
         finally:
             pull.closed = True  # replies still on their way are dropped
             self._pulls.discard(pull)
@@ -265,7 +277,7 @@ class SFTPClient:
         self._replies[request_id] = reply
         try:
             self.send(self._message(kind, request_id, payload))
-            answer, body = await reply
+            answer, body = await self._answer(reply)
         finally:
             self._replies.pop(request_id, None)
         if answer == _STATUS:
@@ -282,9 +294,22 @@ class SFTPClient:
     def _message(kind: int, request_id: int, payload: bytes) -> bytes:
         return struct.pack(">IBI", 5 + len(payload), kind, request_id) + payload
 
-    def _nonsense(self, what: str) -> asyncssh.ConnectionLost:
-        error = asyncssh.ConnectionLost(f"the SFTP server sent {what}")
-        self.close()
+    async def _answer(self, waiting: Awaitable[_T]) -> _T:
+        """What `waiting` gives, unless the server stays silent for `timeout` seconds."""
+        try:
+            return await asyncio.wait_for(waiting, self.timeout)
+        except TimeoutError:
+            raise self._broken(f"did not answer within {self.timeout:g}s (answer_timeout)"
+                               ) from None
+
+    def _nonsense(self, what: str) -> Violation:
+        return self._broken(f"sent {what}")
+
+    def _broken(self, what: str) -> Violation:
+        error = Violation(f"the SFTP server {what}")
+        if self._chan is not None:
+            self._chan.close()
+        self.lost(error)
         return error
 
     # --- replies --------------------------------------------------------------------------
@@ -343,6 +368,13 @@ class SFTPClient:
                 self._nonsense("a data reply of the wrong length")
                 return
             self._data_to = self._reads.pop(request_id, None)
+            if self._data_to is None:
+                self._nonsense(f"data answering request {request_id}, which is no read")
+                return
+            if size > self._data_to.length:
+                self._nonsense(f"a data reply of {size} bytes to a read of "
+                               f"{self._data_to.length}")
+                return
             self._data_left = size
             if size == 0 and self._data_to is not None:
                 self._data_to.pull.arrived(self._data_to, memoryview(b""), True)

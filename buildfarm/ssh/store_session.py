@@ -12,6 +12,11 @@ command per operation (buildfarm.coordinator.attempt).
 Wire format, from NixOS/nix src/nix-store/nix-store.cc (opServe), src/libstore/serve-protocol.hh
 and src/libutil/serialise.cc: integers are 64-bit little-endian; a string is its length, its
 bytes and zero padding to a multiple of 8; a set of strings is a count and the strings.
+
+Every answer is read within what the question allows: at most as many paths as were asked, only
+those, strings no longer than what they hold can be, and a byte budget per answer. A machine
+that sends more (or nothing, for its answer_timeout) breaks the protocol: ProtocolError, the
+session is killed, and the coordinator backs the machine off.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import TypeVar
 
 import asyncssh
 
-from buildfarm.errors import RemoteError
+from buildfarm.errors import ProtocolError, RemoteError
 from buildfarm.ssh.remote import CommandTimeoutError, Remote, RemoteProcess, RunResult
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,15 @@ CMD_QUERY_PATH_INFOS = 2
 CMD_IMPORT_PATHS = 4
 CMD_EXPORT_PATHS = 5
 CMD_BUILD_PATHS = 6
-HANDSHAKE_TIMEOUT = 60.0
 STDERR_TAIL = 8192
+# Bounds of what an answer may hold: a store path (Linux's PATH_MAX), a hash, content address or
+# signature, a failed build's message (Nix adds the log's last lines), one path's information
+# (its references and signatures: ten thousand references) and any one answer.
+PATH_MAX = 4096
+FIELD_MAX = 4096
+MESSAGE_MAX = 1 << 20
+INFO_MAX = 1 << 20
+ANSWER_MAX = 64 << 20
 LOG_SETTLE = 0.05  # seconds without stderr after a failed build's answer: its log is complete
 SESSION_USES = 100  # attempts a session serves before it retires
 SESSION_AGE = 300.0  # seconds a session lives at most
@@ -93,6 +105,7 @@ class StoreSession:
 
     def __init__(self, remote: Remote, process: RemoteProcess) -> None:
         self.remote, self._process = remote, process
+        self._left = 0  # bytes the answer being read may still hold
         self._stderr_tail = bytearray()
         self._sink: Callable[[bytes], None] | None = None
         self.last_output = 0.0
@@ -112,13 +125,14 @@ class StoreSession:
         async def greet() -> None:
             session._send(_int(SERVE_MAGIC_1) + _int(CLIENT_VERSION))
             await session._drain()
+            session._left = 16
             if await session._read_int() != SERVE_MAGIC_2:
                 raise SessionFailed("nix-store --serve: protocol mismatch")
             version = await session._read_int()
             if version >> 8 != 2 or version & 0xFF < 4:
                 raise SessionFailed(f"nix-store --serve speaks protocol {version:#x}, not 2.4+")
 
-        await session._operation(greet, HANDSHAKE_TIMEOUT)
+        await session._operation(greet, remote.machine.answer_timeout)
         return session
 
     @property
@@ -126,26 +140,42 @@ class StoreSession:
         return not self._broken and not self._process.stdout.at_eof()
 
     async def query_valid(self, paths: Sequence[str], timeout: float) -> set[str]:
+        """Which of `paths` are valid: some of them, nothing else."""
+        asked = set(paths)
+
         async def ask() -> set[str]:
-            self._send(_int(CMD_QUERY_VALID_PATHS) + _int(0) + _int(0) + _strings(paths))
+            request = _strings(paths)
+            self._send(_int(CMD_QUERY_VALID_PATHS) + _int(0) + _int(0) + request)
             await self._drain()
-            return set(await self._read_strings())
+            self._left = len(request)  # the most a true answer can be: every path asked
+            longest = max((len(p.encode()) for p in asked), default=0)
+            valid = await self._read_strings(longest, len(asked), "a query")
+            if not asked.issuperset(valid):
+                raise self._violation("answered a query with a path it was not asked about")
+            return set(valid)
 
         return await self._operation(ask, timeout)
 
     async def path_infos(self, paths: Sequence[str], timeout: float) -> dict[str, PathInfo]:
+        """What the store knows of those of `paths` it has."""
+        asked = set(paths)
+
         async def ask() -> dict[str, PathInfo]:
             self._send(_int(CMD_QUERY_PATH_INFOS) + _strings(paths))
             await self._drain()
+            self._left = min(ANSWER_MAX, 8 + len(asked) * INFO_MAX)
             infos: dict[str, PathInfo] = {}
-            while path := await self._read_string():
-                deriver = await self._read_string()
-                references = tuple(await self._read_strings())
+            while path := await self._read_string(PATH_MAX):
+                if path not in asked or path in infos:
+                    raise self._violation("answered a path query with a path not asked about, "
+                                          "or twice")
+                deriver = await self._read_string(PATH_MAX)
+                references = tuple(await self._read_strings(PATH_MAX, INFO_MAX, "references"))
                 await self._read_int()  # download size (the nar size again)
                 nar_size = await self._read_int()
-                nar_hash = await self._read_string()
-                await self._read_string()  # content address
-                await self._read_strings()  # signatures
+                nar_hash = await self._read_string(FIELD_MAX)
+                await self._read_string(FIELD_MAX)  # content address
+                await self._read_strings(FIELD_MAX, INFO_MAX, "signatures")
                 infos[path] = PathInfo(nar_hash, nar_size, references, deriver or None)
             return infos
 
@@ -184,6 +214,7 @@ class StoreSession:
             async for chunk in bundle:
                 self._send(chunk)
                 await self._drain()
+            self._left = 8
             if await self._read_int() != 1:
                 raise SessionFailed("nix-store --serve: unexpected answer to an import")
 
@@ -206,8 +237,9 @@ class StoreSession:
         async def run() -> tuple[int, str]:
             self._send(request)
             await self._drain()
+            self._left = 16 + MESSAGE_MAX
             status = await self._read_int()
-            return status, (await self._read_string() if status else "")
+            return status, (await self._read_string(MESSAGE_MAX) if status else "")
 
         loop = asyncio.get_running_loop()
         started = self.last_output = loop.time()
@@ -264,6 +296,10 @@ class StoreSession:
             raise SessionFailed("store session already ended")
         try:
             return await asyncio.wait_for(work(), timeout)
+        except TimeoutError:  # first: it is an OSError too
+            await self.close(kill=True)
+            raise ProtocolError(f"{self.remote.machine.name}: nix-store --serve did not answer "
+                                f"within {timeout:g}s (answer_timeout)") from None
         except (asyncio.IncompleteReadError, OSError, asyncssh.Error) as exc:
             # The process ended (or the connection did): let its last words arrive first.
             await asyncio.wait({self._pump}, timeout=1.0)
@@ -272,9 +308,6 @@ class StoreSession:
                 raise RemoteError(f"{self.remote.machine.name}: connection lost") from None
             reason = self.stderr_summary() if self._stderr_tail else str(exc) or type(exc).__name__
             raise SessionFailed(f"nix-store --serve ended: {reason}") from None
-        except TimeoutError:
-            await self.close(kill=True)
-            raise SessionFailed(f"nix-store --serve did not answer within {timeout:g}s") from None
         except BaseException:
             await self.close(kill=True)
             raise
@@ -303,22 +336,34 @@ class StoreSession:
     async def _drain(self) -> None:
         await self._process.stdin.drain()
 
+    def _violation(self, what: str) -> ProtocolError:
+        return ProtocolError(f"{self.remote.machine.name}: broke the nix-store --serve "
+                             f"protocol: {what}")
+
+    async def _read(self, size: int) -> bytes:
+        """`size` bytes of the answer, within what is left of its budget."""
+        if size > self._left:
+            raise self._violation(f"an answer longer than the question allows ({size} more "
+                                  f"bytes, {self._left} left)")
+        self._left -= size
+        return await self._process.stdout.readexactly(size)
+
     async def _read_int(self) -> int:
-        value: int = struct.unpack("<Q", await self._process.stdout.readexactly(8))[0]
+        value: int = struct.unpack("<Q", await self._read(8))[0]
         return value
 
-    async def _read_string(self) -> str:
+    async def _read_string(self, limit: int) -> str:
         size = await self._read_int()
-        if size > 1 << 24:
-            raise SessionFailed(f"nix-store --serve: a string of {size} bytes")
-        data = await self._process.stdout.readexactly(size + (-size % 8))
+        if size > limit:
+            raise self._violation(f"a string of {size} bytes where at most {limit} fit")
+        data = await self._read(size + (-size % 8))
         return data[:size].decode(errors="surrogateescape")
 
-    async def _read_strings(self) -> list[str]:
+    async def _read_strings(self, limit: int, most: int, what: str) -> list[str]:
         count = await self._read_int()
-        if count > 1 << 24:
-            raise SessionFailed(f"nix-store --serve: a list of {count} strings")
-        return [await self._read_string() for _ in range(count)]
+        if count > most:
+            raise self._violation(f"{count} strings answering {what} ({most} at most)")
+        return [await self._read_string(limit) for _ in range(count)]
 
 
 class StoreSessions:
@@ -363,6 +408,9 @@ class StoreSessions:
             self._refused = True
             log.warning("%s: no store session (%s); running one command per operation",
                         self.remote.machine.name, e)
+        except ProtocolError:
+            self._count -= 1
+            raise  # the machine misbehaves: the attempt ends, and the machine is backed off
         except (RemoteError, OSError, asyncssh.Error) as e:
             self._count -= 1
             log.info("%s: no store session: %s", self.remote.machine.name, e)
