@@ -449,6 +449,12 @@ def check(text: str) -> None:
         assert machine.host is not None or machine.transport == "local"
         assert 1 <= machine.port <= 65535 and machine.max_builds >= 1
         assert machine.speed > 0 and machine.store in ("guix", "nix")
+        # The documented ranges: what the stores, the datastore and asyncio can take.
+        assert machine.max_builds <= 1024 and 1 <= machine.max_sessions <= 1024
+        assert all(t is None or 1 <= t <= 2**31 - 1
+                   for t in (machine.max_silent_time, machine.timeout))
+        assert 0 < machine.connect_timeout <= 86400 and 0 < machine.answer_timeout <= 86400
+        assert 0 <= machine.keepalive_interval <= 86400
         assert machine.systems and all(isinstance(s, str) for s in machine.systems)
         assert isinstance(machine.enabled, bool)
 
@@ -476,6 +482,21 @@ def nested(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
 VALUES = st.recursive(SCALARS, nested, max_leaves=12)
 KEYS = st.one_of(st.sampled_from(FIELDS), st.sampled_from(FIELDS), st.text(max_size=10))
 MACHINES = st.dictionaries(KEYS, VALUES, max_size=8)
+
+
+NUMERIC = ("port", "max_builds", "max_sessions", "connect_timeout", "keepalive_interval",
+           "answer_timeout", "max_silent_time", "timeout", "speed", "overload_threshold")
+
+
+@FUZZ
+@given(key=st.sampled_from(NUMERIC), value=st.one_of(
+    st.integers(), st.floats(), st.integers(-(2**70), 2**70).map(str),
+    st.sampled_from(["18446744073709551616", "1e309", ".inf", "-.nan", "0x7fffffff", "1_0"]),
+))
+def test_fuzz_numbers_are_taken_in_their_range_or_refused_where_they_are(
+    key: str, value: object
+) -> None:
+    check(f"machines:\n  - name: a\n    host: h\n    {key}: {value}\n")
 
 
 @FUZZ
