@@ -393,14 +393,16 @@ def test_a_datastore_password_is_never_shown(fresh: Path, url: str) -> None:
 
 
 @PROPERTY
-@given(password=st.text(min_size=1, max_size=30))
+@given(password=st.text(min_size=1, max_size=30).filter(lambda p: "*" not in p))
 def test_a_password_is_redacted_however_it_is_written(password: str) -> None:
     from urllib.parse import quote
 
     from buildfarm.datastore import postgresql
 
-    url = f"postgresql://farm:{quote(password, safe='')}@db.example.org:5432/buildfarm"
+    encoded = quote(password, safe="")
+    url = f"postgresql://farm:{encoded}@db.example.org:5432/buildfarm"
     assert postgresql.redact(url) == "postgresql://farm:***@db.example.org:5432/buildfarm"
     assert postgresql.without_password(url) == "postgresql://farm@db.example.org:5432/buildfarm"
-    assert postgresql.conninfo(url) == url
-    assert postgresql.scrub(f"x {password} y {quote(password, safe='')} z") == "x *** y *** z"
+    assert postgresql.conninfo(url) == url  # which notes its password for scrub()
+    scrubbed = postgresql.scrub(f"failed for {password!r} ({encoded})")
+    assert password not in scrubbed and encoded not in scrubbed, scrubbed
