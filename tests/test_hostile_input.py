@@ -97,7 +97,7 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 FORGED_ROW = f"\n{NOBODY}\tsucceeded\tx86_64-linux\t0\t/nix/store/forged.drv\t-"
 HOSTILE_SYSTEM = "x86_64-linux" + FORGED_ROW + "\x1b]0;owned\x07\x1b[2J\x9b31m\u2028"
-HOSTILE_TAG = "a\x1b[2Jb\nc\td\x00"
+HOSTILE_TAG = "a\x1b[2Jb\nc\td\x07"  # (PostgreSQL's text holds no NUL)
 
 
 def test_stored_values_are_escaped_on_terminals_and_exact_in_json(
@@ -118,7 +118,7 @@ def test_stored_values_are_escaped_on_terminals_and_exact_in_json(
     shown = ok("builds", "show", built.uuid)
     assert not RAW_CONTROL.search(shown), shown
     assert all(re.match(r"[a-z][a-z ]*: ", line) for line in shown.splitlines()), shown
-    assert "note=a\\x1b[2Jb\\nc\\td\\x00" in shown
+    assert "note=a\\x1b[2Jb\\nc\\td\\x07" in shown
     info = json.loads(ok("builds", "show", built.uuid, "--json"))
     assert (info["system"], info["tags"]) == (HOSTILE_SYSTEM, {"note": HOSTILE_TAG})
     assert json.loads(ok("builds", "list", "--json"))[0]["system"] == HOSTILE_SYSTEM
@@ -323,6 +323,9 @@ def test_a_command_that_records_nothing_creates_no_schema(
     state: Path, database: ScratchDatabase
 ) -> None:
     for args in READ_ONLY:
+        if args == ("db", "status"):  # it reads the schema version, and says it is 0
+            assert "schema_version: 0" in ok(*args)
+            continue
         assert fails(*args).startswith("Error: no datastore in postgresql://"), args
     assert database.tables() == []
 

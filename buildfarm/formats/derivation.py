@@ -50,8 +50,8 @@ _INPUT_DRV_HEAD = re.compile(rf"\({_S},\[")
 # The usual input derivation, whose output names need no escapes, in one match.
 _PLAIN = r'"[^"\\\n\r\t]*+"'
 _INPUT_DRV_THEN = re.compile(rf"\({_S},\[({_PLAIN}(?:,{_PLAIN})*+)\]\)([,\]])")
-# Bytes of a .drv file at most: a thousand times a large real one, and parsing holds about 2.5
-# times its size.
+# Bytes of a .drv file at most: room for environment strings of several MiB (real derivations
+# with the largest hold a few), and parsing holds at most about 3.5 times the file.
 MAX_SIZE = 32 << 20
 # Items of any one list at most: real derivations have thousands at most (a large system's input
 # derivations), and each item costs about a hundred bytes of objects however short its text.
