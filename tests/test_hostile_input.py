@@ -310,6 +310,15 @@ def test_a_command_that_records_nothing_creates_no_datastore(
     assert not fresh.exists()
 
 
+@pytest.mark.parametrize("args", [("key", "show"), ("key", "show", "--json"),
+                                  ("key", "show", "--format", "nix")], ids=" ".join)
+def test_showing_a_key_that_does_not_exist_writes_nothing(
+    fresh: Path, args: tuple[str, ...]
+) -> None:
+    assert "no signing key in" in fails(*args)
+    assert not fresh.exists()  # --json recorded the default key name first
+
+
 def test_a_datastore_url_naming_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     """It used to make the directory and the file and print an empty list."""
     missing = tmp_path / "nonexistent" / "dir" / "x.db"

@@ -127,7 +127,8 @@ def key_show(ctx: click.Context, form: str, as_json: bool) -> None:
     if as_json:
         from buildfarm.render import print_json
 
-        print_json({"name": keys.key_name(state_dir), "guix": keys.public_key(state_dir, "guix"),
+        guix = keys.public_key(state_dir, "guix")  # first: without a key, key_name writes nothing
+        print_json({"name": keys.key_name(state_dir), "guix": guix,
                     "nix": keys.public_key(state_dir, "nix").strip()})
         return
     sys.stdout.write(keys.public_key(state_dir, form))
