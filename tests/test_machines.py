@@ -257,3 +257,17 @@ def test_machines_test_rejects_unknown_names(farm: Farm, hosts: list[Host]) -> N
     assert done.stderr.strip() == (
         f"Error: no machine 'nope' in {farm.inventory}; machines: {hosts[0].name}"
     )
+
+
+def test_machines_test_prints_no_third_party_warning(
+    farm: Farm, hosts: list[Host], coordinator_key: SigningKey
+) -> None:
+    """With every warning shown (PYTHONWARNINGS=default is `python -W default`), a command that
+    connects with asyncssh prints nothing on stderr: cryptography deprecates the DSA types that
+    asyncssh names, and buildfarm silences exactly that warning before asyncssh is imported."""
+    save_key(coordinator_key, farm.state)
+    write(farm, entry(hosts[0]))
+    farm.env["PYTHONWARNINGS"] = "default"
+    done = farm.cli("machines", "test")
+    assert done.stdout.splitlines()[-1] == "1 of 1 machine(s) passed"
+    assert done.stderr == ""
