@@ -170,7 +170,7 @@ def run_floor(hosts: list[Host], drvs: list[str], slots: int, work: Path) -> dic
 
 
 def trivial_builds(report: Report, work: Path, *, builds: int, host_count: int, slots: int,
-                   label: str, nix_target: float, floor_target: float) -> dict[str, Any]:
+                   nix_target: float, floor_target: float) -> dict[str, Any]:
     """The three runs on `host_count` fresh hosts; adds the figures to `report`."""
     with Testbed(work) as bed:
         hosts = bed.add_hosts(host_count)
@@ -180,17 +180,17 @@ def trivial_builds(report: Report, work: Path, *, builds: int, host_count: int, 
         floor = run_floor(hosts, trivial_derivations(builds, f"floor{tag}"), slots, work)
     shape = f"{builds} trivial builds, {host_count} hosts x {slots} slots"
     report.add(Figure(
-        f"{label}: buildfarm wall time vs Nix remote building ({shape})", ours["wall"], "s",
+        f"buildfarm wall time vs Nix remote building ({shape})", ours["wall"], "s",
         target=("<=", 1 / nix_target), target_of="ratio", peer=nix["wall"],
         peer_name="nix-store -r --builders",
     ))
     report.add(Figure(
-        f"{label}: buildfarm wall time vs the floor ({shape})", ours["wall"], "s",
+        f"buildfarm wall time vs the floor ({shape})", ours["wall"], "s",
         target=("<=", floor_target), target_of="ratio", peer=floor["wall"],
         peer_name="bare import/realise/export on the hosts",
     ))
     report.add(Figure(
-        f"{label}: coordinator CPU per build", ours["cpu"] / builds * 1000, "ms",
+        f"coordinator CPU per build ({shape})", ours["cpu"] / builds * 1000, "ms",
         note=f"{ours['cpu']:.2f} s CPU for {builds} builds",
     ))
     return {"buildfarm": ours, "nix": nix, "floor": floor}

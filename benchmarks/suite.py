@@ -140,7 +140,7 @@ class Suite:
         ))
         done_small = bench_submit.submit_from_stdin(self.work, small)
         self.report.add(Figure(
-            f"submit of {small:,} derivations from stdin (issue 2)", done_small["seconds"], "s",
+            f"submit of {small:,} derivations from stdin", done_small["seconds"], "s",
             target=("<=", 10), note=f"{done_small['rate']:,.0f} derivations/s",
         ))
         count = 100_000
@@ -277,9 +277,9 @@ class Suite:
 
         builds = 100 if self.quick else 200
         bench_e2e.trivial_builds(self.report, self.work, builds=builds, host_count=4, slots=4,
-                                 label="issue 7", nix_target=5, floor_target=1.5)
+                                 nix_target=5, floor_target=1.5)
         bench_e2e.trivial_builds(self.report, self.work, builds=builds, host_count=2, slots=4,
-                                 label="issue 3", nix_target=5, floor_target=1.5)
+                                 nix_target=5, floor_target=1.5)
 
     def transfer(self) -> None:
         import bench_transfer
