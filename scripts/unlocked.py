@@ -16,7 +16,7 @@ def normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def main(lock: Path) -> int:
+def main(lock: Path) -> None:
     pins = re.findall(r"^([\w.-]+)==([^\s;]+)", lock.read_text(encoding="utf-8"), re.MULTILINE)
     locked = {normalized(name): version for name, version in pins}
     installed = {normalized(d.metadata["Name"]): d.version for d in distributions()}
@@ -26,9 +26,8 @@ def main(lock: Path) -> int:
             print(f"  {name} {locked.get(name, '(not locked)')} -> {version}")
             differences += 1
     if differences == 0:
-        print("  nothing: the lock has the newest releases")
-    return 0
+        print("  nothing: every version is the one the lock pins")
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    main(Path(sys.argv[1]))
