@@ -280,6 +280,26 @@ def test_the_last_builder_failure_is_the_one_reported() -> None:
     )
 
 
+def test_the_builders_exit_code_not_the_build_commands() -> None:
+    """nix-store --realise exits 100 and guix build 1 whatever the builder's status: the one
+    recorded is the builder's, read from the daemon's message (any quoting, any colour)."""
+    from buildfarm.backends import builder_exit_code
+
+    for tail, code in (
+        (f"builder for `{DRV_A}' failed with exit code 3\nguix build: error: build of "
+         f"`{DRV_A}' failed\n", 3),
+        (f"\x1b[31;1merror:\x1b[0m builder for '\x1b[35;1m{NIX_A}\x1b[0m' failed with "
+         "exit code 1\n", 1),
+        (f"error: Cannot build '{NIX_A}'.\n       Reason: builder failed with exit code 2.\n", 2),
+        (f"builder for '{NIX_A}' failed with exit code 1\nbuilder for '{NIX_B}' failed with "
+         "exit code 7\n", 7),
+        (f"builder for `{DRV_A}' failed due to signal 9 (Killed)\n", None),
+        (f"building of `{DRV_A}' timed out after 5 seconds of silence\n", None),
+        ("", None),
+    ):
+        assert builder_exit_code(tail.encode()) == code, tail
+
+
 def test_reasons_are_one_short_line() -> None:
     noise = ("error: " + "x" * 5000 + "\n").encode()
     for backend in BACKENDS:

@@ -171,6 +171,31 @@ def test_collect_removes_records_and_files(farm: tuple[OutputStore, str]) -> Non
             assert os.path.exists(store.log_path(f"{kept}.drv"))
 
 
+def test_a_failed_builds_log_stays_until_older_than_the_age_limit(
+    farm: tuple[OutputStore, str], tmp_path: Path
+) -> None:
+    """A failed build has no output to account for its published log: the log stays while the
+    derivation's build is failed, until it is older than --older-than (never by size)."""
+    store, url = farm
+    with open_datastore(url):
+        logs = {}
+        for name, age in (("xrecent", 1), ("yancient", 40)):
+            drv = Derivation.create(path=f"{p(name)}.drv", system="x86_64-linux", contents=b"",
+                                    created_at=NOW)
+            Build.create(uuid=name, derivation=drv, system="x86_64-linux", state="failed",
+                         created_at=NOW)
+            source = tmp_path / f"{name}.log.gz"
+            source.write_bytes(gzip.compress(name.encode()))
+            assert store.publish_log(drv.path, str(source))
+            logs[name] = store.log_path(drv.path)
+            os.utime(logs[name], (NOW - age * DAY, NOW - age * DAY))
+        by_size = gc.collect(store, gc.GcPolicy(max_size=0, now=NOW))
+        assert by_size.orphans == () and all(os.path.exists(f) for f in logs.values())
+        by_age = gc.collect(store, gc.GcPolicy(older_than=30 * DAY, now=NOW))
+        assert by_age.orphans == (logs["yancient"],)
+        assert os.path.exists(logs["xrecent"]) and not os.path.exists(logs["yancient"])
+
+
 def test_stray_files_go_once_old_enough(farm: tuple[OutputStore, str]) -> None:
     store, url = farm
     with open_datastore(url):

@@ -463,6 +463,31 @@ def test_http_publishes_records_on_first_request(tmp_path: Path, database: Scrat
     assert Path(store.narinfo_path(TOP)).exists() and Path(store.narinfo_path(DEP)).exists()
 
 
+def test_a_failed_builds_log_is_published_on_request(
+    tmp_path: Path, database: ScratchDatabase
+) -> None:
+    """A derivation whose build failed has no output, but its log is served all the same
+    (the coordinator publishes it when the build fails; this is for logs it did not)."""
+    failed_drv = "/gnu/store/4y0a1zaxbh5cyxvfk2mhsjsqpqxz2a8m-broken-1.0.drv"
+    store = OutputStore(str(tmp_path / "outputs"), publisher())
+    with open_datastore(database.url):
+        now = time.time()
+        drv = Derivation.create(path=failed_drv, system="x86_64-linux", contents=b"",
+                                created_at=now)
+        build = Build.create(uuid="ef", derivation=drv, system="x86_64-linux", state="failed",
+                             created_at=now)
+        Attempt.create(build=build, machine="m", started_at=now, result="failure",
+                       log_path=str(write_log(tmp_path / "logs" / "ef-1.log.gz")))
+
+    async def check(client: TestClient[Any, Any]) -> None:
+        response = await client.get(f"/log/{os.path.basename(failed_drv)}",
+                                    auto_decompress=False)
+        assert response.status == 200
+        assert gzip.decompress(await response.read()) == LOG_TEXT
+
+    serve(Publication(store, database.url), check)
+
+
 def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
     assert parse_listen(":0") == ("0.0.0.0", 0)

@@ -223,3 +223,55 @@ def test_the_live_view_honours_no_color(local_farm: dict[str, str]) -> None:
     assert status == 0, plain
     assert "MACHINES" in plain.upper() and "\x1b[" in plain  # still a live view
     assert colours(plain) == [], plain
+
+
+# --- what a display shows of text others wrote ---------------------------------------------
+
+# ECMA-48 as builders and tools use it: SGR colours, a cursor move, a title (OSC ended by BEL),
+# a hyperlink (OSC ended by ST), a charset switch (ESC ( B), 8-bit CSI, DCS, and control
+# characters; then what is left of it.
+WRITTEN = ("\x1b[1;31mred\x1b[0m \x1b[2K\x1b[10;5Hmoved \x1b]0;a title\x07titled "
+           "\x1b]8;;http://example.org\x1b\\link\x1b]8;;\x1b\\ \x1b(Bascii \x9b31mcsi8 "
+           "\x1bPq#0;2\x1b\\dcs \x07bell\x08back\x00nul\x7fdel\x85nel\rret\r\ncrlf\n"
+           "\ttab \u00e9t\u00e9\n")
+SHOWN = "red moved titled link ascii csi8 dcs bellbacknuldelnelret\ncrlf\n\ttab \u00e9t\u00e9\n"
+
+
+def test_plain_removes_escape_sequences_and_control_characters() -> None:
+    from buildfarm.render import plain
+
+    assert plain(WRITTEN) == SHOWN
+    assert plain("no codes at all\n\t") == "no codes at all\n\t"
+    assert plain("\x1b]0;a title that never ends") == ""
+
+
+def test_plain_text_of_a_log_cut_anywhere_is_the_same() -> None:
+    """However the bytes are cut (inside a sequence, inside a UTF-8 character), the text shown
+    is the same, and what is held back is counted as pending."""
+    from buildfarm.render import PlainText
+
+    data = WRITTEN.encode()
+    for size in (1, 2, 3, 5, 8, 13, len(data)):
+        text = PlainText()
+        shown = ""
+        for start in range(0, len(data), size):
+            shown += text.feed(data[start:start + size])
+            assert 0 <= text.pending <= start + size
+        shown += text.feed(b"", final=True)
+        assert shown == SHOWN, size
+    text = PlainText()
+    assert text.feed(b"ok \x1b[3") == "ok "
+    assert text.pending == 3
+    assert text.feed(b"1mred") == "red" and text.pending == 0
+    assert text.feed(b" \x1b]0;half a title", final=True) == " "  # the log ended there
+
+
+def test_a_sequence_that_never_ends_is_not_held_forever() -> None:
+    from buildfarm.render import HOLD_LIMIT, PlainText
+
+    text = PlainText()
+    assert text.feed(b"a\x1b]0;" + b"x" * (HOLD_LIMIT // 2)) == "a"
+    assert text.pending > 0
+    assert text.feed(b"x" * HOLD_LIMIT) == ""  # too long to hold: dropped, not kept
+    assert text.pending == 0
+    assert text.feed(b"\x07after") == "after"

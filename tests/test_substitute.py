@@ -1,5 +1,6 @@
 """The real client: a test-bed host fetches outputs the farm built from `buildfarm publish` with
-Nix's own substituter, signatures checked, and refuses a tampered narinfo.
+Nix's own substituter, signatures checked, and refuses a tampered narinfo; `nix log` finds the
+logs of the builds that succeeded and of those that failed.
 
 Host A builds through `buildfarm run`; host B, whose store lacks the outputs, runs
 `nix-store -r PATH --option substituters URL --option trusted-public-keys KEY` (require-sigs on;
@@ -9,6 +10,7 @@ the hosts' nix.conf says `substituters =`, so the options are passed on the comm
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import selectors
 import shlex
@@ -82,10 +84,14 @@ def publishing(tmp_path: Path, testbed: Testbed, private_nix: Path,
             f"lone-{tag}", f"echo building lone {tag}; echo lone {tag} > $out")),
     }
     builds = dict(zip(drvs, farm.cli("submit", *drvs.values()).split(), strict=True))
+    broken = instantiate(nix_expr_trivial(f"broken-{tag}", f"echo about to fail {tag}; exit 3"))
+    (broken_build,) = farm.cli("submit", broken).split()
     # zstd only, at a level of the operator's choosing (Nix decompresses it natively).
     farm.cli("run", "--no-ui", "--exit-when-idle", "--compression", "zstd:19")
     outputs = {name: farm.output_of(build) for name, build in builds.items()}
     outputs["lone.drv"] = drvs["lone"]
+    outputs["broken.drv"] = broken
+    outputs["broken.build"] = broken_build
 
     process = subprocess.Popen(
         [sys.executable, "-m", "buildfarm", "publish", "--listen", "127.0.0.1:0"],
@@ -181,3 +187,33 @@ def test_nix_fetches_from_the_farm_and_refuses_tampering(
     done = substitute(fetcher, lone, url, key)
     assert done.returncode == 0, done.stderr.decode()
     assert fetcher.local_path(lone).read_text().startswith("lone ")
+
+
+def test_nix_log_finds_the_logs_of_successes_and_failures(
+    publishing: tuple[Farm, dict[str, str], str],
+) -> None:
+    """`nix log DRV` with the farm as substituter (Nix asks log/<drv basename>, as `guix build
+    --log-file` does), here where the derivations were instantiated but never built."""
+    farm, outputs, url = publishing
+    info = json.loads(farm.cli("builds", "show", outputs["broken.build"], "--json"))
+    assert info["state"] == "failed"
+    # The builder's exit status, not nix-store's (100 for any failed build).
+    assert info["attempts"][-1]["exit_status"] == 3
+    assert info["reason"] == f"builder for {outputs['broken.drv']} failed with exit code 3"
+    logs = {}
+    for drv, wanted in ((outputs["lone.drv"], b"building lone "),
+                        (outputs["broken.drv"], b"about to fail ")):
+        done = subprocess.run(
+            ["nix", "log", drv, "--option", "substituters", url],
+            capture_output=True, timeout=TIMEOUT, check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert wanted in done.stdout, done.stdout
+        assert f"from '{url}'" in done.stderr.decode()
+        logs[drv] = done.stdout
+    # Nix's error message comes in colour: the published log keeps the bytes as they came;
+    # `buildfarm log` shows them plain.
+    assert b"\x1b[" in logs[outputs["broken.drv"]]
+    shown = farm.cli("log", outputs["broken.build"])
+    assert "\x1b" not in shown
+    assert f"error: builder for '{outputs['broken.drv']}' failed with exit code 3" in shown

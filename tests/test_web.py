@@ -620,6 +620,46 @@ def test_log_stream_sends_what_follows_the_offset_and_ends_with_the_build(
     connection.close()
 
 
+def test_pages_logs_and_log_streams_show_no_escape_sequences(
+    server: WebServer, farm: Farm
+) -> None:
+    """A builder's colours, titles and bells, and a machine's message with them, are shown as
+    plain text: on the page, in the whole log and in the live stream, even when the log's last
+    flush ends inside a sequence (the stream resumes after it, not inside it)."""
+    from buildfarm.datastore import attempts as records
+    from buildfarm.datastore import open_datastore
+
+    with open_datastore(farm.url):
+        attempt = start_attempt("m1")  # the queued build (waiting-3)
+        uuid = attempt.build.uuid
+        log = str(farm.state / "logs" / f"{uuid}-{attempt.id}.log.gz")
+        records.step(attempt.id, "build", log_path=log)
+        writer = LogWriter(log)
+        writer.write(b"\x1b]0;building\x07\x1b[1mbold\x1b[0m \x1b[3")  # cut inside "\x1b[31m"
+        writer.flush()
+        _, _, page = server.get(f"/builds/{uuid}")
+        (pre,) = assert_safe(page).all("pre", id="log-text")
+        assert pre["data-offset"] == str(len(b"\x1b]0;building\x07\x1b[1mbold\x1b[0m "))
+        assert "bold \n" not in page and ">bold </pre>" in page
+        connection = http.client.HTTPConnection(server.netloc, timeout=30)
+        connection.request("GET", f"/builds/{uuid}/log/stream?offset={pre['data-offset']}")
+        response = connection.getresponse()
+        writer.write(b"1mred\x1b[0m\r\n\x08done\n")
+        writer.close()
+        records.fail(attempt.id, 1, "builder \x1b[31mfailed\x1b[0m\x07", log)
+    events = [read_event(response)]
+    while events[-1][0] != "end":
+        events.append(read_event(response))
+    connection.close()
+    assert "".join(json.loads(d) for name, _, d in events if name == "chunk") == "red\ndone\n"
+    status, _, text = server.get(f"/builds/{uuid}/log")
+    assert status == 200 and text == "bold red\ndone\n"
+    _, _, page = server.get(f"/builds/{uuid}")
+    shown = "".join(assert_safe(page).text)
+    assert "builder failed" in shown and "bold red\ndone\n" in shown
+    assert not any(c in page for c in "\x1b\x07\x08\r")
+
+
 def read_event(response: http.client.HTTPResponse) -> tuple[str, str, str]:
     """(event name, id, data) of the next event on a log stream."""
     fields: dict[str, str] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import needs
 import pytest
 from farm import Farm, chain, token, wait_for
-from test_web import EventStream, WebServer
+from test_web import EventStream, WebServer, assert_safe
 from testbed import Host, Testbed, instantiate, nix_expr_trivial
 
 BROWSER_DIR = Path(__file__).parent / "browser"
@@ -57,10 +58,10 @@ def farm(tmp_path: Path, testbed: Testbed, private_nix: Path) -> Iterator[Farm]:
 
 
 def ticking(name: str, until: str, attrs: dict[str, str] | None = None) -> str:
-    """The expression of a build that prints a line every 0.3 s until `until` holds (a shell
-    test), then succeeds."""
+    """The expression of a build that prints a line (and a bell) every 0.3 s until `until`
+    holds (a shell test), then succeeds."""
     script = (
-        f'i=0; until {until}; do echo "{name} tick $i of many"; '
+        f'i=0; until {until}; do printf "%s\\a\\n" "{name} tick $i of many"; '
         f"/bin/sleep 0.3; i=$((i+1)); done; echo done > $out"
     )
     return nix_expr_trivial(name, script, attrs=attrs)
@@ -122,6 +123,11 @@ def test_live_pages_in_chromium_during_a_run(
         }, tmp_path, gate)
         farm.wait_for_state(log_build, "succeeded")
         farm.wait_for_state(late_build, "succeeded")
+        # The failed build's page: the builder's exit status beside Nix's message naming it
+        # (nix-store's own is 100 for any failed build).
+        text = " ".join(assert_safe(web.get(f"/builds/{quick[-1]}")[2]).text)
+        assert "builder for" in text and "failed with exit code 1" in text
+        assert re.search(r"Exit status\s*1\b", text), text
     finally:
         gate.touch()
         web.stop()
@@ -133,6 +139,7 @@ def test_live_pages_in_chromium_during_a_run(
     log = results["log"]
     assert log["streaming"] == f"/builds/{log_build}/log/stream"
     assert log["after"] > log["before"] > 0 and log["sameDocument"], log
+    assert not log["controls"], log  # the bells are in the log, not on the page
     assert log["navigations"] == 1, log
     late = results["late"]
     assert late["queuedAtFirst"] and late["sameDocument"] and late["navigations"] == 1, late

@@ -8,9 +8,9 @@ failures); guix.py and nix.py supply only what differs (argv, plan headers, exit
 
 from __future__ import annotations
 
-from buildfarm.backends.base import Backend, Command, DryRun, FailureKind
+from buildfarm.backends.base import Backend, Command, DryRun, FailureKind, builder_exit_code
 
-__all__ = ["Backend", "Command", "DryRun", "FailureKind", "get_backend"]
+__all__ = ["Backend", "Command", "DryRun", "FailureKind", "builder_exit_code", "get_backend"]
 
 
 def get_backend(name: str) -> Backend:

@@ -306,6 +306,18 @@ def classify_failure(
     return "other", f"build command ended with {status}"
 
 
+def builder_exit_code(log_tail: bytes) -> int | None:
+    """The exit code of the builder itself, from the daemon's "builder for X failed with exit
+    code N" at the end of a build log: not the client's own exit status (`nix-store
+    --realise` exits 100 on any build failure, `guix build` 1). None when the builder did not
+    exit (a signal, a timeout) or the message is not there."""
+    text = strip_ansi(bytes(log_tail).decode("utf-8", errors="replace"))
+    builder = _last_of((_BUILDER_FOR, _CANNOT_BUILD), text)
+    if builder is None or builder["code"] is None:
+        return None
+    return int(builder["code"])
+
+
 def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     match = None
     for match in pattern.finditer(text):  # noqa: B007 - we want the last one

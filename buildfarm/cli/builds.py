@@ -137,16 +137,18 @@ def builds_list(
 def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
     """Show one build: derivation, outputs, inputs and attempts."""
     from buildfarm.datastore import builds as queries
-    from buildfarm.render import one_line, print_fields, print_json
+    from buildfarm.render import one_line, plain, print_fields, print_json
 
     _open(ctx)
     info = queries.show_build(uuid)
     if as_json:
         print_json(info)
         return
+    # A reason or detail is a machine's message: its escape sequences (colours) are dropped;
+    # the values are shown as they are, escaped where they hold control characters.
     print_fields(
         [
-            (k, info[k])
+            (k, plain(info[k]) if k == "reason" and info[k] else info[k])
             for k in ("uuid", "state", "reason", "derivation", "system", "priority", "tags")
         ]
         + [("created", info["created_at"]), ("ended", info["ended_at"])]
@@ -159,7 +161,7 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
         if attempt["setup_failure"]:
             line += f" {attempt['setup_failure']}"
         if attempt["detail"]:
-            line += f": {attempt['detail']}"
+            line += f": {plain(attempt['detail'])}"
         print(one_line(line))
         for path in attempt["missing_inputs"]:
             print(f"  missing {one_line(path)}")

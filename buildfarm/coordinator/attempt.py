@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from buildfarm.backends import Backend, Command
+from buildfarm.backends import Backend, Command, builder_exit_code
 from buildfarm.coordinator import localstore
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import closure
@@ -53,7 +53,8 @@ build goes back to the queue."""
 
 
 class BuildFailed(Exception):
-    """The builder ran and failed (or timed out)."""
+    """The builder ran and failed (or timed out); `exit_status` is the builder's own, when the
+    store reported it (not the build command's: Nix's is 100 whatever the builder's)."""
 
     def __init__(self, exit_status: int | None, reason: str) -> None:
         super().__init__(reason)
@@ -281,7 +282,7 @@ class AttemptRun:
             log.close()
         if not result.ok:
             _kind, reason = self.backend.classify_build_failure(result.exit_status, log.tail)
-            raise BuildFailed(result.exit_status, reason)
+            raise BuildFailed(builder_exit_code(log.tail), reason)
 
     async def _build_by_command(self, log: LogWriter) -> RunResult:
         machine = self.machine
@@ -315,7 +316,7 @@ class AttemptRun:
         if status:
             log.write(f"error: {message}\n".encode(errors="replace"))
             _kind, reason = self.backend.classify_build_failure(status, log.tail)
-            raise BuildFailed(status, reason)
+            raise BuildFailed(builder_exit_code(log.tail), reason)
 
     async def fetch_outputs(self, outputs: Sequence[str]) -> list[records.OutputRecord]:
         """Export on the machine, pull over SFTP, verify, store atomically. A store session

@@ -49,7 +49,7 @@ from buildfarm.formats.signing import SigningKey, load_key, save_key
 from buildfarm.inventory import Inventory
 from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
 from buildfarm.outputs.store import OutputStore, Publisher
-from buildfarm.render import one_line
+from buildfarm.render import one_line, plain
 
 if TYPE_CHECKING:
     from buildfarm.coordinator.metrics import Metrics
@@ -90,11 +90,21 @@ class Reporter(Protocol):
 
 
 class LineReporter:
-    """One log line per event (no terminal, or --no-ui)."""
+    """One log line per event (no terminal, or --no-ui); if its reader goes away, the
+    coordinator goes on without printing."""
+
+    def __init__(self) -> None:
+        self.quiet = False
 
     def event(self, line: str) -> None:
+        if self.quiet:
+            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{stamp} {one_line(line)}", flush=True)
+        try:
+            # Escape sequences a machine's message holds dropped, what is left escaped.
+            print(f"{stamp} {one_line(plain(line))}", flush=True)
+        except BrokenPipeError:
+            self.quiet = True
 
     def update(self, coordinator: Coordinator) -> None:
         pass
@@ -435,6 +445,7 @@ class Coordinator:
             outcome = "success"
         except BuildFailed as e:
             outcome = "failure"
+            await self._publish_log(run.drv_path, path)
             dependants = await self.db(records.fail, run.attempt_id, e.exit_status, e.reason, path)
             self.reporter.event(f"build {uuid} failed (on {name}): {e.reason}")
             for other in dependants:
@@ -490,6 +501,16 @@ class Coordinator:
                     name, outcome, setup_kind, time.time() - run.started, run.transferred
                 )
             self._wake.set()
+
+
+    async def _publish_log(self, drv_path: str, log_file: str) -> None:
+        """A failed build's log is published as a successful one's is (with its outputs), for
+        `guix build --log-file` and `nix log`; not publishing it fails nothing."""
+        assert self.outputs is not None
+        try:
+            await asyncio.to_thread(self.outputs.publish_log, drv_path, log_file)
+        except (OSError, BuildfarmError) as e:
+            self.reporter.event(f"log of {drv_path} not published: {e}")
 
 
 class DatastoreLost(DatastoreError):

@@ -87,7 +87,9 @@ _ATTEMPT = obj(
     F("result", string(True), "success, failure, setup-failure or interrupted (null while it "
       "runs)."),
     F("step", string(), "The step it reached last."),
-    F("exit_status", integer(True), "The build command's exit status, when it ran and ended."),
+    F("exit_status", integer(True), "0 when it succeeded; when its builder failed, the "
+      "builder's exit status (from the store's \"builder for ... failed with exit code N\"), "
+      "not the build command's (nix-store exits 100 for any failed build); else null."),
     F("detail", string(True), "Why it failed or was interrupted."),
     F("setup_failure", string(True), "missing-inputs or could-not-delete-outputs."),
     F("missing_inputs", list_of(string()), "Store paths the machine lacked."),

@@ -4,9 +4,10 @@ Kept whatever happens: every output a queued or running build needs as an input,
 stored closure (those are pushed to machines), and every reference of an output that stays
 (a substitute cache must be closed under references, or clients cannot fetch what it lists).
 Among the rest, least recently used first: an output goes if it is older than the age limit,
-or while the store is over the size limit. Files no datastore record accounts for (left by a
-crash mid-import), and compressed nars no kept output's narinfo names, go once they are older
-than an hour, so an import or publication in flight is never touched.
+or while the store is over the size limit. The log of a derivation whose build failed (it has
+no output) stays until it is older than the age limit. Files no datastore record accounts for
+(left by a crash mid-import), and compressed nars no kept output's narinfo names, go once they
+are older than an hour, so an import or publication in flight is never touched.
 The records are deleted in one transaction that also reads what is needed, so no build can be
 queued in between; the files go after it, narinfo first.
 """
@@ -162,6 +163,15 @@ def needed_inputs() -> set[str]:
     return {path for path, name, outputs in query if name in outputs.split()}
 
 
+def failed_derivations() -> set[str]:
+    """The file names of the derivations whose builds failed: their logs are published."""
+    from buildfarm.datastore.models import FAILED, Build, Derivation
+
+    query: Any = (Derivation.select(Derivation.path).join(Build)
+                  .where(Build.state == FAILED).distinct().tuples())
+    return {os.path.basename(path) for (path,) in query}
+
+
 def _items(store: OutputStore) -> list[Item]:
     from buildfarm.datastore.models import StoredOutput
 
@@ -197,7 +207,8 @@ def collect(store: OutputStore, policy: GcPolicy, *, dry_run: bool = False) -> G
             freed += store.remove(removal.path)
     else:
         freed = sum(r.size for r in removed)
-    orphans = _orphans(store, kept, {i.deriver for i in items if i.path in gone}, policy)
+    orphans = _orphans(store, kept, {i.deriver for i in items if i.path in gone},
+                       failed_derivations(), policy)
     if not dry_run:
         for path in orphans:
             try:
@@ -220,10 +231,11 @@ def collect(store: OutputStore, policy: GcPolicy, *, dry_run: bool = False) -> G
 
 
 def _orphans(
-    store: OutputStore, kept: Sequence[Item], derivers_gone: set[str], policy: GcPolicy
+    store: OutputStore, kept: Sequence[Item], derivers_gone: set[str], failed: set[str],
+    policy: GcPolicy,
 ) -> list[str]:
-    """Files no kept record accounts for: old enough ones, and the logs of the outputs just
-    removed."""
+    """Files no kept record accounts for: old enough ones, the logs of the outputs just
+    removed, and the logs of `failed` derivations older than the age limit."""
     names = {os.path.basename(i.path) for i in kept}
     hashes = {name[:32] for name in names}
     compressed = {f for i in kept for f in store.files_of(i.path)}  # those their narinfos name
@@ -237,18 +249,24 @@ def _orphans(
             accounted = name[:32] in hashes
         elif kind == "log":
             accounted = name in derivers
-            if not accounted and name in gone_logs:
+            if not accounted and name in failed:
+                accounted = policy.older_than is None or _mtime(path) >= (
+                    policy.now - policy.older_than)
+            elif not accounted and name in gone_logs:
                 found.append(path)
                 continue
         elif kind == "nar":
             accounted = name in names
         else:
             accounted = path in compressed
-        if accounted:
-            continue
-        try:
-            if os.lstat(path).st_mtime < cutoff:
-                found.append(path)
-        except FileNotFoundError:
-            continue
+        if not accounted and _mtime(path) < cutoff:
+            found.append(path)
     return sorted(found)
+
+
+def _mtime(path: str) -> float:
+    """When the file last changed (gone meanwhile: never, so it is left alone)."""
+    try:
+        return os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return float("inf")

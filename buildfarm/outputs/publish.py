@@ -36,6 +36,7 @@ DEFAULT_LISTEN = "0.0.0.0:8080"  # guix publish's default
 NAR_CONTENT_TYPE = "application/x-nix-archive"
 LOG_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Content-Encoding": "gzip"}
 DEFAULT_STORE_DIR = "/gnu/store"  # nix-cache-info's StoreDir before anything is stored
+KNOWN_STORE_DIRS = ("/gnu/store", "/nix/store")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -94,7 +95,7 @@ def found(path: str) -> Found | None:
         return None
     drv = Derivation.get_or_none(Derivation.path == row.deriver) if row.deriver else None
     return Found(row.path, row.nar_hash, row.nar_size, tuple(row.refs.split()), row.deriver,
-                 drv.system if drv is not None else None, successful_log(row.deriver))
+                 drv.system if drv is not None else None, finished_log(row.deriver))
 
 
 class PathIndex:
@@ -125,9 +126,10 @@ class PathIndex:
         return self.paths.get(hash_part)
 
 
-def successful_log(drv_path: str) -> str | None:
-    """The log of the latest successful attempt of a build of `drv_path`, if it still exists."""
-    from buildfarm.datastore.models import SUCCESS, Attempt, Build, Derivation
+def finished_log(drv_path: str) -> str | None:
+    """The log of the newest attempt of a build of `drv_path` that succeeded or failed (a
+    failed build's log is published too), if it still exists."""
+    from buildfarm.datastore.models import FAILURE, SUCCESS, Attempt, Build, Derivation
 
     if not drv_path:
         return None
@@ -135,7 +137,7 @@ def successful_log(drv_path: str) -> str | None:
         Attempt.select(Attempt.log_path)
         .join(Build)
         .join(Derivation)
-        .where((Derivation.path == drv_path) & (Attempt.result == SUCCESS)
+        .where((Derivation.path == drv_path) & Attempt.result.in_([SUCCESS, FAILURE])
                & Attempt.log_path.is_null(False))
         .order_by(Attempt.id.desc())
         .first()
@@ -268,8 +270,10 @@ class Publication:
         if name.endswith(".drv"):
             if self.db_url is not None:
                 self.index.refresh()
-                drv = next((f"{d}/{name}" for d in sorted(self.index.store_dirs)
-                            if successful_log(f"{d}/{name}") is not None), None)
+                # A failed derivation may be of a store no stored output is in.
+                dirs = sorted(self.index.store_dirs | set(KNOWN_STORE_DIRS))
+                drv = next((f"{d}/{name}" for d in dirs
+                            if finished_log(f"{d}/{name}") is not None), None)
         else:
             output = f"{DEFAULT_STORE_DIR}/{name}"  # only the hash part names the narinfo
             info = self.store.read_narinfo(output)
@@ -281,7 +285,7 @@ class Publication:
         path = self.store.log_path(drv)
         if os.path.exists(path):
             return path
-        log_file = successful_log(drv) if self.db_url is not None else None
+        log_file = finished_log(drv) if self.db_url is not None else None
         if log_file is None or not self.store.publish_log(drv, log_file):
             return None
         return path

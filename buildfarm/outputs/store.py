@@ -7,7 +7,8 @@ Layout under the state directory's `outputs/`, the URLs `guix publish` uses:
                                         part and the sha256 (nix-base32) of the file itself
   <hash>.narinfo                        signed for Guix (`Signature:`) and Nix (`Sig:`)
   nix-cache-info                        StoreDir, WantMassQuery, Priority
-  log/<drv basename>                    the gzip build log of the successful attempt
+  log/<drv basename>                    the gzip build log of its newest attempt that
+                                        succeeded or failed (the bytes as the build wrote them)
   tmp/                                  transfers and files being written (never served)
 Every file is written under a temporary name, fsynced and renamed; an output's narinfo is
 written last, so a crash leaves at worst orphan files (`buildfarm outputs gc` removes them),

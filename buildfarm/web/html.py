@@ -14,6 +14,8 @@ import re
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 
+from buildfarm.render import plain
+
 _NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9-]*\Z")
 VOID = frozenset({"br", "hr", "img", "input", "link", "meta"})
 # SVG elements written empty: in HTML, only "/>" ends them (foreign elements are never void).
@@ -27,10 +29,12 @@ class Markup(str):
 
 
 def escape(value: object) -> Markup:
-    """Text as HTML: &, <, >, " and ' replaced (safe in elements and quoted attributes)."""
+    """Text as HTML: &, <, >, " and ' replaced (safe in elements and quoted attributes), and
+    no escape sequence or control character but newline and tab (render.plain): a page shows
+    a log's or a machine's text, never its terminal codes."""
     if isinstance(value, Markup):
         return value
-    return Markup(html.escape(str(value), quote=True))
+    return Markup(html.escape(plain(str(value)), quote=True))
 
 
 def _children(children: Iterable[object], out: list[str]) -> None:

@@ -1,17 +1,20 @@
 """Build logs for the web: the tail a page shows, the whole text, and a live stream.
 
 Logs are gzip files flushed as the build writes them (buildfarm/logs.py), so a running build's
-log can be read up to its last flush. Positions are offsets in the decompressed text: a stream
-resumed at an offset (Last-Event-ID) skips what the client already has.
+log can be read up to its last flush. Positions are offsets in the decompressed log: a stream
+resumed at an offset (Last-Event-ID) skips what the client already has. What is shown is plain
+text (render.PlainText: no escape sequences or control characters but newline and tab); a
+position never falls inside a sequence cut by the end of what was read so far.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
+
+from buildfarm.render import PlainText
 
 TAIL_BYTES = 64 * 1024  # of text, shown on a build's page
 READ = 64 * 1024
@@ -30,7 +33,8 @@ def _decompressed(path: str) -> Generator[bytes, None, None]:
 
 
 def tail(path: str, limit: int = TAIL_BYTES) -> dict[str, Any]:
-    """The last `limit` bytes of the log's text (from a line start), its size so far."""
+    """The last `limit` bytes of the log (from a line start) as plain text, its size so far,
+    and the offset where a stream of what follows begins."""
     kept = bytearray()
     size = 0
     for block in _decompressed(path):
@@ -43,12 +47,17 @@ def tail(path: str, limit: int = TAIL_BYTES) -> dict[str, Any]:
         newline = kept.find(b"\n")
         if 0 <= newline < len(kept) - 1:
             del kept[: newline + 1]
-    return {"text": bytes(kept).decode("utf-8", "replace"), "size": size, "shown": len(kept)}
+    text = PlainText()
+    shown = text.feed(bytes(kept))
+    return {"text": shown, "size": size, "shown": len(kept), "offset": size - text.pending}
 
 
 def whole(path: str) -> Generator[bytes, None, None]:
-    """The log's text so far, block by block."""
-    yield from _decompressed(path)
+    """The log's plain text so far, block by block (UTF-8)."""
+    text = PlainText()
+    for block in _decompressed(path):
+        yield text.feed(block).encode()
+    yield text.feed(b"", final=True).encode()
 
 
 async def follow(
@@ -57,8 +66,8 @@ async def follow(
     """(offset after the chunk, text) from `offset` on, until the build has stopped running and
     the log holds nothing more."""
     decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    position = 0  # bytes of text read so far
+    plain = PlainText()
+    position = 0  # bytes of the log read so far
     loop = asyncio.get_running_loop()
     checked = float("-inf")
 
@@ -71,9 +80,9 @@ async def follow(
         found = []
         for start in range(0, len(data), CHUNK):
             piece = data[start:start + CHUNK]
-            text = decoder.decode(piece)
+            text = plain.feed(piece)
             if text:
-                found.append((first + start + len(piece), text))
+                found.append((first + start + len(piece) - plain.pending, text))
         return found
 
     handle = await asyncio.to_thread(open, path, "rb")
@@ -91,6 +100,9 @@ async def follow(
                     rest = await asyncio.to_thread(handle.read)
                     for item in pieces(decompressor.decompress(rest) if rest else b""):
                         yield item
+                    last = plain.feed(b"", final=True)  # a sequence the log ends inside
+                    if last:
+                        yield position, last
                     return
             await asyncio.sleep(POLL)
     finally:

@@ -425,7 +425,7 @@ def log_section(uuid: str, log: Mapping[str, Any] | None) -> Markup:
         h("p", {"class": "muted"}, note,
           h("a", {"href": url(["builds", uuid, "log"])}, "Full log")),
         h("pre", {"class": "log", "id": "log-text", "data-log-stream": stream,
-                  "data-offset": log["size"]}, log["text"]),
+                  "data-offset": log["offset"]}, log["text"]),
     )
 
 

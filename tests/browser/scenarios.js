@@ -64,9 +64,14 @@ async function buildLog(context, config, ready) {
   await page.waitForFunction(
     ([n]) => document.getElementById('log-text').textContent.length > n + 20,
     [before], { timeout: WAIT });
-  const after = (await pre.textContent()).length;
+  const text = await pre.textContent();
+  const after = text.length;
+  // What the builder printed besides text (bells) is not shown, streamed or not.
+  const controls = /[\x00-\x08\x0b-\x1f\x7f-\x9f]/.test(text);
   const sameDocument = await page.evaluate(() => window.__buildfarmLoaded === true);
-  return { page, result: { streaming, before, after, sameDocument, navigations: navigations() } };
+  return { page, result: {
+    streaming, before, after, controls, sameDocument, navigations: navigations(),
+  } };
 }
 
 // A build's page opened while it waits in the queue: when the build starts, its log appears
