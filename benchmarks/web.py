@@ -140,6 +140,14 @@ def _age(db: object, now: float, start: float, logs_dir: Path, low: int, high: i
         "b.ended_at, b.ended_at FROM build b JOIN attempt a ON a.build_id = b.id "
         "ORDER BY b.ended_at",
     )
+    # A farm records each event as it happens, so event ids grow with time (the overview's
+    # builds per hour relies on it): number them again in time order.
+    execute("CREATE TEMPORARY TABLE event_by_time AS SELECT name, build_id, payload, "
+            "created_at, delivered_at FROM event ORDER BY created_at, id")
+    execute("DELETE FROM event")
+    execute("INSERT INTO event (name, build_id, payload, created_at, delivered_at) "
+            "SELECT * FROM event_by_time ORDER BY rowid")
+    execute("DROP TABLE event_by_time")
     steps = ("push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",
              "export-outputs", "fetch-outputs", "verify-outputs")
     recent = execute("SELECT id, started_at, ended_at FROM attempt ORDER BY id DESC "

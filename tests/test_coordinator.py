@@ -191,6 +191,8 @@ def test_the_live_view_on_a_terminal(farm: Farm, hosts: list[Host]) -> None:
     assert "MACHINE" in text.upper() and hosts[0].name in text
     assert "\x1b[" in text  # drawn with terminal control sequences
     assert "succeeded" in text
+    # Builds and attempts apart: one build, one attempt.
+    assert "builds: 1 succeeded, 0 failed; 1 in the last minute   attempts: 1" in text
 
 
 def test_inventory_reload_on_sighup(farm: Farm, hosts: list[Host]) -> None:
@@ -270,3 +272,30 @@ def replace_unnoticed(path: Path, text: str) -> None:
     os.utime(fresh, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert fresh.stat().st_size == before.st_size
     os.replace(fresh, path)
+
+
+def test_the_live_view_counts_builds_and_attempts_apart(tmp_path: Path) -> None:
+    """A build ends once; its attempts may be many (setup failures, interruptions). The
+    summary counts builds from the events that end them, and the rate is a count over the
+    last minute, never an extrapolation of the first seconds."""
+    from buildfarm.config import Settings
+    from buildfarm.coordinator.live import summary_line
+    from buildfarm.coordinator.service import Coordinator, LineReporter, RunOptions
+    from buildfarm.inventory import Inventory
+
+    settings = Settings.resolve(state_dir=str(tmp_path), hooks_dir=str(tmp_path / "hooks"))
+    coordinator = Coordinator(settings, Inventory("x", ()), RunOptions(), LineReporter())
+    now = time.time()
+    coordinator.tally.add_events([
+        (1, "build-submitted", now - 300), (2, "build-started", now - 299),
+        (3, "build-success", now - 200),  # more than a minute ago
+        (4, "build-success", now - 10), (5, "build-failure", now - 5),
+        (6, "build-failure", now - 5),  # a dependant, failed with its input
+        (7, "build-canceled", now - 1),
+    ])
+    for result in ("setup-failure", "setup-failure", "interrupted", "success", "success",
+                   "failure"):
+        coordinator.tally.add_attempt(result)
+    assert summary_line(coordinator, now) == (
+        "builds: 2 succeeded, 2 failed, 1 canceled; 3 in the last minute   "
+        "attempts: 6 (2 setup failures, 1 interrupted)")

@@ -8,6 +8,7 @@ import re
 import stat
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,8 @@ def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
     sink.build_counts = {"queued": 4, "succeeded": 2}
     sink.attempt_ended("m1", "success", None, 12.5, 4096)
     sink.attempt_ended("m1", "setup-failure", "missing-inputs", 0.5, 0)
+    coordinator.tally.add_events([(1, "build-started", 1.0), (2, "build-success", 2.0),
+                                  (3, "build-failure", 3.0), (4, "build-failure", 3.0)])
     sink.pushed("m1", "inputs", 1000)
     sink.pushed("m1", "inputs", 24)
     text = sink.exposition().decode()
@@ -81,9 +84,12 @@ def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
     assert value(samples, "buildfarm_attempts_total", machine="m1", result="success") == 1
     assert value(samples, "buildfarm_setup_failures_total", machine="m1",
                  kind="missing-inputs") == 1
-    assert value(samples, "buildfarm_build_duration_seconds_count", result="success") == 1
-    assert value(samples, "buildfarm_build_duration_seconds_bucket", result="success",
+    assert value(samples, "buildfarm_attempt_duration_seconds_count", result="success") == 1
+    assert value(samples, "buildfarm_attempt_duration_seconds_bucket", result="success",
                  le="15.0") == 1
+    assert value(samples, "buildfarm_builds_ended_total", state="succeeded") == 1
+    assert value(samples, "buildfarm_builds_ended_total", state="failed") == 2
+    assert value(samples, "buildfarm_builds_ended_total", state="canceled") == 0
     assert value(samples, "buildfarm_fetched_bytes_total", machine="m1") == 4096
     assert value(samples, "buildfarm_pushed_bytes_total", machine="m1", kind="inputs") == 1024
     assert value(samples, "buildfarm_machine_up", machine="m1") == 1
@@ -199,16 +205,22 @@ def test_metrics_are_scraped_during_a_run(farm: Farm, hosts: list[Host]) -> None
             return (value(samples, "buildfarm_attempts_total", machine=up.name,
                           result="success") >= 4
                     and value(samples, "buildfarm_builds", state="succeeded") >= 5
+                    and value(samples, "buildfarm_builds_ended_total", state="succeeded") >= 4
                     and value(samples, "buildfarm_setup_failures_total", machine=up.name,
                               kind="missing-inputs") >= 1
                     and value(samples, "buildfarm_hook_failures_total") >= 3)
 
         wait_for("the quick builds to complete", finished)
         done = scrape(url)
+        # Builds and attempts apart: four builds succeeded in this run (pushed_leaf's was
+        # the run before), one attempt each; top took attempts and has not ended.
+        assert value(done, "buildfarm_builds_ended_total", state="succeeded") == 4
+        assert value(done, "buildfarm_attempts_total", machine=up.name, result="success") == 4
+        assert value(done, "buildfarm_builds_ended_total", state="failed") == 0
         # The slow build runs; top waits for its retry, or is being tried again.
         assert value(done, "buildfarm_builds", state="running") >= 1
         assert sum(value(done, "buildfarm_builds", state=s) for s in ("queued", "running")) >= 2
-        assert value(done, "buildfarm_build_duration_seconds_count", result="success") >= 3
+        assert value(done, "buildfarm_attempt_duration_seconds_count", result="success") >= 3
         assert value(done, "buildfarm_fetched_bytes_total", machine=up.name) > 0
         # pushed_top's derivation and its leaf's output went to `up` (the leaf's .drv too).
         assert value(done, "buildfarm_pushed_bytes_total", machine=up.name, kind="inputs") > 0
@@ -223,6 +235,54 @@ def test_metrics_are_scraped_during_a_run(farm: Farm, hosts: list[Host]) -> None
         wait_for("the canceled build's attempt", lambda: value(
             scrape(url), "buildfarm_attempts_total", machine=up.name,
             result="interrupted") == 1)
+        wait_for("the canceled build counted", lambda: value(
+            scrape(url), "buildfarm_builds_ended_total", state="canceled") == 1)
+    finally:
+        output = coordinator.stop()
+    assert coordinator.process.returncode == 0, output
+
+
+@pytest.fixture
+def two_fresh_hosts(testbed: Testbed) -> Iterator[tuple[Host, Host]]:
+    """Two hosts of their own: the load each reports is set by the test."""
+    made = (testbed.add_host(f"load-a-{token()}"), testbed.add_host(f"load-b-{token()}"))
+    try:
+        yield made
+    finally:
+        for host in made:
+            testbed.remove_host(host)
+
+
+def test_every_machine_load_is_read_again_and_chooses_the_machine(
+    farm: Farm, two_fresh_hosts: tuple[Host, Host]
+) -> None:
+    """Without overload_threshold, each connected machine's load is read again every
+    --load-interval seconds on its connection: the metric follows it, and of two idle
+    machines the build goes to the less loaded one (lowest load ÷ speed)."""
+    first, second = two_fresh_hosts
+    tag = token()
+    first.set_load(0.0)
+    second.set_load(40.0)
+    farm.write_inventory([first, second], max_builds=1)
+    coordinator = farm.background("--metrics", "127.0.0.1:0", "--load-interval", "1")
+    try:
+        url = metrics_url(coordinator)
+
+        def loads(wanted: tuple[float, float]) -> bool:
+            samples = scrape(url)
+            return tuple(value(samples, "buildfarm_machine_load", machine=h.name)
+                         for h in (first, second)) == wanted
+
+        wait_for("both loads read", lambda: loads((0.0, 40.0)))
+        (build,) = farm.submit(instantiate(nix_expr_trivial(f"calm-{tag}", "echo 1 > $out")))
+        farm.wait_for_state(build, "succeeded")
+        assert farm.show(build)["attempts"][0]["machine"] == first.name
+        first.set_load(40.0)
+        second.set_load(0.5)
+        wait_for("the loads read again", lambda: loads((40.0, 0.5)), timeout=60)
+        (build,) = farm.submit(instantiate(nix_expr_trivial(f"busy-{tag}", "echo 2 > $out")))
+        farm.wait_for_state(build, "succeeded")
+        assert farm.show(build)["attempts"][0]["machine"] == second.name
     finally:
         output = coordinator.stop()
     assert coordinator.process.returncode == 0, output

@@ -335,20 +335,24 @@ def test_overview_shows_queue_machines_running_results_and_chart(
     assert results[farm.builds["leaf"]] == "success"
     assert results[farm.builds["lib"]] == "failure"
     assert results[farm.builds["other"]] == "setup-failure"
+    # Builds that ended, each once: the leaf succeeded; the library failed, and the app with
+    # it (dependency-failed, without an attempt). Attempts apart: three ended, one a setup
+    # failure (the build went back to the queue).
     assert len(data["per_hour"]) == 24
-    assert sum(h["succeeded"] for h in data["per_hour"]) == 1
-    assert sum(h["failed"] for h in data["per_hour"]) == 1
-    assert sum(h["other"] for h in data["per_hour"]) == 1
+    totals = {key: sum(h[key] for h in data["per_hour"]) for key in data["per_hour"][0]
+              if key != "hour"}
+    assert totals == {"succeeded": 1, "failed": 2, "canceled": 0, "attempts": 3,
+                      "setup_failures": 1, "interrupted": 0}
 
     status, headers, page = server.get("/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     parsed = assert_safe(page)
     assert parsed.all("tr", data_uuid=farm.builds["running"])
     assert parsed.all("svg", **{"class": "chart"})
-    assert len(parsed.all("rect", **{"class": "ok"})) == 1  # this hour's: one success
-    assert len(parsed.all("rect", **{"class": "bad"})) == 1  # one failure; the setup failure
-    # is not a build built, only named in the hour's title
-    assert "1 succeeded, 1 failed (1 other attempts ended: tried again)" in "".join(parsed.text)
+    assert len(parsed.all("rect", **{"class": "ok"})) == 1  # this hour's builds that ended
+    assert len(parsed.all("rect", **{"class": "bad"})) == 1
+    assert "h: builds 1 succeeded, 2 failed; attempts 3 (setup failures 1)" in "".join(
+        parsed.text)
     assert parsed.all("a", href="/machines/m1")
     for section in ("queue", "machines", "running", "recent", "per-hour"):
         assert parsed.all("section", id=section, data_live=True)
@@ -400,16 +404,35 @@ def test_build_page_shows_derivation_inputs_dependants_attempts_and_log(
     assert headers["X-Content-Type-Options"] == "nosniff"
 
 
-def test_machine_pages_show_status_attempts_and_success_rate(server: WebServer) -> None:
+def test_machine_pages_show_status_attempts_and_success_rate(
+    server: WebServer, farm: Farm
+) -> None:
+    """A machine's success rate is over the builds it finished (succeeded or failed); its
+    setup failures (inputs missing: the build goes back to the queue) are counted apart."""
+    from buildfarm.datastore import attempts as records
+    from buildfarm.datastore import open_datastore
+
+    with open_datastore(farm.url):
+        submit(make_drv("needs-inputs-1"))
+        for _ in range(2):  # the waiting-3 build once, the new one once
+            attempt = start_attempt("m1")
+            records.setup_failure(attempt.id, "missing-inputs", [], "inputs missing", 3600.0)
     m1 = server.json("/api/machines/m1")
     assert m1["systems"] == [SYSTEM] and m1["slots"] == 2 and m1["state"] == "idle"
-    assert m1["results"] == {"success": 1, "failure": 1, "setup-failure": 0, "interrupted": 0}
+    assert m1["results"] == {"success": 1, "failure": 1, "setup-failure": 2, "interrupted": 0}
+    assert m1["finished"] == 2
     assert m1["success_rate"] == 0.5 and m1["recent_success_rate"] == 0.5
-    assert [a["result"] for a in m1["attempts"]] == ["failure", "success"]
+    assert m1["recent_window"] == 2
+    assert [a["result"] for a in m1["attempts"]] == [
+        "setup-failure", "setup-failure", "failure", "success"]
+    text = " ".join(" ".join(assert_safe(server.get("/machines/m1")[2]).text).split())
+    assert "50.0 % of the 2 builds it finished (succeeded or failed)" in text
+    assert "Setup failures 2 (inputs missing" in text
     for secret in ("build-host.example.org", "builder", "secret-identity-file"):
         assert secret not in json.dumps(m1)
     evil = server.json("/api/machines/" + urllib.parse.quote(EVIL_MACHINE, safe=""))
     assert [a["result"] for a in evil["attempts"]] == [None, "setup-failure"]
+    assert evil["finished"] == 0 and evil["success_rate"] is None  # nothing held against it
     assert evil["busy"] == 1 and not evil["in_inventory"]
     machines = server.json("/api/machines")
     assert [m["name"] for m in machines] == ["m1", EVIL_MACHINE]

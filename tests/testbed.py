@@ -313,6 +313,7 @@ class Host:
         self.process: subprocess.Popen[bytes] | None = None
         self.paused = False
         self._namespace: str | None = None
+        self._load_namespace: str | None = None  # where /proc/loadavg is ours (set_load)
 
     def __repr__(self) -> str:
         return f"<Host {self.name} {self.address}:{self.port} pid={self.pid}>"
@@ -356,6 +357,27 @@ class Host:
     def guix_dir(self) -> Path:
         """A guix host's GUIX_CONFIGURATION_DIRECTORY (signing key pair, acl)."""
         return self.directory / "guix"
+
+    def set_load(self, load: float) -> None:
+        """What /proc/loadavg says on this host from now on: `load` as its 1-minute load
+        average. The kernel's is the same for every host of the test bed; this gives the host
+        its own, a file bind-mounted over it in the host's mount namespace (as lxcfs gives
+        each container its own). Written in place at a fixed width, so no reader sees it
+        empty."""
+        if self.pid is None or self._namespace is None:
+            raise TestbedError(f"{self.name} is not running")
+        path = self.directory / "loadavg"
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(handle, f"{load:8.2f} 0.00 0.00 1/100 1\n".encode(), 0)
+        finally:
+            os.close(handle)
+        if self._load_namespace != self._namespace:
+            done = _run(["nsenter", f"--target={self.pid}", "--mount", "--",
+                         "mount", "--bind", str(path), "/proc/loadavg"])
+            if done.returncode != 0:
+                raise TestbedError(f"{self.name}: cannot set its load: {done.stderr.strip()}")
+            self._load_namespace = self._namespace
 
     def authorize_guix_keys(self, keys: Sequence[str]) -> None:
         """Make the guix host's ACL authorize exactly ``keys`` (public-key s-expressions, as

@@ -94,6 +94,15 @@ def _load_inventory(settings: Settings) -> Any:
     "not kept.",
 )
 @click.option(
+    "--load-interval",
+    type=click.FloatRange(min=1),
+    metavar="SECONDS",
+    default=20.0,
+    show_default=True,
+    help="Seconds between two reads of each connected machine's load average (for "
+    "overload_threshold, for choosing the least loaded machine, and for the live view).",
+)
+@click.option(
     "--metrics",
     "metrics_address",
     metavar="ADDRESS:PORT",
@@ -112,6 +121,7 @@ def run(
     hook_parallelism: int,
     hook_env: tuple[str, ...],
     max_log_size: str,
+    load_interval: float,
     metrics_address: str | None,
     compressions: tuple[str, ...],
 ) -> None:
@@ -134,6 +144,7 @@ def run(
         hook_env=hook_env,
         max_log_bytes=parse_size(max_log_size),
         compressions=chosen,
+        load_interval=load_interval,
     )
     metrics = None
     if metrics_address is not None:

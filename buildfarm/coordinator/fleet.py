@@ -41,6 +41,7 @@ class MachineSlots:
     sessions: StoreSessions | None = None
     ready: bool = False
     connecting: asyncio.Task[None] | None = None
+    probing: asyncio.Task[None] | None = None  # reading the load
     running: dict[int, RunningAttempt] = field(default_factory=dict)
     load: float | None = None
     cores: int | None = None
@@ -140,8 +141,9 @@ class Fleet:
         """Drop the removed machines whose builds have all ended, and close their connections."""
         for name, slots in list(self.machines.items()):
             if slots.retiring and not slots.running:
-                if slots.connecting is not None:
-                    slots.connecting.cancel()
+                for task in (slots.connecting, slots.probing):
+                    if task is not None:
+                        task.cancel()
                 self._retire_connection(slots)
                 del self.machines[name]
                 self.report(f"machine {name} retired: its builds have ended")

@@ -6,7 +6,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from buildfarm.render import one_line
+from buildfarm.datastore.models import CANCELED, FAILED, INTERRUPTED, SETUP_FAILURE, SUCCEEDED
+from buildfarm.render import one_line, plain
 
 if TYPE_CHECKING:
     from buildfarm.coordinator.service import Coordinator
@@ -32,7 +33,7 @@ class LiveReporter:
         self._last: Coordinator | None = None
 
     def event(self, line: str) -> None:
-        self.events.append(f"{time.strftime('%H:%M:%S')} {one_line(line)}")
+        self.events.append(f"{time.strftime('%H:%M:%S')} {one_line(plain(line))}")
         if self._last is not None:
             self.update(self._last)
 
@@ -61,9 +62,8 @@ class LiveReporter:
             busy = len(slots.running)
             bar = "■" * busy + "□" * max(0, slots.machine.max_builds - busy)
             load = f"{slots.load:.2f}" if slots.load is not None else "-"
-            machines.add_row(
-                slots.machine.name, state, bar, load, Text(one_line(slots.last_error or ""))
-            )
+            machines.add_row(Text(slots.machine.name), state, bar, load,
+                             Text(one_line(plain(slots.last_error or ""))))
         running = Table(title="running", box=None, header_style="bold", title_justify="left")
         for column in ("build", "machine", "step", "elapsed", "derivation"):
             running.add_column(column.upper())
@@ -77,10 +77,21 @@ class LiveReporter:
                     run.build_uuid[:8], slots.machine.name, step,
                     _elapsed(now - run.started), run.drv_path.rsplit("/", 1)[-1],
                 )
-        recent = [t for t in c.finished if now - t < 600]
-        per_minute = len(recent) / min(10.0, max((now - c.started) / 60, 1 / 60))
         queued = " ".join(f"{system}:{n}" for system, n in sorted(c.queue_depth.items()))
-        summary = Text(
-            f"queued {queued or 0}   builds/min {per_minute:.1f}   finished {len(c.finished)}"
-        )
+        summary = Text(f"queued {queued or 0}   {summary_line(c, now)}")
         return Group(machines, running, summary, Text("\n".join(self.events), style="dim"))
+
+
+def summary_line(c: Coordinator, now: float) -> str:
+    """Builds that ended and attempts that ended since the start, counted apart: a build may
+    take several attempts (setup failures, interruptions), and ends once."""
+    tally = c.tally
+    builds = f"builds: {tally.builds[SUCCEEDED]} succeeded, {tally.builds[FAILED]} failed"
+    if tally.builds[CANCELED]:
+        builds += f", {tally.builds[CANCELED]} canceled"
+    builds += f"; {tally.finished_last_minute(now)} in the last minute"
+    attempts = sum(tally.attempts.values())
+    others = [f"{tally.attempts[result]} {words}" for result, words in
+              ((SETUP_FAILURE, "setup failures"), (INTERRUPTED, "interrupted"))
+              if tally.attempts[result]]
+    return f"{builds}   attempts: {attempts}" + (f" ({', '.join(others)})" if others else "")

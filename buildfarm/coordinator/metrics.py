@@ -38,13 +38,15 @@ if TYPE_CHECKING:
 
     from buildfarm.coordinator.fleet import MachineSlots
     from buildfarm.coordinator.hooks import HookRunner
+    from buildfarm.coordinator.tally import Tally
 
 T = TypeVar("T")
 
 
 class Observed(Protocol):
     """What a scrape reads of the running coordinator (coordinator.service.Coordinator hands
-    itself to `Metrics.start`): its queue, machines and hook counts, and its datastore thread."""
+    itself to `Metrics.start`): its queue, machines, builds and attempts that ended, hook
+    counts, and its datastore thread."""
 
     @property
     def queue_depth(self) -> Mapping[str, int]: ...
@@ -55,12 +57,16 @@ class Observed(Protocol):
     @property
     def hooks(self) -> HookRunner: ...
 
+    @property
+    def tally(self) -> Tally: ...
+
     async def db(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 logger = logging.getLogger("buildfarm")
 COUNT_EVERY = 2.0  # seconds between two counts of the builds by state
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 BUILD_STATES = ("queued", "running", "succeeded", "failed", "canceled")
+ENDED_STATES = BUILD_STATES[2:]
 PATH = "/metrics"
 # No *_created series: they only say when each counter started, which nobody asks.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -81,13 +87,17 @@ METRICS: tuple[MetricSpec, ...] = (
                "Builds in the datastore, by state (queued, running, succeeded, failed, "
                "canceled)."),
     MetricSpec("buildfarm_queue_depth", "gauge", ("system",), "Queued builds, by system."),
+    MetricSpec("buildfarm_builds_ended_total", "counter", ("state",),
+               "Builds that ended since the coordinator started, by the state they ended in "
+               "(succeeded, failed, canceled): each build once, however many attempts it "
+               "took."),
     MetricSpec("buildfarm_attempts_total", "counter", ("machine", "result"),
                "Attempts ended since the coordinator started, by machine and result (success, "
-               "failure, setup-failure, interrupted)."),
+               "failure, setup-failure, interrupted): a build may take several."),
     MetricSpec("buildfarm_setup_failures_total", "counter", ("machine", "kind"),
                "Setup failures, by machine and kind (missing-inputs, "
                "could-not-delete-outputs)."),
-    MetricSpec("buildfarm_build_duration_seconds", "histogram", ("result",),
+    MetricSpec("buildfarm_attempt_duration_seconds", "histogram", ("result",),
                "Time from allocation to the end of each attempt, by result."),
     MetricSpec("buildfarm_fetched_bytes_total", "counter", ("machine",),
                "Bytes of build outputs fetched from each machine."),
@@ -179,6 +189,11 @@ class _Live(Collector):
                 if value is not None:
                     families[metric].add_metric([name], float(value))
         yield from families.values()
+        spec = SPECS["buildfarm_builds_ended_total"]
+        ended = CounterMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+        for state in ENDED_STATES:
+            ended.add_metric([state], coordinator.tally.builds[state])
+        yield ended
         for name, value in (("buildfarm_hook_runs_total", coordinator.hooks.runs),
                             ("buildfarm_hook_failures_total", coordinator.hooks.failures)):
             yield CounterMetricFamily(name, SPECS[name].help, value=value)
@@ -202,7 +217,7 @@ class Metrics:
 
         self.attempts = Counter(**spec("buildfarm_attempts_total"))
         self.setup_failures = Counter(**spec("buildfarm_setup_failures_total"))
-        self.duration = Histogram(**spec("buildfarm_build_duration_seconds"),
+        self.duration = Histogram(**spec("buildfarm_attempt_duration_seconds"),
                                   buckets=DURATION_BUCKETS)
         self.fetched = Counter(**spec("buildfarm_fetched_bytes_total"))
         self.pushed_bytes = Counter(**spec("buildfarm_pushed_bytes_total"))

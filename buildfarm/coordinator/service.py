@@ -33,7 +33,9 @@ from buildfarm.coordinator.attempt import (
 from buildfarm.coordinator.fleet import Fleet, MachineSlots, RunningAttempt, close_connection
 from buildfarm.coordinator.hooks import HookRunner, HookSettings
 from buildfarm.coordinator.runlock import RunLock
+from buildfarm.coordinator.tally import Tally
 from buildfarm.datastore import attempts as records
+from buildfarm.datastore import events as event_rows
 from buildfarm.datastore import open_datastore, without_password
 from buildfarm.datastore.models import Attempt, Build, MachineState
 from buildfarm.errors import (
@@ -59,7 +61,8 @@ T = TypeVar("T")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SETUP_RETRY_BASE = 5.0  # seconds a build waits after a setup failure (doubling, capped)
 SETUP_RETRY_MAX = 600.0
-LOAD_PROBE_EVERY = 20.0
+LOAD_PROBE_EVERY = 20.0  # default seconds between two reads of a machine's load
+TALLY_EVERY = 1.0  # seconds between two reads of the events that end builds
 LOCAL_FAILURE_RETRY = 10.0  # seconds a build waits after the coordinator's own disk failed it
 INTERNAL_ERROR_RETRY = 60.0  # seconds a build waits after a bug interrupted it (no hot loop)
 RUN_LOCK_CHECK_EVERY = 5.0
@@ -80,6 +83,7 @@ class RunOptions:
     tick: float = 1.0
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     compressions: tuple[Compression, ...] = DEFAULT_COMPRESSIONS  # of published nars
+    load_interval: float = LOAD_PROBE_EVERY  # seconds between two reads of each machine's load
 
 
 class Reporter(Protocol):
@@ -123,8 +127,8 @@ class Coordinator:
         self.machines = self.fleet.machines  # by name; removed machines until their builds end
         self.should_exit = False
         self.force_exit = False
-        self.started = time.time()
-        self.finished: list[float] = []  # completion times, for builds per minute
+        self.tally = Tally()  # builds and attempts that ended since the start, apart
+        self._tallied = float("-inf")
         self.queue_depth: dict[str, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datastore")
         self._wake = asyncio.Event()
@@ -205,6 +209,7 @@ class Coordinator:
         self._lock.acquire()
         await self.db(open_datastore, self.settings.db_url)
         recovered = await self.db(records.recover)
+        self.tally.position = await self.db(event_rows.newest_id)
         if recovered:
             self.reporter.event(f"{recovered} attempt(s) left running by a previous run requeued")
         self.key = self._signing_key()
@@ -242,14 +247,17 @@ class Coordinator:
             await self.check_run_lock()
             await self.fleet.maybe_reload()  # before allocating: new machines start connecting
             self.fleet.drop_retired()
+            self.probe_loads()
             await self.check_cancellations()
             await self.allocate()
             await self.hooks.dispatch()
             if time.monotonic() - depth_probed > 5:
                 depth_probed = time.monotonic()
                 self.queue_depth = await self.db(scheduler.queue_depth)
+            await self.count_endings()
             self.reporter.update(self)
             if self.options.exit_when_idle and await self.idle() and await self.hooks.idle():
+                await self.count_endings(force=True)  # the last view counts every build
                 self.reporter.event("nothing queued or running: exiting")
                 return
             self._wake.clear()
@@ -278,8 +286,9 @@ class Coordinator:
         await self.hooks.dispatch()
         await self.hooks.drain(time.monotonic() + (0 if self.force_exit else 5.0))
         for slots in self.machines.values():
-            if slots.connecting is not None:
-                slots.connecting.cancel()
+            for background in (slots.connecting, slots.probing):
+                if background is not None:
+                    background.cancel()
         await asyncio.gather(
             *(close_connection(s.remote, s.sessions) for s in self.machines.values()),
             *self.fleet.background,
@@ -337,11 +346,11 @@ class Coordinator:
         name = slots.machine.name
         try:
             await slots.remote.connect()
+            await self._probe_load(slots)  # before the first allocation there
             slots.ready = True
             slots.last_error = None
             await self.db(_note_machine, name, None, None)
             self.reporter.event(f"machine {name} connected")
-            await self._probe_load(slots)
         except RemoteError as e:
             slots.last_error = str(e)
             until = slots.remote.backed_off_until
@@ -350,6 +359,35 @@ class Coordinator:
         finally:
             slots.connecting = None
             self._wake.set()
+
+    async def count_endings(self, force: bool = False) -> None:
+        """Read the events recorded since the last look (at most every TALLY_EVERY seconds
+        unless `force`), for the tally of builds that ended."""
+        if self.tally.position is None or (
+                not force and time.monotonic() - self._tallied < TALLY_EVERY):
+            return
+        self._tallied = time.monotonic()
+        while True:
+            rows = await self.db(event_rows.names_after, self.tally.position)
+            self.tally.add_events(rows)
+            if len(rows) < event_rows.PAGE:
+                return
+
+    def probe_loads(self) -> None:
+        """Read again the load of every connected machine whose reading is older than
+        load_interval, in the background, on its open connection: for overload_threshold, for
+        choosing among machines, and for the live view."""
+        now = time.monotonic()
+        for slots in self.machines.values():
+            if (slots.ready and not slots.retiring and slots.probing is None
+                    and now - slots.load_probed >= self.options.load_interval):
+                slots.probing = asyncio.create_task(self._probe_in_background(slots))
+
+    async def _probe_in_background(self, slots: MachineSlots) -> None:
+        try:
+            await self._probe_load(slots)
+        finally:
+            slots.probing = None
 
     async def _probe_load(self, slots: MachineSlots) -> None:
         """load1 and cores, for overload_threshold and for choosing among machines."""
@@ -374,7 +412,6 @@ class Coordinator:
     async def allocate(self) -> None:
         if self.should_exit:
             return
-        now = time.monotonic()
         for slots in self._ordered_machines():
             if slots.retiring:
                 continue  # removed: finishes its builds on the connection it has
@@ -383,8 +420,6 @@ class Coordinator:
                 slots.sessions.prune()
             if not slots.ready or slots.free <= 0:
                 continue
-            if now - slots.load_probed > LOAD_PROBE_EVERY and slots.machine.overload_threshold:
-                await self._probe_load(slots)
             if slots.overloaded():
                 continue
             slot = scheduler.Slot(
@@ -495,7 +530,7 @@ class Coordinator:
             )
         finally:
             slots.running.pop(run.attempt_id, None)
-            self.finished.append(time.time())
+            self.tally.add_attempt(outcome)
             if self.metrics is not None:
                 self.metrics.attempt_ended(
                     name, outcome, setup_kind, time.time() - run.started, run.transferred

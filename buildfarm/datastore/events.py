@@ -8,7 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from .bulk import insert_rows
-from .models import Build, BuildTag, DerivationOutput, Event
+from .models import CANCELED, FAILED, SUCCEEDED, Build, BuildTag, DerivationOutput, Event
+
+# The events that end a build, and the state each leaves it in: every way a build ends (its
+# attempt's result, an input's failure, a user's cancel) records one of them.
+ENDINGS = {"build-success": SUCCEEDED, "build-failure": FAILED, "build-canceled": CANCELED}
 
 
 def build_summary(build: Build) -> dict[str, Any]:
@@ -68,3 +72,24 @@ def mark_delivered_many(event_ids: Sequence[int]) -> None:
     ids = list(event_ids)
     for start in range(0, len(ids), 500):
         Event.update(delivered_at=now).where(Event.id.in_(ids[start : start + 500])).execute()
+
+
+def newest_id() -> int:
+    """The id of the newest event (0 when there is none)."""
+    row = Event.select(Event.id).order_by(Event.id.desc()).first()
+    return int(row.id) if row is not None else 0
+
+
+PAGE = 5000  # events read at a time by names_after
+
+
+def names_after(last_id: int, limit: int = PAGE) -> list[tuple[int, str, float]]:
+    """(id, name, created_at) of the events after `last_id`, oldest first (the primary key)."""
+    query: Any = (
+        Event.select(Event.id, Event.name, Event.created_at)
+        .where(Event.id > last_id)
+        .order_by(Event.id)
+        .limit(limit)
+        .tuples()
+    )
+    return [(int(i), str(n), float(c)) for i, n, c in query]

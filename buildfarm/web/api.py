@@ -34,10 +34,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "overview", "GET", "/api/overview",
         "The overview: queued builds per system (queued, and ready: no input build pending), "
         "machines (state, systems, slots busy and free, last error), running attempts (build, "
-        "machine, step and since when), the attempts that ended last, and per hour over the "
-        "last 24 hours the builds built (succeeded, failed) and the other attempts that "
-        "ended (other: setup failures and interruptions, after which the build was tried "
-        "again).",
+        "machine, step and since when), the attempts that ended last, and per_hour: for each "
+        "of the last 24 hours, the builds that ended in it by the state they ended in "
+        "(succeeded, failed, canceled; each build once, from the event that ended it) and, "
+        "counted apart, the attempts that ended in it (attempts, of which setup_failures and "
+        "interrupted: after those the build went back to the queue).",
     ),
     Endpoint(
         "builds", "GET", "/api/builds",
@@ -77,8 +78,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "machine", "GET", "/api/machines/{name}",
-        "One machine: as in /api/machines, plus its newest attempts, its attempts by result, "
-        "its success rate over all of them and over its last 100.",
+        "One machine: as in /api/machines, plus its newest attempts, its attempts by result "
+        "(results), finished (the builds it finished: attempts that succeeded or failed), "
+        "success_rate (succeeded ÷ finished; setup failures and interruptions are not held "
+        "against it) and recent_success_rate over the last recent_window (up to 100) builds it "
+        "finished.",
     ),
     Endpoint(
         "events", "GET", "/events",

@@ -17,6 +17,8 @@ import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from buildfarm.datastore.events import newest_id
+
 from . import queries
 
 POLL = 0.25  # seconds between looks at the event table
@@ -50,7 +52,7 @@ class EventHub:
         self.closed = False
 
     async def start(self) -> None:
-        self.newest = self._base = await self._db(queries.newest_event_id)
+        self.newest = self._base = await self._db(newest_id)
         self._task = asyncio.create_task(self._follow(), name="web-events")
 
     async def close(self) -> None:

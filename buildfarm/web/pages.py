@@ -147,9 +147,9 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> Markup:
 
 
 def chart(hours: Sequence[Mapping[str, Any]]) -> Markup:
-    """Builds built per hour as an SVG bar chart: succeeded below, failed on top. Each build
-    ends with one such attempt; attempts that ended otherwise (setup failures, interruptions:
-    the build was tried again) are only named in each hour's title."""
+    """Builds that ended per hour as an SVG bar chart: succeeded below, failed on top. Each
+    build is counted once, when it ended; the attempts that ended in the hour (a build may
+    take several: setup failures, interruptions) are counted apart, in each hour's title."""
     width, height, top = 480.0, 90.0, 8.0
     bar = width / max(1, len(hours))
     peak = max((b["succeeded"] + b["failed"] for b in hours), default=0) or 1
@@ -163,10 +163,7 @@ def chart(hours: Sequence[Mapping[str, Any]]) -> Markup:
         total += ok + bad
         x = i * bar + 1
         base = height - 14
-        label = f"{b['hour'][:13].replace('T', ' ')}h: {ok} succeeded, {bad} failed"
-        if b["other"]:
-            label += f" ({b['other']} other attempts ended: tried again)"
-        group = [h("title", None, label)]
+        group = [h("title", None, hour_title(b))]
         if ok:
             group.append(h("rect", {"class": "ok", "x": f"{x:.1f}", "y": f"{base - ok * scale:.1f}",
                                     "width": f"{bar - 2:.1f}", "height": f"{ok * scale:.1f}"}))
@@ -182,10 +179,23 @@ def chart(hours: Sequence[Mapping[str, Any]]) -> Markup:
         if i % 6 == 0:
             shapes.append(h("text", {"x": f"{x:.1f}", "y": f"{height - 3:.1f}"},
                             b["hour"][11:16]))
-    shapes.append(h("text", {"x": 2, "y": top}, f"peak {peak}/h"))
+    shapes.append(h("text", {"x": 2, "y": top}, f"peak {peak} builds/h"))
     return h("svg", {"class": "chart", "viewBox": f"0 0 {width:g} {height:g}", "role": "img",
-                     "aria-label": f"builds built per hour over the last day: {total}"},
+                     "aria-label": f"builds that ended per hour over the last day: {total}"},
              shapes)
+
+
+def hour_title(b: Mapping[str, Any]) -> str:
+    """e.g. "2025-01-01 14h: builds 120 succeeded, 7 failed; attempts 300 (setup failures
+    170, interrupted 3)"."""
+    text = f"{b['hour'][:13].replace('T', ' ')}h: builds {b['succeeded']} succeeded, " \
+           f"{b['failed']} failed"
+    if b["canceled"]:
+        text += f", {b['canceled']} canceled"
+    others = [f"{words} {b[key]}" for key, words in
+              (("setup_failures", "setup failures"), ("interrupted", "interrupted")) if b[key]]
+    text += f"; attempts {b['attempts']}"
+    return text + (f" ({', '.join(others)})" if others else "")
 
 
 def overview_page(data: Mapping[str, Any]) -> Markup:
@@ -217,7 +227,7 @@ def overview_page(data: Mapping[str, Any]) -> Markup:
         h("section", {"id": "recent", "data-live": True},
           h("h2", None, "Recent results"), results_table(data["recent"])),
         h("section", {"id": "per-hour", "data-live": True},
-          h("h2", None, "Builds per hour, last 24 hours"), chart(data["per_hour"])),
+          h("h2", None, "Builds that ended per hour, last 24 hours"), chart(data["per_hour"])),
     )
     return document("Overview", body, nav="overview", refresh="5")
 
@@ -468,11 +478,15 @@ def machine_page(data: Mapping[str, Any]) -> Markup:
             ("Last error", data["last_error"]),
             ("Backing off until", when(data["backoff_until"]) if data["backoff_until"] else None),
             ("Failures in a row", str(data["failures"]) if data["failures"] else None),
-            ("Success rate", f"{_percent(data['success_rate'])} of "
-                             f"{sum(counts.values()):,} attempts"),
+            ("Success rate", f"{_percent(data['success_rate'])} of the {data['finished']:,} "
+                             "builds it finished (succeeded or failed)"),
             ("Recently", f"{_percent(data['recent_success_rate'])} of the last "
-                         f"{data['recent_window']} attempts"),
-            ("Results", ", ".join(f"{k} {v:,}" for k, v in counts.items())),
+                         f"{data['recent_window']} builds it finished"),
+            ("Setup failures", f"{counts['setup-failure']:,} (inputs missing, or outputs it "
+                               "could not delete: the build went back to the queue; not "
+                               "counted against the machine)"),
+            ("Interrupted", f"{counts['interrupted']:,} attempts"),
+            ("Attempts", f"{sum(counts.values()):,}"),
         ]),
     )
     body = join(

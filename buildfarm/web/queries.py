@@ -19,10 +19,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from buildfarm.datastore.builds import get_build, iso
+from buildfarm.datastore.events import ENDINGS
 from buildfarm.datastore.migrations import engine_of
 from buildfarm.datastore.models import (
     ATTEMPT_RESULTS,
+    CANCELED,
+    FAILED,
+    FAILURE,
+    INTERRUPTED,
     QUEUED,
+    SETUP_FAILURE,
+    SUCCEEDED,
     SUCCESS,
     Attempt,
     AttemptStep,
@@ -45,8 +52,11 @@ RECENT_WINDOW = 200  # newest ended attempts among which the most recently ended
 DEPENDANTS_SHOWN = 50
 DEPENDANTS_COUNTED = 10_000  # "10,000 or more" past this
 MACHINE_ATTEMPTS = 25
-RATE_WINDOW = 100  # a machine's recent success rate: over its last RATE_WINDOW attempts
+RATE_WINDOW = 100  # a machine's recent success rate: over the last RATE_WINDOW builds it finished
 HOURS = 24
+# A build finished on a machine when its attempt there succeeded or failed; setup failures
+# and interruptions send the build back to the queue and say nothing of the machine's builds.
+FINISHED = (SUCCESS, FAILURE)
 
 
 def drv_name(path: str) -> str:
@@ -134,19 +144,22 @@ def machines(inventory: Inventory | None, now: float | None = None) -> list[dict
     return out
 
 
-def _attempt_ranges(machine: str, limit: int) -> list[int]:
-    """Ids of the machine's newest `limit` attempts: one range of the index attempt_open
-    (result, machine) per result, merged newest first."""
+def _attempt_ranges(
+    machine: str, limit: int, results: Sequence[str | None] = (None, *ATTEMPT_RESULTS)
+) -> list[tuple[int, str | None]]:
+    """(id, result) of the machine's newest `limit` attempts with one of `results` (None:
+    running): one range of the index attempt_open (result, machine) per result, merged newest
+    first."""
     db = database_proxy.obj
     p = db.param
     ranges = []
-    for result in (None, *ATTEMPT_RESULTS):
+    for result in results:
         where = "result IS NULL" if result is None else f"result = {p}"
         params: tuple[Any, ...] = (machine, limit) if result is None else (result, machine, limit)
         sql = f"SELECT id FROM attempt WHERE {where} AND machine = {p} ORDER BY id DESC LIMIT {p}"
-        ranges.append([row[0] for row in db.execute_sql(sql, params).fetchall()])
+        ranges.append([(row[0], result) for row in db.execute_sql(sql, params).fetchall()])
     merged = heapq.merge(*ranges, reverse=True)
-    return [attempt_id for attempt_id, _ in zip(merged, range(limit), strict=False)]
+    return [item for item, _ in zip(merged, range(limit), strict=False)]
 
 
 def _result_counts(machine: str) -> dict[str, int]:
@@ -164,25 +177,26 @@ def _rate(successes: int, total: int) -> float | None:
 
 
 def machine_detail(name: str, inventory: Inventory | None) -> dict[str, Any]:
-    """One machine: its state and settings, its recent attempts and success rates."""
+    """One machine: its state and settings, its recent attempts, and its success rates over
+    the builds it finished (succeeded or failed there: setup failures and interruptions are
+    counted on their own, never against it)."""
     machine = None
     if inventory is not None:
         machine = next((m for m in inventory.machines if m.name == name), None)
     row = MachineState.get_or_none(MachineState.name == name)
-    recent_ids = _attempt_ranges(name, max(MACHINE_ATTEMPTS, RATE_WINDOW))
-    if machine is None and row is None and not recent_ids:
+    recent = _attempt_ranges(name, MACHINE_ATTEMPTS)
+    if machine is None and row is None and not recent:
         raise NotFoundError(f"no machine called {name!r}")
     busy = _busy_slots().get(name, 0)
     info = _machine_json(name, machine, busy, row, time.time())
-    attempts = _attempts_with_builds(recent_ids)
-    finished = [a for a in attempts if a["result"] is not None][:RATE_WINDOW]
+    finished = [result for _, result in _attempt_ranges(name, RATE_WINDOW, FINISHED)]
     counts = _result_counts(name)
-    total = sum(counts.values())
     info.update(
-        attempts=attempts[:MACHINE_ATTEMPTS],
+        attempts=_attempts_with_builds([attempt_id for attempt_id, _ in recent]),
         results=counts,
-        success_rate=_rate(counts[SUCCESS], total),
-        recent_success_rate=_rate(sum(a["result"] == SUCCESS for a in finished), len(finished)),
+        finished=counts[SUCCESS] + counts[FAILURE],
+        success_rate=_rate(counts[SUCCESS], counts[SUCCESS] + counts[FAILURE]),
+        recent_success_rate=_rate(finished.count(SUCCESS), len(finished)),
         recent_window=len(finished),
     )
     return info
@@ -273,18 +287,19 @@ def recent_results() -> list[dict[str, Any]]:
     return ended[:RECENT_RESULTS]
 
 
-def _first_attempt_since(moment: float) -> int | None:
-    """The lowest attempt id started at or after `moment` (ids grow with start times): a
-    binary search of primary-key lookups, not a scan."""
+def _first_id_since(table: str, column: str, moment: float) -> int | None:
+    """The lowest id of `table` (attempt or event) whose `column` (when it started, or was
+    recorded) is at or after `moment`, as ids grow with it: a binary search of primary-key
+    lookups, not a scan."""
     db = database_proxy.obj
     p = db.param
     # One aggregate per query: SQLite reads MIN or MAX alone off the index, both at once not.
-    lowest = db.execute_sql("SELECT MIN(id) FROM attempt").fetchone()[0]
+    lowest = db.execute_sql(f"SELECT MIN(id) FROM {table}").fetchone()[0]
     if lowest is None:
         return None
     low = int(lowest)
-    high = int(db.execute_sql("SELECT MAX(id) FROM attempt").fetchone()[0])
-    probe = f"SELECT id, started_at FROM attempt WHERE id >= {p} ORDER BY id LIMIT 1"
+    high = int(db.execute_sql(f"SELECT MAX(id) FROM {table}").fetchone()[0])
+    probe = f"SELECT id, {column} FROM {table} WHERE id >= {p} ORDER BY id LIMIT 1"
     while low < high:
         middle = (low + high) // 2
         row = db.execute_sql(probe, (middle,)).fetchone()
@@ -296,34 +311,55 @@ def _first_attempt_since(moment: float) -> int | None:
 
 
 def per_hour(now: float | None = None) -> list[dict[str, Any]]:
-    """The builds built in each of the last HOURS hours, by the attempts that ended their
-    build (succeeded, failed), and the attempts after which their build was tried again
-    (other: setup failures, interruptions)."""
+    """Each of the last HOURS hours: the builds that ended in it, by the state they ended in
+    (from the events that ended them: every build once, whether an attempt, an input's failure
+    or a user ended it), and apart from them the attempts that ended in it (a build may take
+    several: setup failures and interruptions send it back to the queue)."""
     moment = time.time() if now is None else now
     end = (int(moment) // 3600 + 1) * 3600
     start = end - HOURS * 3600
     buckets: list[dict[str, Any]] = [
-        {"hour": iso(start + i * 3600), "succeeded": 0, "failed": 0, "other": 0}
+        {"hour": iso(start + i * 3600), SUCCEEDED: 0, FAILED: 0, CANCELED: 0, "attempts": 0,
+         "setup_failures": 0, "interrupted": 0}
         for i in range(HOURS)
     ]
-    # An attempt that ends within the day started at most a day before it (builds time out).
-    first = _first_attempt_since(start - 86400)
-    if first is None:
-        return buckets
     db = database_proxy.obj
     p = db.param
-    # The hour of each end, rounded down (CAST truncates on SQLite, rounds on PostgreSQL).
-    hour = (f"FLOOR((ended_at - {p}) / 3600)" if engine_of(db) == "postgresql"
-            else f"CAST((ended_at - {p}) / 3600 AS INTEGER)")
-    rows = db.execute_sql(
-        f"SELECT {hour} AS hour, result, COUNT(*) FROM attempt"
-        f" WHERE id >= {p} AND ended_at >= {p} GROUP BY hour, result",
-        (start, first, start),
-    ).fetchall()
-    for index, result, count in rows:
-        if 0 <= int(index) < HOURS:
-            key = {"success": "succeeded", "failure": "failed"}.get(result, "other")
-            buckets[int(index)][key] += int(count)
+
+    def hour(column: str) -> str:
+        """The hour of `column`, rounded down (CAST truncates on SQLite, rounds on
+        PostgreSQL)."""
+        if engine_of(db) == "postgresql":
+            return f"FLOOR(({column} - {p}) / 3600)"
+        return f"CAST(({column} - {p}) / 3600 AS INTEGER)"
+
+    first = _first_id_since("event", "created_at", start)
+    if first is not None:
+        names = ", ".join([p] * len(ENDINGS))
+        rows = db.execute_sql(
+            f"SELECT {hour('created_at')} AS hour, name, COUNT(DISTINCT build_id) FROM event"
+            f" WHERE id >= {p} AND name IN ({names}) GROUP BY hour, name",
+            (start, first, *ENDINGS),
+        ).fetchall()
+        for index, name, count in rows:
+            if 0 <= int(index) < HOURS:
+                buckets[int(index)][ENDINGS[name]] += int(count)
+    # An attempt that ends within the day started at most a day before it (builds time out).
+    first = _first_id_since("attempt", "started_at", start - 86400)
+    if first is not None:
+        rows = db.execute_sql(
+            f"SELECT {hour('ended_at')} AS hour, result, COUNT(*) FROM attempt"
+            f" WHERE id >= {p} AND ended_at >= {p} GROUP BY hour, result",
+            (start, first, start),
+        ).fetchall()
+        for index, result, count in rows:
+            if 0 <= int(index) < HOURS:
+                bucket = buckets[int(index)]
+                bucket["attempts"] += int(count)
+                if result == SETUP_FAILURE:
+                    bucket["setup_failures"] += int(count)
+                elif result == INTERRUPTED:
+                    bucket["interrupted"] += int(count)
     return buckets
 
 
@@ -529,11 +565,6 @@ def log_running(uuid: str, path: str) -> bool:
 
 
 # -- events ----------------------------------------------------------------------------------
-
-
-def newest_event_id() -> int:
-    row = Event.select(Event.id).order_by(Event.id.desc()).first()
-    return int(row.id) if row is not None else 0
 
 
 def public_payload(payload: str) -> str:
