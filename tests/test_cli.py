@@ -177,7 +177,8 @@ def test_ignore_if_queued_reuses_a_queued_or_running_build_only(
 
 def test_cancel_and_priority(state: Path, database: ScratchDatabase) -> None:
     (u,) = ok("submit", str(HELLO)).split()
-    ok("builds", "priority", u, "42")
+    assert ok("builds", "priority", u, "42") == f"build {u}: priority 0 -> 42\n"
+    assert ok("builds", "priority", u, "42") == f"build {u}: priority already 42\n"
     assert json.loads(ok("builds", "show", u, "--json"))["priority"] == 42
     assert ok("builds", "cancel", u).strip() == f"canceled {u}"
     info = json.loads(ok("builds", "show", u, "--json"))
@@ -256,10 +257,39 @@ def test_duplicate_uuid_writes_nothing(state: Path, database: ScratchDatabase) -
     assert database.dump() == before
 
 
-def test_cancel_is_all_or_nothing(state: Path) -> None:
-    (u,) = ok("submit", str(HELLO)).split()
-    fails("builds", "cancel", u, "00000000-0000-0000-0000-000000000000")
-    assert json.loads(ok("builds", "show", u, "--json"))["state"] == "queued"
+def test_cancel_cancels_what_it_can_and_names_the_rest(state: Path) -> None:
+    first, ended, other = ok("submit", str(HELLO), str(GREP), str(TOP)).split()
+    ok("builds", "cancel", ended)
+    unknown = "00000000-0000-0000-0000-000000000000"
+    result = run("builds", "cancel", first, ended, unknown, first)
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert result.stdout == f"canceled {first}\n"
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (f"Error: 2 builds not canceled: build {ended} cannot be canceled: it is "
+                    f"canceled; no build with UUID {unknown}")
+    states = {b["uuid"]: b["state"] for b in json.loads(ok("builds", "list", "--json"))}
+    assert states == {first: "canceled", ended: "canceled", other: "queued"}
+    assert ok("builds", "cancel", other[:8]) == f"canceled {other}\n"
+
+
+def test_a_uuid_prefix_names_a_build_wherever_a_uuid_does(
+    state: Path, database: ScratchDatabase
+) -> None:
+    twins = ("6f1c2d57-2b47-4e0b-a7c6-5c0a8a5b9e10", "6f1c2d57-9a00-4e0b-a7c6-5c0a8a5b9e10")
+    ok("submit", str(HELLO), "--uuid", twins[0])
+    ok("submit", str(GREP), "--uuid", twins[1])
+    for prefix in ("6f1c2d57-2b", "6F1C2D572B47", "6f1c2d57-2b47-4e0b-a7c6-5c0a8a5b"):
+        assert json.loads(ok("builds", "show", prefix, "--json"))["uuid"] == twins[0]
+    assert ok("builds", "priority", "6f1c2d579a", "3").startswith(f"build {twins[1]}: ")
+    before = database.dump()
+    assert fails("builds", "show", "6f1c2d57") == (
+        f"Error: 6f1c2d57 starts the UUIDs of several builds ({twins[0]}, {twins[1]}, …): "
+        "give more of it")
+    assert fails("builds", "cancel", "6f1c2d57-") == fails("builds", "cancel", "6f1c2d57")
+    assert fails("log", "6f1c2d57-3") == "Error: no build's UUID starts with 6f1c2d57-3"
+    assert "first 8 or more characters" in fails("builds", "show", "6f1c2d5")
+    assert "not a build UUID" in fails("builds", "priority", "6f1c2d57-2x", "1")
+    assert database.dump() == before
 
 
 @pytest.mark.sqlite_only  # SQLite URLs and the default file; test_postgresql.py has the rest

@@ -683,6 +683,18 @@ def test_pages_logs_and_log_streams_show_no_escape_sequences(
     assert not any(c in page for c in "\x1b\x07\x08\r")
 
 
+def test_a_uuid_prefix_names_a_build_in_urls(server: WebServer, farm: Farm) -> None:
+    leaf = farm.builds["leaf"]
+    for path in (f"/builds/{leaf[:8]}", f"/api/builds/{leaf[:13]}", f"/builds/{leaf[:8]}/log"):
+        status, _, body = server.get(path)
+        assert status == 200, (path, body)
+    assert server.json(f"/api/builds/{leaf[:8].upper()}")["uuid"] == leaf
+    status, _, body = server.get("/api/builds/0000000000")
+    assert status == 404 and json.loads(body)["error"] == (
+        "no build's UUID starts with 00000000-00")
+    assert server.get(f"/builds/{leaf[:7]}")[0] == 404
+
+
 def read_event(response: http.client.HTTPResponse) -> tuple[str, str, str]:
     """(event name, id, data) of the next event on a log stream."""
     fields: dict[str, str] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,6 +14,9 @@ from buildfarm.cli.params import COUNT, PRIORITY, PRIORITY_MAX, PRIORITY_MIN, TE
 from buildfarm.errors import UsageError
 
 PATH_MAX = 4096  # bytes of a file name read from stdin, its line break included
+
+if TYPE_CHECKING:
+    from buildfarm.datastore.builds import LogState
 
 
 def _read_paths(paths: Sequence[str]) -> list[str]:
@@ -171,12 +175,21 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
 @click.argument("uuids", nargs=-1, required=True, metavar="UUID...")
 @click.pass_context
 def builds_cancel(ctx: click.Context, uuids: tuple[str, ...]) -> None:
-    """Cancel queued or running builds."""
+    """Cancel queued or running builds.
+
+    Every build named that can be canceled is; those that cannot (unknown, or already ended)
+    are named in one line on standard error, and the exit status is then 1."""
     from buildfarm.datastore import builds as queries
+    from buildfarm.errors import UsageError
 
     _open(ctx)
-    for uuid in queries.cancel_builds(uuids):
+    canceled, refused = queries.cancel_builds(uuids)
+    for uuid in canceled:
         click.echo(f"canceled {uuid}")
+    if len(refused) == 1:
+        raise UsageError(refused[0])
+    if refused:
+        raise UsageError(f"{len(refused)} builds not canceled: " + "; ".join(refused))
 
 
 @builds.command("priority")
@@ -184,30 +197,76 @@ def builds_cancel(ctx: click.Context, uuids: tuple[str, ...]) -> None:
 @click.argument("priority", type=PRIORITY)
 @click.pass_context
 def builds_priority(ctx: click.Context, uuid: str, priority: int) -> None:
-    """Change the priority of a queued or running build (PRIORITY: a whole number from
-    -2147483648 to 2147483647; higher runs first)."""
+    """Change the priority of a queued or running build, and say from what to what
+    (PRIORITY: a whole number from -2147483648 to 2147483647; higher runs first)."""
     from buildfarm.datastore import builds as queries
 
     _open(ctx)
-    queries.set_priority(uuid, priority)
+    full, before = queries.set_priority(uuid, priority)
+    if before == priority:
+        click.echo(f"build {full}: priority already {priority}")
+    else:
+        click.echo(f"build {full}: priority {before} -> {priority}")
+
+
+FOLLOW_POLL = 0.5  # seconds between looks at a build that has no log to follow yet
 
 
 @cli.command()
 @click.argument("uuid")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing while the build runs.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing while the build runs, and wait for a build that has not "
+              "started yet (or is tried again).")
 @click.pass_context
 def log(ctx: click.Context, uuid: str, follow: bool) -> None:
-    """Print the build log of a build's latest attempt."""
+    """Print the build log of a build's latest attempt.
+
+    The log is shown without escape sequences (colours, titles, hyperlinks) or any other
+    control character but newline and tab; the stored and published log keeps them. A build
+    that has no log says why: not yet (queued, or its attempt has not reached its build step),
+    or never (canceled before it ran, failed without running its builder)."""
+    import time
+
     from buildfarm.datastore import builds as queries
-    from buildfarm.logs import read_log
+    from buildfarm.datastore.models import FINAL_STATES
+    from buildfarm.errors import NotFoundError
 
     _open(ctx)
-    path, running = queries.latest_log(uuid)
+    state = queries.log_state(uuid)
+    shown: int | None = None  # the attempt whose log was printed last
+    while True:
+        if state.path is not None and state.attempt != shown:
+            if shown is not None:
+                click.echo(f"buildfarm: build {state.uuid} was tried again; its new log:",
+                           err=True)
+            shown = state.attempt
+            _print_log(state, follow)
+            if not follow:
+                return
+        elif not follow or state.state in FINAL_STATES:
+            if shown is None:
+                raise NotFoundError(state.why_none())
+            return
+        else:
+            time.sleep(FOLLOW_POLL)
+        state = queries.log_state(state.uuid)
+
+
+def _print_log(state: LogState, follow: bool) -> None:
+    """One attempt's log as plain text, and (`follow`) what it gets until the attempt ends."""
+    from buildfarm.datastore import builds as queries
+    from buildfarm.logs import read_log
+    from buildfarm.render import PlainText
 
     def done() -> bool:
-        return not queries.latest_log(uuid)[1]
+        now = queries.log_state(state.uuid)
+        return not (now.running and now.attempt == state.attempt)
 
+    assert state.path is not None
+    text = PlainText()
     out = sys.stdout.buffer
-    for chunk in read_log(path, follow=follow and running, done=done):
-        out.write(chunk)
+    for chunk in read_log(state.path, follow=follow and state.running, done=done):
+        out.write(text.feed(chunk).encode())
         out.flush()
+    out.write(text.feed(b"", final=True).encode())
+    out.flush()

@@ -3,6 +3,7 @@ one-line errors, the datastore they open."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -16,12 +17,23 @@ from buildfarm.render import one_line
 BUILD_STATES = ("queued", "running", "succeeded", "failed", "canceled")
 
 
+# The exit status of a command whose reader went away (`buildfarm builds list | head`): that
+# of a program SIGPIPE ended, as most commands that print end then.
+CLOSED_PIPE_STATUS = 128 + 13
+
+
 class BuildfarmGroup(click.Group):
-    """Turns every error a user can cause into one line on stderr and exit status 1."""
+    """Turns every error a user can cause into one line on stderr and exit status 1, and a
+    reader that stops reading into a quiet exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a reader gone shows here, not in the interpreter's last flush
+            return result
+        except BrokenPipeError:
+            _discard_stdout()
+            ctx.exit(CLOSED_PIPE_STATUS)
         except BuildfarmError as e:
             raise click.ClickException(one_line(str(e))) from None
         except OSError as e:
@@ -35,6 +47,16 @@ class BuildfarmGroup(click.Group):
             from buildfarm.datastore.postgresql import scrub
 
             raise click.ClickException(one_line(scrub(f"datastore error: {e}"))) from None
+
+
+def _discard_stdout() -> None:
+    """What is left to print goes nowhere: the reader has gone."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's captured output)
+        pass
 
 
 def _settings(ctx: click.Context) -> Settings:

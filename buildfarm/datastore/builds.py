@@ -197,11 +197,44 @@ def record_submission(
     return results
 
 
-def get_build(uuid: str) -> Build:
+UUID_PREFIX_MIN = 8  # characters of a UUID that may name a build (the live view shows 8)
+_DASHES = (8, 12, 16, 20)  # where a UUID's 32 hexadecimal digits are cut by dashes
+_HEX = frozenset("0123456789abcdef")
+
+
+def resolve_uuid(text: str) -> str:
+    """The UUID of the one build `text` names: its whole UUID, or the first UUID_PREFIX_MIN or
+    more of its characters (dashes optional). Unknown or ambiguous: NotFoundError."""
+    word = text.strip().lower()
     try:
-        key = str(uuidlib.UUID(uuid.strip()))
+        return str(uuidlib.UUID(word))
     except ValueError:
-        raise NotFoundError(f"{uuid!r} is not a build UUID") from None
+        pass
+    digits = word.replace("-", "")
+    if not UUID_PREFIX_MIN <= len(digits) < 32 or not set(digits) <= _HEX:
+        raise NotFoundError(
+            f"{text!r} is not a build UUID, nor its first {UUID_PREFIX_MIN} or more characters"
+        )
+    prefix = "".join(("-" if i in _DASHES else "") + c for i, c in enumerate(digits))
+    # An index range on both engines and in any collation: after the prefix come only hex
+    # digits and dashes, which sort before "z".
+    query = (Build.select(Build.uuid)
+             .where((Build.uuid >= prefix) & (Build.uuid < prefix + "z"))
+             .order_by(Build.uuid).limit(3))
+    found = [b.uuid for b in query if b.uuid.startswith(prefix)]
+    if not found:
+        raise NotFoundError(f"no build's UUID starts with {prefix}")
+    if len(found) > 1:
+        raise NotFoundError(
+            f"{prefix} starts the UUIDs of several builds ({', '.join(found[:2])}, …): "
+            "give more of it"
+        )
+    return found[0]
+
+
+def get_build(uuid: str) -> Build:
+    """The build a UUID or a unique prefix of one names (see resolve_uuid)."""
+    key = resolve_uuid(uuid)
     build = Build.get_or_none(Build.uuid == key)
     if build is None:
         raise NotFoundError(f"no build with UUID {key}")
@@ -356,43 +389,91 @@ def show_build(uuid: str) -> dict[str, Any]:
     }
 
 
-def cancel_builds(uuids: Sequence[str]) -> list[str]:
-    """Cancel queued or running builds (a running one is stopped by the coordinator)."""
+def cancel_builds(uuids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Cancel every queued or running build named (a running one is stopped by the
+    coordinator), in one transaction: the UUIDs canceled, and why each other could not be."""
+    canceled: list[str] = []
+    refused: list[str] = []
     with database_proxy.atomic():
-        found = [get_build(u) for u in uuids]
-        for build in found:
+        for text in uuids:
+            try:
+                build = get_build(text)
+            except NotFoundError as e:
+                refused.append(str(e))
+                continue
+            if build.uuid in canceled:
+                continue
             if build.state in FINAL_STATES:
-                raise UsageError(f"build {build.uuid} cannot be canceled: it is {build.state}")
-        for build in found:
+                refused.append(f"build {build.uuid} cannot be canceled: it is {build.state}")
+                continue
             build.state = CANCELED
             build.ended_at = time.time()
             build.reason = "canceled by a user"
             build.save()
             events.record("build-canceled", build)
-    return [b.uuid for b in found]
+            canceled.append(build.uuid)
+    return canceled, refused
 
 
-def set_priority(uuid: str, priority: int) -> None:
+def set_priority(uuid: str, priority: int) -> tuple[str, int]:
+    """Set a queued or running build's priority; its UUID and the priority it had."""
     with database_proxy.atomic():
         build = get_build(uuid)
         if build.state in FINAL_STATES:
             raise UsageError(f"build {build.uuid} is {build.state}: its priority no longer matters")
+        before = build.priority
         build.priority = priority
         build.save()
+        return build.uuid, before
 
 
-def latest_log(uuid: str) -> tuple[str, bool]:
-    """The log file of the build's latest attempt, and whether that attempt still runs."""
+@dataclass(frozen=True, slots=True)
+class LogState:
+    """Where a build's log is, or why it has none."""
+
+    uuid: str
+    state: str  # the build's
+    reason: str | None  # the build's
+    path: str | None  # the newest log of its attempts, if one was started and is still there
+    running: bool  # whether the attempt that writes that log still runs
+    attempt: int | None  # that attempt's id
+    step: str | None  # the step of the build's open attempt, if one is open
+    tried: bool  # whether the build has had any attempt
+
+    def why_none(self) -> str:
+        """Why there is no log to show: not yet, or never (and why never)."""
+        head = f"build {self.uuid} has no log"
+        if self.step is not None:
+            return (f"{head} yet: its attempt is at step {self.step or 'allocated'} (the log "
+                    "begins with the build step)")
+        if self.state in (QUEUED, RUNNING):
+            return f"{head} yet: it is {self.state}"
+        if self.attempt is not None:
+            return f"{head}: its log file is gone"
+        if self.state == CANCELED:
+            return f"{head}: it was canceled before " + (
+                "its builder ran" if self.tried else "it ran")
+        because = f": {self.reason}" if self.reason else ""
+        return f"{head}: it {self.state} without running its builder{because}"
+
+
+def log_state(uuid: str) -> LogState:
+    """The build's newest log and whether it is still being written, or why there is none."""
     import os
 
     build = get_build(uuid)
-    attempt = (
-        Attempt.select()
+    newest = (Attempt.select(Attempt.id, Attempt.result, Attempt.step, Attempt.log_path)
+              .where(Attempt.build == build).order_by(Attempt.id.desc()).first())
+    logged = newest if newest is None or newest.log_path is not None else (
+        Attempt.select(Attempt.id, Attempt.result, Attempt.log_path)
         .where((Attempt.build == build) & Attempt.log_path.is_null(False))
-        .order_by(Attempt.id.desc())
-        .first()
+        .order_by(Attempt.id.desc()).first())
+    path = logged.log_path if logged is not None and os.path.exists(logged.log_path) else None
+    open_attempt = newest is not None and newest.result is None
+    return LogState(
+        uuid=build.uuid, state=build.state, reason=build.reason, path=path,
+        running=logged is not None and logged.result is None,
+        attempt=logged.id if logged is not None else None,
+        step=newest.step if open_attempt and newest.log_path is None else None,
+        tried=newest is not None,
     )
-    current = Attempt.select().where(Attempt.build == build).order_by(Attempt.id.desc()).first()
-    if attempt is None or not os.path.exists(attempt.log_path):
-        raise NotFoundError(f"build {build.uuid} has no log yet")
-    return attempt.log_path, current is not None and current.result is None

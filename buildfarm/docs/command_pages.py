@@ -20,12 +20,20 @@ EXIT_STATUS = (
     ("0", "Success."),
     ("1", "An error: one line on standard error says what went wrong (never a traceback)."),
     ("2", "A usage error: an unknown command or option, or a bad option value."),
+    ("141", "The reader of the output went away (e.g. `| head`): the command ended quietly, "
+            "as one SIGPIPE ends."),
 )
 EXIT_OVERRIDES: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {
     ("machines", "test"): (
         ("0", "Every machine tested passed every check."),
         ("1", "A machine failed a check (the output says which and what to fix), or another "
               "error."),
+        ("2", "A usage error."),
+    ),
+    ("builds", "cancel"): (
+        ("0", "Every build named was canceled."),
+        ("1", "Some could not be (unknown, ambiguous, or already ended): one line names each; "
+              "the others were canceled."),
         ("2", "A usage error."),
     ),
 }
@@ -49,6 +57,11 @@ OUTPUT = (
     "Every command that lists or shows something takes --json and prints JSON instead (UTF-8, "
     "keys sorted); its page describes the JSON under JSON OUTPUT. Every key described is always "
     "present; a value that does not apply is null.",
+    "Text that builds and machines wrote (logs, reasons, error messages) is shown without "
+    "escape sequences or any control character but newline and tab; the JSON and the stored "
+    "logs keep it as it was written.",
+    "Wherever a command takes a build's UUID, the first 8 or more of its characters do too, "
+    "if no other build's UUID starts with them.",
 )
 FILES = (
     ("STATE_DIR/buildfarm.db", "The SQLite datastore (unless --db names another)."),

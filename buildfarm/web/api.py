@@ -57,8 +57,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "log", "GET", "/api/builds/{uuid}/log",
-        "The build log of the newest attempt that has one, as plain text (so far, while it "
-        "runs). Also at /builds/{uuid}/log.",
+        "The build log of the newest attempt that has one, as plain text without escape "
+        "sequences (so far, while it runs); 404 with the reason when there is none. Also at "
+        "/builds/{uuid}/log.",
         content_type="text/plain",
     ),
     Endpoint(
@@ -123,7 +124,12 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("PAGES", (
         "/ (overview), /builds (filters: state, system, tag, name; pages), /builds/UUID, "
-        "/builds/UUID/log, /machines, /machines/NAME, /api (the list below).",
+        "/builds/UUID/log, /machines, /machines/NAME, /api (the list below). In every URL, "
+        "UUID may be the first 8 or more characters of a build's UUID, if no other build's "
+        "starts with them.",
+        "Logs, reasons and machines' messages are shown without escape sequences (colours, "
+        "titles) or any other control character but newline and tab, in the pages, the log "
+        "and its stream; the JSON keeps them as written.",
     )),
     ("PAGINATION", (
         "Builds are listed newest first. A page names no number but a build: after=UUID gives "

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from buildfarm.datastore.builds import log_state
 from buildfarm.errors import BuildfarmError, NotFoundError, UsageError
 from buildfarm.inventory import Inventory
 from buildfarm.inventory import load as load_inventory
@@ -186,15 +187,14 @@ class WebApp:
         return html_response(pages.builds_page(data, sorted(systems)))
 
     async def build(self, request: web.Request) -> web.StreamResponse:
-        uuid = request.match_info["uuid"]
-        data = await self._build(uuid)
+        data = await self._build(request.match_info["uuid"])
+        state = await self.db(log_state, data["uuid"])
         log: dict[str, Any] | None = None
-        with contextlib.suppress(NotFoundError):
-            path, running = await self.db(queries.log_file, uuid)
+        if state.path is not None:
             with contextlib.suppress(OSError):
-                log = await asyncio.to_thread(logview.tail, path)
-                log["running"] = running
-        return html_response(pages.build_page(data, log))
+                log = await asyncio.to_thread(logview.tail, state.path)
+                log["running"] = state.running
+        return html_response(pages.build_page(data, log, state.why_none()))
 
     async def machines(self, request: web.Request) -> web.StreamResponse:
         return html_response(pages.machines_page(await self._machines()))
@@ -243,8 +243,15 @@ class WebApp:
 
     # -- logs and event streams
 
+    async def _log_file(self, request: web.Request) -> tuple[str, str]:
+        """The build's UUID and its newest log, or NotFoundError saying why it has none."""
+        state = await self.db(log_state, request.match_info["uuid"])
+        if state.path is None:
+            raise NotFoundError(state.why_none())
+        return state.uuid, state.path
+
     async def log(self, request: web.Request) -> web.StreamResponse:
-        path, _ = await self.db(queries.log_file, request.match_info["uuid"])
+        _, path = await self._log_file(request)
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                                "Cache-Control": "no-store"})
         blocks = logview.whole(path)
@@ -257,12 +264,13 @@ class WebApp:
         return response
 
     async def log_stream(self, request: web.Request) -> web.StreamResponse:
-        uuid = request.match_info["uuid"]
-        path, _ = await self.db(queries.log_file, uuid)
+        uuid, path = await self._log_file(request)
         offset = _position(request, "offset")
 
         async def running() -> bool:
-            return await self.db(queries.log_running, uuid, path)
+            """Whether the log is still being written: the attempt that writes it runs."""
+            now = await self.db(log_state, uuid)
+            return now.running and now.path == path
 
         response = await _event_stream(request)
         with contextlib.suppress(ConnectionResetError):  # the client went away

@@ -359,7 +359,8 @@ def attempt_section(number: int, a: Mapping[str, Any]) -> Markup:
     )
 
 
-def build_page(data: Mapping[str, Any], log: Mapping[str, Any] | None) -> Markup:
+def build_page(data: Mapping[str, Any], log: Mapping[str, Any] | None,
+               no_log: str) -> Markup:
     uuid = data["uuid"]
     summary = h(
         "section", {"id": "summary", "data-live": True},
@@ -414,18 +415,19 @@ def build_page(data: Mapping[str, Any], log: Mapping[str, Any] | None) -> Markup
         h("section", {"id": "attempts", "data-live": True},
           h("h2", None, f"Attempts ({len(attempts)})"),
           attempts or h("p", {"class": "muted"}, "Not tried yet.")),
-        log_section(uuid, log),
+        log_section(uuid, log, no_log),
     )
     return document(data["name"], body, refresh="5" if data["state"] in ("queued", "running")
                     else None)
 
 
-def log_section(uuid: str, log: Mapping[str, Any] | None) -> Markup:
-    """The log's tail. While no attempt writes one, the section is refreshed with the page, so
-    that it turns into a live tail when one starts; a live tail is then left to its stream."""
+def log_section(uuid: str, log: Mapping[str, Any] | None, no_log: str) -> Markup:
+    """The log's tail, or why there is none (`no_log`). While no attempt writes one, the
+    section is refreshed with the page, so that it turns into a live tail when one starts; a
+    live tail is then left to its stream."""
     if log is None:
         return h("section", {"id": "log", "data-live": True}, h("h2", None, "Log"),
-                 h("p", {"class": "muted"}, "No log yet."))
+                 h("p", {"class": "muted"}, no_log))
     cut = log["size"] - log["shown"]
     note = f"The last {log['shown']:,} of {log['size']:,} bytes. " if cut > 0 else ""
     stream = url(["builds", uuid, "log", "stream"]) if log["running"] else None

@@ -535,35 +535,6 @@ def build_detail(uuid: str) -> dict[str, Any]:
     }
 
 
-def log_file(uuid: str) -> tuple[str, bool]:
-    """The build's newest log and whether its attempt is still running."""
-    build = get_build(uuid)
-    attempt = (
-        Attempt.select(Attempt.log_path, Attempt.result)
-        .where((Attempt.build == build) & Attempt.log_path.is_null(False))
-        .order_by(Attempt.id.desc())
-        .first()
-    )
-    if attempt is None or not os.path.exists(attempt.log_path):
-        raise NotFoundError(f"build {build.uuid} has no log")
-    newest = Attempt.select(Attempt.result).where(Attempt.build == build).order_by(
-        Attempt.id.desc()).first()
-    return attempt.log_path, newest is not None and newest.result is None
-
-
-def log_running(uuid: str, path: str) -> bool:
-    """Whether the log at `path` is still being written: the build's newest attempt is open
-    and writes it."""
-    row = (
-        Attempt.select(Attempt.result, Attempt.log_path)
-        .join(Build)
-        .where(Build.uuid == uuid)
-        .order_by(Attempt.id.desc())
-        .first()
-    )
-    return row is not None and row.result is None and row.log_path == path
-
-
 # -- events ----------------------------------------------------------------------------------
 
 
@@ -601,9 +572,7 @@ __all__ = [
     "build_detail",
     "drv_name",
     "events_after",
-    "log_file",
     "machine_detail",
     "machines",
-    "newest_event_id",
     "overview",
 ]
