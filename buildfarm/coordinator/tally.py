@@ -14,7 +14,7 @@ import collections
 from collections.abc import Iterable
 
 from buildfarm.datastore.events import ENDINGS
-from buildfarm.datastore.models import CANCELED, FAILED, SUCCEEDED
+from buildfarm.datastore.models import CANCELED
 
 RATE_WINDOW = 60.0  # seconds: "builds finished in the last minute"
 
@@ -42,11 +42,6 @@ class Tally:
 
     def add_attempt(self, result: str) -> None:
         self.attempts[result] += 1
-
-    @property
-    def finished(self) -> int:
-        """Builds that succeeded or failed."""
-        return self.builds[SUCCEEDED] + self.builds[FAILED]
 
     def finished_last_minute(self, now: float) -> int:
         """Builds that succeeded or failed in the last RATE_WINDOW seconds: a count, never an

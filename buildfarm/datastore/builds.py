@@ -220,7 +220,7 @@ def resolve_uuid(text: str) -> str:
     # digits and dashes, which sort before "z".
     query = (Build.select(Build.uuid)
              .where((Build.uuid >= prefix) & (Build.uuid < prefix + "z"))
-             .order_by(Build.uuid).limit(3))
+             .order_by(Build.uuid).limit(2))
     found = [b.uuid for b in query if b.uuid.startswith(prefix)]
     if not found:
         raise NotFoundError(f"no build's UUID starts with {prefix}")
