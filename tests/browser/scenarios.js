@@ -6,7 +6,8 @@
 //     "filterName": TEXT, "screenshots": DIR, "chromium": "/usr/bin/chromium",
 //     "ready": FILE }
 // The overview and log builds run until pytest lets them end, which it does once FILE exists:
-// written when each page has seen its first state (a build running, a log, a build queued).
+// written when each page has seen its first state (a build running, a log growing, a build
+// queued).
 // Prints one JSON object with what each scenario saw; pytest checks it. A scenario that cannot
 // see what it waits for fails with a message (exit status 1).
 'use strict';
@@ -60,10 +61,12 @@ async function buildLog(context, config, ready) {
   const pre = page.locator('#log-text');
   const streaming = await pre.getAttribute('data-log-stream');
   const before = (await pre.textContent()).length;
-  ready();
+  // Ready only once the log has grown: the build ticks until every page is ready, and might
+  // otherwise end before a line more reached the page.
   await page.waitForFunction(
     ([n]) => document.getElementById('log-text').textContent.length > n + 20,
     [before], { timeout: WAIT });
+  ready();
   const text = await pre.textContent();
   const after = text.length;
   // What the builder printed besides text (bells) is not shown, streamed or not.
