@@ -332,6 +332,23 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[Step]]] = (
         "PostgreSQL: waiting_on kept by differences, through indexes, not recounted",
         ({"sqlite": (), "postgresql": _POSTGRESQL_SHIFTING},),
     ),
+    (
+        5,
+        "failures remembered and retries bounded: a dependency-failed build's root cause, "
+        "a build's attempts in a row that made no progress, a rebuild's comparison",
+        (
+            # The failed build at the bottom of the chain that made this one dependency-failed
+            # (no REFERENCES: a cause may come after the build in id order, which a copy of
+            # the table into SQLite, one row per statement, would refuse).
+            "ALTER TABLE build ADD COLUMN cause_id {big}",
+            "CREATE INDEX build_cause ON build (cause_id) WHERE cause_id IS NOT NULL",
+            # Attempts in a row that ended without progress (setup failures, lost connections,
+            # failed transfers): bounded, then the build ends failed.
+            "ALTER TABLE build ADD COLUMN fruitless_attempts INTEGER NOT NULL DEFAULT 0",
+            # A rebuild over outputs already on the machine (--check): identical or differs.
+            "ALTER TABLE attempt ADD COLUMN check_result TEXT",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

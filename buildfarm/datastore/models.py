@@ -16,7 +16,12 @@ BUILD_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELED)
 SUCCESS, FAILURE, SETUP_FAILURE, INTERRUPTED = "success", "failure", "setup-failure", "interrupted"
 ATTEMPT_RESULTS = (SUCCESS, FAILURE, SETUP_FAILURE, INTERRUPTED)
-MISSING_INPUTS, COULD_NOT_DELETE_OUTPUTS = "missing-inputs", "could-not-delete-outputs"
+# Setup failures: inputs the machine lacks; outputs already on it while another machine lacks
+# them (the build moves there); could-not-delete-outputs only in datastores of older versions.
+MISSING_INPUTS, OUTPUTS_PRESENT = "missing-inputs", "outputs-present"
+COULD_NOT_DELETE_OUTPUTS = "could-not-delete-outputs"
+# A rebuild over outputs the machine already holds (guix build --check, nix-store --check).
+IDENTICAL, DIFFERS = "identical", "differs"
 
 
 class BaseModel(pw.Model):
@@ -55,7 +60,9 @@ class DerivationInput(BaseModel):
 class Build(BaseModel):
     tags: Any
     attempts: Any
+    caused: Any
     derivation_id: int
+    cause_id: int | None
     uuid = pw.TextField(unique=True)
     derivation = pw.ForeignKeyField(Derivation, backref="builds")
     system = pw.TextField()
@@ -68,6 +75,9 @@ class Build(BaseModel):
     started_at = pw.FloatField(null=True)
     ended_at = pw.FloatField(null=True)
     reason = pw.TextField(null=True)
+    # The failed build at the bottom of the chain that made this one dependency-failed.
+    cause = pw.ForeignKeyField("self", null=True, backref="caused")
+    fruitless_attempts = pw.IntegerField(default=0)
 
 
 class BuildTag(BaseModel):
@@ -88,6 +98,7 @@ class Attempt(BaseModel):
     exit_status = pw.IntegerField(null=True)
     detail = pw.TextField(null=True)
     log_path = pw.TextField(null=True)
+    check_result = pw.TextField(null=True)  # IDENTICAL or DIFFERS after a rebuild with --check
 
 
 class AttemptStep(BaseModel):
