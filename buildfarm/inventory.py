@@ -47,6 +47,7 @@ class Machine:
     features: tuple[str, ...] = ()
     speed: float = 1.0
     store: str = "guix"
+    store_dir: str | None = None  # None: the store's usual one (STORE_DIRS)
     overload_threshold: float | None = None
     max_sessions: int = 8
     connect_timeout: float = 10.0
@@ -55,6 +56,11 @@ class Machine:
     max_silent_time: int | None = None
     timeout: int | None = None
     enabled: bool = True
+
+    @property
+    def store_directory(self) -> str:
+        """The store directory whose derivations the machine builds."""
+        return self.store_dir or STORE_DIRS[self.store]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,7 @@ _DAY = 86400  # connect_timeout, keepalive_interval, answer_timeout
 # Nix's into a time_t), as a signed 32-bit number of seconds (68 years) for both.
 _MAX_SECONDS = 2**31 - 1
 _STORES = ("guix", "nix")
+STORE_DIRS = {"guix": "/gnu/store", "nix": "/nix/store"}  # each store's usual directory
 
 _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
@@ -226,6 +233,15 @@ def _check_host_key(value: str) -> str | None:
     return None
 
 
+def _check_store_dir(value: str) -> str | None:
+    segments = value.split("/")
+    if (not value.startswith("/") or value == "/" or value.endswith("/")
+            or any(s in ("", ".", "..") for s in segments[1:])
+            or any(not c.isprintable() or c.isspace() for c in value)):
+        return "write an absolute directory without a trailing slash, e.g. store_dir: /gnu/store"
+    return None
+
+
 def _check_system(value: str) -> str | None:
     if _SYSTEM_RE.fullmatch(value):
         return None
@@ -268,6 +284,7 @@ _FIELDS: dict[str, _Field] = {
     "features": _Field("list", "features: [kvm, big-parallel]", check=_check_feature),
     "speed": _Field("float", "speed: 2.0", minimum=0, exclusive=True),
     "store": _Field("str", "store: guix", choices=_STORES),
+    "store_dir": _Field("str", "store_dir: /gnu/store", True, _check_store_dir),
     "overload_threshold": _Field("float", "overload_threshold: 0.8", True, minimum=0,
                                  exclusive=True),
     "max_sessions": _Field("int", "max_sessions: 8", minimum=1, maximum=_MAX_SLOTS),

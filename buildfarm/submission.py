@@ -7,10 +7,10 @@ import os
 import re
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 
-from buildfarm.datastore.builds import ReadDerivation, SubmitOptions, Submitted
+from buildfarm.datastore.submissions import ReadDerivation, SubmitOptions, Submitted
 from buildfarm.errors import BuildfarmError, UsageError
 from buildfarm.formats import derivation as drvmod
 
@@ -141,18 +141,28 @@ def read_closure(files: Sequence[str]) -> tuple[list[ReadDerivation], list[ReadD
 
 
 def submit(
-    files: Sequence[str], options: SubmitOptions, connect: Callable[[], object] | None = None
+    files: Sequence[str], options: SubmitOptions, connect: Callable[[], object] | None = None,
+    store_dirs: Collection[str] | None = None,
 ) -> list[Submitted]:
     """Read every file first, then record everything in one transaction: all or nothing.
     `connect` opens the datastore once all of it is known good, so that a rejected submission
-    creates none."""
-    from buildfarm.datastore import builds
+    creates none. With `store_dirs` (those of the inventory's machines), a derivation of
+    another store is refused: no machine could ever build it."""
+    from buildfarm.datastore import submissions
 
     if options.uuid is not None and len(files) != 1:
         raise UsageError("--uuid needs exactly one derivation")
     if not files:
         raise UsageError("no derivation given")
     targets, inputs = read_closure(files)
+    if store_dirs is not None:
+        for target, file in zip(targets, files, strict=True):
+            if target.drv.store_dir not in store_dirs:
+                served = ", ".join(sorted(store_dirs)) or "none"
+                raise UsageError(
+                    f"{file}: no machine of the inventory serves its store, "
+                    f"{target.drv.store_dir} (theirs: {served})"
+                )
     if connect is not None:
         connect()
-    return builds.record_submission(targets, inputs, options, now=time.time())
+    return submissions.record_submission(targets, inputs, options, now=time.time())

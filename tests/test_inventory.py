@@ -41,6 +41,7 @@ machines:
     features: [kvm, big-parallel]
     speed: 2.5
     store: nix
+    store_dir: /opt/nix/store
     overload_threshold: 0.8
     max_sessions: 4
     connect_timeout: 3
@@ -68,8 +69,9 @@ def test_full_inventory_loads_into_frozen_machines(tmp_path: Path,
                 identity="/keys/x86", known_hosts="/home/ops/kh", host_key=KEY,
                 transport="ssh", systems=("x86_64-linux", "i686-linux"), max_builds=4,
                 features=("kvm", "big-parallel"), speed=2.5, store="nix",
-                overload_threshold=0.8, max_sessions=4, connect_timeout=3.0,
-                keepalive_interval=0.0, answer_timeout=30.0, max_silent_time=1200, timeout=7200,
+                store_dir="/opt/nix/store", overload_threshold=0.8, max_sessions=4,
+                connect_timeout=3.0, keepalive_interval=0.0, answer_timeout=30.0,
+                max_silent_time=1200, timeout=7200,
                 enabled=False,
             ),
             Machine(
@@ -320,6 +322,11 @@ ERRORS = [
      "write e.g. keepalive_interval: 15"),
     (m("store: gix"), "4:12: unknown store 'gix'; did you mean 'guix'?"),
     (m("store: docker"), "4:12: unknown store 'docker'; use guix or nix"),
+    *[(m(f"store_dir: {bad}"), f"4:16: bad store_dir {shown}; write an absolute directory "
+       "without a trailing slash, e.g. store_dir: /gnu/store")
+      for bad, shown in (("gnu/store", "'gnu/store'"), ("/gnu/store/", "'/gnu/store/'"),
+                         ("/gnu/../etc", "'/gnu/../etc'"), ('"/gnu/st ore"', "'/gnu/st ore'"),
+                         ("/", "'/'"))],
     (m("transport: sssh"), "4:16: unknown transport 'sssh'; did you mean 'ssh'?"),
     (m("transport: telnet"), "4:16: unknown transport 'telnet'; use ssh or local"),
     ("machines:\n  - name: a\n    host: ''\n", "3:11: bad host ''; write a host name or address, "

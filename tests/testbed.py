@@ -768,6 +768,8 @@ def inventory_yaml(hosts: Sequence[Host], store: str = "nix", **machine_override
             "systems": [current_system()],
             "max_builds": 2,
             "store": store,
+            # Every host's store is a Nix store, under a guix emulator too.
+            "store_dir": "/nix/store" if store == "guix" else None,
         }
         machine.update(machine_overrides)
         machines.append({key: value for key, value in machine.items() if value is not None})

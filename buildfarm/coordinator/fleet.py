@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,10 +21,16 @@ from buildfarm.inventory import load as load_inventory
 from buildfarm.ssh.remote import Remote
 from buildfarm.ssh.store_session import StoreSessions, session_limit
 
+# A machine whose attempts keep failing (transfers, store commands) takes no new build for a
+# while: 1 s after the first failure in a row, doubling up to a minute, with jitter.
+PAUSE_BASE = 1.0
+PAUSE_MAX = 60.0
+
 
 @dataclass
 class RunningAttempt:
     attempt_id: int
+    build_id: int
     build_uuid: str
     drv_path: str
     started: float
@@ -48,10 +56,35 @@ class MachineSlots:
     load_probed: float = 0.0
     last_error: str | None = None
     retiring: bool = False
+    failed_attempts: int = 0  # in a row, by the machine's doing (not the builds')
+    paused_until: float = 0.0  # time.time() before which it takes no new build
 
     @property
     def free(self) -> int:
         return 0 if self.retiring else self.machine.max_builds - len(self.running)
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_until > time.time()
+
+    def attempt_failed(self) -> float:
+        """An attempt failed on the machine's side: pause it; return until when."""
+        self.failed_attempts += 1
+        ceiling = min(PAUSE_MAX, PAUSE_BASE * 2.0 ** min(self.failed_attempts - 1, 60))
+        self.paused_until = time.time() + ceiling * random.uniform(0.8, 1.2)
+        return self.paused_until
+
+    def attempt_worked(self) -> bool:
+        """An attempt went through (built, or the builder failed): no pause. Returns whether
+        the machine was failing until now."""
+        failing, self.failed_attempts, self.paused_until = self.failed_attempts > 0, 0, 0.0
+        return failing
+
+    def can_take(self, system: str, features: frozenset[str], store_dir: str) -> bool:
+        """Whether the machine builds for `system` with `features` from `store_dir`."""
+        machine = self.machine
+        return (system in machine.systems and features <= set(machine.features)
+                and store_dir == machine.store_directory)
 
     def overloaded(self) -> bool:
         threshold = self.machine.overload_threshold

@@ -43,7 +43,7 @@ MAX_FEATURE_SETS = 64  # feature subsets read as ranges of their own; past that,
 # State and count are literals so that both engines match the partial index build_ready.
 _READY = """
 SELECT b.id, b.priority, b.created_at, b.required_features FROM build AS b
-WHERE b.state = 'queued' AND b.waiting_on = 0 AND b.system = {p} {features}
+WHERE b.state = 'queued' AND b.waiting_on = 0 AND b.system = {p} {features} {store}
   AND (b.defer_until IS NULL OR b.defer_until <= {p})
   AND (b.retry_after IS NULL OR b.retry_after <= {p})
   AND NOT EXISTS (
@@ -55,6 +55,12 @@ WHERE b.state = 'queued' AND b.waiting_on = 0 AND b.system = {p} {features}
 ORDER BY b.priority DESC, b.created_at, b.id
 LIMIT {p}
 """
+# A slot of a machine with one store directory: derivations of that store only (a range of
+# paths: "DIR/" up to "DIR0", '0' being the character after '/').
+_STORE = (
+    "AND EXISTS (SELECT 1 FROM derivation AS sd WHERE sd.id = b.derivation_id "
+    "AND sd.path > {p} AND sd.path < {p})"
+)
 _AFTER = (
     "AND (b.priority < {p} OR (b.priority = {p} AND (b.created_at > {p} "
     "OR (b.created_at = {p} AND b.id > {p}))))"
@@ -68,6 +74,7 @@ class Slot:
     machine: str
     systems: tuple[str, ...]
     features: frozenset[str]
+    store_dir: str | None = None  # None: derivations of any store
 
 
 def feature_sets(features: frozenset[str]) -> list[str] | None:
@@ -83,14 +90,19 @@ def feature_sets(features: frozenset[str]) -> list[str] | None:
     ]
 
 
-def _ready_range(system: str, features: str | None, now: float) -> Iterator[tuple[Any, ...]]:
+def _ready_range(
+    system: str, features: str | None, store_dir: str | None, now: float
+) -> Iterator[tuple[Any, ...]]:
     """(sort key, build id, required features) of one range of build_ready, best first."""
     db = database_proxy.obj
     p = db.param
     where = "" if features is None else f"AND b.required_features = {p}"
-    first = _READY.format(p=p, features=where, after="")
-    more = _READY.format(p=p, features=where, after=_AFTER.format(p=p))
-    head: list[Any] = [system] + ([] if features is None else [features]) + [now, now]
+    store = "" if store_dir is None else _STORE.format(p=p)
+    first = _READY.format(p=p, features=where, store=store, after="")
+    more = _READY.format(p=p, features=where, store=store, after=_AFTER.format(p=p))
+    head: list[Any] = [system] + ([] if features is None else [features])
+    head += [] if store_dir is None else [store_dir + "/", store_dir + "0"]
+    head += [now, now]
     size = FIRST_PAGE
     rows = db.execute_sql(first, (*head, size)).fetchall()
     while True:
@@ -108,7 +120,7 @@ def candidate_ids(slot: Slot, now: float, exclude: Iterable[int] = ()) -> Iterat
     """Ids of the queued builds this slot may run, best first: priority, then age."""
     sets = feature_sets(slot.features)
     ranges = [
-        _ready_range(system, features, now)
+        _ready_range(system, features, slot.store_dir, now)
         for system in dict.fromkeys(slot.systems)
         for features in (sets if sets is not None else [None])
     ]
@@ -166,3 +178,53 @@ def queue_depth(systems: Sequence[str] | None = None) -> dict[str, int]:
     if systems is not None:
         query = query.where(Build.system.in_(systems))
     return {system: count for system, count in query.group_by(Build.system).tuples()}
+
+
+def next_start(now: float) -> float | None:
+    """When the soonest ready build that waits (deferred, or backed off after an attempt that
+    made no progress) may start; None when none waits."""
+    db = database_proxy.obj
+    p = db.param
+    row = db.execute_sql(
+        "SELECT MIN(CASE WHEN COALESCE(b.retry_after, 0) > COALESCE(b.defer_until, 0)"
+        " THEN b.retry_after ELSE b.defer_until END) FROM build AS b"
+        " WHERE b.state = 'queued' AND b.waiting_on = 0"
+        f" AND (b.retry_after > {p} OR b.defer_until > {p})",
+        (now, now),
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Stuck:
+    """Queued builds no machine takes, alike in what a machine must offer."""
+
+    system: str
+    features: frozenset[str]
+    store_dir: str
+    count: int
+    example: str  # one derivation among them
+
+
+STUCK_ROWS = 100_000  # ready builds read to say what is stuck (the counts stop there)
+
+
+def stuck() -> tuple[list[Stuck], int]:
+    """The queued builds that could start (none of their inputs is queued or running), by
+    system, features and store; and how many queued builds wait for other queued builds."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    query: Any = (
+        Build.select(Build.system, Build.required_features, Derivation.path)
+        .join(Derivation)
+        .where((Build.state == QUEUED) & (SQL("waiting_on") == 0))
+        .limit(STUCK_ROWS)
+        .tuples()
+    )
+    for system, features, path in query:
+        groups.setdefault((system, features, path.rsplit("/", 1)[0]), []).append(path)
+    waiting = Build.select().where((Build.state == QUEUED) & (SQL("waiting_on") > 0)).count()
+    found = [
+        Stuck(system, frozenset(features.split()), store_dir, len(paths), min(paths))
+        for (system, features, store_dir), paths in sorted(groups.items())
+    ]
+    return found, waiting
