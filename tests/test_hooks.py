@@ -468,7 +468,8 @@ def test_recorded_events_match_the_declared_list(store: Datastore) -> None:
     assert attempt is not None and attempt.build.uuid == dep2.uuid
     dependants = records.fail(attempt.id, 1, "builder failed with exit code 1", "/logs/x.gz")
     assert dependants == [top.uuid]
-    assert builds.show_build(top.uuid)["reason"] == f"dependency-failed: {DEP_PATH}"
+    reason = f"dependency-failed: {DEP_PATH} (build {dep2.uuid})"
+    assert builds.show_build(top.uuid)["reason"] == reason
     # build-canceled
     (hello,) = submit([str(HELLO)], SubmitOptions())
     builds.cancel_builds([hello.uuid])
@@ -478,7 +479,8 @@ def test_recorded_events_match_the_declared_list(store: Datastore) -> None:
 def test_a_running_build_whose_input_failed_meanwhile_ends_dependency_failed(
     store: Datastore,
 ) -> None:
-    """No endless resubmission: the missing-inputs hook would submit the failed input again."""
+    """No endless resubmission: the build ends failed, naming the failed input's build; its
+    missing inputs are still announced, so that the hook submits the others."""
     slot = scheduler.Slot("m1", ("x86_64-linux",), frozenset())
     (top,) = submit([str(TOP)], SubmitOptions())  # no build of its input: it may start
     top_attempt = scheduler.allocate(slot)
@@ -487,30 +489,48 @@ def test_a_running_build_whose_input_failed_meanwhile_ends_dependency_failed(
     dep_attempt = scheduler.allocate(slot)
     assert dep_attempt is not None and dep_attempt.build.uuid == dep.uuid
     assert records.fail(dep_attempt.id, 1, "failed", None) == []  # top runs: not touched yet
-    records.setup_failure(top_attempt.id, MISSING_INPUTS, [DEP_OUT], "missing", 0.0)
+    ended = records.setup_failure(top_attempt.id, MISSING_INPUTS, [DEP_OUT], "missing", 0.0)
+    assert ended == [top.uuid]
     info = builds.show_build(top.uuid)
     assert info["state"] == "failed"
-    assert info["reason"] == f"dependency-failed: {DEP_PATH}"
+    assert info["reason"] == f"dependency-failed: {DEP_PATH} (build {dep.uuid})"
+    assert info["cause"] == {"build": dep.uuid, "derivation": DEP_PATH}
     names = [e.name for e in Event.select().order_by(Event.id)]
-    assert "build-missing-inputs" not in names
-    assert names[-1] == "build-failure"
+    assert names[-2:] == ["build-failure", "build-missing-inputs"]
     check_payloads()
 
 
-def test_an_input_that_failed_before_the_build_was_submitted_is_tried_again(
+def test_an_input_that_failed_before_the_build_was_submitted_is_remembered(
     store: Datastore,
 ) -> None:
+    """A build whose input's latest build failed ends dependency-failed when it is submitted,
+    without an attempt; `builds retry --dependants` retries both on purpose."""
     slot = scheduler.Slot("m1", ("x86_64-linux",), frozenset())
     (dep,) = submit([str(DEP)], SubmitOptions())
     dep_attempt = scheduler.allocate(slot)
     assert dep_attempt is not None and dep_attempt.build.uuid == dep.uuid
     records.fail(dep_attempt.id, 1, "failed", None)
     (top,) = submit([str(TOP)], SubmitOptions())
-    top_attempt = scheduler.allocate(slot)
-    assert top_attempt is not None and top_attempt.build.uuid == top.uuid
-    records.setup_failure(top_attempt.id, MISSING_INPUTS, [DEP_OUT], "missing", 0.0)
-    assert builds.show_build(top.uuid)["state"] == "queued"
-    assert Event.select().order_by(Event.id.desc()).get().name == "build-missing-inputs"
+    reason = f"dependency-failed: {DEP_PATH} (build {dep.uuid})"
+    assert (top.state, top.reason) == ("failed", reason)
+    assert scheduler.allocate(slot) is None
+    assert [e.name for e in Event.select().order_by(Event.id)][-2:] == [
+        "build-submitted", "build-failure"]
+    check_payloads()
+
+    retried, refused = builds.retry_builds([top.uuid])
+    assert retried == [] and refused == [
+        f"build {top.uuid} is dependency-failed: retry what it waits for, build {dep.uuid} "
+        f"({DEP_PATH}), with --dependants"]
+    retried, refused = builds.retry_builds([dep.uuid], dependants=True)
+    assert (retried, refused) == ([dep.uuid, top.uuid], [])
+    again = scheduler.allocate(slot)
+    assert again is not None and again.build.uuid == dep.uuid  # the top waits for it
+    assert scheduler.allocate(slot) is None
+    records.succeed(again.id, [], None)
+    last = scheduler.allocate(slot)
+    assert last is not None and last.build.uuid == top.uuid
+    assert [a["result"] for a in builds.show_build(dep.uuid)["attempts"]] == ["failure", "success"]
 
 
 # -- the shipped hooks ---------------------------------------------------------------------------

@@ -192,8 +192,20 @@ def test_many_pages_of_ready_builds_come_in_order(store: Datastore) -> None:
 
 def test_counts_made_by_the_migration_for_an_existing_queue(database: ScratchDatabase) -> None:
     with open_datastore(database.url, upto=2):
+        # As a version of that schema wrote them (today's submissions use later columns).
         dep = make_drv("dep")
-        queue(dep, make_drv("top", [dep]), make_drv("other", [dep]))
+        db = database_proxy.obj
+        for n, item in enumerate((dep, make_drv("top", [dep]), make_drv("other", [dep]))):
+            db.execute_sql(
+                "INSERT INTO derivation (id, path, system, contents, created_at) "
+                "VALUES (?, ?, ?, ?, 0)".replace("?", db.param), (n + 1, item.path, X86, b""))
+            for input_path, names in item.drv.input_drvs:
+                db.execute_sql(
+                    "INSERT INTO derivation_input (derivation_id, input_path, outputs) "
+                    "VALUES (?, ?, ?)".replace("?", db.param), (n + 1, input_path, names[0]))
+            db.execute_sql(
+                "INSERT INTO build (uuid, derivation_id, system, state, created_at) "
+                "VALUES (?, ?, ?, 'queued', 0)".replace("?", db.param), (f"u{n}", n + 1, X86))
     with open_datastore(database.url):
         counts = dict(database_proxy.obj.execute_sql(
             "SELECT d.path, b.waiting_on FROM build AS b JOIN derivation AS d "

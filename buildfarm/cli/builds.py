@@ -202,11 +202,13 @@ def builds_priority(ctx: click.Context, uuid: str, priority: int) -> None:
     from buildfarm.datastore import builds as queries
 
     _open(ctx)
-    full, before = queries.set_priority(uuid, priority)
+    full, before, raised = queries.set_priority(uuid, priority)
     if before == priority:
         click.echo(f"build {full}: priority already {priority}")
     else:
         click.echo(f"build {full}: priority {before} -> {priority}")
+    if raised:
+        click.echo(f"{raised} build(s) it needs raised to priority {priority}")
 
 
 FOLLOW_POLL = 0.5  # seconds between looks at a build that has no log to follow yet

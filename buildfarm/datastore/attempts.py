@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import events
+from . import dependencies, events
 from .models import (
     CANCELED,
     FAILED,
     FAILURE,
     INTERRUPTED,
     MISSING_INPUTS,
+    OUTPUTS_PRESENT,
     QUEUED,
     RUNNING,
     SETUP_FAILURE,
@@ -88,25 +90,29 @@ def record_outputs(records: Sequence[OutputRecord], now: float) -> None:
             StoredOutput.create(path=r.path, created_at=now, **fields)
 
 
-def succeed(attempt_id: int, records: Sequence[OutputRecord], log_path: str | None) -> None:
+def succeed(
+    attempt_id: int, records: Sequence[OutputRecord], log_path: str | None,
+    check_result: str | None = None,
+) -> None:
+    """The build succeeded (`check_result`: what a rebuild with --check found)."""
     now = time.time()
     with database_proxy.atomic():
         attempt = Attempt.get_by_id(attempt_id)
         record_outputs(records, now)
-        _close(attempt, SUCCESS, now, exit_status=0, log_path=log_path)
+        _close(attempt, SUCCESS, now, exit_status=0, log_path=log_path, check_result=check_result)
         build = attempt.build
         if build.state == RUNNING:
             build.state, build.ended_at = SUCCEEDED, now
             build.save()
-        # Builds that waited for this one after a missing-inputs failure may go now.
+        # Builds that waited for this one after a setup failure may go now: that is progress.
         waiting = (
             Derivation.select(Derivation.id)
             .join(DerivationInput, on=(DerivationInput.derivation == Derivation.id))
             .where(DerivationInput.input_path == build.derivation.path)
         )
-        Build.update(retry_after=None).where(
-            (Build.state == QUEUED) & Build.retry_after.is_null(False)
-            & Build.derivation.in_(waiting)
+        Build.update(retry_after=None, fruitless_attempts=0).where(
+            (Build.state == QUEUED) & Build.derivation.in_(waiting)
+            & (Build.retry_after.is_null(False) | (Build.fruitless_attempts > 0))
         ).execute()
         events.record(
             "build-success",
@@ -119,8 +125,8 @@ def succeed(attempt_id: int, records: Sequence[OutputRecord], log_path: str | No
 
 
 def fail(attempt_id: int, exit_status: int | None, reason: str, log_path: str | None) -> list[str]:
-    """The builder failed: the build ends failed, and so does every queued build waiting on it.
-    Returns the UUIDs of those dependants."""
+    """The builder failed: the build ends failed, and every queued build that needs it ends
+    dependency-failed. Returns the UUIDs of those dependants."""
     now = time.time()
     with database_proxy.atomic():
         attempt = Attempt.get_by_id(attempt_id)
@@ -137,55 +143,61 @@ def fail(attempt_id: int, exit_status: int | None, reason: str, log_path: str | 
             log=log_path,
             result={"exit_status": exit_status, "reason": reason},
         )
-        return fail_dependants(build.derivation.path, now)
+        return dependencies.fail_dependants(build, now)
 
 
-def fail_dependants(drv_path: str, now: float) -> list[str]:
-    """Queued builds that need `drv_path` (directly or through other queued builds) can never
-    succeed: end them `failed` with reason dependency-failed naming it."""
-    failed: list[str] = []
-    todo = [drv_path]
-    while todo:
-        path = todo.pop()
-        waiting = (
-            Build.select()
-            .join(Derivation)
-            .join(DerivationInput, on=(DerivationInput.derivation == Derivation.id))
-            .where((DerivationInput.input_path == path) & (Build.state == QUEUED))
-        )
-        for build in waiting:
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How a build is tried again after an attempt that made no progress (a setup failure, a
+    lost connection, a failed transfer or store command): after a wait that doubles each time,
+    with jitter; after `limit` such attempts in a row it ends failed with the last reason."""
+
+    first_delay: float = 2.0
+    max_delay: float = 600.0
+    limit: int = 8
+
+    def delay(self, fruitless: int) -> float:
+        """Seconds to wait after the `fruitless`-th such attempt in a row."""
+        ceiling = min(self.max_delay, self.first_delay * 2.0 ** min(fruitless - 1, 60))
+        return ceiling * random.uniform(0.8, 1.2)
+
+
+def _requeue(build: Build, attempt: Attempt, detail: str, retry: Retry | None,
+             now: float) -> list[str]:
+    """A running build whose attempt made no progress goes back to the queue after
+    `retry`'s wait (None: at once, not counted), or ends failed at its limit. Returns the
+    UUIDs of the builds that ended failed (it and its dependants)."""
+    if build.state != RUNNING:
+        return []
+    build.state = QUEUED
+    if retry is not None:
+        build.fruitless_attempts += 1
+        if build.fruitless_attempts >= retry.limit:
             build.state, build.ended_at = FAILED, now
-            build.reason = f"dependency-failed: {path}"
+            build.reason = (f"gave up after {build.fruitless_attempts} attempts in a row that "
+                            f"made no progress; the last: {detail}")
             build.save()
             events.record(
-                "build-failure", build, machine=None, attempt=None, log=None,
+                "build-failure", build, machine=attempt.machine, attempt=attempt.id, log=None,
                 result={"exit_status": None, "reason": build.reason},
             )
-            failed.append(build.uuid)
-            todo.append(build.derivation.path)
-    return failed
-
-
-def _failed_since(drv_paths: Sequence[str], since: float) -> str | None:
-    """The first of these derivations whose latest build failed after `since`, if any."""
-    for path in drv_paths:
-        latest = (
-            Build.select(Build.state, Build.ended_at)
-            .join(Derivation)
-            .where(Derivation.path == path)
-            .order_by(Build.id.desc())
-            .first()
-        )
-        if latest is not None and latest.state == FAILED and (latest.ended_at or 0) >= since:
-            return path
-    return None
+            return [build.uuid, *dependencies.fail_dependants(build, now)]
+        build.retry_after = now + retry.delay(build.fruitless_attempts)
+    build.save()
+    return []
 
 
 def setup_failure(
-    attempt_id: int, kind: str, paths: Sequence[str], detail: str, defer_seconds: float
-) -> None:
-    """The machine could not start the build: the build waits a little, then is queued again."""
+    attempt_id: int, kind: str, paths: Sequence[str], detail: str, retry: Retry | float
+) -> list[str]:
+    """The machine could not start the build: the build is tried again later (`retry`, or a
+    fixed wait in seconds), or ends failed. Inputs it lacks whose latest build failed, and
+    that nothing else provides, make it dependency-failed at once; its other missing inputs
+    are still announced (build-missing-inputs), so that they are built as `--keep-going` would.
+    Outputs already on the machine (OUTPUTS_PRESENT) only send it to another machine: not
+    counted, no wait. Returns the UUIDs of the builds that ended failed."""
     now = time.time()
+    policy = retry if isinstance(retry, Retry) else Retry(first_delay=retry, max_delay=retry)
     with database_proxy.atomic():
         attempt = Attempt.get_by_id(attempt_id)
         _close(attempt, SETUP_FAILURE, now, detail=detail)
@@ -195,44 +207,41 @@ def setup_failure(
                 [{"setup_failure": failure.id, "path": p} for p in paths]
             ).execute()
         build = attempt.build
-        if build.state == RUNNING:
-            build.state, build.retry_after = QUEUED, now + defer_seconds
-            build.save()
-        if kind == MISSING_INPUTS:
-            from .closure import derivations_of
+        if kind != MISSING_INPUTS:
+            return _requeue(build, attempt, detail, None if kind == OUTPUTS_PRESENT else policy,
+                            now)
+        from .closure import derivations_of
 
-            producers = derivations_of(paths)
-            needed = {p if p.endswith(".drv") else producers.get(p) for p in paths}
-            failed_input = _failed_since(sorted(d for d in needed if d), build.created_at)
-            if failed_input is not None and build.state == QUEUED:
-                # An input's build failed while this one waited: resubmitting it would loop.
-                build.state, build.ended_at = FAILED, now
-                build.reason = f"dependency-failed: {failed_input}"
-                build.save()
-                events.record(
-                    "build-failure", build, machine=attempt.machine, attempt=attempt.id,
-                    log=None, result={"exit_status": None, "reason": build.reason},
-                )
-                fail_dependants(build.derivation.path, now)
-                return
-            events.record(
-                "build-missing-inputs",
-                build,
-                machine=attempt.machine,
-                attempt=attempt.id,
-                missing_inputs=[
-                    {
-                        "path": p,
-                        "derivation": p if p.endswith(".drv") else producers.get(p),
-                    }
-                    for p in paths
-                ],
-            )
+        producers = derivations_of(paths)
+        needed = sorted({d for d in (p if p.endswith(".drv") else producers.get(p)
+                                     for p in paths) if d})
+        facts = dependencies.known(needed)
+        blockers = [(c, path) for path in needed if (c := facts.blocker(path)) is not None]
+        ended: list[str] = []
+        if blockers and build.state == RUNNING:
+            cause, via = blockers[0]
+            dependencies.end_dependency_failed(build, cause, via, now, machine=attempt.machine,
+                                               attempt=attempt.id)
+            ended = [build.uuid, *dependencies.fail_dependants(build, now)]
+        else:
+            ended = _requeue(build, attempt, detail, policy, now)
+        events.record(
+            "build-missing-inputs",
+            build,
+            machine=attempt.machine,
+            attempt=attempt.id,
+            missing_inputs=[
+                {"path": p, "derivation": p if p.endswith(".drv") else producers.get(p)}
+                for p in paths
+            ],
+        )
+        return ended
 
 
 def interrupt(attempt_id: int, detail: str, defer_seconds: float | None = None) -> None:
-    """Connection lost, coordinator stopping, or canceled: a running build is queued again
-    (not before `defer_seconds` from now, if given)."""
+    """Coordinator stopping, canceled, or the coordinator's own disk: not the build's doing, so
+    not counted against it; a running build is queued again (not before `defer_seconds` from
+    now, if given)."""
     now = time.time()
     with database_proxy.atomic():
         attempt = Attempt.get_by_id(attempt_id)
@@ -243,6 +252,19 @@ def interrupt(attempt_id: int, detail: str, defer_seconds: float | None = None) 
         Build.update(state=QUEUED, **later).where(
             (Build.id == attempt.build_id) & (Build.state == RUNNING)
         ).execute()
+
+
+def retry_later(attempt_id: int, detail: str, retry: Retry) -> list[str]:
+    """The attempt was cut short by the machine or on the way (connection lost, a transfer or
+    store command failed, a corrupt nar): the build is tried again after `retry`'s wait, or
+    ends failed at its limit. Returns the UUIDs of the builds that ended failed."""
+    now = time.time()
+    with database_proxy.atomic():
+        attempt = Attempt.get_by_id(attempt_id)
+        if attempt.result is not None:
+            return []
+        _close(attempt, INTERRUPTED, now, detail=detail)
+        return _requeue(attempt.build, attempt, detail, retry, now)
 
 
 def recover(detail: str = "coordinator stopped") -> int:

@@ -1,4 +1,5 @@
-"""Queries about builds: record submissions, list, show, cancel, reprioritise."""
+"""Queries about builds: list, show, cancel, reprioritise, retry (submissions are recorded by
+submissions.py, whose API is offered here too)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from buildfarm.errors import NotFoundError, UsageError
 
-from . import events
-from .bulk import chunks, insert_rows
+from . import dependencies, events
+from .bulk import chunks
 from .models import (
     CANCELED,
+    FAILED,
     FINAL_STATES,
+    IDENTICAL,
     QUEUED,
     RUNNING,
-    SUCCEEDED,
     Attempt,
     AttemptStep,
     Build,
@@ -30,171 +32,19 @@ from .models import (
     SetupFailure,
     database_proxy,
 )
+from .submissions import ReadDerivation, SubmitOptions, Submitted, record_submission
 
-if TYPE_CHECKING:
-    from buildfarm.formats import derivation as drvmod
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitOptions:
-    priority: int = 0
-    tags: tuple[tuple[str, str], ...] = ()
-    uuid: str | None = None
-    ignore_if_built: bool = False  # reuse a queued, running or succeeded build
-    ignore_if_queued: bool = False  # reuse a queued or running build
-    defer_until: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ReadDerivation:
-    """A parsed derivation with its store path and the exact bytes it was read from."""
-
-    path: str
-    drv: drvmod.Derivation
-    contents: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    uuid: str
-    derivation: str
-    created: bool  # False when --ignore-if-built found an existing build
+__all__ = [
+    "LogState", "ReadDerivation", "SubmitOptions", "Submitted", "cancel_builds", "get_build",
+    "iso", "list_builds", "log_state", "record_submission", "resolve_uuid", "retry_builds",
+    "set_priority", "show_build",
+]
 
 
 def iso(moment: float | None) -> str | None:
     if moment is None:
         return None
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds")
-
-
-def _ids_by(table: str, column: str, keys: Sequence[str]) -> dict[str, int]:
-    """key -> id of the rows of `table` whose `column` is one of `keys`."""
-    db = database_proxy.obj
-    found: dict[str, int] = {}
-    for chunk in chunks(list(keys)):
-        marks = ", ".join([db.param] * len(chunk))
-        sql = f"SELECT {column}, id FROM {table} WHERE {column} IN ({marks})"
-        found.update(db.execute_sql(sql, tuple(chunk)).fetchall())
-    return found
-
-
-def _record_derivations(items: Sequence[ReadDerivation], now: float) -> dict[str, int]:
-    """Insert the derivations not yet known (in batches); return path -> id for all of them."""
-    unique = list({item.path: item for item in items}.values())
-    ids = _ids_by("derivation", "path", [i.path for i in unique])
-    new = [i for i in unique if i.path not in ids]
-    insert_rows(
-        "derivation",
-        ("path", "system", "required_features", "contents", "created_at"),
-        [
-            (i.path, i.drv.system, " ".join(sorted(i.drv.required_features)), i.contents, now)
-            for i in new
-        ],
-    )
-    ids.update(_ids_by("derivation", "path", [i.path for i in new]))
-    insert_rows(
-        "derivation_output",
-        ("derivation_id", "name", "path", "hash_algo", "hash"),
-        [(ids[i.path], o.name, o.path, o.hash_algo, o.hash) for i in new for o in i.drv.outputs],
-    )
-    insert_rows(
-        "derivation_input",
-        ("derivation_id", "input_path", "outputs"),
-        [(ids[i.path], path, " ".join(names)) for i in new for path, names in i.drv.input_drvs],
-    )
-    return ids
-
-
-def _existing_builds(derivation_ids: Sequence[int], states: Sequence[str]) -> dict[int, str]:
-    """derivation id -> UUID of its oldest build in one of `states`."""
-    found: dict[int, str] = {}
-    for chunk in chunks(list(derivation_ids)):
-        query: Any = (
-            Build.select(Build.derivation, Build.uuid)
-            .where(Build.derivation.in_(chunk) & Build.state.in_(list(states)))
-            .order_by(Build.id.desc())
-            .tuples()
-        )
-        for derivation_id, uuid in query:
-            found[derivation_id] = uuid
-    return found
-
-
-def record_submission(
-    targets: Sequence[ReadDerivation],
-    inputs: Sequence[ReadDerivation],
-    options: SubmitOptions,
-    now: float,
-) -> list[Submitted]:
-    """Record derivations and one build per target, with their build-submitted events, in one
-    transaction and in batches (100,000 submissions must take well under a minute)."""
-    reuse = (
-        (QUEUED, RUNNING, SUCCEEDED)
-        if options.ignore_if_built
-        else (QUEUED, RUNNING)
-        if options.ignore_if_queued
-        else ()
-    )
-    tags = dict(options.tags)
-    with database_proxy.atomic():
-        if options.uuid is not None and Build.select().where(Build.uuid == options.uuid).exists():
-            raise UsageError(f"a build with UUID {options.uuid} already exists")
-        ids = _record_derivations([*targets, *inputs], now)
-        existing = _existing_builds([ids[t.path] for t in targets], reuse) if reuse else {}
-        results: list[Submitted] = []
-        new_builds: list[tuple[Any, ...]] = []
-        for target in targets:
-            known = existing.get(ids[target.path])
-            if known is not None:
-                results.append(Submitted(known, target.path, created=False))
-                continue
-            uuid = options.uuid or str(uuidlib.uuid4())
-            new_builds.append((
-                uuid,
-                ids[target.path],
-                target.drv.system,
-                " ".join(sorted(target.drv.required_features)),
-                QUEUED,
-                options.priority,
-                now,
-                options.defer_until,
-            ))
-            if options.ignore_if_built or options.ignore_if_queued:
-                existing[ids[target.path]] = uuid  # the same DRV twice in one call
-            results.append(Submitted(uuid, target.path, created=True))
-        insert_rows(
-            "build",
-            (
-                "uuid", "derivation_id", "system", "required_features", "state", "priority",
-                "created_at", "defer_until",
-            ),
-            new_builds,
-        )
-        build_ids = _ids_by("build", "uuid", [b[0] for b in new_builds])
-        if tags:
-            insert_rows(
-                "build_tag",
-                ("build_id", "key", "value"),
-                [(build_ids[b[0]], k, v) for b in new_builds for k, v in tags.items()],
-            )
-        by_path = {t.path: t for t in targets}
-        payloads = []
-        for result in results:
-            if not result.created:
-                continue
-            target = by_path[result.derivation]
-            summary = {
-                "uuid": result.uuid,
-                "derivation": result.derivation,
-                "system": target.drv.system,
-                "state": QUEUED,
-                "priority": options.priority,
-                "tags": tags,
-                "outputs": target.drv.output_paths,
-            }
-            payloads.append((build_ids[result.uuid], summary))
-        events.record_many("build-submitted", payloads, now)
-    return results
 
 
 UUID_PREFIX_MIN = 8  # characters of a UUID that may name a build (the live view shows 8)
@@ -333,6 +183,7 @@ def _attempts_json(build: Build) -> list[dict[str, Any]]:
             "setup_failure": failures[a.id][1] if a.id in failures else None,
             "missing_inputs": missing.get(a.id, []),
             "log": a.log_path,
+            "check": a.check_result,
             "steps": steps[a.id],
         }
         for a in attempts
@@ -353,6 +204,26 @@ def _newest_builds(drv_paths: Sequence[str]) -> dict[str, tuple[str, str]]:
         for path, uuid, state in query:
             found[path] = (uuid, state)
     return found
+
+
+def _cause_json(build: Build) -> dict[str, str] | None:
+    """The root cause of a dependency-failed build: the failed build and its derivation."""
+    if build.cause_id is None:
+        return None
+    cause = dependencies.cause_of(build)
+    return {"build": cause.uuid, "derivation": cause.derivation}
+
+
+def _reproducible(build: Build) -> bool | None:
+    """What the latest rebuild with --check of a succeeded build found: true when identical,
+    false when it differed from the outputs the machine held, null when none was compared."""
+    checked = (
+        Attempt.select(Attempt.check_result)
+        .where((Attempt.build == build) & Attempt.check_result.is_null(False))
+        .order_by(Attempt.id.desc())
+        .first()
+    )
+    return None if checked is None else checked.check_result == IDENTICAL
 
 
 def show_build(uuid: str) -> dict[str, Any]:
@@ -377,6 +248,8 @@ def show_build(uuid: str) -> dict[str, Any]:
         "required_features": build.required_features.split(),
         "state": build.state,
         "reason": build.reason,
+        "cause": _cause_json(build),
+        "reproducible": _reproducible(build),
         "priority": build.priority,
         "tags": {t.key: t.value for t in build.tags.order_by(BuildTag.key)},
         "outputs": outputs,
@@ -415,8 +288,10 @@ def cancel_builds(uuids: Sequence[str]) -> tuple[list[str], list[str]]:
     return canceled, refused
 
 
-def set_priority(uuid: str, priority: int) -> tuple[str, int]:
-    """Set a queued or running build's priority; its UUID and the priority it had."""
+def set_priority(uuid: str, priority: int) -> tuple[str, int, int]:
+    """Set a queued or running build's priority; the queued or running builds it needs get at
+    least as much (they keep theirs when it is lowered). Returns its UUID, the priority it had
+    and how many of those inputs were raised."""
     with database_proxy.atomic():
         build = get_build(uuid)
         if build.state in FINAL_STATES:
@@ -424,7 +299,41 @@ def set_priority(uuid: str, priority: int) -> tuple[str, int]:
         before = build.priority
         build.priority = priority
         build.save()
-        return build.uuid, before
+        raised = dependencies.raise_inputs([build.derivation.path], priority)
+        return build.uuid, before, raised
+
+
+def retry_builds(uuids: Sequence[str], dependants: bool = False) -> tuple[list[str], list[str]]:
+    """Queue failed builds again (each keeps its UUID and attempts), and with `dependants` the
+    builds their failure made dependency-failed. Returns the UUIDs queued again and, for each
+    build that cannot be retried, one line saying why; those queued again but dependency-failed
+    at once (another input of theirs still failed) are named there too."""
+    now = time.time()
+    retried: list[Build] = []
+    refused: list[str] = []
+    with database_proxy.atomic():
+        for uuid in uuids:
+            try:
+                build = get_build(uuid)
+            except NotFoundError as e:
+                refused.append(str(e))
+                continue
+            if build.state != FAILED:
+                refused.append(f"build {build.uuid} is {build.state}: only a failed build is "
+                               "retried")
+            elif build.cause_id is not None:
+                cause = dependencies.cause_of(build)
+                refused.append(
+                    f"build {build.uuid} is {dependencies.DEPENDENCY_FAILED}: retry what it "
+                    f"waits for, build {cause.uuid} ({cause.derivation}), with --dependants")
+            elif build.id not in {b.id for b in retried}:
+                retried.append(build)
+                if dependants:
+                    retried += dependencies.caused_by(build.id)
+        blocked = dependencies.requeue(retried, now) if retried else []
+    refused += [f"build {uuid} ended dependency-failed at once: an input it needs still failed"
+                for uuid in blocked]
+    return [b.uuid for b in retried], refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,12 +46,16 @@ def record(name: str, build: Build | None, **data: Any) -> Event:
 
 
 def record_many(
-    name: str, builds: Sequence[tuple[int, dict[str, Any]]], now: float
+    name: str, builds: Sequence[tuple[int, dict[str, Any]]], now: float,
+    extra: Sequence[dict[str, Any]] = (),
 ) -> None:
-    """Queue one event per (build id, build summary), in batches."""
+    """Queue one event per (build id, build summary), in batches; `extra`, when given, holds
+    each event's other fields, in the same order."""
+    fields = list(extra) or [{}] * len(builds)
     insert_rows("event", ("name", "build_id", "payload", "created_at"), [
-        (name, build_id, json.dumps({"event": name, "build": summary}, sort_keys=True), now)
-        for build_id, summary in builds
+        (name, build_id,
+         json.dumps({"event": name, "build": summary, **more}, sort_keys=True), now)
+        for (build_id, summary), more in zip(builds, fields, strict=True)
     ])
 
 
