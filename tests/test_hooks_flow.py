@@ -70,7 +70,8 @@ def kill_orphan(pid_file: Path) -> None:
 
 def test_a_three_level_chain_builds_from_its_top(farm: Farm, hosts: list[Host]) -> None:
     """Only the top is submitted, nothing is prebuilt: the shipped build-missing-inputs hook
-    submits each level below, and each of the three builds once, in dependency order."""
+    submits the levels below (all the machine would build, from the top's dry run), and each of
+    the three builds once, in dependency order."""
     leaf, middle, top = chain(3, token())
     farm.write_inventory(hosts)
     farm.env["BUILDFARM_TRACE_HOOKS"] = "1"
@@ -88,10 +89,10 @@ def test_a_three_level_chain_builds_from_its_top(farm: Farm, hosts: list[Host]) 
         successes = [a for a in info["attempts"] if a["result"] == "success"]
         assert len(successes) == 1, info["attempts"]
         assert info["priority"] == 5 and info["tags"] == {"job": "chain"}
-    # The missing-inputs hook submitted the middle for the top, then the leaf for the middle.
+    # The missing-inputs hook submitted the middle and the leaf for the top.
     hook = "hook build-missing-inputs/50-submit-missing-inputs"
     assert f"{hook}: submitted {uuid[middle]} {middle} for {top_build}" in done.stdout
-    assert f"{hook}: submitted {uuid[leaf]} {leaf} for {uuid[middle]}" in done.stdout
+    assert f"{hook}: submitted {uuid[leaf]} {leaf} for {top_build}" in done.stdout
 
     # In dependency order: each level's successful attempt started after the one below
     # succeeded (events are numbered in commit order).
@@ -134,8 +135,10 @@ def test_a_failing_leaf_ends_the_chain_dependency_failed(farm: Farm, hosts: list
     assert by_drv[top]["uuid"] == top_build
     assert all(b["state"] == "failed" for b in listed), listed
     assert not by_drv[leaf]["reason"].startswith("dependency-failed")
-    assert by_drv[middle]["reason"] == f"dependency-failed: {leaf}"
-    assert by_drv[top]["reason"] == f"dependency-failed: {middle}"
+    # Both name the root cause: the leaf and its build (the top also the input it waited for).
+    root = f"dependency-failed: {leaf} (build {by_drv[leaf]['uuid']})"
+    assert by_drv[middle]["reason"] == root
+    assert by_drv[top]["reason"] in (root, f"{root} via {middle}")
     leaf_info = farm.show(by_drv[leaf]["uuid"])
     assert [a["result"] for a in leaf_info["attempts"]] == ["failure"]
     for drv in (middle, top):

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from farm import Farm, chain, gated_build, token, wait_for
+import yaml
+from farm import Farm, chain, running, token, wait_for
 from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 
 
@@ -43,10 +44,10 @@ def test_chain_across_machines_pushes_the_leaf_output(farm: Farm, hosts: list[Ho
     assert info["state"] == "succeeded", (info, done.stdout)
     assert info["attempts"][0]["machine"] == second.name
     steps = [s["name"] for s in info["attempts"][0]["steps"]]
-    assert steps == ["push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",
-                     "fetch-outputs", "verify-outputs"]
+    assert steps == ["push-derivations", "push-inputs", "dry-run", "build", "fetch-outputs",
+                     "verify-outputs"]
     # A small output comes back on the store session, without a file on the machine.
-    assert info["attempts"][0]["steps"][5]["detail"] == "streamed by the store session"
+    assert info["attempts"][0]["steps"][4]["detail"] == "streamed by the store session"
     # The leaf's output went to the second machine from the output store, not rebuilt there.
     assert second.local_path(leaf_out).read_text().startswith("leaf-")
     top_out = info["outputs"]["out"]
@@ -177,54 +178,79 @@ def test_input_sources_come_from_the_coordinators_store(farm: Farm, hosts: list[
     assert hosts[0].local_path(out).read_text() == f"from a source file {tag}\n"
 
 
-# nix-store, except that a refused --delete leaves $HOME/delete-refused behind.
-TELLING_NIX_STORE = """#!/bin/sh
-if [ "$1" = --delete ]; then
-    /usr/bin/nix-store "$@" && exit 0
-    status=$?
-    touch "$HOME/delete-refused"
-    exit $status
-fi
-exec /usr/bin/nix-store "$@"
-"""
-
-
-def test_a_rebuild_deletes_outputs_a_reused_store_session_held(
-    farm: Farm, testbed: Testbed
+def test_a_rebuild_over_outputs_alive_on_the_only_machine_compares_them(
+    farm: Farm, hosts: list[Host]
 ) -> None:
-    """A build's store session roots its output until the session ends, and sessions are reused:
-    the session that built X goes on to serve a build C that runs until the test lets it end. A
-    rebuild of X on that machine must delete X's output, which C's session holds: its delete is
-    refused, it waits for that session to come back (and end) and deletes then, instead of
-    failing its attempt."""
+    """A rebuild of a derivation whose output is alive on the only machine (a store session
+    holds it, and a dependant refers to it) deletes nothing: it builds again with --check and
+    records whether the result was identical. A derivation whose output changes from one build
+    to the next is told apart, its output still the one stored."""
     tag = token()
-    bin_dir = testbed.directory / f"telling-bin-{tag}"
-    bin_dir.mkdir(mode=0o755)
-    (bin_dir / "nix-store").write_text(TELLING_NIX_STORE)
-    (bin_dir / "nix-store").chmod(0o755)
-    host = testbed.add_host(env={"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin"})
-    gate = testbed.directory / f"gate-{tag}"
-    again = instantiate(nix_expr_trivial(f"again-{tag}", f"echo {tag} > $out"))
-    farm.write_inventory([host], max_builds=2)
-    (first,) = farm.submit(again)
-    run = farm.background()
-    try:
-        farm.wait_for_state(first, "succeeded")
-        (held,) = farm.submit(gated_build(tag, gate))  # takes the session that built `again`
-        wait_for("the gated build to run", lambda: any(
-            a.step == "build" and a.result is None for a in farm.attempts(held)))
-        (rebuild,) = farm.submit(again)
-        wait_for("the rebuild's delete to be refused",
-                 lambda: (host.home_dir / "delete-refused").exists())
-        gate.touch()
+    same = instantiate(nix_expr_trivial(f"same-{tag}", f"echo {tag} > $out"))
+    varies = instantiate(nix_expr_trivial(
+        f"varies-{tag}", "/bin/cat /proc/sys/kernel/random/uuid > $out"))
+    user = instantiate(nix_expr_trivial(
+        f"user-{tag}", "read x < $dep; echo \"uses $x\" > $out",
+        attrs={"dep": nix_expr_trivial(f"same-{tag}", f"echo {tag} > $out")}))
+    farm.write_inventory(hosts[:1], max_builds=2)
+    first = farm.submit(same, varies, user, extra=("--closure",))
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    assert all(farm.show(b)["state"] == "succeeded" for b in first), done.stdout
+    stored = {b: farm.show(b)["outputs"]["out"] for b in first[:2]}
+    before = {b: farm.rows("SELECT nar_hash FROM stored_output WHERE path = ?", out)
+              for b, out in stored.items()}
+
+    again = farm.submit(same, varies)  # no --ignore-if-built: rebuilds on purpose
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    for build, expected in zip(again, ("identical", "differs"), strict=True):
+        info = farm.show(build)
+        assert info["state"] == "succeeded", (info, done.stdout)
+        (attempt,) = info["attempts"]  # one attempt: nothing to delete, nothing failed
+        assert attempt["check"] == expected
+        assert info["reproducible"] is (expected == "identical")
+        build_step = next(step for step in attempt["steps"] if step["name"] == "build")
+        assert build_step["detail"] == "with --check: compared with the outputs on the machine"
+        assert f"build {build} succeeded (on {hosts[0].name}, checked: {expected})" in done.stdout
+    # The machine kept its output; so did the output store.
+    for build, out in stored.items():
+        assert hosts[0].local_path(out).exists()
+        assert farm.rows("SELECT nar_hash FROM stored_output WHERE path = ?", out) == before[build]
+    text = farm.cli("builds", "show", again[1]).stdout
+    assert "reproducible: no: a rebuild differed" in text and "--check: differs" in text
+
+
+def test_a_rebuild_moves_to_a_machine_that_lacks_the_outputs(
+    farm: Farm, hosts: list[Host]
+) -> None:
+    """Two machines, the output alive on the one the scheduler prefers: the rebuild goes to the
+    other and builds there for real, after one setup failure (outputs-present, not counted
+    against the build, no wait)."""
+    tag = token()
+    drv = instantiate(nix_expr_trivial(f"moves-{tag}", f"echo {tag} > $out"))
+    holder, other = hosts
+    farm.write_inventory([holder])
+    (first,) = farm.submit(drv)
+    assert farm.run().returncode == 0
+    out = farm.show(first)["outputs"]["out"]
+    assert holder.local_path(out).exists() and not other.local_path(out).exists()
+    machines = [  # the holder is faster: the scheduler offers it the build first
+        *yaml.safe_load(inventory_yaml([holder], "nix", speed=8.0))["machines"],
+        *yaml.safe_load(inventory_yaml([other], "nix"))["machines"],
+    ]
+    farm.inventory.write_text(yaml.safe_dump({"machines": machines}))
+    with running(farm) as run:
+        run.wait_line(f"machine {holder.name} connected")
+        run.wait_line(f"machine {other.name} connected")
+        (rebuild,) = farm.submit(drv)
         farm.wait_for_state(rebuild, "succeeded")
-        farm.wait_for_state(held, "succeeded")
-    finally:
-        gate.touch()
-        output = run.stop()
-        testbed.remove_host(host)
-    (attempt,) = farm.attempts(rebuild)  # one attempt: the delete did not fail
-    assert attempt.result == "success", (attempt, output)
-    steps = [s["name"] for s in farm.show(rebuild)["attempts"][0]["steps"]]
-    assert "delete-outputs" in steps
-    assert [a.result for a in farm.attempts(held)] == ["success"]
+    info = farm.show(rebuild)
+    results = [(a["machine"], a["result"], a["setup_failure"]) for a in info["attempts"]]
+    assert results == [(holder.name, "setup-failure", "outputs-present"),
+                       (other.name, "success", None)], results
+    assert info["attempts"][-1]["check"] is None and info["reproducible"] is None
+    ((fruitless, retry_after),) = farm.rows(
+        "SELECT fruitless_attempts, retry_after FROM build WHERE uuid = ?", rebuild)
+    assert (fruitless, retry_after) == (0, None)
+    assert other.local_path(out).exists()

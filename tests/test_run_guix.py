@@ -29,7 +29,7 @@ from buildfarm.formats.signing import (
 )
 
 FULL_STEPS = [
-    "push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",
+    "push-derivations", "push-inputs", "dry-run", "build",
     "export-outputs", "fetch-outputs", "verify-outputs",
 ]
 

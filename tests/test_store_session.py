@@ -229,38 +229,6 @@ def test_sessions_are_reused_within_their_limit(
     asyncio.run(main())
 
 
-@pytest.mark.usefixtures("private_nix")
-def test_renewing_drops_the_roots_a_session_holds(hosts: list[Host]) -> None:
-    """`nix-store --serve` roots what it built until it exits: before deleting outputs an
-    attempt renews its session (ending the idle ones too), and the delete works."""
-    tag = token()
-    drv = instantiate(nix_expr_trivial(f"sessdel-{tag}", f"echo {tag} > $out"))
-    out = _local("nix-store", "--query", "--outputs", drv)
-    host = hosts[0]
-
-    async def main() -> None:
-        async with opened(machine_for(host)) as remote:
-            sessions = StoreSessions(remote, limit=2)
-            builder = await sessions.take()
-            assert builder is not None
-            await _import_drv(builder, drv)
-            status, _, _ = await _build(builder, drv)
-            assert status == 0
-            sessions.give_back(builder)  # idle, still rooting the output
-            other = await sessions.take()
-            assert other is builder
-            alive = host.run(f"nix-store --delete {out}", check=False)
-            assert alive.returncode != 0 and b"still alive" in alive.stderr
-            fresh = await sessions.renew(other)
-            assert fresh is not None and fresh is not builder and not builder.usable
-            host.run(f"nix-store --delete {out}")
-            sessions.give_back(fresh)
-            await sessions.close()
-
-    asyncio.run(main())
-    assert not host.local_path(out).exists()
-
-
 @pytest.mark.parametrize("fake", [
     "echo \"nix-store: unrecognised flag '--serve'\" >&2; exit 1",  # not a Nix that serves
     "printf 'HTTP/1.0 400 Bad Request\\r\\n\\r\\n'; cat >/dev/null",  # not the protocol

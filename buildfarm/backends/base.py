@@ -65,10 +65,13 @@ class Backend(Protocol):
     def dry_run(self, drv: str) -> Command: ...
     def parse_dry_run(self, stdout: bytes, stderr: bytes) -> DryRun: ...
     def delete(self, paths: Sequence[str]) -> Command: ...
-    def build(self, drv: str, *, max_silent_time: int | None, timeout: int | None) -> Command: ...
+    def build(
+        self, drv: str, *, max_silent_time: int | None, timeout: int | None, check: bool = False
+    ) -> Command: ...
     def classify_build_failure(
         self, exit_status: int | None, log_tail: bytes
     ) -> tuple[FailureKind, str]: ...
+    def check_differs(self, exit_status: int | None, log_tail: bytes) -> bool: ...
     def nar_hash(self, path: str) -> Command: ...
     def parse_nar_hash(self, stdout: bytes) -> tuple[str, int | None]: ...
     def version(self) -> Command: ...
@@ -259,6 +262,22 @@ _CANNOT_BUILD = re.compile(r"Cannot build '(?P<drv>[^'\s]+)'\.\s*Reason: builder
 # printed by the client as "guix build: error: build of `X' failed".
 _BUILD_OF = re.compile("build of (?P<drvs>" + _OPEN + "[^\n]*?" + _CLOSE + ") failed")
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.-]+(?: [\w.-]+)?: )?error: (?P<message>.+)$", re.M)
+# A rebuild with --check whose result differs from the output the store holds. Guix
+# nix/libstore/build.cc DerivationGoal::registerOutputs (bmCheck): Error(format("derivation
+# `%1%' may not be deterministic: output `%2%' differs") % drvPath % path) (with " from `%3%'"
+# under --keep-failed); a plain Error, not a BuildError, so it reaches the client, which prints
+# "guix build: error: ..." and exits 1. Nix 2.8 src/libstore/build/local-derivation-goal.cc:
+# NotDeterministic("derivation '%s' may not be deterministic: output '%s' differs"); newer Nix
+# (derivation-builder.cc): "derivation '%s' may not be deterministic: outputs differ".
+_NOT_DETERMINISTIC = re.compile(
+    "derivation " + _QUOTED_DRV + " may not be deterministic: output"
+)
+
+
+def differs_on_check(log_tail: bytes) -> bool:
+    """Whether a build with --check ended because its result differs from the stored one."""
+    text = strip_ansi(bytes(log_tail).decode("utf-8", errors="replace"))
+    return _NOT_DETERMINISTIC.search(text) is not None
 
 _REASON_LIMIT = 300
 

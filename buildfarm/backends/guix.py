@@ -20,6 +20,7 @@ from buildfarm.backends.base import (
     check_seconds,
     classify_failure,
     decode,
+    differs_on_check,
     first_line,
     is_nix32_sha256,
     parse_path_lines,
@@ -112,11 +113,14 @@ class GuixBackend:
             raise UsageError("nothing to delete: give at least one store path")
         return Command(("guix", "gc", "--delete", *checked))
 
-    def build(self, drv: str, *, max_silent_time: int | None, timeout: int | None) -> Command:
+    def build(
+        self, drv: str, *, max_silent_time: int | None, timeout: int | None, check: bool = False
+    ) -> Command:
         # guix/scripts/build.scm %standard-build-options: "--max-silent-time" and "--timeout"
-        # take seconds (sent to the daemon as build-max-silent-time / build-timeout).
+        # take seconds (sent to the daemon as build-max-silent-time / build-timeout); %options:
+        # "--check" sets build-mode to (build-mode check): rebuild, compare, keep the outputs.
         (checked,) = check_paths((drv,), "derivation")
-        argv = ["guix", "build", "--no-grafts"]
+        argv = ["guix", "build", "--no-grafts", *(["--check"] if check else [])]
         silent = check_seconds(max_silent_time, "max-silent-time")
         total = check_seconds(timeout, "timeout")
         if silent is not None:
@@ -132,6 +136,11 @@ class GuixBackend:
         # Every daemon error ends the client with exit status 1 (guix/ui.scm), so only the
         # messages matter; see buildfarm.backends for the daemon strings.
         return classify_failure(exit_status, log_tail)
+
+    def check_differs(self, exit_status: int | None, log_tail: bytes) -> bool:
+        # The client exits 1 on every daemon error: only the message tells (buildfarm.backends
+        # .base._NOT_DETERMINISTIC).
+        return differs_on_check(log_tail)
 
     def nar_hash(self, path: str) -> Command:
         # No Guix command prints the stored NarHash; guix/scripts/hash.scm recomputes it:

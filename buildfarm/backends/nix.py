@@ -19,6 +19,7 @@ from buildfarm.backends.base import (
     check_seconds,
     classify_failure,
     decode,
+    differs_on_check,
     first_line,
     is_nix32_sha256,
     parse_path_lines,
@@ -61,6 +62,7 @@ _VERSION = re.compile(r"\S+ \((?P<package>[^)]*Nix[^)]*)\) (?P<version>\S+)")
 # mismatch (104); other errors exit 1.
 _FAILED_STATUSES = frozenset(s for s in range(0x60, 0x70) if s & 0x0E and not s & 0x01)
 _TIMEOUT_STATUSES = frozenset(s for s in range(0x60, 0x70) if s & 0x01)
+_CHECK_STATUSES = frozenset(s for s in range(0x60, 0x70) if s & 0x08 and not s & 0x05)
 
 # One remote command for both numbers: src/nix-store/nix-store.cc refuses two query types at
 # once ("query type '--size' conflicts with earlier flag").
@@ -109,11 +111,15 @@ class NixBackend:
             raise UsageError("nothing to delete: give at least one store path")
         return Command(("nix-store", "--delete", *checked))
 
-    def build(self, drv: str, *, max_silent_time: int | None, timeout: int | None) -> Command:
+    def build(
+        self, drv: str, *, max_silent_time: int | None, timeout: int | None, check: bool = False
+    ) -> Command:
         # src/libstore/globals.hh: settings "max-silent-time" (alias build-max-silent-time) and
-        # "timeout" (alias build-timeout), both in seconds, 0 = no limit.
+        # "timeout" (alias build-timeout), both in seconds, 0 = no limit. src/nix-store/
+        # nix-store.cc opRealise: --check builds again and compares with the valid outputs
+        # (bmCheck), which stay as they are.
         (checked,) = check_paths((drv,), "derivation")
-        argv = ["nix-store", "--realise", checked]
+        argv = ["nix-store", "--realise", *(["--check"] if check else []), checked]
         silent = check_seconds(max_silent_time, "max-silent-time")
         total = check_seconds(timeout, "timeout")
         if silent is not None:
@@ -131,6 +137,12 @@ class NixBackend:
             failed_statuses=_FAILED_STATUSES,
             timeout_statuses=_TIMEOUT_STATUSES,
         )
+
+    def check_differs(self, exit_status: int | None, log_tail: bytes) -> bool:
+        # Worker::exitStatus: 0x60 | 0x08 (104) when a --check found a difference (checked
+        # against Nix 2.8 on the test bed: "error: derivation '…' may not be deterministic:
+        # output '…' differs", exit 104).
+        return exit_status in _CHECK_STATUSES or differs_on_check(log_tail)
 
     def nar_hash(self, path: str) -> Command:
         (checked,) = check_paths((path,))

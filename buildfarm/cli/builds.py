@@ -1,4 +1,4 @@
-"""Commands about builds: submit, builds list/show/cancel/priority, log."""
+"""Commands about builds: submit, builds list/show/cancel/priority/retry, log."""
 
 from __future__ import annotations
 
@@ -47,16 +47,30 @@ def _read_paths(paths: Sequence[str]) -> list[str]:
 )
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the build (repeat).")
 @click.option(
+    "--closure",
+    is_flag=True,
+    help="Also submit a build of every input derivation of DRV's closure that can be read "
+    "(from the store, or beside DRV) and is neither queued, running nor failed, and whose "
+    "outputs are not in the output store; with DRV's tags and priority.",
+)
+@click.option(
     "--ignore-if-built",
     is_flag=True,
     help="Print the UUID of an existing queued, running or succeeded build of the same "
-    "derivation instead of adding one.",
+    "derivation (or of one with the same outputs, when the output store holds them) instead "
+    "of adding one.",
 )
 @click.option(
     "--ignore-if-queued",
     is_flag=True,
     help="Print the UUID of an existing queued or running build of the same derivation "
     "instead of adding one.",
+)
+@click.option(
+    "--ignore-if-failed",
+    is_flag=True,
+    help="As --ignore-if-built, and a derivation whose latest build failed keeps that build: "
+    "its failure is remembered, not retried (`builds retry` retries it).",
 )
 @click.option("--defer-until", metavar="ISO-8601", help="Do not start before this time.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -67,12 +81,17 @@ def submit(
     uuid: str | None,
     priority: int,
     tags: tuple[str, ...],
+    closure: bool,
     ignore_if_built: bool,
     ignore_if_queued: bool,
+    ignore_if_failed: bool,
     defer_until: str | None,
     as_json: bool,
 ) -> None:
-    """Queue a build of each DRV and print its UUID ('-' reads paths from stdin)."""
+    """Queue a build of each DRV and print its UUID ('-' reads paths from stdin).
+
+    A build whose input's latest build failed (and that nothing else provides) ends
+    dependency-failed at once, naming the failed build at the bottom of the chain."""
     from buildfarm import submission
 
     options = submission.SubmitOptions(
@@ -81,18 +100,40 @@ def submit(
         uuid=submission.parse_uuid(uuid) if uuid is not None else None,
         ignore_if_built=ignore_if_built,
         ignore_if_queued=ignore_if_queued,
+        ignore_if_failed=ignore_if_failed,
+        closure=closure,
         defer_until=submission.parse_time(defer_until) if defer_until is not None else None,
     )
     files = _read_paths(derivations)
-    results = submission.submit(files, options, connect=lambda: _open(ctx, create=True))
+    results = submission.submit(files, options, connect=lambda: _open(ctx, create=True),
+                                store_dirs=_store_dirs(ctx))
+    targets = [r for r in results if r.target]
     if as_json:
         from buildfarm.render import print_json
 
-        print_json(
-            [{"uuid": r.uuid, "derivation": r.derivation, "created": r.created} for r in results]
-        )
+        print_json([{"uuid": r.uuid, "derivation": r.derivation, "created": r.created,
+                     "state": r.state if r.created else None} for r in targets])
     else:
-        sys.stdout.write("".join(f"{r.uuid}\n" for r in results))
+        sys.stdout.write("".join(f"{r.uuid}\n" for r in targets))
+    for result in targets:
+        if result.created and result.reason is not None:
+            click.echo(f"build {result.uuid} failed at once: {result.reason}", err=True)
+    inputs = len(results) - len(targets)
+    if closure:
+        click.echo(f"{inputs} build(s) of inputs submitted with it", err=True)
+
+
+def _store_dirs(ctx: click.Context) -> frozenset[str] | None:
+    """The store directories of the inventory's machines (None without an inventory)."""
+    import os
+
+    from buildfarm import inventory
+    from buildfarm.cli.group import _settings
+
+    path = _settings(ctx).inventory_path
+    if not os.path.exists(path):
+        return None
+    return frozenset(m.store_directory for m in inventory.load(path).machines)
 
 
 @cli.group(cls=BuildfarmGroup)
@@ -150,11 +191,15 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
         return
     # A reason or detail is a machine's message: its escape sequences (colours) are dropped;
     # the values are shown as they are, escaped where they hold control characters.
+    cause = info["cause"]
+    checked = {True: "yes: a rebuild was identical", False: "no: a rebuild differed",
+               None: None}[info["reproducible"]]
     print_fields(
-        [
-            (k, plain(info[k]) if k == "reason" and info[k] else info[k])
-            for k in ("uuid", "state", "reason", "derivation", "system", "priority", "tags")
-        ]
+        [(k, plain(info[k]) if k == "reason" and info[k] else info[k])
+         for k in ("uuid", "state", "reason")]
+        + [("cause", f"build {cause['build']} ({cause['derivation']})" if cause else None)]
+        + [(k, info[k]) for k in ("derivation", "system", "priority", "tags")]
+        + [("reproducible", checked)]
         + [("created", info["created_at"]), ("ended", info["ended_at"])]
         + [(f"output {name}", path) for name, path in info["outputs"].items()]
         + [("input", f"{i['derivation']} ({i['state'] or 'no build'})") for i in info["inputs"]]
@@ -166,6 +211,8 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
             line += f" {attempt['setup_failure']}"
         if attempt["detail"]:
             line += f": {plain(attempt['detail'])}"
+        if attempt["check"]:
+            line += f" (rebuilt with --check: {attempt['check']})"
         print(one_line(line))
         for path in attempt["missing_inputs"]:
             print(f"  missing {one_line(path)}")
@@ -198,7 +245,8 @@ def builds_cancel(ctx: click.Context, uuids: tuple[str, ...]) -> None:
 @click.pass_context
 def builds_priority(ctx: click.Context, uuid: str, priority: int) -> None:
     """Change the priority of a queued or running build, and say from what to what
-    (PRIORITY: a whole number from -2147483648 to 2147483647; higher runs first)."""
+    (PRIORITY: a whole number from -2147483648 to 2147483647; higher runs first); the queued
+    or running builds it needs get at least as much."""
     from buildfarm.datastore import builds as queries
 
     _open(ctx)
@@ -209,6 +257,29 @@ def builds_priority(ctx: click.Context, uuid: str, priority: int) -> None:
         click.echo(f"build {full}: priority {before} -> {priority}")
     if raised:
         click.echo(f"{raised} build(s) it needs raised to priority {priority}")
+
+
+@builds.command("retry")
+@click.argument("uuids", nargs=-1, required=True, metavar="UUID...")
+@click.option(
+    "--dependants",
+    is_flag=True,
+    help="Also queue again the builds its failure made dependency-failed.",
+)
+@click.pass_context
+def builds_retry(ctx: click.Context, uuids: tuple[str, ...], dependants: bool) -> None:
+    """Queue failed builds again: a failure is remembered until it is retried on purpose.
+    Each keeps its UUID and its attempts; exit status 1 if one could not be retried."""
+    from buildfarm.datastore import builds as queries
+
+    _open(ctx)
+    retried, refused = queries.retry_builds(uuids, dependants=dependants)
+    for uuid in retried:
+        click.echo(f"queued again {uuid}")
+    for line in refused:
+        click.echo(line, err=True)
+    if refused:
+        ctx.exit(1)
 
 
 FOLLOW_POLL = 0.5  # seconds between looks at a build that has no log to follow yet

@@ -45,7 +45,12 @@ def _load_inventory(settings: Settings) -> Any:
 
 
 @cli.command()
-@click.option("--exit-when-idle", is_flag=True, help="Stop when nothing is queued or running.")
+@click.option(
+    "--exit-when-idle",
+    is_flag=True,
+    help="Stop when nothing can make progress (nothing queued, or no machine can take what "
+    "is), saying what is stuck and why.",
+)
 @click.option("--no-ui", is_flag=True, help="One log line per event instead of the live view.")
 @click.option(
     "--grace",
@@ -103,6 +108,22 @@ def _load_inventory(settings: Settings) -> Any:
     "overload_threshold, for choosing the least loaded machine, and for the live view).",
 )
 @click.option(
+    "--retry-limit",
+    type=click.IntRange(min=1, max=1000),
+    default=8,
+    show_default=True,
+    help="Attempts in a row that make no progress (setup failures, lost connections, failed "
+    "transfers) before a build ends failed with the last one's reason.",
+)
+@click.option(
+    "--retry-delay",
+    type=click.FloatRange(min=0, max=3600),
+    default=2.0,
+    show_default=True,
+    help="Seconds a build waits after the first such attempt; the wait doubles after each "
+    "(with jitter), up to 10 minutes.",
+)
+@click.option(
     "--metrics",
     "metrics_address",
     metavar="ADDRESS:PORT",
@@ -122,6 +143,8 @@ def run(
     hook_env: tuple[str, ...],
     max_log_size: str,
     load_interval: float,
+    retry_limit: int,
+    retry_delay: float,
     metrics_address: str | None,
     compressions: tuple[str, ...],
 ) -> None:
@@ -129,6 +152,7 @@ def run(
     import asyncio
 
     from buildfarm.coordinator.service import Coordinator, LineReporter, Reporter, RunOptions
+    from buildfarm.datastore.attempts import Retry
     from buildfarm.formats.compression import parse_compressions
     from buildfarm.outputs.gc import parse_size
 
@@ -145,6 +169,8 @@ def run(
         max_log_bytes=parse_size(max_log_size),
         compressions=chosen,
         load_interval=load_interval,
+        retry=Retry(first_delay=retry_delay, max_delay=max(retry_delay, 600.0),
+                    limit=retry_limit),
     )
     metrics = None
     if metrics_address is not None:

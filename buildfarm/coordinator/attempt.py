@@ -1,5 +1,5 @@
 """One attempt of one build on one machine: the steps of ARCHITECTURE.md, "The life of one build",
-step 3 (survey, push, dry run, delete outputs, build, fetch and verify the outputs).
+step 3 (survey, push, dry run, build, fetch and verify the outputs).
 
 Every step is recorded on the attempt before it starts. The steps only talk to the machine and
 the output store; how an attempt ends is decided by the exception it raises (or not).
@@ -20,7 +20,7 @@ from buildfarm.backends import Backend, Command, builder_exit_code
 from buildfarm.coordinator import localstore
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import closure
-from buildfarm.datastore.models import COULD_NOT_DELETE_OUTPUTS, MISSING_INPUTS
+from buildfarm.datastore.models import DIFFERS, IDENTICAL, MISSING_INPUTS, OUTPUTS_PRESENT
 from buildfarm.errors import ArchiveError, ProtocolError, RemoteError
 from buildfarm.formats import derivation as drvmod
 from buildfarm.formats.signing import SigningKey
@@ -35,15 +35,14 @@ T = TypeVar("T")
 # own store, input outputs from the output store.
 PUSH_KINDS = ("derivations", "sources", "inputs")
 TRANSFER = 3600.0  # seconds an import or export may take
-DELETE_WAIT = 60.0  # seconds to wait for sessions of other attempts that may hold the outputs
 # Outputs (total nar bytes) a store session sends back on its own channel, held in memory;
 # larger ones are exported into a file on the machine and pulled over SFTP, resumably.
 STREAM_LIMIT = 4 << 20
 
 
 class SetupFailed(Exception):
-    """The machine could not start the build (missing inputs, or outputs it cannot delete): the
-build goes back to the queue."""
+    """The machine could not start the build (missing inputs, or its outputs are already there
+while another machine lacks them): the build goes back to the queue."""
 
     def __init__(self, kind: str, paths: Sequence[str], detail: str) -> None:
         super().__init__(detail)
@@ -95,6 +94,8 @@ class AttemptRun:
     # Bytes pushed to the machine, as they are sent: (kind, bytes) with kind one of PUSH_KINDS.
     on_pushed: Callable[[str, int], None] | None = None
     system: str | None = None  # the build's, for the published narinfo's System line
+    # Another machine could take the build: if this one holds its outputs already, it moves.
+    may_move: bool = False
     sessions: StoreSessions | None = None  # a Nix machine's store sessions
     session: StoreSession | None = None  # the one this attempt uses, when one was free
     # What survey() found.
@@ -105,6 +106,9 @@ class AttemptRun:
     outputs_paths: list[str] = field(default_factory=list)
     absent: set[str] = field(default_factory=set)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # recorded with the next step
+    # Every output is on the machine already: the build runs again with --check and compares.
+    check: bool = False
+    check_result: str | None = None  # IDENTICAL or DIFFERS once the check build ran
 
     async def step(self, name: str, detail: str | None = None, log_path: str | None = None) -> None:
         skipped, self.skipped = self.skipped, []
@@ -167,6 +171,10 @@ class AttemptRun:
     # .drv closure, its sources, the input outputs and the outputs; later steps use its answer.
 
     async def survey(self) -> None:
+        """What the machine lacks, and what to do when it holds the outputs already: move to a
+        machine that lacks them, or (with none) build again without deleting anything and
+        compare, as `guix build --check` does. (Some outputs of several are rebuilt by a plain
+        build: the store rebuilds the others beside the valid ones and keeps those.)"""
         self.known, (self.inputs, self.inputs_complete), outputs = await self.db(
             _what_the_datastore_knows, self.drv_path
         )
@@ -177,6 +185,12 @@ class AttemptRun:
         self.sources = sorted(sources)
         everything = [k.path for k in self.known] + self.sources + self.inputs + self.outputs_paths
         self.absent = set(await self.missing(sorted(set(everything))))
+        if self.outputs_paths and not self.absent & set(self.outputs_paths):
+            if self.may_move:
+                raise SetupFailed(OUTPUTS_PRESENT, self.outputs_paths,
+                                  "its outputs are on this machine already: moving to one "
+                                  "that lacks them")
+            self.check = True
 
     async def push_derivations(self) -> None:
         """Make sure the .drv closure is in the machine's store."""
@@ -231,10 +245,16 @@ class AttemptRun:
         return [p for p in missing if p not in pushed]
 
     async def dry_run(self, unavailable: Sequence[str]) -> None:
-        """Ask the store what it would build, unless every input is known to be present."""
+        """Ask the store what it would build, unless every input is known to be present. Every
+        derivation it would build is reported missing, not only the direct inputs: the
+        missing-inputs hook submits them all at once."""
         if self.inputs_complete and not unavailable:
             self.skip("dry-run", "skipped: every input output is on the machine")
             return
+        if self.check:
+            # The store would build the inputs itself before checking: they must come first.
+            raise SetupFailed(MISSING_INPUTS, unavailable or self.inputs,
+                              "inputs missing for a rebuild with --check")
         await self.step("dry-run")
         command = self.backend.dry_run(self.drv_path)
         result = await self._ask(command)
@@ -243,43 +263,25 @@ class AttemptRun:
         plan = self.backend.parse_dry_run(result.stdout, result.stderr)
         others = [d for d in (*plan.would_build, *plan.unknown) if d != self.drv_path]
         if others:
-            paths = list(unavailable) or others
             raise SetupFailed(
-                MISSING_INPUTS, paths, f"{len(others)} input derivation(s) would be built first"
-            )
-
-    async def delete_outputs(self) -> None:
-        """Outputs already on the machine are deleted, so the build really runs."""
-        present = [p for p in self.outputs_paths if p not in self.absent]
-        if not present:
-            self.skip("delete-outputs", "skipped: no output is on the machine")
-            return
-        await self.step("delete-outputs")
-        if self.sessions is not None:
-            # Store sessions root what they built or imported: end ours and the idle ones.
-            self.session = await self.sessions.renew(self.session)
-        command = self.backend.delete(present)
-        result = await self._ask(command)
-        if (not result.ok and self.sessions is not None
-                and await self.sessions.wait_for_older(DELETE_WAIT)):
-            # A session busy with another attempt may have built or imported them before:
-            # it has ended on its way back; the outputs are no longer held by it.
-            result = await self._ask(command)
-        if not result.ok:
-            raise SetupFailed(
-                COULD_NOT_DELETE_OUTPUTS, present, _first_error(result.stderr)
+                MISSING_INPUTS, list(dict.fromkeys([*unavailable, *others])),
+                f"{len(others)} input derivation(s) would be built first",
             )
 
     async def build(self) -> None:
         log = LogWriter(self.log_path, self.max_log_bytes)
         try:
-            await self.step("build", log_path=self.log_path)
-            if self.session is not None:
+            detail = "with --check: compared with the outputs on the machine"
+            await self.step("build", detail if self.check else None, log_path=self.log_path)
+            if self.session is not None and not self.check:
                 await self._build_in_session(self.session, log)
                 return
             result = await self._build_by_command(log)
         finally:
             log.close()
+        if self.check and (result.ok or self.backend.check_differs(result.exit_status, log.tail)):
+            self.check_result = IDENTICAL if result.ok else DIFFERS
+            return
         if not result.ok:
             _kind, reason = self.backend.classify_build_failure(result.exit_status, log.tail)
             raise BuildFailed(builder_exit_code(log.tail), reason)
@@ -287,7 +289,8 @@ class AttemptRun:
     async def _build_by_command(self, log: LogWriter) -> RunResult:
         machine = self.machine
         command = self.backend.build(
-            self.drv_path, max_silent_time=machine.max_silent_time, timeout=machine.timeout
+            self.drv_path, max_silent_time=machine.max_silent_time, timeout=machine.timeout,
+            check=self.check,
         )
         return await self.remote.run_streaming(
             command.argv,
@@ -410,7 +413,6 @@ class AttemptRun:
             await self.push_derivations()
             unavailable = await self.push_inputs()
             await self.dry_run(unavailable)
-            await self.delete_outputs()
             await self.build()
             return await self.fetch_outputs(self.outputs_paths)
         finally:

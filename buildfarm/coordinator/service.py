@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from buildfarm.coordinator.tally import Tally
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import events as event_rows
 from buildfarm.datastore import open_datastore, without_password
-from buildfarm.datastore.models import Attempt, Build, MachineState
+from buildfarm.datastore.models import OUTPUTS_PRESENT, Attempt, Build, MachineState
 from buildfarm.errors import (
     AlreadyRunningError,
     BuildfarmError,
@@ -59,12 +58,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("buildfarm")
 T = TypeVar("T")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SETUP_RETRY_BASE = 5.0  # seconds a build waits after a setup failure (doubling, capped)
-SETUP_RETRY_MAX = 600.0
 LOAD_PROBE_EVERY = 20.0  # default seconds between two reads of a machine's load
 TALLY_EVERY = 1.0  # seconds between two reads of the events that end builds
 LOCAL_FAILURE_RETRY = 10.0  # seconds a build waits after the coordinator's own disk failed it
-INTERNAL_ERROR_RETRY = 60.0  # seconds a build waits after a bug interrupted it (no hot loop)
+# --exit-when-idle: a machine that failed to connect this many times in a row counts as gone.
+GIVE_UP_CONNECTING = 5
+DEFAULT_RETRY = records.Retry()
 RUN_LOCK_CHECK_EVERY = 5.0
 # PostgreSQL: how long run waits for a lost server to come back (retrying each datastore
 # call on a new connection) before it gives up; the delays between tries.
@@ -84,6 +83,18 @@ class RunOptions:
     max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
     compressions: tuple[Compression, ...] = DEFAULT_COMPRESSIONS  # of published nars
     load_interval: float = LOAD_PROBE_EVERY  # seconds between two reads of each machine's load
+    retry: records.Retry = DEFAULT_RETRY  # after attempts that made no progress
+
+
+@dataclass
+class Moving:
+    """A build whose outputs some machines hold already: it goes to one that lacks them while
+    there is one (see AttemptRun.survey)."""
+
+    system: str
+    features: frozenset[str]
+    store_dir: str
+    holders: set[str]
 
 
 class Reporter(Protocol):
@@ -130,6 +141,8 @@ class Coordinator:
         self.tally = Tally()  # builds and attempts that ended since the start, apart
         self._tallied = float("-inf")
         self.queue_depth: dict[str, int] = {}
+        self.moving: dict[int, Moving] = {}  # by build id
+        self._settled = False  # the last allocation asked every machine that could take work
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datastore")
         self._wake = asyncio.Event()
         self._lock = RunLock(settings.db_url, settings.state_dir)
@@ -256,9 +269,9 @@ class Coordinator:
                 self.queue_depth = await self.db(scheduler.queue_depth)
             await self.count_endings()
             self.reporter.update(self)
-            if self.options.exit_when_idle and await self.idle() and await self.hooks.idle():
+            if self.options.exit_when_idle and await self.hooks.idle() and await self.idle():
                 await self.count_endings(force=True)  # the last view counts every build
-                self.reporter.event("nothing queued or running: exiting")
+                await self.report_stuck()
                 return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -320,11 +333,42 @@ class Coordinator:
     # -- the loop's work
 
     async def idle(self) -> bool:
-        if any(m.running for m in self.machines.values()):
+        """Nothing can make progress: nothing runs, the last allocation asked every machine
+        that may take work and none took any, and no queued build waits for a later start."""
+        if any(m.running for m in self.machines.values()) or not self._settled:
             return False
-        systems = sorted({s for m in self.machines.values() for s in m.machine.systems})
-        depth = await self.db(scheduler.queue_depth, systems)
-        return not any(depth.values())
+        return await self.db(scheduler.next_start, time.time()) is None
+
+    async def report_stuck(self) -> None:
+        """Say what is left in the queue, and why no machine takes it."""
+        groups, waiting = await self.db(scheduler.stuck)
+        if not groups and not waiting:
+            self.reporter.event("nothing queued or running: exiting")
+            return
+        for group in groups:
+            self.reporter.event(f"stuck: {group.count} queued build(s) for {group.system}"
+                                f"{_features(group.features)} of {group.store_dir}: "
+                                f"{self._why_stuck(group)} (e.g. {group.example})")
+        if waiting:
+            self.reporter.event(f"stuck: {waiting} queued build(s) wait for those")
+        self.reporter.event("nothing else can make progress: exiting")
+
+    def _why_stuck(self, group: scheduler.Stuck) -> str:
+        machines = [m for m in self.machines.values() if not m.retiring]
+        for_system = [m for m in machines if group.system in m.machine.systems]
+        if not for_system:
+            return "no machine builds for that system"
+        with_features = [m for m in for_system if group.features <= set(m.machine.features)]
+        if not with_features:
+            return "no machine for that system offers those features"
+        able = [m for m in with_features if m.machine.store_directory == group.store_dir]
+        if not able:
+            return "no machine for that system has that store"
+        unreachable = [m for m in able if not m.ready]
+        if unreachable:
+            return "; ".join(f"machine {m.machine.name} is unreachable: {m.last_error}"
+                             for m in unreachable)
+        return "no machine took them"
 
     async def check_cancellations(self) -> None:
         running = {r.attempt_id: r for m in self.machines.values() for r in m.running.values()}
@@ -412,42 +456,71 @@ class Coordinator:
     async def allocate(self) -> None:
         if self.should_exit:
             return
+        settled = True
         for slots in self._ordered_machines():
             if slots.retiring:
                 continue  # removed: finishes its builds on the connection it has
             self._ensure_connecting(slots)
             if slots.sessions is not None:
                 slots.sessions.prune()
-            if not slots.ready or slots.free <= 0:
+            if not slots.ready:
+                settled = settled and slots.remote.failures >= GIVE_UP_CONNECTING
+                continue
+            if slots.free <= 0 or slots.paused:
+                settled = False
                 continue
             if slots.overloaded():
+                settled = False
                 continue
             slot = scheduler.Slot(
                 slots.machine.name,
                 slots.machine.systems,
                 frozenset(slots.machine.features),
+                slots.machine.store_directory,
             )
+            avoided = [b for b, moving in self.moving.items()
+                       if slots.machine.name in moving.holders and self._other_taker(moving)]
+
             while slots.free > 0:
-                attempt = await self.db(scheduler.allocate, slot)
+                attempt = await self.db(scheduler.allocate, slot, None, avoided)
                 if attempt is None:
                     break
+                settled = False
                 self._start(slots, attempt)
+        self._settled = settled
+
+    def _other_taker(self, moving: Moving, also: str | None = None) -> bool:
+        """Whether a connected machine that may lack a build's outputs (it is none of their
+        holders, nor `also`) could take it."""
+        return any(
+            m.ready and not m.retiring and m.machine.name not in moving.holders
+            and m.machine.name != also
+            and m.can_take(moving.system, moving.features, moving.store_dir)
+            for m in self.machines.values()
+        )
 
     def _start(self, slots: MachineSlots, attempt: Attempt) -> None:
         build: Build = attempt.build
         drv_path = build.derivation.path
         run = RunningAttempt(
             attempt_id=attempt.id,
+            build_id=build.id,
             build_uuid=build.uuid,
             drv_path=drv_path,
             started=time.time(),
             system=build.system,
         )
-        run.task = asyncio.create_task(self._run_attempt(slots, run), name=f"attempt-{attempt.id}")
+        moving = self.moving.get(build.id) or Moving(
+            build.system, frozenset(build.required_features.split()),
+            drv_path.rsplit("/", 1)[0], set(),
+        )
+        run.task = asyncio.create_task(self._run_attempt(slots, run, moving),
+                                       name=f"attempt-{attempt.id}")
         slots.running[attempt.id] = run
         self.reporter.event(f"build {build.uuid} started on {slots.machine.name} ({drv_path})")
 
-    async def _run_attempt(self, slots: MachineSlots, run: RunningAttempt) -> None:
+    async def _run_attempt(self, slots: MachineSlots, run: RunningAttempt,
+                           moving: Moving) -> None:
         machine = slots.machine
         assert self.outputs is not None and self.key is not None
         path = log_path(self.settings.logs_dir, run.build_uuid, run.attempt_id)
@@ -470,42 +543,45 @@ class Coordinator:
                 self.metrics.pushed, machine.name
             ),
             system=run.system,
+            may_move=self._other_taker(moving, also=machine.name),
         )
         uuid, name = run.build_uuid, machine.name
         outcome, setup_kind = "interrupted", None
+        retry = self.options.retry
+        ended: list[str] = []  # builds that ended failed when this attempt did
         try:
             stored = await steps.run()
-            await self.db(records.succeed, run.attempt_id, stored, path)
-            self.reporter.event(f"build {uuid} succeeded (on {name})")
+            await self.db(records.succeed, run.attempt_id, stored, path, steps.check_result)
+            checked = f", checked: {steps.check_result}" if steps.check_result else ""
+            self.reporter.event(f"build {uuid} succeeded (on {name}{checked})")
             outcome = "success"
+            await self._machine_worked(slots)
         except BuildFailed as e:
             outcome = "failure"
             await self._publish_log(run.drv_path, path)
             dependants = await self.db(records.fail, run.attempt_id, e.exit_status, e.reason, path)
             self.reporter.event(f"build {uuid} failed (on {name}): {e.reason}")
-            for other in dependants:
-                self.reporter.event(f"build {other} failed: dependency-failed")
+            ended = [uuid, *dependants]
+            await self._machine_worked(slots)
         except SetupFailed as e:
             outcome, setup_kind = "setup-failure", e.kind
-            failures = await self.db(_setup_failures, run.attempt_id)
-            delay = min(SETUP_RETRY_MAX, SETUP_RETRY_BASE * 2 ** max(0, failures - 1))
-            delay *= random.uniform(0.8, 1.2)
-            await self.db(
-                records.setup_failure, run.attempt_id, e.kind, e.paths, e.detail, delay
+            if e.kind == OUTPUTS_PRESENT:
+                self.moving.setdefault(run.build_id, moving).holders.add(name)
+            ended = await self.db(
+                records.setup_failure, run.attempt_id, e.kind, e.paths, e.detail, retry
             )
             self.reporter.event(f"build {uuid} setup failure on {name}: {e.kind}: {e.detail}")
-        except TransferFailed as e:
-            await self.db(records.interrupt, run.attempt_id, f"transfer failed: {e}")
-            self.reporter.event(f"build {uuid} interrupted on {name}: transfer failed: {e}")
-        except StoreCommandFailed as e:
-            await self.db(records.interrupt, run.attempt_id, f"store command failed: {e}")
-            self.reporter.event(f"build {uuid} interrupted on {name}: store command failed: {e}")
+        except (TransferFailed, StoreCommandFailed) as e:
+            what = "transfer failed" if isinstance(e, TransferFailed) else "store command failed"
+            ended = await self.db(records.retry_later, run.attempt_id, f"{what}: {e}", retry)
+            self.reporter.event(f"build {uuid} interrupted on {name}: {what}: {e}")
+            await self._machine_failed(slots, f"{what}: {e}")
         except RemoteError as e:
             slots.ready = False
             slots.last_error = str(e)
             slots.remote.note_failure(str(e))
             what = "machine misbehaved" if isinstance(e, ProtocolError) else "connection lost"
-            await self.db(records.interrupt, run.attempt_id, f"{what}: {e}")
+            ended = await self.db(records.retry_later, run.attempt_id, f"{what}: {e}", retry)
             until = slots.remote.backed_off_until
             await self.db(_note_machine, name, str(e), until)
             line = f"build {uuid} interrupted on {name}: {e}"
@@ -523,20 +599,36 @@ class Coordinator:
             reason = str(e.args[0]) if e.args else "canceled"
             await asyncio.shield(self.db(records.interrupt, run.attempt_id, reason))
             self.reporter.event(f"build {uuid} interrupted on {name}: {reason}")
-        except Exception as e:  # a bug must not take the farm down: log it, requeue
+        except Exception as e:  # a bug must not take the farm down: log it, retry (bounded)
             logger.exception("attempt %s on %s", run.attempt_id, name)
-            await self.db(
-                records.interrupt, run.attempt_id, f"internal error: {e!r}", INTERNAL_ERROR_RETRY
+            ended = await self.db(
+                records.retry_later, run.attempt_id, f"internal error: {e!r}", retry
             )
         finally:
             slots.running.pop(run.attempt_id, None)
             self.tally.add_attempt(outcome)
+            if setup_kind != OUTPUTS_PRESENT and outcome != "interrupted":
+                self.moving.pop(run.build_id, None)
             if self.metrics is not None:
                 self.metrics.attempt_ended(
                     name, outcome, setup_kind, time.time() - run.started, run.transferred
                 )
             self._wake.set()
+        for other in ended:
+            if other != uuid or outcome != "failure":
+                reason = await self.db(_reason_of, other)
+                self.reporter.event(f"build {other} failed: {reason}")
 
+    async def _machine_failed(self, slots: MachineSlots, error: str) -> None:
+        """An attempt failed on the machine's side: it takes no new build for a while."""
+        until = slots.attempt_failed()
+        slots.last_error = error
+        await self.db(_note_machine, slots.machine.name, error, until)
+
+    async def _machine_worked(self, slots: MachineSlots) -> None:
+        if slots.attempt_worked():
+            slots.last_error = None
+            await self.db(_note_machine, slots.machine.name, None, None)
 
     async def _publish_log(self, drv_path: str, log_file: str) -> None:
         """A failed build's log is published as a successful one's is (with its outputs), for
@@ -583,20 +675,13 @@ def _reconnecting(call: Callable[[], T], notify: Callable[[str], None],
         return result
 
 
-def _setup_failures(attempt_id: int) -> int:
-    """How many setup failures this build has had in a row (for the retry delay)."""
-    from buildfarm.datastore.models import SETUP_FAILURE
+def _features(features: frozenset[str]) -> str:
+    return f" with features {', '.join(sorted(features))}" if features else ""
 
-    build = Attempt.get_by_id(attempt_id).build
-    count = 0
-    for attempt in build.attempts.order_by(Attempt.id.desc()):
-        if attempt.id == attempt_id:
-            count += 1
-            continue
-        if attempt.result != SETUP_FAILURE:
-            break
-        count += 1
-    return count
+
+def _reason_of(uuid: str) -> str:
+    build: Build = Build.get(Build.uuid == uuid)
+    return build.reason or build.state
 
 
 def _note_machine(name: str, error: str | None, backoff_until: float | None) -> None:

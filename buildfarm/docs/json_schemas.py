@@ -74,8 +74,8 @@ F = Field
 TIME = "ISO 8601 UTC time"
 
 _STEP = obj(
-    F("name", string(), "push-derivations, push-inputs, dry-run, delete-outputs, build, "
-      "export-outputs, fetch-outputs or verify-outputs."),
+    F("name", string(), "push-derivations, push-inputs, dry-run, build, export-outputs, "
+      "fetch-outputs or verify-outputs (delete-outputs in attempts of older versions)."),
     F("started_at", string(), f"When it started ({TIME})."),
     F("ended_at", string(True), "When it ended (null while it runs)."),
     F("detail", string(True), "Why it was skipped, or other detail."),
@@ -91,9 +91,14 @@ _ATTEMPT = obj(
       "builder's exit status (from the store's \"builder for ... failed with exit code N\"), "
       "not the build command's (nix-store exits 100 for any failed build); else null."),
     F("detail", string(True), "Why it failed or was interrupted."),
-    F("setup_failure", string(True), "missing-inputs or could-not-delete-outputs."),
-    F("missing_inputs", list_of(string()), "Store paths the machine lacked."),
+    F("setup_failure", string(True), "missing-inputs, or outputs-present (its outputs were on "
+      "the machine while another lacked them: the build moved there); "
+      "could-not-delete-outputs in attempts of older versions."),
+    F("missing_inputs", list_of(string()), "Store paths the machine lacked (for "
+      "outputs-present: the outputs it held)."),
     F("log", string(True), "The gzip-compressed build log on the coordinator."),
+    F("check", string(True), "identical or differs: the build ran again over the outputs the "
+      "machine held (guix build --check, nix-store --check) and compared; null otherwise."),
     F("steps", list_of(_STEP), "Each step, in order."),
 )
 _BUILD_ROW = obj(
@@ -119,8 +124,11 @@ SCHEMAS: dict[str, Schema] = {
     "submit": Schema("A list with one object per DRV, in the order given.", list_of(obj(
         F("uuid", string(), "The build's UUID."),
         F("derivation", string(), "The .drv store path."),
-        F("created", boolean(), "false when --ignore-if-built or --ignore-if-queued found an "
-          "existing build, whose UUID is given."),
+        F("created", boolean(), "false when --ignore-if-built, --ignore-if-queued or "
+          "--ignore-if-failed found an existing build, whose UUID is given."),
+        F("state", string(True), "The new build's state: queued, or failed when it is "
+          "dependency-failed at once (an input's latest build failed); null for a build "
+          "reused."),
     ))),
     "builds list": Schema("A list of builds, newest first.", list_of(_BUILD_ROW)),
     "builds show": Schema("One object.", obj(
@@ -130,6 +138,14 @@ SCHEMAS: dict[str, Schema] = {
         F("required_features", list_of(string()), "The derivation's requiredSystemFeatures."),
         F("state", string(), "queued, running, succeeded, failed or canceled."),
         F("reason", string(True), "Why it failed or was canceled."),
+        F("cause", obj(
+            F("build", string(), "Its UUID."),
+            F("derivation", string(), "Its .drv store path."),
+        nullable=True), "For a dependency-failed build: the failed build at the bottom of the "
+          "chain (the root cause); null otherwise."),
+        F("reproducible", boolean(True), "true when a rebuild with --check gave outputs "
+          "identical to those the machine held, false when they differed, null when no "
+          "rebuild compared them."),
         F("priority", integer(), "Higher runs first."),
         F("tags", map_of(string()), "Tag key -> value."),
         F("outputs", map_of(string()), "Output name -> store path."),

@@ -112,7 +112,6 @@ class StoreSession:
         self._broken = False
         self.started_at = self.idle_since = time.monotonic()
         self.uses = 0
-        self.generation = 0  # StoreSessions: the renewal it started after
         self.ending = False  # StoreSessions: counted out already
         self._pump = asyncio.ensure_future(self._pump_stderr())
 
@@ -372,11 +371,9 @@ class StoreSessions:
     attempt runs one command per operation.
 
     `nix-store --serve` holds a temporary GC root on everything it built or imported until it
-    exits. So a session retires after SESSION_USES attempts or SESSION_AGE seconds, an idle
-    one after SESSION_IDLE seconds (``prune``), and an attempt that must delete outputs from
-    the machine first ends its own session and the idle ones (``renew``); the sessions other
-    attempts were using then end when they are given back, and ``wait_for_older`` waits for
-    that (a session that built an output may have gone on to serve another attempt).
+    exits. So a session retires after SESSION_USES attempts or SESSION_AGE seconds, and an
+    idle one after SESSION_IDLE seconds (``prune``), which leaves the machine's own garbage
+    collector something to collect.
     """
 
     def __init__(self, remote: Remote, limit: int) -> None:
@@ -385,9 +382,6 @@ class StoreSessions:
         self._count = 0
         self._refused = self._closed = False
         self._ending: set[asyncio.Task[None]] = set()
-        self._generation = 0  # renewals so far
-        self._busy: set[StoreSession] = set()
-        self._returned = asyncio.Event()
 
     async def take(self) -> StoreSession | None:
         self.prune()
@@ -395,7 +389,6 @@ class StoreSessions:
             session = self._idle.pop()
             if session.usable:
                 session.uses += 1
-                self._busy.add(session)
                 return session
             self._end(session)
         if self._refused or self._closed or self._count >= self.limit:
@@ -418,16 +411,12 @@ class StoreSessions:
             self._count -= 1
             raise
         else:
-            session.uses, session.generation = 1, self._generation
-            self._busy.add(session)
+            session.uses = 1
             return session
         return None
 
     def give_back(self, session: StoreSession) -> None:
-        self._busy.discard(session)
-        self._returned.set()
-        if (session.usable and not self._closed and not self._worn(session)
-                and session.generation == self._generation):
+        if session.usable and not self._closed and not self._worn(session):
             session.idle_since = time.monotonic()
             self._idle.append(session)
         else:
@@ -442,41 +431,6 @@ class StoreSessions:
             if session not in keep:
                 self._end(session)
         self._idle = keep
-
-    async def renew(self, session: StoreSession | None) -> StoreSession | None:
-        """End ``session`` and the idle ones (dropping their roots), and the busy ones when
-        they are given back; then take a fresh one."""
-        self._generation += 1
-        if session is not None:
-            self._busy.discard(session)
-        ending = [s for s in (session, *self._idle) if s is not None]
-        self._idle = []
-        for old in ending:
-            self._end(old)
-        await asyncio.gather(*self._ending, return_exceptions=True)
-        return await self.take()
-
-    async def wait_for_older(self, timeout: float) -> bool:
-        """Wait (at most ``timeout`` seconds) until the sessions busy at the last ``renew``
-        have been given back and have exited. False when there was none to wait for, or
-        some are still busy at the end."""
-        def older() -> list[StoreSession]:
-            return [s for s in self._busy if s.generation < self._generation]
-
-        if not older():
-            return False
-        deadline = time.monotonic() + timeout
-        while True:
-            self._returned.clear()  # before looking: a session given back after it wakes us
-            if not older():
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._returned.wait(), left)
-        await asyncio.gather(*self._ending, return_exceptions=True)
-        return True
 
     async def close(self) -> None:
         """No more sessions: end the idle ones, wait for every ending one."""
@@ -504,7 +458,7 @@ class StoreSessions:
 def session_limit(max_sessions: int, max_builds: int) -> int:
     """Sessions hold a channel each, busy or idle. Of the channels left after the kill reserve
     and SFTP, all but one may be sessions, which leaves commands (a build without a session,
-    an attempt's occasional export, dry run or delete) at least one channel: they may queue
+    an attempt's occasional export, dry run or check build) at least one channel: they may queue
     for it, but none needs another to finish, so each gets its turn."""
     spare = max_sessions - 2 if max_sessions >= 3 else max_sessions
     return max(0, min(max_builds, spare - 1))

@@ -43,8 +43,9 @@ from guix_emulator.store import (
 BUILD_COMMAND_OPTIONS = (
     *HELP_VERSION, Opt(("n", "dry-run"), "dry-run"), Opt(("d", "derivations"), "derivations"),
     Opt(("v", "verbosity"), "verbosity", REQUIRED, number), Opt(("q", "quiet"), "quiet"),
+    Opt(("check",), "check"),
     *unsupported(
-        (("S", "source"), NONE), (("sources",), OPTIONAL), (("check",), NONE),
+        (("S", "source"), NONE), (("sources",), OPTIONAL),
         (("repair",), NONE), (("s", "system"), REQUIRED), (("target",), REQUIRED),
         (("e", "expression"), REQUIRED), (("f", "file"), REQUIRED), (("m", "manifest"), REQUIRED),
         (("r", "root"), REQUIRED), (("log-file",), NONE)),
@@ -62,9 +63,10 @@ def verbosity_of(parsed: Parsed) -> int:
     return level
 
 
-def build_plan(tops: Sequence[tuple[str, Derivation]]) -> list[str]:
+def build_plan(tops: Sequence[tuple[str, Derivation]], check: bool = False) -> list[str]:
     """[D] derivation-build-plan with no substitutes (the oracle answers #f for every item):
-    the .drv files to build, in Guix's order."""
+    the .drv files to build, in Guix's order; in check mode ("assume that DRV is not built")
+    the tops are built whatever their state."""
     drvs = dict(tops)
     queue = list(drvs)
     while queue:
@@ -83,7 +85,8 @@ def build_plan(tops: Sequence[tuple[str, Derivation]]) -> list[str]:
             continue
         visited.add(key)
         paths = dict(drvs[path].outputs)
-        if all(paths.get(name) not in invalid for name in outputs):
+        top = check and any(path == p for p, _ in tops)
+        if not top and all(paths.get(name) not in invalid for name in outputs):
             continue  # input-built?
         plan.append(path)
         work.extendleft(reversed(drvs[path].inputs))  # (append deps rest)
@@ -106,6 +109,13 @@ _TIMED_OUT = re.compile(
 _DEPENDENCIES = re.compile(r"(\d+) dependencies of derivation '([^']+)' failed to build$")
 _MISSING = re.compile(r"cannot build missing derivation '([^']+)'$")
 _SUMMARY = re.compile(r"build of .* failed$")
+# Nix's messages of check mode, and the daemon's [BC] registerOutputs and outputsSubstituted:
+# "derivation `%1%' may not be deterministic: output `%2%' differs", "some outputs of `%1%'
+# are not valid, so checking is not possible" (plain Errors: the client prints them as is).
+_NOT_DETERMINISTIC = re.compile(
+    r"derivation '([^']+)' may not be deterministic: output '([^']+)' differs$")
+_NOT_CHECKABLE = re.compile(
+    r"some outputs of '([^']+)' are not valid, so checking is not possible$")
 
 
 class BuildReport:
@@ -200,6 +210,12 @@ class BuildReport:
                       "be built", False)
         elif m := _MISSING.match(first):  # [BC] haveDerivation
             self.fail(m[1], f"cannot build missing derivation ‘{m[1]}’", False)  # noqa: RUF001
+        elif m := _NOT_DETERMINISTIC.match(first):
+            self.errors.append(f"derivation `{m[1]}' may not be deterministic: output `{m[2]}' "
+                               "differs")
+        elif m := _NOT_CHECKABLE.match(first):
+            self.errors.append(f"some outputs of `{m[1]}' are not valid, so checking is not "
+                               "possible")
         elif not _SUMMARY.match(first):
             self.errors.append(guix_quotes(first))
 
@@ -226,7 +242,7 @@ def realise(targets: list[str], parsed: Parsed, report: BuildReport) -> None:
     """[B] build-derivations through the daemon, done by nix-store --realise."""
     command = ["nix-store", "--realise", "--log-format", "internal-json"]
     flags = {"keep-going": "--keep-going", "keep-failed": "--keep-failed",
-             "fallback": "--fallback"}
+             "fallback": "--fallback", "check": "--check"}
     command += [flag for key, flag in flags.items() if parsed.has(key)]
     settings = {"max-silent-time": "max-silent-time", "timeout": "timeout", "cores": "cores",
                 "max-jobs": "max-jobs"}
@@ -282,7 +298,7 @@ def cmd_build(argv: Sequence[str]) -> int:
         return 0
     for path, _ in drvs:
         assert_store_path(path)
-    plan = build_plan(drvs)
+    plan = build_plan(drvs, parsed.has("check"))
     if plan and verbosity >= 1:  # [UI] show-what-to-build, three-space indent
         mood = "would" if parsed.has("dry-run") else "will"
         noun = "derivation" if len(plan) == 1 else "derivations"
