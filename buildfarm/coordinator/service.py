@@ -335,9 +335,11 @@ class Coordinator:
     async def idle(self) -> bool:
         """Nothing can make progress: nothing runs, the last allocation asked every machine
         that may take work and none took any, and no queued build waits for a later start."""
-        if any(m.running for m in self.machines.values()) or not self._settled:
+        if any(m.running for m in self.machines.values()):
             return False
-        return await self.db(scheduler.next_start, time.time()) is None
+        if not any((await self.db(scheduler.queue_depth)).values()):
+            return True
+        return self._settled and await self.db(scheduler.next_start, time.time()) is None
 
     async def report_stuck(self) -> None:
         """Say what is left in the queue, and why no machine takes it."""
