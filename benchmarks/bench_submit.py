@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from datastores import engine_of
-from graphs import generate
+from graphs import distribution, generate
 
 _written: dict[Path, list[str]] = {}  # the .drv files generate() wrote, by directory
 
@@ -52,3 +53,28 @@ def submit_from_stdin(work: Path, count: int, datastore: str | None = None) -> d
     if len(done.stdout.split()) != count:
         raise RuntimeError(f"submit printed {len(done.stdout.split())} UUIDs for {count} files")
     return {"seconds": seconds, "rate": count / seconds}
+
+
+def submit_closure(work: Path, count: int) -> dict[str, float]:
+    """Seconds `buildfarm submit --closure -` takes for the tops of the `count` generated
+    derivations (those nothing needs): it reads every input .drv beside them, and queues a
+    build of each; the CPU seconds it used."""
+    files = drv_files(work, count)
+    needed = {path for item in distribution(count) for path, _ in item.drv.input_drvs}
+    tops = [f for f in files if f"/gnu/store/{os.path.basename(f)}" not in needed]
+    state = work / f"state-closure-{count}"
+    env = {**os.environ, "BUILDFARM_STATE_DIR": str(state)}
+    env.pop("BUILDFARM_DB", None)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "buildfarm", "submit", "--closure", "-"],
+                          input="\n".join(tops), env=env, capture_output=True, text=True,
+                          check=True)
+    seconds = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
+    inputs = f"{count - len(tops)} build(s) of inputs submitted with it\n"
+    if len(done.stdout.split()) != len(tops) or done.stderr != inputs:
+        raise RuntimeError(f"submit --closure printed {len(done.stdout.split())} UUIDs for "
+                           f"{len(tops)} tops: {done.stderr[-1000:]}")
+    return {"seconds": seconds, "cpu": cpu, "tops": len(tops)}

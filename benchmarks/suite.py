@@ -1,7 +1,9 @@
 """Every benchmark, in one run, into one table (run it through benchmarks/run).
 
-Groups (--only NAME selects some): startup, submit, scheduler, queries, memory, e2e, transfer,
-web (benchmarks/web.py: every page and API call of `buildfarm web` on an aged datastore).
+Groups (--only NAME selects some): startup, submit, scheduler, queries, memory, e2e, graph
+(benchmarks/bench_graph.py: a whole graph with a failure, against Nix's remote building),
+transfer, web (benchmarks/web.py: every page and API call of `buildfarm web` on an aged
+datastore).
 --quick stops the datastore sizes at 100,000 builds and does fewer trivial builds: a few
 minutes instead of an hour; the full run is the one BENCHMARKS.md records.
 
@@ -31,7 +33,8 @@ from datastores import LABELS, PostgresServer, engine_of, sqlite_url
 from figures import Figure, Report, machine, table
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ("startup", "submit", "scheduler", "queries", "memory", "e2e", "transfer", "web")
+GROUPS = ("startup", "submit", "scheduler", "queries", "memory", "e2e", "graph", "transfer",
+          "web")
 ENGINE_CHOICES = {"sqlite": ("sqlite",), "postgresql": ("postgresql",),
                   "both": ("sqlite", "postgresql")}
 MARK_BEGIN = "<!-- benchmarks/run --write: begin -->"
@@ -159,6 +162,19 @@ class Suite:
                 peer_name="the same into SQLite" if peer else "",
                 note=f"{done[engine]['rate']:,.0f} derivations/s",
             ))
+        self._closure()
+
+    def _closure(self) -> None:
+        import bench_submit
+
+        count = 100_000
+        print(f"submit --closure of the tops of {count:,} derivations ...", flush=True)
+        done = bench_submit.submit_closure(self.work, count)
+        self.report.add(Figure(
+            f"submit --closure of {done['tops']:,} tops, {count:,} derivations in all (issue 18)",
+            done["seconds"], "s", target=("<=", 60),
+            note=f"{done['cpu']:.0f} s of CPU; {count / done['seconds']:,.0f} derivations/s",
+        ))
 
     def _scratch_copy(self, count: int, engine: str) -> str:
         """A copy of the datastore of `count` builds, for a group that changes it (the other
@@ -271,6 +287,11 @@ class Suite:
             peer_name=f"the same at {self.sizes[0]:,} queued",
             note=f"{ours['connected']} machines connected, {seconds:.0f} s of work",
         ))
+
+    def graph(self) -> None:
+        import bench_graph
+
+        bench_graph.graph_builds(self.report, self.work)
 
     def e2e(self) -> None:
         import bench_e2e

@@ -457,11 +457,22 @@ def test_recorded_events_match_the_declared_list(store: Datastore) -> None:
     (top,) = submit([str(TOP)], SubmitOptions())
     attempt = scheduler.allocate(slot)
     assert attempt is not None and attempt.build.uuid == top.uuid
+    # Every missing input has a build: nothing to announce, the build waits for them.
     records.setup_failure(attempt.id, MISSING_INPUTS, [DEP_OUT], "missing", 0.0)
+    assert not Event.select().where(Event.name == "build-missing-inputs").exists()
+    Build.update(retry_after=None).execute()
+    attempt = scheduler.allocate(slot)
+    assert attempt is not None and attempt.build.uuid == top.uuid
+    unknown = "/nix/store/" + "4" * 32 + "-made-by-no-known-derivation"
+    records.setup_failure(attempt.id, MISSING_INPUTS, [DEP_OUT, unknown], "missing", 0.0)
     missing = Event.select().where(Event.name == "build-missing-inputs").get()
     assert json.loads(missing.payload)["missing_inputs"] == [
-        {"path": DEP_OUT, "derivation": DEP_PATH}
+        {"path": DEP_OUT, "derivation": DEP_PATH}, {"path": unknown, "derivation": None},
     ]
+    # Not tried again before the hooks heard of it.
+    Build.update(retry_after=None).execute()
+    assert scheduler.allocate(slot) is None
+    event_rows.mark_delivered(missing.id)
     # build-failure, of the builder and of a queued dependant
     (dep2,) = submit([str(DEP)], SubmitOptions())
     attempt = scheduler.allocate(slot)
@@ -479,8 +490,8 @@ def test_recorded_events_match_the_declared_list(store: Datastore) -> None:
 def test_a_running_build_whose_input_failed_meanwhile_ends_dependency_failed(
     store: Datastore,
 ) -> None:
-    """No endless resubmission: the build ends failed, naming the failed input's build; its
-    missing inputs are still announced, so that the hook submits the others."""
+    """No endless resubmission: the build ends failed, naming the failed input's build (its
+    other missing inputs are still announced, so that the hook submits them)."""
     slot = scheduler.Slot("m1", ("x86_64-linux",), frozenset())
     (top,) = submit([str(TOP)], SubmitOptions())  # no build of its input: it may start
     top_attempt = scheduler.allocate(slot)
@@ -489,7 +500,9 @@ def test_a_running_build_whose_input_failed_meanwhile_ends_dependency_failed(
     dep_attempt = scheduler.allocate(slot)
     assert dep_attempt is not None and dep_attempt.build.uuid == dep.uuid
     assert records.fail(dep_attempt.id, 1, "failed", None) == []  # top runs: not touched yet
-    ended = records.setup_failure(top_attempt.id, MISSING_INPUTS, [DEP_OUT], "missing", 0.0)
+    unknown = "/nix/store/" + "4" * 32 + "-made-by-no-known-derivation"
+    ended = records.setup_failure(top_attempt.id, MISSING_INPUTS, [DEP_OUT, unknown], "missing",
+                                  0.0)
     assert ended == [top.uuid]
     info = builds.show_build(top.uuid)
     assert info["state"] == "failed"

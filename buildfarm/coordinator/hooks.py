@@ -51,7 +51,8 @@ PAYLOAD_FIELDS: dict[str, str] = {
     "outputs": "An object: store path -> nar hash (sha256:<nix-base32>) of each output, "
     "now in the output store.",
     "result": "An object: exit_status (the builder's, or null) and reason (a short text; "
-    "dependency-failed: DRV when an input's build failed).",
+    "dependency-failed: DRV (build UUID) when an input's latest build failed, naming the failed "
+    "build at the bottom of the chain, followed by via INPUT when that is another derivation).",
     "missing_inputs": "A list of objects: path (a store path the machine lacked) and "
     "derivation (the .drv that produces it, or null when none is known).",
 }
@@ -67,7 +68,8 @@ BUILD_FIELDS: dict[str, str] = {
 }
 
 EVENTS: tuple[HookEvent, ...] = (
-    HookEvent("build-submitted", "a build was queued by `buildfarm submit`", ()),
+    HookEvent("build-submitted", "a build was queued by `buildfarm submit`, or again by "
+              "`buildfarm builds retry`", ()),
     HookEvent(
         "build-started",
         "the coordinator allocated the build to a machine",
@@ -80,14 +82,17 @@ EVENTS: tuple[HookEvent, ...] = (
     ),
     HookEvent(
         "build-failure",
-        "the builder failed, or an input's build failed (reason dependency-failed: DRV; "
-        "machine, attempt and log are then null)",
+        "the builder failed, or the build can never run because an input's build failed "
+        "(reason dependency-failed: ..., when it is submitted, when the input fails or when a "
+        "machine finds it missing; machine, attempt and log are then null), or attempts in a "
+        "row made no progress (run --retry-limit)",
         ("machine", "attempt", "log", "result"),
     ),
     HookEvent(
         "build-missing-inputs",
-        "a machine lacked inputs that the output store does not hold (a setup failure: the "
-        "build goes back to the queue)",
+        "a machine lacked inputs that the output store does not hold, one of which at least has "
+        "no build yet (a setup failure: the build goes back to the queue, and is not tried "
+        "again before this event's hooks have run)",
         ("machine", "attempt", "missing_inputs"),
     ),
     HookEvent("build-canceled", "a user canceled the build (`buildfarm builds cancel`)", ()),

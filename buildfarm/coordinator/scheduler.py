@@ -10,8 +10,8 @@ and each set of features it offers, the head of one index range, and merges them
 deferred or backed off until later are skipped over one by one.
 
 Two builds of one derivation never run at once: on one machine the second would wait on the
-store's lock and then find the output it must delete held by the first, so the later one waits
-in the queue until the first ends.
+store's lock behind the first, so the later one waits in the queue until the first ends. A
+build whose missing-inputs hooks have not run yet waits for them too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from buildfarm.datastore.models import (
     Attempt,
     Build,
     Derivation,
+    Event,
     database_proxy,
 )
 
@@ -151,11 +152,18 @@ def allocate(slot: Slot, now: float | None = None, exclude: Iterable[int] = ()) 
     running_twin = twin.select(SQL("1")).where(
         (twin.derivation == Build.derivation) & (twin.state == RUNNING)
     )
+    # After a missing-inputs setup failure a build waits for its hooks (which submit those
+    # inputs, so that it waits for their builds): trying it again sooner fails the same way.
+    unheard = Event.select(SQL("1")).where(
+        (Event.build == Build.id) & Event.delivered_at.is_null()
+        & (Event.name == "build-missing-inputs")
+    )
     with database_proxy.atomic():
         for build_id in candidate_ids(slot, moment, exclude):
             taken = (
                 Build.update(state=RUNNING, started_at=moment)
-                .where((Build.id == build_id) & (Build.state == QUEUED) & ~fn.EXISTS(running_twin))
+                .where((Build.id == build_id) & (Build.state == QUEUED)
+                       & ~fn.EXISTS(running_twin) & ~fn.EXISTS(unheard))
                 .execute()
             )
             if not taken:

@@ -194,8 +194,10 @@ def setup_failure(
     fixed wait in seconds), or ends failed. Inputs it lacks whose latest build failed, and
     that nothing else provides, make it dependency-failed at once; its other missing inputs
     are still announced (build-missing-inputs), so that they are built as `--keep-going` would.
-    Outputs already on the machine (OUTPUTS_PRESENT) only send it to another machine: not
-    counted, no wait. Returns the UUIDs of the builds that ended failed."""
+    When every missing input is a derivation with a build already (or held outputs), there is
+    nothing new to announce: the build waits for those builds. Outputs already on the machine
+    (OUTPUTS_PRESENT) only send it to another machine: not counted, no wait. Returns the UUIDs
+    of the builds that ended failed."""
     now = time.time()
     policy = retry if isinstance(retry, Retry) else Retry(first_delay=retry, max_delay=retry)
     with database_proxy.atomic():
@@ -225,6 +227,8 @@ def setup_failure(
             ended = [build.uuid, *dependencies.fail_dependants(build, now)]
         else:
             ended = _requeue(build, attempt, detail, policy, now)
+        if len(needed) == len(paths) and all(facts.known_build(d) for d in needed):
+            return ended  # every one has a build already: nothing for the hooks to do
         events.record(
             "build-missing-inputs",
             build,

@@ -299,7 +299,8 @@ def set_priority(uuid: str, priority: int) -> tuple[str, int, int]:
         before = build.priority
         build.priority = priority
         build.save()
-        raised = dependencies.raise_inputs([build.derivation.path], priority)
+        inputs = [i.input_path for i in build.derivation.inputs]
+        raised = dependencies.raise_priorities(inputs, priority)
         return build.uuid, before, raised
 
 

@@ -76,6 +76,12 @@ class Known:
         paths = self.outputs.get(path, [])
         return bool(paths) and all(p in self.held for p in paths)
 
+    def known_build(self, path: str) -> bool:
+        """Whether derivation `path` has a build (canceled ones aside) or held outputs."""
+        builds = self.of(path)
+        return (builds.active is not None or builds.built is not None
+                or builds.latest_uuid is not None or self.outputs_held(path))
+
     def blocker(self, path: str) -> Cause | None:
         """The root cause that keeps a build needing derivation `path` from ever running: its
         latest build failed, none is queued or running, and its outputs are not held."""
@@ -149,24 +155,22 @@ def succeeded_producer(output_paths: Sequence[str]) -> str | None:
     return None if row is None else str(row[0])
 
 
-def raise_inputs(drv_paths: Iterable[str], priority: int) -> int:
-    """Give the queued or running builds that derivations `drv_paths` need, through other such
-    builds, at least `priority`; return how many were raised. A build already at `priority` or
-    more is passed by: what it needs got its priority when it did."""
+def raise_priorities(drv_paths: Iterable[str], priority: int) -> int:
+    """Give the queued or running builds of derivations `drv_paths`, and those their inputs
+    have (through other such builds), at least `priority`; return how many were raised. A
+    build already at `priority` or more is passed by: its inputs got its priority with it."""
     db = database_proxy.obj
     raised = 0
     seen: set[str] = set()
     level = list(dict.fromkeys(drv_paths))
     while level:
         seen.update(level)
-        lower: dict[int, str] = {}  # build id -> derivation path
+        lower: dict[int, int] = {}  # build id -> its derivation's id
         for chunk in chunks(level):
             rows = db.execute_sql(
-                "SELECT b.id, d.path FROM derivation_input AS i"
-                " JOIN derivation AS o ON o.id = i.derivation_id"
-                " JOIN derivation AS d ON d.path = i.input_path"
-                " JOIN build AS b ON b.derivation_id = d.id"
-                f" WHERE o.path IN ({_marks(len(chunk))})"
+                "SELECT b.id, b.derivation_id FROM build AS b"
+                " JOIN derivation AS d ON d.id = b.derivation_id"
+                f" WHERE d.path IN ({_marks(len(chunk))})"
                 f" AND b.state IN ('queued', 'running') AND b.priority < {db.param}",
                 (*chunk, priority),
             ).fetchall()
@@ -175,7 +179,15 @@ def raise_inputs(drv_paths: Iterable[str], priority: int) -> int:
         for chunk in chunks(ids):
             Build.update(priority=priority).where(Build.id.in_(list(chunk))).execute()
         raised += len(ids)
-        level = [p for p in dict.fromkeys(lower.values()) if p not in seen]
+        inputs: set[str] = set()
+        for chunk in chunks(list(set(lower.values()))):
+            rows = db.execute_sql(
+                "SELECT input_path FROM derivation_input"
+                f" WHERE derivation_id IN ({_marks(len(chunk))})",
+                tuple(chunk),
+            ).fetchall()
+            inputs.update(path for (path,) in rows)
+        level = [p for p in inputs if p not in seen]
     return raised
 
 

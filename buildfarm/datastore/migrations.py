@@ -335,7 +335,8 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[Step]]] = (
     (
         5,
         "failures remembered and retries bounded: a dependency-failed build's root cause, "
-        "a build's attempts in a row that made no progress, a rebuild's comparison",
+        "a build's attempts in a row that made no progress, a rebuild's comparison, "
+        "undelivered events by build",
         (
             # The failed build at the bottom of the chain that made this one dependency-failed
             # (no REFERENCES: a cause may come after the build in id order, which a copy of
@@ -347,6 +348,9 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[Step]]] = (
             "ALTER TABLE build ADD COLUMN fruitless_attempts INTEGER NOT NULL DEFAULT 0",
             # A rebuild over outputs already on the machine (--check): identical or differs.
             "ALTER TABLE attempt ADD COLUMN check_result TEXT",
+            # A build whose missing inputs the hooks have yet to hear of is not tried again:
+            # the scheduler looks its undelivered events up here.
+            "CREATE INDEX event_undelivered ON event (build_id) WHERE delivered_at IS NULL",
         ),
     ),
 )

@@ -211,7 +211,7 @@ def record_submission(
         results += [_submitted(b, True, target=False) for b in new.values()
                     if b.item.path not in target_paths]
         _insert_builds(builds, ids, options, tags, now)
-        _raise_priorities(standing, new, options.priority)
+        _raise_priorities(candidates, standing, new, options.priority)
     return results
 
 
@@ -281,16 +281,20 @@ def _insert_builds(builds: Sequence[_NewBuild], ids: dict[str, int], options: Su
     )
 
 
-def _raise_priorities(standing: dict[str, tuple[str | None, bool]], new: dict[str, _NewBuild],
+def _raise_priorities(candidates: Sequence[ReadDerivation],
+                      standing: dict[str, tuple[str | None, bool]], new: dict[str, _NewBuild],
                       priority: int) -> None:
-    """Reused queued or running builds, and every queued or running build the submitted ones
-    need, get at least `priority`."""
+    """Reused queued or running builds, and every queued or running build the builds of this
+    submission need, get at least `priority` (the new ones have it already)."""
     reused = [uuid for uuid, created in standing.values() if uuid is not None and not created]
     for chunk in chunks(reused):
         Build.update(priority=priority).where(
             Build.uuid.in_(list(chunk)) & Build.state.in_([QUEUED, RUNNING])
             & (Build.priority < priority)
         ).execute()
-    waiting = [path for path, (uuid, created) in standing.items()
-               if uuid is not None and (not created or new[path].cause is None)]
-    dependencies.raise_inputs(waiting, priority)
+    waiting = {c.path for c in candidates if standing[c.path][0] is not None
+               and (c.path not in new or new[c.path].cause is None)}
+    inputs = {p for c in candidates if c.path in waiting for p, _ in c.drv.input_drvs}
+    dependencies.raise_priorities(
+        [p for p in inputs if p not in new and standing.get(p, (None, True))[1] is not False],
+        priority)
