@@ -41,9 +41,11 @@ def coordinator_memory(database: Path, hosts: list[Host], seconds: float,
     state = database.parent
     per_host = max(1, machines // len(hosts))
     base = yaml.safe_load(inventory_yaml(hosts, "nix", max_builds=4))["machines"]
-    # `per_host` machines per host: distinct names, the same sshd.
+    # `per_host` machines per host: distinct names, the same sshd; said to serve the graph's
+    # store (/gnu/store), so that builds are allocated to them (and refused by their Nix).
     entries = [
-        {**entry, "name": f"{entry['name']}-{n}", "systems": [s for s, _ in SYSTEMS]}
+        {**entry, "name": f"{entry['name']}-{n}", "systems": [s for s, _ in SYSTEMS],
+         "store_dir": "/gnu/store"}
         for entry in base
         for n in range(per_host)
     ]

@@ -138,7 +138,7 @@ def populate(state: Path, url: str) -> Farm:
         assert attempt.build.uuid == farm.builds["leaf"]
         log = write_log(logs, farm.builds["leaf"], attempt.id, "leaf building\n" + EVIL_LOG)
         records.step(attempt.id, "build", log_path=log)
-        records.succeed(attempt.id, [], log)
+        records.succeed(attempt.id, [], log, "differs")  # rebuilt with --check
 
         attempt = start_attempt("m1")
         assert attempt.build.uuid == farm.builds["lib"]
@@ -151,9 +151,11 @@ def populate(state: Path, url: str) -> Farm:
         records.step(attempt.id, "dry-run")
         records.setup_failure(attempt.id, "missing-inputs", [EVIL_MISSING, leaf.path],
                               "inputs missing", 0.0)
-        from buildfarm.datastore.models import Build
+        from buildfarm.datastore.models import Build, Event
 
         Build.update(retry_after=None).where(Build.uuid == farm.builds["other"]).execute()
+        # Its hooks ran (the build waits for them before it is tried again).
+        Event.update(delivered_at=time.time()).where(Event.name == "build-missing-inputs").execute()
         attempt = start_attempt(EVIL_MACHINE, "aarch64-linux")
         farm.running_log = str(logs / f"{farm.builds['other']}-{attempt.id}.log.gz")
         farm.writer = LogWriter(farm.running_log)  # as the coordinator writes it
@@ -363,7 +365,10 @@ def test_build_page_shows_derivation_inputs_dependants_attempts_and_log(
 ) -> None:
     app = server.json(f"/api/builds/{farm.builds['app']}")
     assert app["state"] == "failed"
-    assert app["reason"] == f"dependency-failed: {farm.drvs['lib']}"
+    assert app["reason"] == f"dependency-failed: {farm.drvs['lib']} (build {farm.builds['lib']})"
+    assert app["cause"] == {"build": farm.builds["lib"], "derivation": farm.drvs["lib"]}
+    page = server.get(f"/builds/{farm.builds['app']}")[2]
+    assert f'href="/builds/{farm.builds["lib"]}"' in page and "Root cause" in page
     inputs = {i["derivation"]: (i["build"], i["state"]) for i in app["inputs"]}
     assert inputs == {farm.drvs["leaf"]: (farm.builds["leaf"], "succeeded"),
                       farm.drvs["lib"]: (farm.builds["lib"], "failed")}
@@ -377,6 +382,9 @@ def test_build_page_shows_derivation_inputs_dependants_attempts_and_log(
     assert [s["name"] for s in attempt["steps"]] == ["build"]
     assert attempt["steps"][0]["duration"] is not None and attempt["has_log"]
     assert "log" not in attempt  # where logs live on the coordinator is not for the web
+    assert attempt["check"] == "differs" and leaf["reproducible"] is False
+    assert "no: a rebuild gave different outputs" in server.get(
+        f"/builds/{farm.builds['leaf']}")[2]
 
     other = server.json(f"/api/builds/{farm.builds['other']}")
     failed, current = other["attempts"]

@@ -35,8 +35,9 @@ from .models import (
 from .submissions import ReadDerivation, SubmitOptions, Submitted, record_submission
 
 __all__ = [
-    "LogState", "ReadDerivation", "SubmitOptions", "Submitted", "cancel_builds", "get_build",
-    "iso", "list_builds", "log_state", "record_submission", "resolve_uuid", "retry_builds",
+    "LogState", "ReadDerivation", "SubmitOptions", "Submitted", "cancel_builds", "cause_json",
+    "get_build", "iso", "list_builds", "log_state", "record_submission", "reproducible",
+    "resolve_uuid", "retry_builds",
     "set_priority", "show_build",
 ]
 
@@ -206,7 +207,7 @@ def _newest_builds(drv_paths: Sequence[str]) -> dict[str, tuple[str, str]]:
     return found
 
 
-def _cause_json(build: Build) -> dict[str, str] | None:
+def cause_json(build: Build) -> dict[str, str] | None:
     """The root cause of a dependency-failed build: the failed build and its derivation."""
     if build.cause_id is None:
         return None
@@ -214,7 +215,7 @@ def _cause_json(build: Build) -> dict[str, str] | None:
     return {"build": cause.uuid, "derivation": cause.derivation}
 
 
-def _reproducible(build: Build) -> bool | None:
+def reproducible(build: Build) -> bool | None:
     """What the latest rebuild with --check of a succeeded build found: true when identical,
     false when it differed from the outputs the machine held, null when none was compared."""
     checked = (
@@ -248,8 +249,8 @@ def show_build(uuid: str) -> dict[str, Any]:
         "required_features": build.required_features.split(),
         "state": build.state,
         "reason": build.reason,
-        "cause": _cause_json(build),
-        "reproducible": _reproducible(build),
+        "cause": cause_json(build),
+        "reproducible": reproducible(build),
         "priority": build.priority,
         "tags": {t.key: t.value for t in build.tags.order_by(BuildTag.key)},
         "outputs": outputs,

@@ -52,8 +52,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         "build", "GET", "/api/builds/{uuid}",
         "One build: derivation, outputs, inputs and dependants (each with the UUID and state "
-        "of its newest build), tags, times, other builds of the same derivation, and attempts "
-        "(machine, result, times, steps with durations, setup failure and missing inputs).",
+        "of its newest build), tags, times, other builds of the same derivation, cause (the "
+        "failed build at the bottom of the chain, for a dependency-failed build), reproducible "
+        "(what a rebuild with --check found, or null), and attempts (machine, result, times, "
+        "steps with durations, setup failure and missing inputs, check: identical or differs "
+        "after a rebuild with --check).",
     ),
     Endpoint(
         "log", "GET", "/api/builds/{uuid}/log",

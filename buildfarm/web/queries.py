@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from buildfarm.datastore.builds import get_build, iso
+from buildfarm.datastore.builds import cause_json, get_build, iso, reproducible
 from buildfarm.datastore.events import ENDINGS
 from buildfarm.datastore.migrations import engine_of
 from buildfarm.datastore.models import (
@@ -445,6 +445,7 @@ def _attempt_detail(attempt: Attempt) -> dict[str, Any]:
         "detail": attempt.detail,
         "setup_failure": failure.kind if failure is not None else None,
         "missing_inputs": [{"path": path, **producers.get(path, {})} for path in missing],
+        "check": attempt.check_result,
         "has_log": attempt.log_path is not None,
         "steps": [
             {
@@ -516,6 +517,8 @@ def build_detail(uuid: str) -> dict[str, Any]:
         "required_features": build.required_features.split(),
         "state": build.state,
         "reason": build.reason,
+        "cause": cause_json(build),
+        "reproducible": reproducible(build),
         "priority": build.priority,
         "tags": {t.key: t.value for t in build.tags.order_by(BuildTag.key)},
         "outputs": outputs,
