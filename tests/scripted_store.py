@@ -41,7 +41,7 @@ from buildfarm.errors import RemoteError
 from buildfarm.ssh.remote import RunResult
 from buildfarm.ssh.store_session import PathInfo, SessionFailed
 
-KINDS = ("missing", "import", "dry-run", "delete", "build", "export", "hash")
+KINDS = ("missing", "import", "dry-run", "build", "check", "export", "hash")
 
 
 def text_nar(contents: bytes) -> bytes:
@@ -81,7 +81,6 @@ class ScriptedStore:
     authorized: Sequence[str] = ()  # a Guix machine's ACL: public-key s-expressions
     items: dict[str, Item] = field(default_factory=dict)
     recipes: dict[str, Recipe] = field(default_factory=dict)
-    alive: set[str] = field(default_factory=set)  # held by a GC root: never deleted
     answers: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # scripted, by kind
     lost: set[str] = field(default_factory=set)  # kinds of command the connection drops
     commands: list[str] = field(default_factory=list)
@@ -153,18 +152,19 @@ class ScriptedStore:
             "nix": [(["nix-store", "--check-validity", "--print-invalid"], "missing"),
                     (["nix-store", "--import"], "import"),
                     (["nix-store", "--realise", "--dry-run"], "dry-run"),
-                    (["nix-store", "--delete"], "delete"), (["nix-store", "--realise"], "build")],
+                    (["nix-store", "--realise", "--check"], "check"),
+                    (["nix-store", "--realise"], "build")],
             "guix": [(["guix", "archive", "--missing"], "missing"),
                      (["guix", "archive", "--import"], "import"),
                      (["guix", "build", "--dry-run", "--no-grafts"], "dry-run"),
-                     (["guix", "gc", "--delete"], "delete"),
+                     (["guix", "build", "--no-grafts", "--check"], "check"),
                      (["guix", "build", "--no-grafts"], "build"),
                      (["guix", "hash", "--serializer=nar"], "hash")],
         }[self.kind]
         for prefix, kind in shapes:
             if words[:len(prefix)] == prefix:
                 rest = words[len(prefix):]
-                if kind == "build":  # the options, then the derivation
+                if kind in ("build", "check"):  # the options, then the derivation
                     rest = [w for w in rest if w.startswith("/")]
                     rest = rest[:1]
                 elif kind == "hash":
@@ -190,7 +190,7 @@ class ScriptedStore:
         if kind == "import":
             problem = self.import_bundle(data)
             return (0, b"", b"") if problem is None else (1, b"", self._error("archive", problem))
-        handler = {"dry-run": self._dry_run, "delete": self._delete, "build": self._build,
+        handler = {"dry-run": self._dry_run, "build": self._build, "check": self._check_build,
                    "export": self._export, "hash": self._hash}[kind]
         return handler(operands)
 
@@ -276,24 +276,6 @@ class ScriptedStore:
             f"   {d}\n" for d in reversed(build))
         return 0, b"", text.encode()
 
-    def _delete(self, paths: list[str]) -> tuple[int, bytes, bytes]:
-        for path in paths:
-            referrers = [p for p, item in self.items.items()
-                         if path in item.references and p != path and p not in paths]
-            if path in self.alive or referrers:
-                if self.kind == "nix":  # Nix 2.8, captured in the test bed
-                    return 1, b"0 store paths deleted, 0.00 MiB freed\n", (
-                        f"finding garbage collector roots...\nerror: Cannot delete path "
-                        f"'{path}' since it is still alive. To find out why, use: nix-store "
-                        "--query --roots\n").encode()
-                return 1, b"", (f"finding garbage collector roots...\nguix gc: error: cannot "
-                                f"delete path `{path}' since it is still alive\n").encode()
-        for path in paths:
-            self.items.pop(path, None)
-        if self.kind == "nix":
-            return 0, f"{len(paths)} store paths deleted\n".encode(), b""
-        return 0, b"", b"finding garbage collector roots...\ndeleting unused links...\n"
-
     def _build(self, operands: list[str]) -> tuple[int, bytes, bytes]:
         (drv,) = operands
         build, unknown = self.plan(drv)
@@ -319,6 +301,29 @@ class ScriptedStore:
         out = "".join(f"{p}\n" for p in self._outputs(drv).values()).encode()
         return 0, out, err + (f"successfully built {drv}\n".encode() if self.kind == "guix"
                               else b"")
+
+    def _check_build(self, operands: list[str]) -> tuple[int, bytes, bytes]:
+        """A build with --check: the outputs must all be valid; it builds again and compares,
+        changing nothing. Messages: Nix 2.8's (captured in the test bed: a difference exits
+        104), Guix's daemon's ([BC] outputsSubstituted, registerOutputs; its client exits 1)."""
+        (drv,) = operands
+        outputs = self._outputs(drv)
+        quoted = self._quote(drv)
+        if any(p not in self.items for p in outputs.values()):
+            return 1, b"", self._error("build", (
+                f"some outputs of {quoted} are not valid, so checking is not possible"))
+        recipe = self.recipes[drv]
+        err = recipe.log
+        if recipe.exit_code:
+            status = 100 if self.kind == "nix" else 1
+            return status, b"", err + self._error("build", (
+                f"builder for {quoted} failed with exit code {recipe.exit_code}"))
+        for path, item in recipe.outputs.items():
+            if item.nar != self.items[path].nar:
+                return (104 if self.kind == "nix" else 1), b"", err + self._error("build", (
+                    f"derivation {quoted} may not be deterministic: output "
+                    f"{self._quote(path)} differs"))
+        return 0, "".join(f"{p}\n" for p in outputs.values()).encode(), err
 
     def _export(self, paths: list[str]) -> tuple[int, bytes, bytes]:
         name = f"/tmp/buildfarm.{len(self.files):010d}"
@@ -383,12 +388,6 @@ class ScriptedSessions:
 
     def give_back(self, session: ScriptedSession) -> None:
         pass
-
-    async def renew(self, session: ScriptedSession | None) -> ScriptedSession:
-        return await self.take()
-
-    async def wait_for_older(self, timeout: float) -> bool:
-        return False
 
 
 class ScriptedSession:

@@ -34,7 +34,7 @@ from buildfarm.coordinator.attempt import (
 )
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import builds, open_datastore
-from buildfarm.datastore.models import COULD_NOT_DELETE_OUTPUTS, MISSING_INPUTS
+from buildfarm.datastore.models import DIFFERS, IDENTICAL, MISSING_INPUTS, OUTPUTS_PRESENT
 from buildfarm.errors import ProtocolError, RemoteError
 from buildfarm.formats.signing import SigningKey
 from buildfarm.inventory import Machine
@@ -53,8 +53,8 @@ LIB_ITEM = Item(text_nar(b"lib\n"))
 LAYERED_DEP_ITEM = Item(DEP_ITEM.nar, (LIB,), DEP_DRV)
 TOP_ITEM = Item(text_nar(f"top output on {DEP_OUT}\n".encode()), (DEP_OUT,), TOP_DRV)
 SLOT = scheduler.Slot("m", ("x86_64-linux",), frozenset())
-ALL_STEPS = ["push-derivations", "push-inputs", "dry-run", "delete-outputs", "build",
-             "export-outputs", "fetch-outputs", "verify-outputs"]
+ALL_STEPS = ["push-derivations", "push-inputs", "dry-run", "build", "export-outputs",
+             "fetch-outputs", "verify-outputs"]
 # Machines: a Guix one, a Nix one driven by commands, a Nix one through its store sessions.
 KINDS = ["guix", "nix", "nix-session"]
 
@@ -68,6 +68,7 @@ class Coordinator:
     key: SigningKey
     attempt_id: int = 0
     build_uuid: str = ""
+    check: str | None = None
 
     def machine(self, kind: str) -> ScriptedStore:
         return ScriptedStore(kind.removesuffix("-session"),
@@ -80,8 +81,10 @@ class Coordinator:
         return self.outputs.import_bundle(str(bundle), [path], {path: (item.nar_hash,
                                                                         len(item.nar))}, deriver)
 
-    def attempt(self, kind: str, store: ScriptedStore) -> list[records.OutputRecord]:
-        """Run the attempt of top on `store`; what it stored, or its exception."""
+    def attempt(self, kind: str, store: ScriptedStore,
+                may_move: bool = False) -> list[records.OutputRecord]:
+        """Run the attempt of top on `store` (`may_move`: another machine could take it);
+        what it stored, or its exception. What a rebuild with --check found: `self.check`."""
         backend = kind.removesuffix("-session")
 
         async def db(call: Callable[..., Any], *args: Any) -> Any:
@@ -93,8 +96,12 @@ class Coordinator:
             backend=get_backend(backend), outputs=self.outputs, db=db, key=self.key,
             log_path=str(self.tmp / "top.log.gz"), max_log_bytes=1 << 20,
             sessions=store.sessions() if kind.endswith("-session") else None,
+            may_move=may_move,
         )
-        return asyncio.run(run.run())
+        try:
+            return asyncio.run(run.run())
+        finally:
+            self.check = run.check_result
 
     def steps(self) -> list[tuple[str, str | None]]:
         (attempt,) = builds.show_build(self.build_uuid)["attempts"]
@@ -208,7 +215,6 @@ def test_a_machine_that_has_everything_gets_nothing_and_builds(
     assert skipped == {
         "push-inputs": "skipped: every input output is on the machine",
         "dry-run": "skipped: every input output is on the machine",
-        "delete-outputs": "skipped: no output is on the machine",
     }
 
 
@@ -259,12 +265,13 @@ def test_an_input_nobody_holds_is_reported_missing_after_the_dry_run(
     bare: Coordinator, kind: str
 ) -> None:
     """dep's output is neither on the machine nor in the output store: the dry run says dep
-    would be built first, and the missing input reported is dep's output."""
+    would be built first; the missing inputs reported are dep's output and every derivation
+    the machine would build (dep), for the hook to submit at once."""
     store = machine_with(bare, kind, DEP_DRV, TOP_DRV)
     with pytest.raises(SetupFailed) as caught:
         bare.attempt(kind, store)
     assert (caught.value.kind, caught.value.paths, caught.value.detail) == (
-        MISSING_INPUTS, (DEP_OUT,), "1 input derivation(s) would be built first")
+        MISSING_INPUTS, (DEP_OUT, DEP_DRV), "1 input derivation(s) would be built first")
     assert "build" not in store.commands and "session build" not in store.commands
     assert [name for name, _ in bare.steps()] == ["push-derivations", "push-inputs", "dry-run"]
 
@@ -310,28 +317,59 @@ def test_a_dry_run_that_fails_is_a_setup_failure(alone: Coordinator, kind: str) 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_outputs_on_the_machine_are_deleted_and_built_again(side: Coordinator, kind: str) -> None:
+@pytest.mark.parametrize("same", [True, False])
+def test_outputs_on_the_machine_are_built_again_with_check_and_compared(
+    side: Coordinator, kind: str, same: bool
+) -> None:
+    """No other machine to go to: nothing is deleted; the build runs again with --check (a
+    command, also on a Nix machine with sessions: the serve protocol builds in normal mode),
+    and the outputs the machine holds are fetched, identical or not."""
     store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT, TOP_OUT)
-    side.attempt(kind, store)
-    assert store.commands.count("delete") == 1
-    assert ("delete-outputs", None) in side.steps()
-    assert store.items[TOP_OUT].deriver == TOP_DRV  # made by the build that followed
+    rebuilt = TOP_ITEM if same else Item(text_nar(b"top output, this time\n"), (DEP_OUT,))
+    store.recipes[TOP_DRV] = Recipe({TOP_OUT: rebuilt}, log=b"building top again\n")
+    (stored,) = side.attempt(kind, store)
+    assert side.check == (IDENTICAL if same else DIFFERS)
+    assert (stored.path, stored.nar_hash) == (TOP_OUT, TOP_ITEM.nar_hash)
+    assert store.items[TOP_OUT] == TOP_ITEM  # the machine's, untouched
+    assert "check" in store.commands and "build" not in store.commands
+    assert "session build" not in store.commands
+    assert ("build", "with --check: compared with the outputs on the machine") in side.steps()
+    assert b"building top again\n" in gzip.decompress((side.tmp / "top.log.gz").read_bytes())
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_outputs_the_machine_cannot_delete_are_a_setup_failure(
+def test_outputs_on_the_machine_send_the_build_to_another_that_may_lack_them(
     side: Coordinator, kind: str
 ) -> None:
     store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT, TOP_OUT)
-    store.alive.add(TOP_OUT)
     with pytest.raises(SetupFailed) as caught:
+        side.attempt(kind, store, may_move=True)
+    assert (caught.value.kind, caught.value.paths) == (OUTPUTS_PRESENT, (TOP_OUT,))
+    assert store.commands == ["session missing" if kind == "nix-session" else "missing"]
+    assert side.steps() == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rebuild_with_check_whose_builder_fails_fails_the_build(
+    side: Coordinator, kind: str
+) -> None:
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT, TOP_OUT)
+    store.recipes[TOP_DRV] = Recipe({}, log=b"about to fail\n", exit_code=2)
+    with pytest.raises(BuildFailed) as caught:
         side.attempt(kind, store)
-    said = {"nix": f"error: Cannot delete path '{TOP_OUT}' since it is still alive. To find "
-                   "out why, use: nix-store --query --roots",
-            "guix": f"guix gc: error: cannot delete path `{TOP_OUT}' since it is still alive"}
-    assert (caught.value.kind, caught.value.paths, caught.value.detail) == (
-        COULD_NOT_DELETE_OUTPUTS, (TOP_OUT,), said[kind.removesuffix("-session")])
-    assert "build" not in store.commands and "session build" not in store.commands
+    assert caught.value.reason == f"builder for {TOP_DRV} failed with exit code 2"
+    assert side.check is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rebuild_with_check_needs_the_inputs_first(bare: Coordinator, kind: str) -> None:
+    """The store would build a missing input itself before checking: reported missing
+    instead, without a dry run."""
+    store = machine_with(bare, kind, DEP_DRV, TOP_DRV, TOP_OUT)
+    with pytest.raises(SetupFailed) as caught:
+        bare.attempt(kind, store)
+    assert (caught.value.kind, caught.value.paths) == (MISSING_INPUTS, (DEP_OUT,))
+    assert "check" not in store.commands and "dry-run" not in store.commands
 
 
 # --- whose failure is it ---------------------------------------------------------------------
