@@ -1,4 +1,5 @@
-"""The demo behind scripts/demo: one loopback build machine, a three-level chain, one submit."""
+"""The demo behind scripts/demo: one loopback build machine, a three-level chain, one submit of
+its top with --closure (which queues the two levels below it too)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def main() -> int:
         host = bed.add_host("demo-machine")
         bed.write_inventory(state / "inventory.yaml", [host], max_builds=2)
         print(f"build machine: sshd on 127.0.0.1:{host.port} with its own Nix store")
-        (uuid,) = buildfarm("submit", drv).split()
+        (uuid,) = buildfarm("submit", "--closure", drv).split()
         buildfarm("run", "--exit-when-idle", "--no-ui")
         buildfarm("builds", "list")
         buildfarm("log", uuid)

@@ -124,16 +124,23 @@ def submit(
 
 
 def _store_dirs(ctx: click.Context) -> frozenset[str] | None:
-    """The store directories of the inventory's machines (None without an inventory)."""
+    """The store directories of the inventory's machines (None without an inventory, or with
+    one that does not load: the coordinator keeps the one it has, and so may submissions)."""
     import os
 
     from buildfarm import inventory
     from buildfarm.cli.group import _settings
+    from buildfarm.errors import InventoryError
 
     path = _settings(ctx).inventory_path
     if not os.path.exists(path):
         return None
-    return frozenset(m.store_directory for m in inventory.load(path).machines)
+    try:
+        machines = inventory.load(path).machines
+    except InventoryError as e:
+        click.echo(f"warning: store directories not checked: {e}", err=True)
+        return None
+    return frozenset(m.store_directory for m in machines)
 
 
 @cli.group(cls=BuildfarmGroup)
