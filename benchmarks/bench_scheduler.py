@@ -31,7 +31,8 @@ from buildfarm.datastore.builds import record_submission
 from buildfarm.datastore.models import database_proxy
 from buildfarm.submission import SubmitOptions
 
-SLOT = scheduler.Slot("bench", ("x86_64-linux", "i686-linux"), frozenset({"big-parallel"}))
+SLOT = scheduler.Slot("bench", ("x86_64-linux", "i686-linux"), frozenset({"big-parallel"}),
+                      "/nix/store")  # as a machine of the graph's store asks
 RUNNING = 16  # builds in flight in the simulated farm
 CHUNK = 10_000  # derivations per submission
 
