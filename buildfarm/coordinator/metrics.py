@@ -95,8 +95,7 @@ METRICS: tuple[MetricSpec, ...] = (
                "Attempts ended since the coordinator started, by machine and result (success, "
                "failure, setup-failure, interrupted): a build may take several."),
     MetricSpec("buildfarm_setup_failures_total", "counter", ("machine", "kind"),
-               "Setup failures, by machine and kind (missing-inputs, "
-               "could-not-delete-outputs)."),
+               "Setup failures, by machine and kind (missing-inputs, outputs-present)."),
     MetricSpec("buildfarm_attempt_duration_seconds", "histogram", ("result",),
                "Time from allocation to the end of each attempt, by result."),
     MetricSpec("buildfarm_fetched_bytes_total", "counter", ("machine",),

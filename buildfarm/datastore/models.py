@@ -16,10 +16,10 @@ BUILD_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELED)
 SUCCESS, FAILURE, SETUP_FAILURE, INTERRUPTED = "success", "failure", "setup-failure", "interrupted"
 ATTEMPT_RESULTS = (SUCCESS, FAILURE, SETUP_FAILURE, INTERRUPTED)
-# Setup failures: inputs the machine lacks; outputs already on it while another machine lacks
-# them (the build moves there); could-not-delete-outputs only in datastores of older versions.
+# Setup failures: inputs the machine lacks; outputs already on it while another machine may
+# lack them (the build moves there). Datastores of older versions also hold
+# could-not-delete-outputs, of a step (delete-outputs) attempts no longer take.
 MISSING_INPUTS, OUTPUTS_PRESENT = "missing-inputs", "outputs-present"
-COULD_NOT_DELETE_OUTPUTS = "could-not-delete-outputs"
 # A rebuild over outputs the machine already holds (guix build --check, nix-store --check).
 IDENTICAL, DIFFERS = "identical", "differs"
 
