@@ -282,3 +282,33 @@ def test_mixed_nix_and_guix_farm(farm: Farm, machines: dict[str, Host]) -> None:
     assert nix_host.local_path(top_out).read_text() == f"top middle leaf-{tag}\n"
     for info in infos.values():
         assert stored_nar(farm.state, info["outputs"]["out"]).exists()
+
+
+def test_a_rebuild_on_a_guix_machine_that_holds_the_outputs_uses_guix_build_check(
+    farm: Farm, machines: dict[str, Host]
+) -> None:
+    """Built once on guix-a; submitted again with guix-a the only machine: `guix build --check`
+    builds it again beside the output it keeps, and the attempt records identical (a
+    derivation whose output changes records differs)."""
+    tag = token()
+    same = instantiate(nix_expr_trivial(f"gsame-{tag}", f"echo {tag} > $out"))
+    varies = instantiate(nix_expr_trivial(
+        f"gvaries-{tag}", "/bin/cat /proc/sys/kernel/random/uuid > $out"))
+    host = machines["guix-a"]
+    write_inventory(farm, {host: {}})
+    first = farm.submit(same, varies)
+    assert farm.run().returncode == 0
+    assert [farm.show(b)["state"] for b in first] == ["succeeded", "succeeded"]
+    outputs = [farm.show(b)["outputs"]["out"] for b in first]
+    kept = [host.local_path(out).read_text() for out in outputs]
+    again = farm.submit(same, varies)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    for build, expected in zip(again, ("identical", "differs"), strict=True):
+        info = farm.show(build)
+        assert info["state"] == "succeeded", (info, done.stdout)
+        (attempt,) = info["attempts"]
+        assert attempt["check"] == expected, attempt
+    assert [host.local_path(out).read_text() for out in outputs] == kept
+    log = farm.cli("log", again[1]).stdout
+    assert f"may not be deterministic: output `{outputs[1]}' differs" in log, log
