@@ -166,7 +166,7 @@ def record_submission(
         candidates = _inputs_first([*targets, *(inputs if options.closure else ())])
         facts = dependencies.known(
             [*(c.path for c in candidates), *(p for c in candidates for p, _ in c.drv.input_drvs)],
-            outputs={c.path: list(c.drv.output_paths.values()) for c in candidates},
+            outputs={c.path: [o.path for o in c.drv.outputs] for c in candidates},
         )
         new: dict[str, _NewBuild] = {}
         standing: dict[str, tuple[str | None, bool]] = {}  # path -> (UUID, created)
