@@ -223,3 +223,23 @@ def test_racing_submitters_make_one_build(database: ScratchDatabase, tmp_path: P
         assert len({uuid for uuid, _ in printed}) == 1, printed
         assert sorted(created for _, created in printed) == ["False"] * 7 + ["True"]
     assert database.scalar("SELECT COUNT(*) FROM build") == len(files)
+
+
+def test_a_failed_rebuild_of_held_outputs_blocks_nothing(store: Datastore) -> None:
+    """X built and held; a rebuild of X fails while Y, which needs X, waits for it: Y goes on
+    (the farm holds X's outputs), and so does a Y submitted later."""
+    x = make_drv("x")
+    y = make_drv("y", [(x, "out")])
+    (first,) = submit([x])
+    run_one(first.uuid)
+    StoredOutput.create(path=x.drv.output_paths["out"], nar_hash="sha256:x", nar_size=1,
+                        file="nar/x", created_at=0, last_used_at=0)
+    (rebuild,) = submit([x])
+    (waiting,) = submit([y])
+    assert scheduler.allocate(SLOT).build.uuid == rebuild.uuid  # type: ignore[union-attr]
+    attempt = Build.get(Build.uuid == rebuild.uuid).attempts.get()
+    assert records.fail(attempt.id, 1, "builder failed with exit code 1", None) == []
+    assert state(waiting.uuid)[0] == "queued"
+    (later,) = submit([y])
+    assert later.state == "queued"
+    run_one(waiting.uuid)

@@ -78,9 +78,7 @@ class Known:
 
     def known_build(self, path: str) -> bool:
         """Whether derivation `path` has a build (canceled ones aside) or held outputs."""
-        builds = self.of(path)
-        return (builds.active is not None or builds.built is not None
-                or builds.latest_uuid is not None or self.outputs_held(path))
+        return self.of(path).latest_uuid is not None or self.outputs_held(path)
 
     def blocker(self, path: str) -> Cause | None:
         """The root cause that keeps a build needing derivation `path` from ever running: its
@@ -216,13 +214,15 @@ def end_dependency_failed(build: Build, cause: Cause, via: str | None, now: floa
 def fail_dependants(failed: Build, now: float) -> list[str]:
     """Queued builds that need `failed`'s derivation, directly or through other queued builds
     that now cannot run, end dependency-failed naming its root cause; return their UUIDs. A
-    derivation with another queued or running build blocks nothing: its dependants wait."""
+    derivation with another queued or running build, or whose outputs the output store holds
+    (a failed rebuild), blocks nothing."""
     db = database_proxy.obj
     cause = cause_of(failed)
     ended: list[str] = []
     level = [failed.derivation.path]
     while level:
-        blocking = _without_active(level)
+        facts = known(level)
+        blocking = [p for p in dict.fromkeys(level) if facts.blocker(p) is not None]
         waiting: dict[int, str] = {}  # queued build id -> the blocking input it needs
         for chunk in chunks(blocking):
             rows = db.execute_sql(
@@ -244,21 +244,6 @@ def fail_dependants(failed: Build, now: float) -> list[str]:
             ended.append(build.uuid)
             level.append(build.derivation.path)
     return ended
-
-
-def _without_active(drv_paths: Sequence[str]) -> list[str]:
-    """Those of `drv_paths` with no queued or running build."""
-    db = database_proxy.obj
-    active: set[str] = set()
-    for chunk in chunks(list(dict.fromkeys(drv_paths))):
-        rows = db.execute_sql(
-            "SELECT DISTINCT d.path FROM build AS b JOIN derivation AS d"
-            " ON d.id = b.derivation_id"
-            f" WHERE d.path IN ({_marks(len(chunk))}) AND b.state IN ('queued', 'running')",
-            tuple(chunk),
-        ).fetchall()
-        active.update(path for (path,) in rows)
-    return [p for p in dict.fromkeys(drv_paths) if p not in active]
 
 
 def caused_by(build_id: int) -> list[Build]:

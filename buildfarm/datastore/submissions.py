@@ -11,7 +11,7 @@ from buildfarm.errors import UsageError
 
 from . import dependencies, events
 from .bulk import chunks, insert_rows
-from .models import FAILED, QUEUED, RUNNING, Build, database_proxy
+from .models import FAILED, QUEUED, Build, database_proxy
 
 if TYPE_CHECKING:
     from buildfarm.formats import derivation as drvmod
@@ -284,17 +284,9 @@ def _insert_builds(builds: Sequence[_NewBuild], ids: dict[str, int], options: Su
 def _raise_priorities(candidates: Sequence[ReadDerivation],
                       standing: dict[str, tuple[str | None, bool]], new: dict[str, _NewBuild],
                       priority: int) -> None:
-    """Reused queued or running builds, and every queued or running build the builds of this
-    submission need, get at least `priority` (the new ones have it already)."""
-    reused = [uuid for uuid, created in standing.values() if uuid is not None and not created]
-    for chunk in chunks(reused):
-        Build.update(priority=priority).where(
-            Build.uuid.in_(list(chunk)) & Build.state.in_([QUEUED, RUNNING])
-            & (Build.priority < priority)
-        ).execute()
-    waiting = {c.path for c in candidates if standing[c.path][0] is not None
-               and (c.path not in new or new[c.path].cause is None)}
-    inputs = {p for c in candidates if c.path in waiting for p, _ in c.drv.input_drvs}
-    dependencies.raise_priorities(
-        [p for p in inputs if p not in new and standing.get(p, (None, True))[1] is not False],
-        priority)
+    """Every queued or running build this submission reuses or needs gets at least `priority`
+    (the new ones have it already)."""
+    reused = {path for path, (uuid, created) in standing.items() if uuid and not created}
+    needed = {p for c in candidates if c.path in new and new[c.path].cause is None
+              for p, _ in c.drv.input_drvs}
+    dependencies.raise_priorities(list((reused | needed) - new.keys()), priority)
