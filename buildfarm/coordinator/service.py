@@ -482,7 +482,6 @@ class Coordinator:
             )
             avoided = [b for b, moving in self.moving.items()
                        if slots.machine.name in moving.holders and self._other_taker(moving)]
-
             while slots.free > 0:
                 attempt = await self.db(scheduler.allocate, slot, None, avoided)
                 if attempt is None:
@@ -550,7 +549,7 @@ class Coordinator:
         uuid, name = run.build_uuid, machine.name
         outcome, setup_kind = "interrupted", None
         retry = self.options.retry
-        ended: list[str] = []  # builds that ended failed when this attempt did
+        ended: list[str] = []  # other builds that ended failed with this attempt (or it, given up)
         try:
             stored = await steps.run()
             await self.db(records.succeed, run.attempt_id, stored, path, steps.check_result)
@@ -563,7 +562,7 @@ class Coordinator:
             await self._publish_log(run.drv_path, path)
             dependants = await self.db(records.fail, run.attempt_id, e.exit_status, e.reason, path)
             self.reporter.event(f"build {uuid} failed (on {name}): {e.reason}")
-            ended = [uuid, *dependants]
+            ended = dependants
             await self._machine_worked(slots)
         except SetupFailed as e:
             outcome, setup_kind = "setup-failure", e.kind
@@ -616,9 +615,8 @@ class Coordinator:
                     name, outcome, setup_kind, time.time() - run.started, run.transferred
                 )
             self._wake.set()
-        for other in ended:
-            if other != uuid or outcome != "failure":
-                reason = await self.db(_reason_of, other)
+        if ended:
+            for other, reason in await self.db(_reasons_of, ended):
                 self.reporter.event(f"build {other} failed: {reason}")
 
     async def _machine_failed(self, slots: MachineSlots, error: str) -> None:
@@ -681,9 +679,14 @@ def _features(features: frozenset[str]) -> str:
     return f" with features {', '.join(sorted(features))}" if features else ""
 
 
-def _reason_of(uuid: str) -> str:
-    build: Build = Build.get(Build.uuid == uuid)
-    return build.reason or build.state
+def _reasons_of(uuids: list[str]) -> list[tuple[str, str]]:
+    """(UUID, why it failed) of the builds that ended failed with an attempt."""
+    reasons: dict[str, str | None] = {}
+    for start in range(0, len(uuids), 500):
+        query: Any = Build.select(Build.uuid, Build.reason).where(
+            Build.uuid.in_(uuids[start:start + 500])).tuples()
+        reasons.update(query)
+    return [(uuid, reasons.get(uuid) or "failed") for uuid in uuids]
 
 
 def _note_machine(name: str, error: str | None, backoff_until: float | None) -> None:
