@@ -173,7 +173,7 @@ class Suite:
         print(f"submit --closure of the tops of {count:,} derivations ...", flush=True)
         done = bench_submit.submit_closure(self.work, count)
         self.report.add(Figure(
-            f"submit --closure of {done['tops']:,} tops, {count:,} derivations in all (issue 18)",
+            f"submit --closure of {done['tops']:,} tops, {count:,} derivations in all",
             done["seconds"], "s", target=("<=", 60), peer=plain,
             peer_name="submit - of all of them" if plain else "",
             note=f"{done['cpu']:.0f} s of CPU; {count / done['seconds']:,.0f} derivations/s",
