@@ -403,7 +403,12 @@ def test_a_farm_on_postgresql_with_submitters_hooks_and_run_at_once(
     assert {p.read_text() for p in (tmp_path / "seen").glob("build-success-*")} == {"succeeded"}
     assert len(list((tmp_path / "seen").glob("build-submitted-*"))) == 9
     events = pg_database.rows("SELECT name, COUNT(*) FROM event GROUP BY name ORDER BY name")
-    assert events == [("build-started", 9), ("build-submitted", 9), ("build-success", 9)], out
+    # drvs[0] is built twice (--ignore-if-built shared one build; worker 0 asked for another):
+    # the second attempt may find the outputs on its machine and move to the other one.
+    moved = pg_database.scalar("SELECT COUNT(*) FROM setup_failure WHERE kind = 'outputs-present'")
+    assert moved in (0, 1)
+    assert events == [("build-started", 9 + moved), ("build-submitted", 9),
+                      ("build-success", 9)], out
     assert pg_database.scalar("SELECT COUNT(*) FROM event WHERE delivered_at IS NULL") == 0
     assert {s for (s,) in pg_database.rows("SELECT system FROM build")} == {current_system()}
 
