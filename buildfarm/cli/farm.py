@@ -120,8 +120,9 @@ def _load_inventory(settings: Settings) -> Any:
     type=click.FloatRange(min=0, max=3600),
     default=2.0,
     show_default=True,
-    help="Seconds a build waits after the first such attempt; the wait doubles after each "
-    "(with jitter), up to 10 minutes.",
+    help="Seconds a build waits after its first setup failure in a row; the wait doubles "
+    "after each (with jitter), up to 10 minutes. (A failure of the machine's own pauses that "
+    "machine instead.)",
 )
 @click.option(
     "--metrics",

@@ -574,7 +574,9 @@ class Coordinator:
             self.reporter.event(f"build {uuid} setup failure on {name}: {e.kind}: {e.detail}")
         except (TransferFailed, StoreCommandFailed) as e:
             what = "transfer failed" if isinstance(e, TransferFailed) else "store command failed"
-            ended = await self.db(records.retry_later, run.attempt_id, f"{what}: {e}", retry)
+            # The machine's doing: it pauses, and another machine may take the build at once.
+            ended = await self.db(functools.partial(
+                records.retry_later, run.attempt_id, f"{what}: {e}", retry, wait=False))
             self.reporter.event(f"build {uuid} interrupted on {name}: {what}: {e}")
             await self._machine_failed(slots, f"{what}: {e}")
         except RemoteError as e:
@@ -582,7 +584,8 @@ class Coordinator:
             slots.last_error = str(e)
             slots.remote.note_failure(str(e))
             what = "machine misbehaved" if isinstance(e, ProtocolError) else "connection lost"
-            ended = await self.db(records.retry_later, run.attempt_id, f"{what}: {e}", retry)
+            ended = await self.db(functools.partial(
+                records.retry_later, run.attempt_id, f"{what}: {e}", retry, wait=False))
             until = slots.remote.backed_off_until
             await self.db(_note_machine, name, str(e), until)
             line = f"build {uuid} interrupted on {name}: {e}"

@@ -162,11 +162,11 @@ class Retry:
         return ceiling * random.uniform(0.8, 1.2)
 
 
-def _requeue(build: Build, attempt: Attempt, detail: str, retry: Retry | None,
-             now: float) -> list[str]:
-    """A running build whose attempt made no progress goes back to the queue after
-    `retry`'s wait (None: at once, not counted), or ends failed at its limit. Returns the
-    UUIDs of the builds that ended failed (it and its dependants)."""
+def _requeue(build: Build, attempt: Attempt, detail: str, retry: Retry | None, now: float,
+             *, wait: bool = True) -> list[str]:
+    """A running build whose attempt made no progress goes back to the queue (`retry` None:
+    not counted), after `retry`'s wait unless not `wait`, or ends failed at its limit. Returns
+    the UUIDs of the builds that ended failed (it and its dependants)."""
     if build.state != RUNNING:
         return []
     build.state = QUEUED
@@ -182,7 +182,8 @@ def _requeue(build: Build, attempt: Attempt, detail: str, retry: Retry | None,
                 result={"exit_status": None, "reason": build.reason},
             )
             return [build.uuid, *dependencies.fail_dependants(build, now)]
-        build.retry_after = now + retry.delay(build.fruitless_attempts)
+        if wait:
+            build.retry_after = now + retry.delay(build.fruitless_attempts)
     build.save()
     return []
 
@@ -258,17 +259,19 @@ def interrupt(attempt_id: int, detail: str, defer_seconds: float | None = None) 
         ).execute()
 
 
-def retry_later(attempt_id: int, detail: str, retry: Retry) -> list[str]:
-    """The attempt was cut short by the machine or on the way (connection lost, a transfer or
-    store command failed, a corrupt nar): the build is tried again after `retry`'s wait, or
-    ends failed at its limit. Returns the UUIDs of the builds that ended failed."""
+def retry_later(attempt_id: int, detail: str, retry: Retry, *, wait: bool = True) -> list[str]:
+    """The attempt was cut short (connection lost, a transfer or store command failed, a
+    corrupt nar, a bug): the build is queued again and the attempt counted against `retry`'s
+    limit, at which it ends failed. It waits `retry`'s delay first unless not `wait`: a failure
+    of the machine's own pauses that machine instead, and another may take the build at once.
+    Returns the UUIDs of the builds that ended failed."""
     now = time.time()
     with database_proxy.atomic():
         attempt = Attempt.get_by_id(attempt_id)
         if attempt.result is not None:
             return []
         _close(attempt, INTERRUPTED, now, detail=detail)
-        return _requeue(attempt.build, attempt, detail, retry, now)
+        return _requeue(attempt.build, attempt, detail, retry, now, wait=wait)
 
 
 def recover(detail: str = "coordinator stopped") -> int:
