@@ -189,6 +189,16 @@ def test_cancel_and_priority(state: Path, database: ScratchDatabase) -> None:
     assert names == ["build-submitted", "build-canceled"]
 
 
+def test_priority_says_which_inputs_it_raised(state: Path, database: ScratchDatabase) -> None:
+    (top,) = ok("submit", str(TOP), "--closure").split()
+    (dep,) = [u for (u,) in database.rows("SELECT uuid FROM build") if u != top]
+    assert ok("builds", "priority", top, "5") == (
+        f"build {top}: priority 0 -> 5\n1 build(s) it needs raised to priority 5\n")
+    assert json.loads(ok("builds", "show", dep, "--json"))["priority"] == 5
+    assert ok("builds", "priority", top, "2") == f"build {top}: priority 5 -> 2\n"
+    assert json.loads(ok("builds", "show", dep, "--json"))["priority"] == 5
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

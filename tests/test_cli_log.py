@@ -94,7 +94,7 @@ def test_a_build_without_a_log_says_why(state: Path, database: ScratchDatabase) 
     end(database, attempt, "fail", 2, "builder failed", None)
     assert fails("log", app_build) == (
         f"Error: build {app_build} has no log: it failed without running its builder: "
-        f"dependency-failed: {lib.path}")
+        f"dependency-failed: {lib.path} (build {lib_build})")
 
 
 def test_follow_waits_for_a_queued_build_to_start(

@@ -117,9 +117,9 @@ def test_raising_a_priority_raises_what_the_build_needs(store: Datastore) -> Non
     (m,) = submit([mid], priority=2)
     (t,) = submit([top], priority=1)
     assert [state(x.uuid)[2] for x in (b, m, t)] == [2, 2, 1]  # mid raised base at submission
-    assert builds.set_priority(t.uuid, 7) == 2
+    assert builds.set_priority(t.uuid[:8], 7) == (t.uuid, 1, 2)  # a prefix names it too
     assert [state(x.uuid)[2] for x in (b, m, t)] == [7, 7, 7]
-    assert builds.set_priority(t.uuid, 0) == 0  # lowered: the inputs keep theirs
+    assert builds.set_priority(t.uuid, 0) == (t.uuid, 7, 0)  # lowered: the inputs keep theirs
     assert [state(x.uuid)[2] for x in (b, m, t)] == [7, 7, 0]
 
 
@@ -162,7 +162,8 @@ def test_retrying_a_build_another_failure_still_blocks(store: Datastore) -> None
     assert retried == [lb.uuid]
     assert refused[0].startswith(f"build {tb.uuid} is dependency-failed: retry what it waits "
                                  f"for, build {lb.uuid}")
-    assert refused[1] == "'not-a-uuid' is not a build UUID"
+    assert refused[1] == ("'not-a-uuid' is not a build UUID, nor its first 8 or more "
+                          "characters")
     assert state(tb.uuid)[0] == "failed"  # without --dependants, the top stays as it is
     # Retried with left's dependants, the top would still wait on right's failure: it ends
     # dependency-failed again at once, naming that one, and the retry says so.
