@@ -256,6 +256,10 @@ class Coordinator:
 
     async def main_loop(self) -> None:
         depth_probed = 0.0
+        # --exit-when-idle: idle at the end of the iteration before, so that this iteration's
+        # allocation came after every attempt and hook delivery had ended (one that ends
+        # between an allocation and the look at the queue may have freed a build).
+        idle_before = False
         while not self.should_exit:
             await self.check_run_lock()
             await self.fleet.maybe_reload()  # before allocating: new machines start connecting
@@ -270,9 +274,13 @@ class Coordinator:
             await self.count_endings()
             self.reporter.update(self)
             if self.options.exit_when_idle and await self.hooks.idle() and await self.idle():
-                await self.count_endings(force=True)  # the last view counts every build
-                await self.report_stuck()
-                return
+                if idle_before:
+                    await self.count_endings(force=True)  # the last view counts every build
+                    await self.report_stuck()
+                    return
+                idle_before = True
+                continue  # allocate once more, at once
+            idle_before = False
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.options.tick)
