@@ -86,7 +86,8 @@ class ScriptedStore:
     commands: list[str] = field(default_factory=list)
     imported: list[list[str]] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # the machine's temporary files
-    _key: Sexp | None = field(default=None, repr=False)  # a Guix machine's, made on first use
+    # A Guix machine's key pair, as libgcrypt's genkey makes it: made on first use if not given.
+    key: Sexp | None = field(default=None, repr=False)
 
     # --- the model ----------------------------------------------------------------------
 
@@ -351,11 +352,11 @@ class ScriptedStore:
         return out.getvalue()
 
     def _sign(self, digest: bytes) -> str:
-        if self._key is None:
+        if self.key is None:
             parameters = Sexp.parse(pki.DEFAULT_KEY_PARAMETERS)
             assert parameters is not None
-            self._key = generate_key(parameters)
-        secret, public = self._key.find("private-key"), self._key.find("public-key")
+            self.key = generate_key(parameters)
+        secret, public = self.key.find("private-key"), self.key.find("public-key")
         assert secret is not None and public is not None
         return pki.signature_sexp(pki.hash_data(digest), secret, public).text()
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
+import io
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from typing import Any
 import needs
 import pytest
 from engines import ScratchDatabase
+from guix_emulator.gcrypt import Sexp
+from guix_emulator.serialization import Source, read_export_item
 from scripted_store import Item, Recipe, ScriptedStore, text_nar
 
 from buildfarm import submission
@@ -34,9 +39,16 @@ from buildfarm.coordinator.attempt import (
 )
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import builds, open_datastore
-from buildfarm.datastore.models import DIFFERS, IDENTICAL, MISSING_INPUTS, OUTPUTS_PRESENT
+from buildfarm.datastore.models import (
+    DIFFERS,
+    IDENTICAL,
+    MISSING_INPUTS,
+    OUTPUTS_PRESENT,
+    StoredOutput,
+)
 from buildfarm.errors import ProtocolError, RemoteError
-from buildfarm.formats.signing import SigningKey
+from buildfarm.formats import nar
+from buildfarm.formats.signing import SigningKey, verify_guix
 from buildfarm.inventory import Machine
 from buildfarm.outputs.store import OutputStore
 
@@ -255,6 +267,51 @@ def test_a_guix_machine_that_does_not_trust_the_coordinator_refuses_the_push(
         "1 derivation(s) could not be imported: guix archive: error: unauthorized public key: "
         "(public-key (ecc (curve Ed25519) (q #")
     assert store.imported == [] and TOP_DRV not in store.items
+
+
+# --- what is kept ------------------------------------------------------------------------------
+
+# A key libgcrypt made (genkey, as `guix archive --generate-key` does), and an output of top
+# whose export that key signs with an atom (s) libgcrypt prints as raw bytes 0xA1-0xFF: found
+# by trying contents, for such signatures are rare. Not UTF-8, they must be kept as written.
+RAW_SIGNING_KEY = Path(__file__).parent / "data" / "guix" / "raw-bytes-signing-key.sexp"
+RAW_TOP_ITEM = Item(text_nar(f"top output on {DEP_OUT}, signed with raw bytes: 10936\n".encode()),
+                    (DEP_OUT,), TOP_DRV)
+
+
+def test_a_guix_signature_of_raw_bytes_is_kept_as_written_and_the_output_pushed_on(
+    side: Coordinator
+) -> None:
+    store = machine_with(side, "guix", DEP_DRV, TOP_DRV, DEP_OUT)
+    store.key = Sexp.parse(RAW_SIGNING_KEY.read_bytes())
+    store.recipes[TOP_DRV] = Recipe({TOP_OUT: RAW_TOP_ITEM})
+    (stored,) = side.attempt("guix", store)
+    # What the machine wrote, read by the emulator: libgcrypt's raw bytes, not UTF-8.
+    exported = Source(io.BytesIO(store.export([TOP_OUT])))
+    assert exported.read_int() == 1
+    written = read_export_item(exported).signature
+    assert written is not None and b'(s "' in written and max(written) >= 0xA1
+    with pytest.raises(UnicodeDecodeError):
+        written.decode("utf-8")
+    assert stored.signature == written
+    records.succeed(side.attempt_id, [stored], None)
+    row = StoredOutput.get(StoredOutput.path == TOP_OUT)
+    assert row.signature == written  # through the datastore, byte for byte
+    public = store.key.find("public-key")
+    q = public.find("q").nth_data(1) if public is not None else None
+    assert q is not None
+    signed = RAW_TOP_ITEM.nar + nar.export_trailer(TOP_OUT, (DEP_OUT,), TOP_DRV)
+    verify_guix(row.signature, hashlib.sha256(signed).digest(), [q])
+
+    # Pushed on to another Guix machine, signed by the coordinator: its libgcrypt accepts it.
+    other = side.machine("guix")
+    other.items[DEP_OUT] = DEP_ITEM
+    bundle = side.outputs.output_bundle([row], side.key)
+    try:
+        assert other.import_bundle(Path(bundle).read_bytes()) is None
+    finally:
+        os.unlink(bundle)
+    assert other.items[TOP_OUT] == RAW_TOP_ITEM
 
 
 # --- when inputs are reported missing -----------------------------------------------------

@@ -4,6 +4,7 @@ Tests with the `database` fixture run on every engine; test_postgresql.py has Po
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import textwrap
@@ -109,3 +110,32 @@ def test_concurrent_submitters_never_see_a_locked_database(database: ScratchData
     events = database.scalar("SELECT COUNT(*) FROM event")
     derivations = database.scalar("SELECT COUNT(*) FROM derivation")
     assert (count, events, derivations) == (160, 160, 1)
+
+
+def test_a_stored_outputs_signature_reads_back_byte_for_byte(database: ScratchDatabase) -> None:
+    """The signature column is TEXT; a machine's signature is bytes (libgcrypt's raw atoms are
+    not UTF-8, a hostile machine may send NUL): every one reads back as it was written, and a
+    signature stored as text before reads back as its UTF-8 bytes."""
+    from buildfarm.datastore.models import StoredOutput
+
+    rng = random.Random(5)
+    signatures = [
+        b"(signature (s \"\xc0\xf0\xeai\"))\n", b"\x00", b"", "(sig é)".encode(),
+        b"base64:AAAA", b"base64:", b"\xff" * 300,
+        *(rng.randbytes(rng.randrange(200)) for _ in range(200)),
+    ]
+    with open_datastore(database.url):
+        for n, signature in enumerate(signatures):
+            StoredOutput.create(path=f"/gnu/store/{n:032}-x", nar_hash="sha256:x", nar_size=1,
+                                signature=signature, file="nar/x", created_at=0.0,
+                                last_used_at=0.0)
+        database.execute(
+            "INSERT INTO stored_output (path, nar_hash, nar_size, signature, file, created_at, "
+            "last_used_at) VALUES ('/gnu/store/old-x', 'sha256:x', 1, ?, 'nar/x', 0, 0)",
+            "(signature (r \u00e9))\n")
+        read = {row.path: row.signature for row in StoredOutput.select()}
+    assert [read[f"/gnu/store/{n:032}-x"] for n in range(len(signatures))] == signatures
+    assert read["/gnu/store/old-x"] == "(signature (r \u00e9))\n".encode()
+    texts = [text for (text,) in database.rows("SELECT signature FROM stored_output")]
+    assert "(signature (s \"" not in "".join(texts)  # stored as base64: not UTF-8
+    assert "(sig é)" in texts  # UTF-8 text stays readable text

@@ -442,9 +442,9 @@ def test_unsigned_unauthorized_and_tampered_imports_are_refused(
 
     item = next(nar.read_bundle(io.BytesIO(signed)))
     assert item.signature is not None
-    r_line = next(line for line in item.signature.splitlines() if line.startswith("   (r #"))
-    forged_r = r_line[:-3] + ("0" if r_line[-3] != "0" else "1") + r_line[-2:]
-    forged = signed.replace(r_line.encode(), forged_r.encode())
+    r_line = next(line for line in item.signature.splitlines() if line.startswith(b"   (r #"))
+    forged_r = r_line[:-3] + (b"0" if r_line[-3:-2] != b"0" else b"1") + r_line[-2:]
+    forged = signed.replace(r_line, forged_r)
     invalid = guix("archive", "--import", stdin=forged, config=b)
     assert invalid.status == 1
     assert invalid.err.startswith("guix archive: error: invalid signature: (signature \n")

@@ -66,7 +66,7 @@ def populate(url: str) -> dict[str, str]:
             nar_hash="sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s",
             nar_size=2**40 + 7,  # needs 64 bits
             references=("/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello",),
-            signature="farm-1:c2lnbmF0dXJl",
+            signature=b"farm-1:c2lnbmF0dXJl",
             file="/state/outputs/nar/x",
         )
         records.succeed(attempt, [output], "/logs/hello.gz")

@@ -322,16 +322,16 @@ def test_write_bundle_signs_in_one_pass() -> None:
     items, nars = _read_all(EXPORT)
     seen: list[bytes] = []
 
-    def signer(digest: bytes) -> str:
+    def signer(digest: bytes) -> bytes:
         seen.append(digest)
-        return f"(signature {digest.hex()})\n"
+        return b"(signature %s)\n" % digest.hex().encode()
 
     out = io.BytesIO()
     nar.write_bundle(out, [(n, i.path, i.references, i.deriver, signer)
                            for i, n in zip(items, nars, strict=True)])
     assert seen == [i.signed_sha256 for i in items]
     signed, _ = _read_all(out.getvalue())
-    assert [i.signature for i in signed] == [f"(signature {d.hex()})\n" for d in seen]
+    assert [i.signature for i in signed] == [b"(signature %s)\n" % d.hex().encode() for d in seen]
     assert [i.signed_sha256 for i in signed] == seen
     assert [i.nar_sha256 for i in signed] == [i.nar_sha256 for i in items]
 
@@ -394,13 +394,14 @@ def test_bundle_truncated_everywhere() -> None:
         assert "truncated" in msg
 
 
-def test_signature_marker_and_text() -> None:
+def test_signature_marker_and_bytes() -> None:
     sig_bundle = io.BytesIO()
-    nar.write_bundle(sig_bundle, [(TOP_NAR, TOP, [], "", "sig")])
+    nar.write_bundle(sig_bundle, [(TOP_NAR, TOP, [], "", b"sig")])
     data = sig_bundle.getvalue()
-    assert _read_all(data)[0][0].signature == "sig"
-    bad = data.replace(_s(b"sig"), _s(b"\xff\xfe\xfd"))
-    assert "signature is not UTF-8" in _bundle_error(bad)[1]
+    assert _read_all(data)[0][0].signature == b"sig"
+    # libgcrypt prints an atom of raw bytes 0xA1-0xFF as they are: not UTF-8, still read.
+    raw = data.replace(_s(b"sig"), _s(b'(s "\xc0\xf0\xeai")'))
+    assert _read_all(raw)[0][0].signature == b'(s "\xc0\xf0\xeai")'
 
 
 def test_deep_nesting_does_not_recurse() -> None:
@@ -472,6 +473,25 @@ def test_random_bytes_raise_only_archive_error(junk: bytes, prefix: bytes) -> No
             nar.restore_nar(io.BytesIO(prefix[8:] + junk), dest)
         except ArchiveError:
             assert not os.path.lexists(dest)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(st.none(), st.binary(max_size=600)), min_size=1, max_size=3))
+def test_any_signature_bytes_round_trip_exactly(signatures: list[bytes | None]) -> None:
+    """A signature is carried as the bytes the machine wrote, whatever they are (libgcrypt's
+    raw atoms, NUL, invalid UTF-8): read back as written, and written back byte for byte."""
+    items, nars = _read_all(EXPORT)
+    chosen = [signatures[i % len(signatures)] for i in range(len(items))]
+    out = io.BytesIO()
+    nar.write_bundle(out, [(n, i.path, i.references, i.deriver, sig)
+                           for i, n, sig in zip(items, nars, chosen, strict=True)])
+    again, again_nars = _read_all(out.getvalue())
+    assert [i.signature for i in again] == chosen
+    assert again_nars == nars
+    rewritten = io.BytesIO()
+    nar.write_bundle(rewritten, [(n, i.path, i.references, i.deriver, i.signature)
+                                 for i, n in zip(again, again_nars, strict=True)])
+    assert rewritten.getvalue() == out.getvalue()
 
 
 @settings(max_examples=300)

@@ -42,7 +42,7 @@ def libgcrypt_accepts(narinfo_text: str, public_sexp: str) -> bool:
 def guix_signature(unsigned_info: str) -> str:
     """publish.scm: (base64-encode (string->utf8 (canonical-sexp->string (signed-string info))))."""
     digest = hashlib.sha256(unsigned_info.encode("utf-8")).digest()
-    return base64.b64encode(KEY.sign_guix(digest).encode()).decode()
+    return base64.b64encode(KEY.sign_guix(digest)).decode()
 
 
 # --- Guix ---------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_chain_across_guix_machines_pushes_a_signed_leaf(
     digest = hashlib.sha256(stored_nar(farm.state, leaf_out).read_bytes() + signed).digest()
     assert first.guix_public_key is not None
     first_key = guix_public_key_from_sexp(first.guix_public_key)
-    verify_guix(record["signature"], digest, [first_key])
+    verify_guix(record["signature"].encode(), digest, [first_key])
 
     write_inventory(farm, {second: {}})
     (top_build,) = farm.submit(top)

@@ -177,7 +177,7 @@ def test_public_key_from_any_syntax() -> None:
 # --- Guix signatures against libgcrypt ----------------------------------------------------------
 
 
-def libgcrypt_signature(key: SigningKey, digest: bytes) -> str:
+def libgcrypt_signature(key: SigningKey, digest: bytes) -> bytes:
     """A Guix signature made entirely by libgcrypt, as guix/pki.scm `signature-sexp` builds it."""
     signature = signature_sexp(hash_data(digest), gcry(key.guix_private_sexp()),
                                gcry(key.guix_public_sexp()))
@@ -185,8 +185,8 @@ def libgcrypt_signature(key: SigningKey, digest: bytes) -> str:
     if not printed.isascii():
         # libgcrypt printed an atom with raw bytes 0xA1-0xFF; we write that atom #HEX#
         # (ASCII, read identically): compare with libgcrypt's own reading of ours instead.
-        return sexp.advanced(sexp.parse(printed), ascii_only=True).decode("ascii")
-    return printed.decode("ascii")
+        return sexp.advanced(sexp.parse(printed), ascii_only=True)
+    return printed
 
 
 def test_signatures_are_byte_for_byte_libgcrypt(libgcrypt: None) -> None:
@@ -194,7 +194,7 @@ def test_signatures_are_byte_for_byte_libgcrypt(libgcrypt: None) -> None:
         key = SigningKey(seed)
         ours = key.sign_guix(digest)
         assert ours == libgcrypt_signature(key, digest)
-        assert ours.endswith(" )\n") and "(flags rfc6979)" in ours
+        assert ours.endswith(b" )\n") and b"(flags rfc6979)" in ours
 
 
 @settings(deadline=None, max_examples=25)
@@ -213,12 +213,30 @@ def test_each_side_verifies_the_other(libgcrypt: None) -> None:
         signing.verify_guix(libgcrypt_signature(key, digest), digest, [key.public_bytes])
 
 
-def flip_s(text: str) -> str:
+def test_a_signature_libgcrypt_prints_with_raw_bytes_verifies(libgcrypt: None) -> None:
+    """libgcrypt prints an atom whose bytes it deems printable as a quoted string, bytes
+    0xA1-0xFF as they are (sexp.c suitable_encoding): here the signed hash. That is not UTF-8,
+    and it is what `guix archive --export` writes; it is read as libgcrypt reads it."""
+    key = SigningKey(SEEDS[0])
+    digest = b"g" + bytes(range(0xA1, 0xA1 + 31))
+    printed = signature_sexp(hash_data(digest), gcry(key.guix_private_sexp()),
+                             gcry(key.guix_public_sexp())).printed(GCRYSEXP_FMT_ADVANCED)
+    assert b'(hash sha256 "g\xa1\xa2\xa3' in printed
+    with pytest.raises(UnicodeDecodeError):
+        printed.decode("utf-8")
+    signing.verify_guix(printed, digest, [key.public_bytes])
+    with pytest.raises(SignatureError) as caught:
+        signing.verify_guix(printed, DIGESTS[0], [key.public_bytes])
+    assert caught.value.reason == "hash-mismatch"
+    assert key.sign_guix(digest) == sexp.advanced(sexp.parse(printed), ascii_only=True)
+
+
+def flip_s(text: bytes) -> bytes:
     value = sexp.parse(text)
     s_list = sexp.find_token(value, b"s")
     assert s_list is not None and isinstance(s_list[1], bytes)
     flipped = bytes([s_list[1][0] ^ 0x01]) + s_list[1][1:]
-    return text.replace(s_list[1].hex().upper(), flipped.hex().upper())
+    return text.replace(s_list[1].hex().upper().encode(), flipped.hex().upper().encode())
 
 
 def test_a_flipped_bit_is_rejected_by_both(libgcrypt: None) -> None:
@@ -234,7 +252,8 @@ def test_a_flipped_bit_is_rejected_by_both(libgcrypt: None) -> None:
     # A different digest inside the signature, announced as the signed one: libgcrypt and we
     # both find the signature does not match it.
     other = bytes([digest[0] ^ 0x80]) + digest[1:]
-    forged = key.sign_guix(digest).replace(digest.hex().upper(), other.hex().upper())
+    forged = key.sign_guix(digest).replace(digest.hex().upper().encode(),
+                                           other.hex().upper().encode())
     assert gcrypt.verify_status(found(gcry(forged), "sig-val"), hash_data(other), public) \
         == "Bad signature"
     with pytest.raises(SignatureError) as caught:
@@ -247,7 +266,7 @@ def test_verification_statuses_in_guix_order() -> None:
     digest = DIGESTS[0]
     good = key.sign_guix(digest)
     signing.verify_guix(good, digest, [other.public_bytes, key.public_bytes])
-    signing.verify_guix(good.encode(), digest, iter([key.public_bytes]))
+    signing.verify_guix(good, digest, iter([key.public_bytes]))
 
     with pytest.raises(SignatureError) as caught:
         signing.verify_guix(good, digest, [other.public_bytes])
@@ -274,7 +293,7 @@ def test_verification_statuses_in_guix_order() -> None:
         with pytest.raises(SignatureError) as caught:
             signing.verify_guix(sexp.advanced(mangled), digest, [key.public_bytes])
         assert caught.value.reason == reason
-    for garbage in ["", "(signature", "not an s-expression", "(a) (b)"]:
+    for garbage in [b"", b"(signature", b"not an s-expression", b"(a) (b)", b"\xff(\xfe)"]:
         with pytest.raises(SignatureError) as caught:
             signing.verify_guix(garbage, digest, [key.public_bytes])
         assert caught.value.reason == "corrupt"
@@ -448,7 +467,7 @@ def test_narinfo_signature_round_trip(libgcrypt: None) -> None:
     signing.verify_guix_narinfo(narinfo, [key.public_bytes])
 
     # What is inside is libgcrypt's signature of sha256(text above "Signature:").
-    text = base64.b64decode(line.split(";")[2]).decode()
+    text = base64.b64decode(line.split(";")[2])
     digest = hashlib.sha256(NARINFO_TOP.encode()).digest()
     assert text == libgcrypt_signature(key, digest)
 
@@ -463,7 +482,7 @@ def test_narinfo_signature_round_trip(libgcrypt: None) -> None:
         (narinfo.replace("Signature: 1;", "Signature: 1;x;"), [key.public_bytes], "corrupt"),
         (NARINFO_TOP + "Signature: 1;h;AAAA!\n", [key.public_bytes], "corrupt"),
         (NARINFO_TOP + "Signature: 1;h;"
-         + base64.b64encode(flip_s(text).encode()).decode() + "\n", [key.public_bytes],
+         + base64.b64encode(flip_s(text)).decode() + "\n", [key.public_bytes],
          "invalid"),
     ]
     for case, authorized, reason in cases:
@@ -476,9 +495,9 @@ def test_narinfo_accepts_a_libgcrypt_canonical_signature(libgcrypt: None) -> Non
     """Verification reads any syntax, e.g. a one-line form a different publisher may use."""
     key = SigningKey(SEEDS[5])
     digest = hashlib.sha256(NARINFO_TOP.encode()).digest()
-    one_line = " ".join(libgcrypt_signature(key, digest).split())
-    assert "\n" not in one_line
-    narinfo = NARINFO_TOP + "Signature: 1;h;" + base64.b64encode(one_line.encode()).decode() + "\n"
+    one_line = b" ".join(libgcrypt_signature(key, digest).split())
+    assert b"\n" not in one_line
+    narinfo = NARINFO_TOP + "Signature: 1;h;" + base64.b64encode(one_line).decode() + "\n"
     signing.verify_guix_narinfo(narinfo, [key.public_bytes])
 
 

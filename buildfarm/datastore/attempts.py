@@ -42,7 +42,7 @@ class OutputRecord:
     nar_hash: str  # "sha256:<nix-base32>"
     nar_size: int
     references: tuple[str, ...]
-    signature: str | None
+    signature: bytes | None  # the machine's, exactly as it wrote it (see nar.BundleItem)
     file: str
 
 

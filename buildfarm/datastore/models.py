@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 from typing import Any
 
 import peewee as pw
@@ -22,6 +24,31 @@ ATTEMPT_RESULTS = (SUCCESS, FAILURE, SETUP_FAILURE, INTERRUPTED)
 MISSING_INPUTS, OUTPUTS_PRESENT = "missing-inputs", "outputs-present"
 # A rebuild over outputs the machine already holds (guix build --check, nix-store --check).
 IDENTICAL, DIFFERS = "identical", "differs"
+
+
+class SignatureField(pw.TextField):
+    """A signature's bytes in a TEXT column, read back exactly: as they are when they are UTF-8
+    text without NUL (as every signature was stored before, and almost every one is), else
+    `base64:` and their base64. libgcrypt prints the rare atom of raw bytes 0xA1-0xFF in a
+    Guix signature as it is; PostgreSQL's text holds neither invalid UTF-8 nor NUL."""
+
+    PREFIX = "base64:"
+
+    def db_value(self, value: bytes | None) -> str | None:
+        if value is None:
+            return None
+        with contextlib.suppress(UnicodeDecodeError):
+            text = bytes(value).decode("utf-8")
+            if "\0" not in text and not text.startswith(self.PREFIX):
+                return text
+        return self.PREFIX + base64.b64encode(value).decode("ascii")
+
+    def python_value(self, value: str | None) -> bytes | None:
+        if value is None:
+            return None
+        if value.startswith(self.PREFIX):
+            return base64.b64decode(value[len(self.PREFIX):])
+        return value.encode("utf-8")
 
 
 class BaseModel(pw.Model):
@@ -142,7 +169,7 @@ class StoredOutput(BaseModel):
     nar_hash = pw.TextField()
     nar_size = pw.BigIntegerField()
     refs = pw.TextField(default="")  # space-separated full store paths
-    signature = pw.TextField(null=True)
+    signature = SignatureField(null=True)  # the machine's, as it wrote it
     file = pw.TextField()
     created_at = pw.FloatField()
     last_used_at = pw.FloatField()

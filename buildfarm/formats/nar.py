@@ -421,7 +421,7 @@ class BundleItem:
     path: str
     references: tuple[str, ...]
     deriver: str
-    signature: str | None
+    signature: bytes | None  # as the machine wrote it: libgcrypt may print raw bytes 0xA1-0xFF
     nar_sha256: bytes
     nar_size: int
     signed_sha256: bytes  # SHA-256 from the nar start through the padded deriver (Guix signs it)
@@ -495,14 +495,9 @@ def _read_item(r: _Reader, index: int, out: BinaryIO | None) -> BundleItem:
     signed_sha256 = hasher.digest()
     at = r.offset
     flag = r.u64("signature marker")
-    signature: str | None = None
+    signature: bytes | None = None
     if flag == 1:
-        at = r.offset
-        raw = r.string(_MAX_SIGNATURE, "signature")
-        try:
-            signature = raw.decode()
-        except UnicodeDecodeError:
-            raise r.error(at, "signature is not UTF-8 text") from None
+        signature = r.string(_MAX_SIGNATURE, "signature")
     elif flag != 0:
         raise r.error(at, f"expected signature marker 0 or 1, found {flag}")
     return BundleItem(path, references, deriver, signature, nar_sha256, nar_size, signed_sha256)
@@ -520,8 +515,8 @@ def _read_path(r: _Reader, what: str, *, optional: bool = False) -> str:
     return path
 
 
-Signature = str | Callable[[bytes], str] | None
-"""A signature string, none, or a function from the item's signed SHA-256 to the signature."""
+Signature = bytes | Callable[[bytes], bytes] | None
+"""A signature, none, or a function from the item's signed SHA-256 to the signature."""
 
 
 def write_bundle(
@@ -555,5 +550,5 @@ def write_bundle(
         if signature is None:
             out.write(_u64(0))
         else:
-            out.write(_u64(1) + _str(signature.encode()))
+            out.write(_u64(1) + _str(signature))
     out.write(_u64(0))

@@ -259,8 +259,8 @@ def _public_key_sexp(public: bytes) -> sexp.Sexp:
 
 
 def _text(value: sexp.Sexp) -> str:
-    """Advanced format, always ASCII: signatures travel as UTF-8 text in bundles and narinfos,
-    so the rare atom libgcrypt would print with raw bytes 0xA1-0xFF is written #HEX#."""
+    """Advanced format, always ASCII (for messages): the rare atom libgcrypt would print with
+    raw bytes 0xA1-0xFF is written #HEX#, which reads the same."""
     return sexp.advanced(value, ascii_only=True).decode("ascii")
 
 
@@ -306,8 +306,9 @@ class SigningKey:
         both = base64.b64encode(self.seed + self.public_bytes).decode("ascii")
         return f"{_nix_key_name(name)}:{both}"
 
-    def sign_guix(self, digest: bytes) -> str:
-        """Guix's signature s-expression over a SHA-256 digest, in advanced format."""
+    def sign_guix(self, digest: bytes) -> bytes:
+        """Guix's signature s-expression over a SHA-256 digest, in advanced format (ASCII: an
+        atom libgcrypt would print as raw bytes is written #HEX#, which reads the same)."""
         if len(digest) != 32:
             raise SignatureError("corrupt", f"a SHA-256 digest is 32 bytes, not {len(digest)}")
         r, s = _ecdsa_sign(self.guix_scalar, digest)
@@ -317,7 +318,7 @@ class SigningKey:
             (b"sig-val", (b"ecdsa", (b"r", _mpi(r)), (b"s", _mpi(s)))),
             _public_key_sexp(self.public_bytes),
         )
-        return _text(signature)
+        return sexp.advanced(signature, ascii_only=True)
 
     def sign_nix(self, fingerprint: bytes) -> bytes:
         """The 64-byte Ed25519 signature that goes (base64) in a narinfo `Sig:` line."""
@@ -427,8 +428,12 @@ _HASH_NAMES = frozenset({b"sha1", b"md5", b"sha256", b"ripemd160", b"rmd160", b"
 _ECDSA_NAMES = frozenset({b"ecdsa", b"ecc", b"ecdh"})
 
 
-def verify_guix(signature_sexp: str | bytes, digest: bytes, authorized: Iterable[bytes]) -> None:
+def verify_guix(signature_sexp: bytes, digest: bytes, authorized: Iterable[bytes]) -> None:
     """Check a Guix signature over `digest` made by one of the `authorized` public keys (q).
+
+    The signature is bytes, not text: `guix authenticate` writes what libgcrypt prints, and
+    libgcrypt prints an atom (the signed hash, r or s) whose bytes it deems printable as a
+    quoted string, raw bytes 0xA1-0xFF included; that is not UTF-8.
 
     The checks and their order are Guix's `%signature-status`: corrupt (no `data` or
     `public-key`), unauthorized public key (structural match with an ACL entry), hash mismatch
@@ -531,7 +536,7 @@ def guix_narinfo_signature_line(key: SigningKey, signed_text: str, host: str) ->
     if ";" in host or "\n" in host:
         raise SignatureError("key", f"invalid host name for a narinfo signature: {host!r}")
     digest = hashlib.sha256(signed_text.encode("utf-8")).digest()
-    encoded = base64.b64encode(key.sign_guix(digest).encode("ascii")).decode("ascii")
+    encoded = base64.b64encode(key.sign_guix(digest)).decode("ascii")
     return f"Signature: 1;{host};{encoded}"
 
 
@@ -558,8 +563,9 @@ def verify_guix_narinfo(narinfo_text: str, authorized: Iterable[bytes]) -> None:
     if not version.strip().isdigit() or int(version) != 1:
         raise SignatureError("corrupt", f"unsupported signature version: {version}")
     try:
-        text = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        signature = base64.b64decode(encoded.strip(), validate=True)
+        signature.decode("utf-8")  # Guix reads it with utf8->string
     except (binascii.Error, UnicodeDecodeError):
         raise SignatureError("corrupt", "signature is not valid base64 UTF-8") from None
-    verify_guix(text, hashlib.sha256(signed.encode("utf-8")).digest(), authorized)
+    verify_guix(signature, hashlib.sha256(signed.encode("utf-8")).digest(), authorized)
 

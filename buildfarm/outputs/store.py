@@ -355,7 +355,7 @@ class OutputStore:
         key: SigningKey | None, out: BinaryIO,
     ) -> None:
         """An export bundle written to `out`, each item signed with `key` if given."""
-        signed: list[tuple[BinaryIO | bytes, str, Sequence[str], str, str | None]] = []
+        signed: list[tuple[BinaryIO | bytes, str, Sequence[str], str, bytes | None]] = []
         for source, path, references, deriver in items:
             signature = None
             if key is not None:
