@@ -126,7 +126,9 @@ def many_files(host: Host, work: Path, files: int) -> dict[str, float]:
     piped = subprocess.run([*host.ssh_argv(), f"nix-store --export {out} | cat"],
                            capture_output=True, check=True)
     peer = time.perf_counter() - began
-    nar_size = os.path.getsize(state / "outputs" / "nar" / os.path.basename(out))
+    with sqlite3.connect(state / "buildfarm.db") as db:
+        (file,) = db.execute("SELECT file FROM stored_output WHERE path = ?", (out,)).fetchone()
+    nar_size = os.path.getsize(state / "outputs" / file)
     return {"ours": sum(spans.values()), "peer": peer, "bytes": float(len(piped.stdout)),
             "nar": float(nar_size), **spans}
 

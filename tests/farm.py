@@ -106,6 +106,11 @@ class Farm:
         with sqlite3.connect(self.state / "buildfarm.db", timeout=60) as db:
             return db.execute(sql, params).fetchall()
 
+    def stored_nar(self, store_path: str) -> Path:
+        """The nar of a stored output, where its record says (read directly)."""
+        (file,) = self.rows("SELECT file FROM stored_output WHERE path = ?", store_path)
+        return self.state / "outputs" / file[0]
+
     def attempts(self, build: str) -> list[AttemptRow]:
         """The attempts of a build, oldest first (read directly)."""
         found = self.rows(

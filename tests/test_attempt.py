@@ -216,7 +216,7 @@ def test_a_machine_that_has_everything_gets_nothing_and_builds(
     (stored,) = side.attempt(kind, store)
     assert (stored.path, stored.nar_hash, stored.references) == (
         TOP_OUT, TOP_ITEM.nar_hash, (DEP_OUT,))
-    assert Path(side.outputs.nar_path(TOP_OUT)).read_bytes() == TOP_ITEM.nar
+    assert Path(side.outputs.stored_nar(stored.file)).read_bytes() == TOP_ITEM.nar
     assert store.imported == []
     session = "session " if kind == "nix-session" else ""
     assert store.commands == [f"{session}missing", f"{session}build", *fetched(kind)]
@@ -467,7 +467,7 @@ def test_a_store_that_fails_a_query_or_a_transfer_is_retried_later(
     with pytest.raises(error) as caught:
         side.attempt(kind, store)
     assert message in str(caught.value)
-    assert not Path(side.outputs.nar_path(TOP_OUT)).exists()
+    assert not list(Path(side.outputs.nar_dir).glob(TOP_OUT[11:43] + "-*"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -481,7 +481,7 @@ def test_a_transfer_unlike_what_the_machine_reported_is_not_kept(
     # The machine's own answer is wrong: a ProtocolError, which backs the machine off.
     with pytest.raises(ProtocolError, match=r"^m: .*corrupt transfer"):
         side.attempt(kind, store)
-    assert not Path(side.outputs.nar_path(TOP_OUT)).exists()
+    assert not list(Path(side.outputs.nar_dir).glob(TOP_OUT[11:43] + "-*"))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -79,7 +79,7 @@ def test_a_full_output_store_fails_attempts_cleanly_and_they_are_retried_later(
                       for p in (outputs / "nar").rglob("*") if p.is_file())
         if size == "44m":
             # Renamed into place before the disk filled, so whole (RELIABILITY.md): the nar,
-            # no compressed copy; the next success uses it, else `outputs gc` removes it.
+            # no compressed copy; no record names it, so the next start removes it.
             (nar,) = left
             assert "/" not in nar and (outputs / "nar" / nar).stat().st_size > 16 << 20
         else:

@@ -114,19 +114,28 @@ def farm(tmp_path: Path, database: ScratchDatabase) -> tuple[OutputStore, str]:
     return store, url
 
 
+ZERO = "sha256:" + "0" * 52  # the nar hash the outputs below are published with
+
+
+def nar_of(store: OutputStore, path: str) -> str:
+    """The nar file of an output added below, as its record names it."""
+    return os.path.relpath(store.nar_path(path, ZERO), store.root)
+
+
 def add_output(store: OutputStore, name: str, age_days: float, refs: tuple[str, ...] = (),
                size: int = 1000) -> str:
     """A stored output with its nar, compressed nars, narinfo, log and datastore record."""
     path = p(name)
-    nar = Path(store.nar_path(path))
+    nar = Path(store.root, nar_of(store, path))
     nar.write_bytes(os.urandom(size))
     drv = f"{path}.drv"
     log = Path(store.root).parent / "logs" / f"{name}.log.gz"
     log.parent.mkdir(exist_ok=True)
     log.write_bytes(gzip.compress(name.encode()))
-    store.publish(path, "sha256:" + "0" * 52, size, [p(r) for r in refs], drv, log_file=str(log))
-    StoredOutput.create(path=path, deriver=drv, nar_hash="sha256:" + "0" * 52, nar_size=size,
-                        refs=" ".join(p(r) for r in refs), file=f"nar/{name}",
+    store.publish(path, ZERO, size, [p(r) for r in refs], drv, file=nar_of(store, path),
+                  log_file=str(log))
+    StoredOutput.create(path=path, deriver=drv, nar_hash=ZERO, nar_size=size,
+                        refs=" ".join(p(r) for r in refs), file=nar_of(store, path),
                         created_at=NOW - age_days * DAY, last_used_at=NOW - age_days * DAY)
     return path
 
@@ -155,7 +164,7 @@ def test_collect_removes_records_and_files(farm: tuple[OutputStore, str]) -> Non
 
         dry = gc.collect(store, policy, dry_run=True)
         assert [r.path for r in dry.removed] == [old]
-        assert dry.dry_run and dry.freed == store.disk_usage(old) > 1000
+        assert dry.dry_run and dry.freed == store.disk_usage(old, nar_of(store, old)) > 1000
         assert Path(store.narinfo_path(old)).exists()
         assert StoredOutput.select().count() == 4
 
@@ -164,10 +173,10 @@ def test_collect_removes_records_and_files(farm: tuple[OutputStore, str]) -> Non
         assert (result.kept, result.protected) == (3, 1)
         assert result.freed == dry.freed + len(gzip.compress(b"aold"))  # its log went too
         assert {s.path for s in StoredOutput.select()} == {needed, lib, young}
-        assert not any(os.path.exists(f) for f in store.files_of(old))
+        assert not any(os.path.exists(f) for f in store.files_of(old, nar_of(store, old)))
         assert not os.path.exists(store.log_path(f"{old}.drv"))
         for kept in (needed, lib, young):
-            assert all(os.path.exists(f) for f in (store.narinfo_path(kept), store.nar_path(kept)))
+            assert all(os.path.exists(f) for f in store.files_of(kept, nar_of(store, kept)))
             assert os.path.exists(store.log_path(f"{kept}.drv"))
 
 
@@ -202,9 +211,9 @@ def test_stray_files_go_once_old_enough(farm: tuple[OutputStore, str]) -> None:
         kept = add_output(store, "akept", 1)
         # An import a crash interrupted: nar and compressed nar written, no record.
         stray = p("bstray")
-        Path(store.nar_path(stray)).write_bytes(b"x" * 10)
-        store.publish(stray, "sha256:" + "0" * 52, 10, [], None)
-        files = [f for f in store.files_of(stray) if os.path.exists(f)]
+        Path(store.root, nar_of(store, stray)).write_bytes(b"x" * 10)
+        store.publish(stray, ZERO, 10, [], None, file=nar_of(store, stray))
+        files = [f for f in store.files_of(stray, nar_of(store, stray)) if os.path.exists(f)]
         assert len(files) == 4
         # Just written: it may be an import in flight, so it stays.
         fresh = gc.collect(store, gc.GcPolicy(older_than=30 * DAY, now=time.time()))
@@ -223,7 +232,7 @@ def test_compressed_nars_no_narinfo_names_go_once_old_enough(farm: tuple[OutputS
     store, url = farm
     with open_datastore(url):
         kept = add_output(store, "akept", 1)
-        named = store.files_of(kept)
+        named = store.files_of(kept, nar_of(store, kept))
         stray = Path(store.root, "nar", "zstd", f"{'a' * 32}-{'0' * 52}")
         stray.write_bytes(b"half a publication")
         hours_ago = time.time() - 2 * 3600
@@ -253,11 +262,12 @@ def test_cli(farm: tuple[OutputStore, str], monkeypatch: pytest.MonkeyPatch) -> 
     result = runner.invoke(cli, ["outputs", "gc", "--older-than", "30d", "--dry-run"])
     assert result.exit_code == 0, result.stderr
     assert f"would remove {old} (" in result.stdout and young not in result.stdout
-    assert os.path.exists(store.nar_path(old))
+    assert os.path.exists(store.stored_nar(nar_of(store, old)))
     result = runner.invoke(cli, ["outputs", "gc", "--max-size", "1G", "--older-than", "30d"])
     assert result.exit_code == 0, result.stderr
     assert f"removed {old} (" in result.stdout and "kept 1 output(s)" in result.stdout
-    assert not os.path.exists(store.nar_path(old)) and os.path.exists(store.nar_path(young))
+    assert not os.path.exists(store.stored_nar(nar_of(store, old)))
+    assert os.path.exists(store.stored_nar(nar_of(store, young)))
     result = runner.invoke(cli, ["outputs", "gc", "--max-size", "0", "--json"])
     assert result.exit_code == 0 and '"reason": "size"' in result.stdout
-    assert not os.path.exists(store.nar_path(young))
+    assert not os.path.exists(store.stored_nar(nar_of(store, young)))

@@ -88,10 +88,12 @@ def published(tmp_path: Path) -> tuple[OutputStore, list[OutputRecord]]:
 
 def test_import_publishes_every_output(published: tuple[OutputStore, list[OutputRecord]]) -> None:
     store, records = published
-    nar = (Path(store.root) / "nar" / os.path.basename(TOP)).read_bytes()
+    record = next(r for r in records if r.path == TOP)
+    # The nar, named by the output's hash part and its own sha256 (content-addressed).
+    assert record.file == f"nar/b929rzxqin9xa830zfpbfbgx8wajdhdn-{record.nar_hash[7:]}"
+    nar = (Path(store.root) / record.file).read_bytes()
     text = (Path(store.root) / "b929rzxqin9xa830zfpbfbgx8wajdhdn.narinfo").read_text()
     info = ni.parse(text)
-    record = next(r for r in records if r.path == TOP)
     assert (info.store_path, info.nar_hash, info.nar_size) == (TOP, record.nar_hash, len(nar))
     assert info.references == (DEP,) and info.deriver == TOP_DRV and info.system == "x86_64-linux"
     assert [f.compression for f in info.files] == ["gzip", "zstd"]  # Nix takes the last
@@ -128,15 +130,17 @@ def test_publishing_again_keeps_files_a_rebuild_replaces_them(
     narinfo = Path(store.narinfo_path(TOP))
     before = (compressed.stat().st_ino, narinfo.stat().st_ino)
     again = store.publish(TOP, record.nar_hash, record.nar_size, record.references,
-                          record.deriver, system="x86_64-linux")
+                          record.deriver, file=record.file, system="x86_64-linux")
     assert (compressed.stat().st_ino, narinfo.stat().st_ino) == before
     assert again == ni.parse(narinfo.read_text())
 
     # A rebuild whose nar differs: new compressed nars, under new names; the old ones go.
-    nar = Path(store.nar_path(TOP))
-    nar.write_bytes(nar.read_bytes().replace(b"dep", b"DEP"))
-    other = "sha256:" + sha256_nix32(nar.read_bytes())
-    store.publish(TOP, other, nar.stat().st_size, record.references, record.deriver)
+    content = Path(store.stored_nar(record.file)).read_bytes().replace(b"dep", b"DEP")
+    other = "sha256:" + sha256_nix32(content)
+    nar = Path(store.nar_path(TOP, other))
+    nar.write_bytes(content)
+    store.publish(TOP, other, len(content), record.references, record.deriver,
+                  file=os.path.relpath(nar, store.root))
     rebuilt = Path(store.compressed_path(TOP, "zstd"))
     assert rebuilt != compressed and not compressed.exists()
     assert zstandard.ZstdDecompressor().decompressobj().decompress(
@@ -185,14 +189,15 @@ def test_a_rebuild_that_differs_is_never_seen_half_published(
     first, records = published
     record = next(r for r in records if r.path == TOP)
     store = CheckedStore(first.root, publisher())
-    nar = Path(store.nar_path(TOP))
-    original = nar.read_bytes()
+    original = Path(store.stored_nar(record.file)).read_bytes()
     versions = [original.replace(b"dep", b"DEP"), original.replace(b"dep", b"Dep"), original]
     seen: list[set[str]] = []
     for content in versions:
+        nar_hash = "sha256:" + sha256_nix32(content)
+        nar = Path(store.nar_path(TOP, nar_hash))
         nar.write_bytes(content)
-        info = store.publish(TOP, "sha256:" + sha256_nix32(content), len(content),
-                             record.references, record.deriver)
+        info = store.publish(TOP, nar_hash, len(content), record.references, record.deriver,
+                             file=os.path.relpath(nar, store.root))
         store.consistent(TOP)
         named = {str(Path(store.root, f.url)) for f in info.files}
         on_disk = {str(p) for p in Path(store.root, "nar").glob(f"*/{ni.hash_part(TOP)}-*")}
@@ -210,13 +215,13 @@ def test_only_the_configured_compressions_are_published(
 ) -> None:
     first, records = published
     record = next(r for r in records if r.path == DEP)
-    for published_file in first.files_of(DEP)[:-1]:  # all but the nar: never published
+    for published_file in first.files_of(DEP, record.file)[:-1]:  # all but the nar
         os.unlink(published_file)
-    nar = Path(first.nar_path(DEP)).read_bytes()
+    nar = Path(first.stored_nar(record.file)).read_bytes()
 
     def publish(*compressions: Compression) -> list[str]:
         store = OutputStore(first.root, Publisher(KEY, "farm-1", compressions=compressions))
-        store.publish(DEP, record.nar_hash, len(nar), (), record.deriver)
+        store.publish(DEP, record.nar_hash, len(nar), (), record.deriver, file=record.file)
         text = Path(store.narinfo_path(DEP)).read_text()
         lines = [line for line in text.splitlines()
                  if line.startswith(("URL:", "Compression:", "FileSize:"))]
@@ -246,8 +251,8 @@ def test_only_the_configured_compressions_are_published(
 
 def test_without_a_publisher_nothing_is_published(tmp_path: Path) -> None:
     store = OutputStore(str(tmp_path / "outputs"))
-    import_sample(store, tmp_path)
-    assert Path(store.nar_path(TOP)).exists()
+    records = import_sample(store, tmp_path)
+    assert all(Path(store.stored_nar(r.file)).exists() for r in records)
     assert not Path(store.narinfo_path(TOP)).exists()
     assert not Path(store.root, "nar", "gzip").exists()
 
@@ -314,13 +319,14 @@ def test_a_failed_publication_leaves_no_narinfo(tmp_path: Path) -> None:
 
 
 def test_remove_and_disk_usage(published: tuple[OutputStore, list[OutputRecord]]) -> None:
-    store, _ = published
-    usage = store.disk_usage(TOP)
-    files = [Path(p) for p in store.files_of(TOP) if Path(p).exists()]
+    store, records = published
+    file = next(r.file for r in records if r.path == TOP)
+    usage = store.disk_usage(TOP, file)
+    files = [Path(p) for p in store.files_of(TOP, file) if Path(p).exists()]
     assert usage == sum(f.stat().st_size for f in files) and len(files) == 4
-    assert store.remove(TOP) == usage
+    assert store.remove(TOP, file) == usage
     assert not any(f.exists() for f in files)
-    assert store.remove(TOP) == 0
+    assert store.remove(TOP, file) == 0
 
 
 # --- the HTTP server ----------------------------------------------------------------------------
@@ -340,9 +346,10 @@ def serve(publication: Publication, check: Callable[[TestClient[Any, Any]], Awai
 
 
 def test_http_serves_the_layout(published: tuple[OutputStore, list[OutputRecord]]) -> None:
-    store, _ = published
+    store, records = published
     base = os.path.basename(TOP)
-    nar = Path(store.nar_path(TOP)).read_bytes()
+    raw_url = next(r.file for r in records if r.path == TOP)  # nar/<hash part>-<nar hash>
+    nar = Path(store.stored_nar(raw_url)).read_bytes()
     zst = Path(store.compressed_path(TOP, "zstd")).read_bytes()
     gz_url, zst_url = (f.url for f in ni.parse(Path(store.narinfo_path(TOP)).read_text()).files)
 
@@ -358,7 +365,7 @@ def test_http_serves_the_layout(published: tuple[OutputStore, list[OutputRecord]
 
         response = await client.get(f"/{zst_url}")
         assert response.status == 200 and await response.read() == zst
-        response = await client.get(f"/nar/{base}")
+        response = await client.get(f"/{raw_url}")
         assert response.status == 200 and await response.read() == nar
         response = await client.head(f"/{gz_url}")
         assert response.status == 200
@@ -366,12 +373,12 @@ def test_http_serves_the_layout(published: tuple[OutputStore, list[OutputRecord]
             store.compressed_path(TOP, "gzip"))
 
         # Range requests (resumed downloads).
-        response = await client.get(f"/nar/{base}", headers={"Range": "bytes=8-23"})
+        response = await client.get(f"/{raw_url}", headers={"Range": "bytes=8-23"})
         assert response.status == 206 and await response.read() == nar[8:24]
         assert response.headers["Content-Range"] == f"bytes 8-23/{len(nar)}"
-        response = await client.get(f"/nar/{base}", headers={"Range": "bytes=-16"})
+        response = await client.get(f"/{raw_url}", headers={"Range": "bytes=-16"})
         assert response.status == 206 and await response.read() == nar[-16:]
-        response = await client.get(f"/nar/{base}", headers={"Range": f"bytes={len(nar)}-"})
+        response = await client.get(f"/{raw_url}", headers={"Range": f"bytes={len(nar)}-"})
         assert response.status == 416
 
         # Logs: gzip as stored, Content-Encoding gzip (as guix publish), by .drv or output.
@@ -395,6 +402,7 @@ def test_http_serves_the_layout(published: tuple[OutputStore, list[OutputRecord]
     "/nar/gzip/00000000000000000000000000000000-missing",
     "/nar/lzip/b929rzxqin9xa830zfpbfbgx8wajdhdn-top",
     "/nar/gzip/b929rzxqin9xa830zfpbfbgx8wajdhdn-top",  # the name before content addressing
+    "/nar/b929rzxqin9xa830zfpbfbgx8wajdhdn-top",  # the nar's name before content addressing
     "/nar/..%2F..%2Fnix-cache-info",
     "/nar/gzip/..",
     "/tmp/x",
@@ -581,7 +589,7 @@ def test_http_serves_no_symbolic_link_and_forbids_sniffing(
     gave away whatever it named (the signing key, /etc/passwd), even one inside the store. Every
     link, as the file asked for or as a directory on the way, is a 404. Every answer forbids
     sniffing: a log is text a builder chose, and must never be taken for HTML."""
-    store, _ = published
+    store, records = published
     root = Path(store.root)
     secret = tmp_path / "signing-key.secret"
     secret.write_text("SECRET-SEED\n")
@@ -606,7 +614,7 @@ def test_http_serves_no_symbolic_link_and_forbids_sniffing(
             assert response.status == 404, path
             assert "SECRET" not in await response.text()
             assert response.headers["X-Content-Type-Options"] == "nosniff"
-        for path in ("/nix-cache-info", f"/{ni.hash_part(TOP)}.narinfo", f"/nar/{Path(TOP).name}",
+        for path in ("/nix-cache-info", f"/{ni.hash_part(TOP)}.narinfo", f"/{records[-1].file}",
                      f"/log/{Path(TOP_DRV).name}"):
             response = await client.get(path)
             assert response.status == 200, path
@@ -639,6 +647,7 @@ def test_publish_without_a_key_says_how_to_make_one(state: Path) -> None:
     assert code == 1 and "buildfarm key generate" in err
     code, _, err = cli_run("publish", "--listen", "nowhere")
     assert code == 1 and "ADDRESS:PORT" in err
+
 
 
 @pytest.mark.parametrize(("values", "error"), [
@@ -676,6 +685,7 @@ def test_publish_publishes_on_request_in_the_compressions_of_its_variable(
         with urllib.request.urlopen(url + info.files[0].url, timeout=30) as response:
             data = response.read()
     assert len(data) == info.files[0].file_size
-    nar = Path(state / "outputs" / "nar" / os.path.basename(TOP)).read_bytes()
+    assert records[-1].path == TOP
+    nar = Path(state / "outputs" / records[-1].file).read_bytes()
     assert zstandard.ZstdDecompressor().decompressobj().decompress(data) == nar
     assert not (state / "outputs" / "nar" / "gzip").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +17,6 @@ def farm(tmp_path: Path, testbed: Testbed, private_nix: Path) -> Iterator[Farm]:
     yield Farm(tmp_path / "state", tmp_path / "inventory.yaml")
 
 
-def stored_nar(state: Path, store_path: str) -> Path:
-    return state / "outputs" / "nar" / os.path.basename(store_path)
-
-
 def test_chain_across_machines_pushes_the_leaf_output(farm: Farm, hosts: list[Host]) -> None:
     leaf, top = chain(2, token())
     first, second = hosts
@@ -33,7 +28,7 @@ def test_chain_across_machines_pushes_the_leaf_output(farm: Farm, hosts: list[Ho
     assert leaf_info["state"] == "succeeded", leaf_info
     assert leaf_info["attempts"][0]["machine"] == first.name
     leaf_out = leaf_info["outputs"]["out"]
-    assert stored_nar(farm.state, leaf_out).exists()
+    assert farm.stored_nar(leaf_out).exists()
     assert not second.local_path(leaf_out).exists()
 
     farm.write_inventory([second])
@@ -51,7 +46,7 @@ def test_chain_across_machines_pushes_the_leaf_output(farm: Farm, hosts: list[Ho
     # The leaf's output went to the second machine from the output store, not rebuilt there.
     assert second.local_path(leaf_out).read_text().startswith("leaf-")
     top_out = info["outputs"]["out"]
-    assert stored_nar(farm.state, top_out).exists()
+    assert farm.stored_nar(top_out).exists()
     assert f"build {top_build} succeeded (on {second.name})" in done.stdout
 
 

@@ -81,10 +81,6 @@ def write_inventory(farm: Farm, hosts: Mapping[Host, Mapping[str, Any]]) -> None
     farm.inventory.write_text(yaml.safe_dump({"machines": entries}, sort_keys=False))
 
 
-def stored_nar(state: Path, store_path: str) -> Path:
-    return state / "outputs" / "nar" / os.path.basename(store_path)
-
-
 def stored_output(farm: Farm, path: str) -> dict[str, Any]:
     """The output store's record of `path` (read straight from the SQLite datastore)."""
     with sqlite3.connect(farm.state / "buildfarm.db") as db:
@@ -120,13 +116,13 @@ def test_chain_across_guix_machines_pushes_a_signed_leaf(
     assert first.local_path(leaf).exists()
     leaf_out = leaf_info["outputs"]["out"]
     assert first.local_path(leaf_out).read_text() == f"leaf-{tag}\n"
-    assert stored_nar(farm.state, leaf_out).exists()
+    assert farm.stored_nar(leaf_out).exists()
     assert not second.local_path(leaf_out).exists()
     # The output store keeps guix-a's own signature of what it exported.
     record = stored_output(farm, leaf_out)
     assert record["deriver"] == leaf
     signed = nar.export_trailer(leaf_out, record["refs"].split(), record["deriver"])
-    digest = hashlib.sha256(stored_nar(farm.state, leaf_out).read_bytes() + signed).digest()
+    digest = hashlib.sha256(farm.stored_nar(leaf_out).read_bytes() + signed).digest()
     assert first.guix_public_key is not None
     first_key = guix_public_key_from_sexp(first.guix_public_key)
     verify_guix(record["signature"].encode(), digest, [first_key])
@@ -148,7 +144,7 @@ def test_chain_across_guix_machines_pushes_a_signed_leaf(
     assert build_log_exists(second, top)
     top_out = info["outputs"]["out"]
     assert second.local_path(top_out).read_text() == f"level1 on leaf-{tag}\n"
-    assert stored_nar(farm.state, top_out).exists()
+    assert farm.stored_nar(top_out).exists()
     assert f"build {top_build} succeeded (on {second.name})" in done.stdout
 
 
@@ -281,7 +277,7 @@ def test_mixed_nix_and_guix_farm(farm: Farm, machines: dict[str, Host]) -> None:
     assert not build_log_exists(nix_host, chain_drvs[1])
     assert nix_host.local_path(top_out).read_text() == f"top middle leaf-{tag}\n"
     for info in infos.values():
-        assert stored_nar(farm.state, info["outputs"]["out"]).exists()
+        assert farm.stored_nar(info["outputs"]["out"]).exists()
 
 
 def test_a_rebuild_on_a_guix_machine_that_holds_the_outputs_uses_guix_build_check(

@@ -231,6 +231,10 @@ class Coordinator:
                                                  compressions=self.options.compressions)
         )
         self.outputs.clean_temporary()
+        swept = await self.db(self.outputs.sweep_unrecorded)
+        if swept:
+            self.reporter.event(f"{len(swept)} nar(s) no record names, left by a previous run, "
+                                "removed")
         self.fleet.start()
         names = ", ".join(self.machines) or "none"
         self.reporter.event(f"coordinator started with machines: {names}")
@@ -561,6 +565,7 @@ class Coordinator:
         try:
             stored = await steps.run()
             await self.db(records.succeed, run.attempt_id, stored, path, steps.check_result)
+            await asyncio.to_thread(self.outputs.remove_superseded, stored)
             checked = f", checked: {steps.check_result}" if steps.check_result else ""
             self.reporter.event(f"build {uuid} succeeded (on {name}{checked})")
             outcome = "success"

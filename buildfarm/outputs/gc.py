@@ -76,6 +76,7 @@ class Item:
     deriver: str
     last_used_at: float
     size: int  # bytes on disk: nar, compressed nars, narinfo
+    file: str = ""  # its nar, relative to the output store
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +178,7 @@ def _items(store: OutputStore) -> list[Item]:
 
     return [
         Item(row.path, tuple(row.refs.split()), row.deriver, row.last_used_at,
-             store.disk_usage(row.path))
+             store.disk_usage(row.path, row.file), row.file)
         for row in StoredOutput.select()
     ]
 
@@ -203,8 +204,9 @@ def collect(store: OutputStore, policy: GcPolicy, *, dry_run: bool = False) -> G
     kept = [i for i in items if i.path not in gone]
     freed = 0
     if not dry_run:
+        files = {i.path: i.file for i in items}
         for removal in removed:
-            freed += store.remove(removal.path)
+            freed += store.remove(removal.path, files[removal.path])
     else:
         freed = sum(r.size for r in removed)
     orphans = _orphans(store, kept, {i.deriver for i in items if i.path in gone},
@@ -236,9 +238,8 @@ def _orphans(
 ) -> list[str]:
     """Files no kept record accounts for: old enough ones, the logs of the outputs just
     removed, and the logs of `failed` derivations older than the age limit."""
-    names = {os.path.basename(i.path) for i in kept}
-    hashes = {name[:32] for name in names}
-    compressed = {f for i in kept for f in store.files_of(i.path)}  # those their narinfos name
+    hashes = {os.path.basename(i.path)[:32] for i in kept}
+    named = {os.path.normpath(f) for i in kept for f in store.files_of(i.path, i.file)}
     derivers = {os.path.basename(i.deriver) for i in kept if i.deriver}
     gone_logs = {os.path.basename(d) for d in derivers_gone if d} - derivers
     cutoff = policy.now - policy.orphan_grace
@@ -255,10 +256,8 @@ def _orphans(
             elif not accounted and name in gone_logs:
                 found.append(path)
                 continue
-        elif kind == "nar":
-            accounted = name in names
-        else:
-            accounted = path in compressed
+        else:  # a nar its record names, or a compressed one its narinfo names
+            accounted = os.path.normpath(path) in named
         if not accounted and _mtime(path) < cutoff:
             found.append(path)
     return sorted(found)

@@ -81,6 +81,7 @@ class Found:
     nar_size: int
     references: tuple[str, ...]
     deriver: str
+    file: str  # its nar, relative to the output store
     system: str | None
     log_file: str | None
 
@@ -95,7 +96,7 @@ def found(path: str) -> Found | None:
         return None
     drv = Derivation.get_or_none(Derivation.path == row.deriver) if row.deriver else None
     return Found(row.path, row.nar_hash, row.nar_size, tuple(row.refs.split()), row.deriver,
-                 drv.system if drv is not None else None, finished_log(row.deriver))
+                 row.file, drv.system if drv is not None else None, finished_log(row.deriver))
 
 
 class PathIndex:
@@ -259,7 +260,8 @@ class Publication:
             return False
         try:
             self.store.publish(record.path, record.nar_hash, record.nar_size, record.references,
-                               record.deriver, system=record.system, log_file=record.log_file)
+                               record.deriver, file=record.file, system=record.system,
+                               log_file=record.log_file)
         except (ArchiveError, FileNotFoundError):
             return False  # its nar is gone (being collected): not published
         return True

@@ -2,7 +2,9 @@
 and published as a substitute cache any plain web server can serve.
 
 Layout under the state directory's `outputs/`, the URLs `guix publish` uses:
-  nar/<store basename>                  each output's nar, uncompressed (`Compression: none`)
+  nar/<hash>-<nar hash>                 each output's nar, uncompressed, named by the output's
+                                        hash part and the nar's sha256 (nix-base32); its
+                                        record's `file` (older stores: nar/<store basename>)
   nar/<gzip|zstd>/<hash>-<file hash>    the same nar compressed, named by the output's hash
                                         part and the sha256 (nix-base32) of the file itself
   <hash>.narinfo                        signed for Guix (`Signature:`) and Nix (`Sig:`)
@@ -12,10 +14,12 @@ Layout under the state directory's `outputs/`, the URLs `guix publish` uses:
   tmp/                                  transfers and files being written (never served)
 Every file is written under a temporary name, fsynced and renamed; an output's narinfo is
 written last, so a crash leaves at worst orphan files (`buildfarm outputs gc` removes them),
-never a narinfo naming a missing nar. Compressed nars are never rewritten in place: a rebuild
-whose nar differs gets new file names, and the old files go only once the new narinfo has
-replaced the old one, so a reader sees either narinfo with the very files it describes. The
-metadata lives in the datastore.
+never a narinfo naming a missing nar. No nar is rewritten in place: a rebuild whose nar differs
+gets new file names, the old compressed ones go once the new narinfo has replaced the old one,
+and the old nar once the new record has replaced the old one (`remove_superseded`), so a reader
+sees either narinfo, and the datastore either record, with the very files it describes. A
+coordinator killed in between leaves a nar no record names, which `sweep_unrecorded` removes
+at the next start. The metadata lives in the datastore.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import shutil
 import socket
 import struct
@@ -45,6 +50,7 @@ from buildfarm.formats.compression import DEFAULT_COMPRESSIONS, TYPES, Compressi
 from buildfarm.formats.signing import SigningKey, load_key
 
 CACHE_INFO = "nix-cache-info"
+_NAR_HASH = re.compile(f"sha256:([{ni.NIX32}]{{52}})")
 
 
 def _str(data: bytes) -> bytes:
@@ -119,12 +125,24 @@ class OutputStore:
         self.log_dir = os.path.join(root, "log")
         os.makedirs(self.nar_dir, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
+        # Store path -> the nars its record named before an import replaced them.
+        self._superseded: dict[str, set[str]] = {}
 
-    def nar_path(self, store_path: str) -> str:
-        name = os.path.basename(store_path)
-        if not drvmod.is_store_path(store_path) or name in ("", ".", ".."):
-            raise ArchiveError(f"not a store path: {store_path!r}")
-        return os.path.join(self.nar_dir, name)
+    def nar_path(self, store_path: str, nar_hash: str) -> str:
+        """Where the nar of `store_path` whose hash is `nar_hash` ("sha256:<nix-base32>") is
+        kept: named by its content, so a rebuild's nar is written beside the one recorded."""
+        match = _NAR_HASH.fullmatch(nar_hash)
+        if match is None:
+            raise ArchiveError(f"not a nix-base32 SHA-256 nar hash: {nar_hash!r}")
+        return os.path.join(self.nar_dir, f"{ni.hash_part(store_path)}-{match[1]}")
+
+    def _legacy_nar_path(self, store_path: str) -> str:
+        """Where stores before content-named nars kept an output's nar: nar/<store basename>."""
+        return os.path.join(self.nar_dir, os.path.basename(store_path))
+
+    def stored_nar(self, file: str) -> str:
+        """The nar a record's `file` names (relative to the output store)."""
+        return os.path.join(self.root, file)
 
     def compressed_path(self, store_path: str, kind: str) -> str:
         """The `kind` compressed nar the narinfo of `store_path` names."""
@@ -157,10 +175,10 @@ class OutputStore:
             raise ArchiveError(f"not a store path: {drv_path!r}")
         return os.path.join(self.log_dir, os.path.basename(drv_path))
 
-    def files_of(self, store_path: str) -> list[str]:
-        """Every file of one output, in the order they are removed: narinfo first, then the
-        compressed nars it names, then the nar."""
-        source = self.nar_path(store_path)
+    def files_of(self, store_path: str, file: str) -> list[str]:
+        """Every file of one output whose record names the nar `file`, in the order they are
+        removed: narinfo first, then the compressed nars it names, then the nar."""
+        source = self.stored_nar(file)
         return [self.narinfo_path(store_path), *self._named_by(store_path, source), source]
 
     def _named_by(self, store_path: str, source: str) -> list[str]:
@@ -168,14 +186,14 @@ class OutputStore:
         named = [self.file_of_url(f.url) for f in info.files] if info is not None else []
         return list(dict.fromkeys(p for p in named if p is not None and p != source))
 
-    def disk_usage(self, store_path: str) -> int:
-        return sum(_size(path) or 0 for path in self.files_of(store_path))
+    def disk_usage(self, store_path: str, file: str) -> int:
+        return sum(_size(path) or 0 for path in self.files_of(store_path, file))
 
-    def remove(self, store_path: str) -> int:
+    def remove(self, store_path: str, file: str) -> int:
         """Delete an output's files (narinfo first, so it never names a missing nar); return
         the bytes freed."""
         freed = 0
-        for path in self.files_of(store_path):
+        for path in self.files_of(store_path, file):
             size = _size(path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -199,11 +217,13 @@ class OutputStore:
         references: Sequence[str],
         deriver: str | None,
         *,
+        file: str,
         system: str | None = None,
         log_file: str | None = None,
     ) -> ni.Narinfo:
-        """Write the compressed nars, the log and then the signed narinfo of a stored output;
-        then remove the compressed nars the narinfo it replaced named and this one does not.
+        """Write the compressed nars, the log and then the signed narinfo of a stored output
+        whose nar is `file` (its record's); then remove the compressed nars the narinfo it
+        replaced named and this one does not.
 
         Compressed nars a current narinfo already describes are kept, so publishing again is
         cheap; a different nar hash (a rebuild that differs) makes new ones, under new names."""
@@ -213,17 +233,17 @@ class OutputStore:
         for compression in publisher.compressions:
             if compression.type not in TYPES:
                 raise ArchiveError(f"unknown compression {compression.type!r}")
-        source = self.nar_path(path)
+        source = self.stored_nar(file)
         if _size(source) is None:
             raise ArchiveError(f"{path}: its nar is not in the output store")
         current = self.read_narinfo(path)
         ready: dict[str, ni.NarFile] = {}
         if current is not None and current.nar_hash == nar_hash:
-            for file in current.files:
-                existing = self.file_of_url(file.url)
-                if (existing is not None and existing != source and file.compression not in ready
-                        and _size(existing) == file.file_size):
-                    ready[file.compression] = file
+            for named in current.files:
+                existing = self.file_of_url(named.url)
+                if (existing is not None and existing != source and named.compression not in ready
+                        and _size(existing) == named.file_size):
+                    ready[named.compression] = named
         todo = [c for c in publisher.compressions if c.type not in ready]
         if todo:
             # zlib and zstd release the GIL: each compression gets a core of its own.
@@ -248,10 +268,10 @@ class OutputStore:
             self._write_file(self.narinfo_path(path), text)
         if current is not None:
             # Only now that no narinfo names them: a reader never meets a missing nar.
-            named = {self.file_of_url(f.url) for f in info.files}
-            for file in current.files:
-                old = self.file_of_url(file.url)
-                if old is not None and old not in named and old != source:
+            kept = {self.file_of_url(f.url) for f in info.files}
+            for named in current.files:
+                old = self.file_of_url(named.url)
+                if old is not None and old not in kept and old != source:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(old)
         return info
@@ -385,7 +405,7 @@ class OutputStore:
 
     def output_bundle(self, stored: Sequence[StoredOutput], key: SigningKey | None) -> str:
         """An export bundle of stored outputs, in a temporary file: they may be large."""
-        handles = [open(self.nar_path(s.path), "rb") for s in stored]  # noqa: SIM115
+        handles = [open(self.stored_nar(s.file), "rb") for s in stored]  # noqa: SIM115
         try:
             fd, target = tempfile.mkstemp(dir=self.tmp_dir, suffix=".bundle")
             with os.fdopen(fd, "wb") as out:
@@ -450,7 +470,7 @@ class OutputStore:
                         f"{item.path}: nar hash {nar_hash} (size {item.nar_size}) does not match "
                         f"the machine's {want_hash} (size {want_size}): corrupt transfer"
                     )
-                final = self.nar_path(item.path)
+                final = self.nar_path(item.path, nar_hash)
                 finals.append((temp, final))
                 records.append(
                     OutputRecord(
@@ -463,7 +483,15 @@ class OutputStore:
                         file=os.path.relpath(final, self.root),
                     )
                 )
-            for temp, final in finals:
+            for record, (temp, final) in zip(records, finals, strict=True):
+                # What the record being replaced names (at the last start, or after the last
+                # success, its narinfo and record agreed): it goes once the new one is recorded.
+                current = self.read_narinfo(record.path)
+                older = {self._legacy_nar_path(record.path)}
+                if current is not None:
+                    with contextlib.suppress(ArchiveError):
+                        older.add(self.nar_path(record.path, current.nar_hash))
+                self._superseded[record.path] = older - {final}
                 _fsync_rename(temp, final)
             if self.publisher is not None:
                 for record in records:
@@ -471,7 +499,7 @@ class OutputStore:
                     ours = record.deriver == deriver
                     self.publish(
                         record.path, record.nar_hash, record.nar_size, record.references,
-                        record.deriver, system=system if ours else None,
+                        record.deriver, file=record.file, system=system if ours else None,
                         log_file=log_file if ours else None,
                     )
             return records
@@ -479,3 +507,36 @@ class OutputStore:
             for temp in temps:
                 if os.path.exists(temp):
                     os.unlink(temp)
+
+    def remove_superseded(self, records: Sequence[OutputRecord]) -> None:
+        """Once `records` are recorded: remove the nars the records they replaced named."""
+        for record in records:
+            keep = self.stored_nar(record.file)
+            for old in self._superseded.pop(record.path, set()) - {keep}:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(old)
+
+    def sweep_unrecorded(self) -> list[str]:
+        """At start, before any import (the run lock held; in the datastore's thread): remove
+        the nars no record names, which a coordinator killed between an import and its record,
+        or before it removed what that record replaced, left; where such a nar's narinfo
+        describes another than its record, publish the record's again. Returns the nars
+        removed."""
+        recorded = list(StoredOutput.select())
+        named = {os.path.normpath(self.stored_nar(row.file)) for row in recorded}
+        by_hash = {ni.hash_part(row.path): row for row in recorded}
+        removed = []
+        for entry in os.scandir(self.nar_dir):
+            if not entry.is_file(follow_symlinks=False) or os.path.normpath(entry.path) in named:
+                continue
+            row = by_hash.get(entry.name[:32])
+            info = self.read_narinfo(row.path) if row is not None else None
+            if row is not None and info is not None and info.nar_hash != row.nar_hash \
+                    and self.publisher is not None:
+                with contextlib.suppress(ArchiveError):  # its own nar is gone: gc's to judge
+                    self.publish(row.path, row.nar_hash, row.nar_size, row.refs.split(),
+                                 row.deriver, file=row.file, system=info.system)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        return removed
