@@ -561,11 +561,12 @@ def server(state: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 
 @contextlib.contextmanager
-def publishing(state: Path, **env_vars: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def publishing(state: Path, *args: str, **env_vars: str
+               ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`buildfarm publish` on a free port, in a process of its own."""
     env = {**os.environ, "BUILDFARM_STATE_DIR": str(state), **env_vars}
     process = subprocess.Popen(
-        [sys.executable, "-m", "buildfarm", "publish", "--listen", "127.0.0.1:0"],
+        [sys.executable, "-m", "buildfarm", "publish", "--listen", "127.0.0.1:0", *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -634,6 +635,7 @@ def test_publish_command_serves_and_stops_on_sigterm(
         urllib.request.urlopen(url + "00000000000000000000000000000000.narinfo", timeout=30)
     caught.value.close()
     assert caught.value.code == 404
+    assert caught.value.headers["Cache-Control"] == "max-age=60"  # --negative-ttl's default
     with urllib.request.urlopen(url + "signing-key.pub", timeout=30) as response:
         assert response.read().decode().startswith("(public-key")
     process.send_signal(signal.SIGTERM)
@@ -647,7 +649,37 @@ def test_publish_without_a_key_says_how_to_make_one(state: Path) -> None:
     assert code == 1 and "buildfarm key generate" in err
     code, _, err = cli_run("publish", "--listen", "nowhere")
     assert code == 1 and "ADDRESS:PORT" in err
+    code, _, err = cli_run("publish", "--negative-ttl", "soon")
+    assert code == 1 and "invalid duration 'soon'" in err
 
+
+def test_a_missing_narinfo_is_remembered_for_the_negative_ttl_only(
+    published: tuple[OutputStore, list[OutputRecord]], state: Path,
+) -> None:
+    """Guix's client keeps a 404 for a narinfo for the response's `Cache-Control: max-age`,
+    else for 10 minutes (guix/substitutes.scm %narinfo-negative-ttl); `guix publish
+    --negative-ttl` sends it with a missing narinfo's 404 only (guix/scripts/publish.scm
+    not-found), and so does `buildfarm publish`."""
+    store, _ = published
+    missing = "/00000000000000000000000000000000.narinfo"
+
+    async def check(client: TestClient[Any, Any]) -> None:
+        response = await client.get(missing)
+        assert response.status == 404 and response.headers["Cache-Control"] == "max-age=5"
+        for found in (f"/{ni.hash_part(TOP)}.narinfo", "/nix-cache-info"):
+            response = await client.get(found)
+            assert response.status == 200 and "Cache-Control" not in response.headers, found
+        response = await client.get("/nar/gzip/00000000000000000000000000000000-missing")
+        assert response.status == 404 and "Cache-Control" not in response.headers
+
+    serve(Publication(store, None, negative_ttl=5), check)
+
+    assert cli_run("key", "generate", "--name", "farm-1")[0] == 0
+    with publishing(state, "--negative-ttl", "5m") as (_, url), pytest.raises(
+            urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(url + missing[1:], timeout=30)
+    caught.value.close()
+    assert caught.value.code == 404 and caught.value.headers["Cache-Control"] == "max-age=300"
 
 
 @pytest.mark.parametrize(("values", "error"), [

@@ -226,22 +226,33 @@ def hooks_list(ctx: click.Context, as_json: bool) -> None:
     help="Where to listen (port 0 picks a free port; the URL is printed at start).",
 )
 @compression_option
+@click.option(
+    "--negative-ttl", default="60s", show_default=True, metavar="DURATION",
+    help="How long clients may remember that a narinfo is missing (e.g. 30s, 5m, 0).",
+)
 @click.pass_context
-def publish(ctx: click.Context, listen: str, compressions: tuple[str, ...]) -> None:
+def publish(
+    ctx: click.Context, listen: str, compressions: tuple[str, ...], negative_ttl: str
+) -> None:
     """Serve the output store as a Guix and Nix substitute server (narinfos, nars, logs).
 
     Outputs stored before publishing existed, or by a coordinator without a key, are
     published on first request, in the compressions --compression names (give it the same
-    value as `buildfarm run`, or set BUILDFARM_COMPRESSIONS for both)."""
+    value as `buildfarm run`, or set BUILDFARM_COMPRESSIONS for both). A missing narinfo is
+    answered 404 with `Cache-Control: max-age` set to --negative-ttl, as `guix publish
+    --negative-ttl` does: Guix would otherwise keep the answer for 10 minutes or more, though
+    the output may be published as soon as its build ends."""
     import asyncio
 
     from buildfarm.formats import keys
     from buildfarm.formats.compression import parse_compressions
+    from buildfarm.outputs.gc import parse_duration
     from buildfarm.outputs.publish import parse_listen, serve
     from buildfarm.outputs.store import OutputStore, Publisher
 
     chosen = parse_compressions(compressions)
     host, port = parse_listen(listen)
+    ttl = int(parse_duration(negative_ttl))
     settings = _settings(ctx)
     keys.public_key(settings.state_dir, "nix")  # a missing key fails here, with the remedy
     store = OutputStore(settings.outputs_dir, Publisher.load(settings.state_dir, chosen))
@@ -250,7 +261,7 @@ def publish(ctx: click.Context, listen: str, compressions: tuple[str, ...]) -> N
         click.echo(f"buildfarm publish: serving {settings.outputs_dir} at {url}")
         sys.stdout.flush()
 
-    asyncio.run(serve(store, settings.db_url, host, port, ready))
+    asyncio.run(serve(store, settings.db_url, host, port, ready, negative_ttl=ttl))
 
 
 @cli.group(cls=BuildfarmGroup, invoke_without_command=True, subcommand_metavar="[test [NAME]...]")

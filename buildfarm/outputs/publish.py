@@ -33,6 +33,10 @@ from buildfarm.outputs.store import CACHE_INFO, OutputStore
 T = TypeVar("T")
 logger = logging.getLogger("buildfarm.publish")
 DEFAULT_LISTEN = "0.0.0.0:8080"  # guix publish's default
+# How long a client may remember that a narinfo is missing (`guix publish --negative-ttl`):
+# without it, Guix keeps a 404 for its %narinfo-negative-ttl (10 minutes, guix/substitutes.scm),
+# though the output may be published as soon as its build ends.
+DEFAULT_NEGATIVE_TTL = 60
 NAR_CONTENT_TYPE = "application/x-nix-archive"
 LOG_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Content-Encoding": "gzip"}
 DEFAULT_STORE_DIR = "/gnu/store"  # nix-cache-info's StoreDir before anything is stored
@@ -151,9 +155,11 @@ def finished_log(drv_path: str) -> str | None:
 class Publication:
     """The HTTP side; datastore work runs in one thread of its own, as in the coordinator."""
 
-    def __init__(self, store: OutputStore, db_url: str | None) -> None:
+    def __init__(self, store: OutputStore, db_url: str | None,
+                 negative_ttl: int = DEFAULT_NEGATIVE_TTL) -> None:
         self.store = store
         self.db_url = db_url
+        self.negative_ttl = negative_ttl
         self.index = PathIndex()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-db")
         self._datastore: Any = None
@@ -216,7 +222,8 @@ class Publication:
         name = f"{hash_part}.narinfo"
         if (not os.path.lexists(os.path.join(self.store.root, name))
                 and not await self._in_thread(self._publish, hash_part)):
-            raise web.HTTPNotFound(text=f"no narinfo for {hash_part}")
+            raise web.HTTPNotFound(text=f"no narinfo for {hash_part}",
+                                   headers={"Cache-Control": f"max-age={self.negative_ttl}"})
         return web.FileResponse(inside(self.store.root, name),
                                 headers={"Content-Type": ni.CONTENT_TYPE})
 
@@ -315,9 +322,10 @@ async def serve(
     port: int,
     on_ready: Callable[[str], None],
     stop: asyncio.Event | None = None,
+    negative_ttl: int = DEFAULT_NEGATIVE_TTL,
 ) -> None:
     """Serve until SIGINT/SIGTERM (or `stop` is set); `on_ready` gets the URL once listening."""
-    publication = Publication(store, db_url)
+    publication = Publication(store, db_url, negative_ttl)
     await publication.open()
     runner = web.AppRunner(publication.application(), access_log=None, handle_signals=False)
     await runner.setup()
