@@ -189,13 +189,15 @@ ZONES = [None, UTC, timezone(timedelta(hours=14)), timezone(timedelta(hours=-12)
 @given(moment=st.datetimes(timezones=st.sampled_from(ZONES)))
 @example(moment=datetime(1, 1, 1))
 @example(moment=datetime(9999, 12, 31, 23, 59, 59))
+@example(moment=datetime(1969, 12, 31, 12, 0, tzinfo=timezone(timedelta(hours=-12))))
 def test_a_date_is_stored_exactly_or_refused_in_one_line(fresh: Path, moment: datetime) -> None:
     result = run("submit", str(HELLO), "--defer-until", moment.isoformat())
     if result.exit_code == 0:
         (uuid,) = result.stdout.split()
         rows = json.loads(ok("builds", "list", "--json"))
         assert any(r["uuid"] == uuid for r in rows)
-        assert 1970 <= moment.year <= 9999
+        # The range is of instants: 1969-12-31T12:00-12:00 is 1970-01-01 00:00 UTC, accepted.
+        assert 1970 <= moment.astimezone(UTC).year <= 9999
     else:
         assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.stderr
         assert "use ISO 8601 from 1970 to 9999" in result.stderr
