@@ -163,6 +163,27 @@ def test_guix_plan_that_cannot_be_read_raises() -> None:
         GUIX.parse_dry_run(b"", guix_plan("The following derivation would be built:", f"  {OUT_C}"))
 
 
+def test_a_plan_that_does_not_name_the_target_was_not_read() -> None:
+    """The coordinator's dry runs always plan the target itself (under --check when its
+    outputs are there): a plan in another language, or an empty one, cannot pass for "nothing
+    else to build". German and French are Guix's own catalogues (po/guix/de.po, fr.po)."""
+    english = guix_plan("The following derivations would be built:", f"  {DRV_B}", f"  {DRV_A}")
+    assert GUIX.parse_dry_run(b"", english, DRV_A).would_build == (DRV_B, DRV_A)
+    german = guix_plan("Folgende Ableitungen würden erstellt:", f"  {DRV_B}", f"  {DRV_A}")
+    french = guix_plan("Les dérivations suivantes seraient compilées :", f"  {DRV_B}",
+                       f"  {DRV_A}")
+    for translated in (german, french, b""):
+        assert GUIX.parse_dry_run(b"", translated) == DryRun((), ())  # no target: no check
+        with pytest.raises(RemoteError, match="could not read the plan"):
+            GUIX.parse_dry_run(b"", translated, DRV_A)
+    with pytest.raises(RemoteError, match="could not read the plan"):
+        NIX.parse_dry_run(b"", b"", NIX_A)
+    assert NIX.parse_dry_run(b"", f"this derivation will be built:\n  {NIX_A}\n".encode(),
+                             NIX_A).would_build == (NIX_A,)
+    assert GUIX.dry_run_names_target(rebuild=True) and GUIX.dry_run_names_target(rebuild=False)
+    assert NIX.dry_run_names_target(rebuild=False) and not NIX.dry_run_names_target(rebuild=True)
+
+
 def test_nix_plan_singular_plural_and_fetches() -> None:
     # Nix 2.8 wording, as printed by tests below against the real nix-store.
     one = b"this derivation will be built:\n  " + NIX_A.encode() + b"\n"
@@ -220,12 +241,13 @@ def test_guix_failures_from_the_daemon_and_client_messages() -> None:
     assert GUIX.classify_build_failure(1, timeout) == ("timeout", "timed out after 60 seconds")
     missing = f"cannot build missing derivation \u2018{DRV_B}\u2019\n".encode()
     assert GUIX.classify_build_failure(1, missing) == (
-        "missing-derivation",
+        "machine",
         f"cannot build missing derivation {DRV_B}",
     )
+    # No builder ran and failed: whatever failed is not the derivation's doing.
     client_only = f"guix build: error: build of `{DRV_A}', `{DRV_B}' failed\n".encode()
     kind, reason = GUIX.classify_build_failure(1, client_only)
-    assert kind == "failed" and DRV_A in reason and DRV_B in reason and "not reported" in reason
+    assert kind == "machine" and DRV_A in reason and DRV_B in reason
     signal = f"builder for `{DRV_A}' failed due to signal 9 (Killed)\n".encode()
     assert GUIX.classify_build_failure(1, signal) == (
         "failed",
@@ -233,15 +255,69 @@ def test_guix_failures_from_the_daemon_and_client_messages() -> None:
     )
 
 
-def test_guix_other_failures_quote_the_error_line() -> None:
+def test_guix_other_failures_are_the_machines_and_quote_the_error_line() -> None:
     tail = b"guix build: error: failed to connect to `/var/guix/daemon-socket/socket'\n"
     kind, reason = GUIX.classify_build_failure(1, tail)
-    assert kind == "other"
+    assert kind == "machine"
     assert reason == "failed to connect to `/var/guix/daemon-socket/socket' (exit status 1)"
     assert GUIX.classify_build_failure(None, b"") == (
-        "other",
+        "machine",
         "build command ended with no exit status",
     )
+
+
+# Guix's own words (nix/libstore/build.cc, guix/ui.scm), each failing the build with exit 1.
+MACHINE_FAULTS = {
+    "daemon down": "guix build: error: failed to connect to `/var/guix/daemon-socket/socket': "
+                   "Connection refused\n",
+    "full disk": f"building {DRV_A}...\nnote: build failure may have been caused by lack of "
+                 f"free disk space\nbuilder for `{DRV_A}' failed with exit code 1\n"
+                 f"build of {DRV_A} failed\nguix build: error: build of `{DRV_A}' failed\n",
+    "no space": "guix build: error: writing to file: No space left on device\n",
+    "wrong system": f"building {DRV_A}...\nwhile setting up the build environment: a "
+                    f"`aarch64-linux' is required to build `{DRV_A}', but I am a "
+                    f"`x86_64-linux'\nbuilder for `{DRV_A}' failed with exit code 1\n"
+                    f"guix build: error: build of `{DRV_A}' failed\n",
+    "substitute": f"guix build: error: some substitutes for the outputs of derivation `{DRV_A}' "
+                  "failed (usually happens due to networking issues); try `--fallback' to "
+                  "build derivation from source \n",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(MACHINE_FAULTS))
+def test_guix_daemon_and_machine_failures_are_the_machines(fault: str) -> None:
+    kind, reason = GUIX.classify_build_failure(1, MACHINE_FAULTS[fault].encode())
+    assert kind == "machine", (fault, reason)
+    expected = {
+        "daemon down": "failed to connect to `/var/guix/daemon-socket/socket': Connection "
+                       "refused (exit status 1)",
+        "full disk": "note: build failure may have been caused by lack of free disk space",
+        "no space": "guix build: error: writing to file: No space left on device",
+        "wrong system": f"a `aarch64-linux' is required to build `{DRV_A}', but I am a "
+                        "`x86_64-linux'",
+    }
+    assert reason == expected.get(fault, reason)
+    assert "--fallback" in reason or fault != "substitute"
+
+
+def test_a_builders_own_timed_out_line_is_not_the_daemons() -> None:
+    """A test suite may print "timed out after 30 seconds"; only the daemon's line, which
+    names the goal, is a timeout, and the last of the daemon's verdicts is the one."""
+    tail = (f"FAIL: test-net (timed out after 30 seconds)\nerror: timed out after 30 seconds\n"
+            f"builder for `{DRV_A}' failed with exit code 2\n"
+            f"guix build: error: build of `{DRV_A}' failed\n").encode()
+    assert GUIX.classify_build_failure(1, tail) == (
+        "failed", f"builder for {DRV_A} failed with exit code 2")
+    nix = (f"timed out after 5 seconds of silence\nerror: builder for '{NIX_A}' failed with "
+           "exit code 2\n").encode()
+    assert NIX.classify_build_failure(100, nix)[0] == "failed"
+    daemon = (f"builder for `{DRV_B}' failed with exit code 1\n"
+              f"building of `{DRV_A}' timed out after 30 seconds\n").encode()
+    assert GUIX.classify_build_failure(1, daemon) == ("timeout", "timed out after 30 seconds")
+    nix_silent = (f"error: building of '{NIX_A}!out' from .drv file timed out after 5 seconds "
+                  "of silence\n").encode()
+    assert NIX.classify_build_failure(101, nix_silent) == (
+        "silent", "timed out after 5 seconds of silence")
 
 
 def test_nix_failures_in_2_8_and_newer_wording() -> None:
@@ -265,7 +341,7 @@ def test_nix_failures_in_2_8_and_newer_wording() -> None:
     assert NIX.classify_build_failure(101, b"")[0] == "timeout"
     dep = (f"error: Cannot build '{NIX_B}'.\n       Reason: 1 dependency failed.\n").encode()
     assert NIX.classify_build_failure(1, dep) == (
-        "other",
+        "machine",
         f"Cannot build '{NIX_B}'. (exit status 1)",
     )
 
@@ -304,7 +380,7 @@ def test_reasons_are_one_short_line() -> None:
     noise = ("error: " + "x" * 5000 + "\n").encode()
     for backend in BACKENDS:
         kind, reason = backend.classify_build_failure(1, noise)
-        assert kind == "other" and "\n" not in reason and len(reason) <= 300
+        assert kind == "machine" and "\n" not in reason and len(reason) <= 300
 
 
 # --- simple parsers ------------------------------------------------------------------------------
@@ -450,19 +526,95 @@ def test_arguments_that_could_be_options_or_nothing_are_refused(backend: Backend
         backend.build(DRV_A, max_silent_time=None, timeout=True)
 
 
+ENV = ("env", "LC_ALL=C.UTF-8", "LANGUAGE=")
+
+
 def test_build_options() -> None:
+    """Every Guix command in C.UTF-8 with LANGUAGE empty (what the parsers read is English);
+    the build neither substitutes nor offloads; a Nix build likewise."""
     assert GUIX.build(DRV_A, max_silent_time=None, timeout=None).argv == (
-        "guix", "build", "--no-grafts", DRV_A,
+        *ENV, "guix", "build", "--no-grafts", "--no-substitutes", "--no-offload", DRV_A,
     )  # fmt: skip
     assert GUIX.build(DRV_A, max_silent_time=30, timeout=3600).argv == (
-        "guix", "build", "--no-grafts", "--max-silent-time=30", "--timeout=3600", DRV_A,
+        *ENV, "guix", "build", "--no-grafts", "--no-substitutes", "--no-offload",
+        "--max-silent-time=30", "--timeout=3600", DRV_A,
     )  # fmt: skip
     assert NIX.build(NIX_A, max_silent_time=30, timeout=0).argv == (
-        "nix-store", "--realise", NIX_A,
+        "nix-store", "--realise", NIX_A, "--option", "substitute", "false",
+        "--option", "builders", "",
         "--option", "max-silent-time", "30", "--option", "timeout", "0",
     )  # fmt: skip
-    assert GUIX.dry_run(DRV_A).argv == ("guix", "build", "--dry-run", "--no-grafts", DRV_A)
-    assert GUIX.nar_hash(OUT_C).argv[:2] == ("guix", "hash")
+    dry = (*ENV, "guix", "build", "--dry-run", "--no-grafts", "--no-substitutes", "--no-offload")
+    assert GUIX.dry_run(DRV_A).argv == (*dry, DRV_A)
+    assert GUIX.dry_run(DRV_A, rebuild=True).argv == (*dry, "--check", DRV_A)
+    assert NIX.dry_run(NIX_A).argv == (
+        "nix-store", "--realise", "--dry-run", "--option", "substitute", "false",
+        "--option", "builders", "", NIX_A)
+    rebuild = NIX.dry_run(NIX_A, rebuild=True, inputs=[(NIX_B, ["out", "dev"])])
+    assert rebuild.argv[-1:] == (f"{NIX_B}!out,dev",)
+    with pytest.raises(UsageError, match="no input derivation"):
+        NIX.dry_run(NIX_A, rebuild=True)
+    with pytest.raises(UsageError, match="output names"):
+        NIX.dry_run(NIX_A, rebuild=True, inputs=[(NIX_B, ["out;rm"])])
+    for backend in BACKENDS:
+        for command in (backend.missing([OUT_C]), backend.import_bundle(), backend.export([OUT_C]),
+                        backend.delete([OUT_C]), backend.nar_hash(OUT_C), backend.version()):
+            assert command.argv[:4] == (*ENV, "guix") if backend is GUIX else (
+                command.argv[0] in ("nix-store", "sh"))
+    assert GUIX.nar_hash(OUT_C).argv[3:5] == ("guix", "hash")
+    assert "exec env LC_ALL=C.UTF-8 LANGUAGE= guix archive" in GUIX.export_to_temp([OUT_C]).argv[2]
+
+
+def test_substitution_commands_and_where_each_path_came_from() -> None:
+    urls = ["http://farm.example.org:8080", "https://ci.guix.gnu.org"]
+    assert GUIX.substitute([OUT_C, OUT_D], urls).argv == (
+        *ENV, "guix", "build", "--no-grafts", "--no-offload", "--keep-going",
+        "--substitute-urls=http://farm.example.org:8080 https://ci.guix.gnu.org", OUT_C, OUT_D)
+    assert NIX.substitute([NIX_OUT], urls[:1], ["farm-1:" + "A" * 44]).argv == (
+        "nix-store", "--realise", "--keep-going", "--option", "substituters", urls[0],
+        "--option", "narinfo-cache-negative-ttl", "0",
+        "--option", "extra-trusted-public-keys", "farm-1:" + "A" * 44, NIX_OUT)
+    for bad in ([], ["ftp://x"], ["http://a b"], [""]):
+        with pytest.raises(UsageError, match="substitute URL"):
+            GUIX.substitute([OUT_C], bad)
+    with pytest.raises(UsageError, match="nothing to substitute"):
+        NIX.substitute([], urls)
+    # guix/status.scm at verbosity 3: "substituting ~a..." then "downloading from ~a ...".
+    guix_log = (f"substituting {OUT_C}...\n"
+                f"downloading from http://farm.example.org:8080/nar/gzip/{OUT_C[12:]} ...\n"
+                f"substituting {OUT_D}...\nsubstitution of {OUT_D} failed\n").encode()
+    assert GUIX.parse_substituted(guix_log) == {
+        OUT_C: f"http://farm.example.org:8080/nar/gzip/{OUT_C[12:]}"}
+    # Nix 2.8 PathSubstitutionGoal::tryToRun.
+    nix_log = f"copying path '{NIX_OUT}' from 'http://127.0.0.1:8080'...\n".encode()
+    assert NIX.parse_substituted(nix_log) == {NIX_OUT: "http://127.0.0.1:8080"}
+
+
+def test_gc_roots_commands() -> None:
+    for backend, state in ((GUIX, "${GUIX_STATE_DIRECTORY:-/var/guix}"),
+                           (NIX, "${NIX_STATE_DIR:-/nix/var/nix}")):
+        roots = backend.gc_roots("f00d", "17", ["12", "17"], [OUT_C, OUT_D])
+        assert roots.argv[:2] == ("sh", "-c") and state in roots.argv[2]
+        assert roots.argv[3:] == ("buildfarm-f00d", "17", "12", "17")
+        assert roots.stdin == f"{OUT_C}\n{OUT_D}\n".encode()
+        assert backend.drop_gc_roots("f00d", "17").argv[3:] == ("buildfarm-f00d", "17")
+        for bad in ("../x", "a b", "", "-rf"):
+            with pytest.raises(UsageError, match="plain name"):
+                backend.gc_roots("f00d", bad, [], [OUT_C])
+            with pytest.raises(UsageError, match="plain name"):
+                backend.drop_gc_roots(bad, "1")
+        with pytest.raises(UsageError, match="cannot be rooted"):
+            backend.gc_roots("f00d", "1", [], ["/gnu/store/x y"])
+
+
+def test_guix_versions_older_than_1_4_are_refused() -> None:
+    assert GUIX.version_problem("1.4.0") is None
+    assert GUIX.version_problem("1.4.0rc2") is None
+    assert GUIX.version_problem("1.5.0") is None
+    assert GUIX.version_problem("4a7c1e0e3b20d5b1a2f2") is None  # a pulled Guix: a commit
+    problem = GUIX.version_problem("1.3.0")
+    assert problem is not None and "guix hash -S nar" in problem
+    assert GUIX.version_problem("1.2") is not None and NIX.version_problem("2.3") is None
 
 
 def _fake_program(bin_dir: Path, name: str) -> None:
@@ -653,8 +805,12 @@ def _guix_machine(root: Path) -> Machine:
     guix = install_emulator(bin_dir)
     config = root / "guix-config"
     config.mkdir()
-    env = {"GUIX_CONFIGURATION_DIRECTORY": str(config)}
+    # The daemon's state is the Nix store's own (emulator: a running daemon has its socket).
+    env = {"GUIX_CONFIGURATION_DIRECTORY": str(config), "GUIX_STATE_DIRECTORY": "/nix/var/nix"}
     store = _make_store(root / "store", env)
+    socket = store.nix_dir / "var" / "nix" / "daemon-socket" / "socket"
+    socket.parent.mkdir(parents=True)
+    socket.touch()
     store.env["PATH"] = f"{guix.parent}:{store.env['PATH']}"
     return Machine(GUIX, store)
 
@@ -749,7 +905,49 @@ def test_missing_derivation_is_classified(machine: Machine) -> None:
     done = machine.run(machine.backend.build(absent, max_silent_time=None, timeout=None))
     assert done.returncode != 0
     kind, reason = machine.backend.classify_build_failure(done.returncode, done.stderr)
-    assert (kind, reason) == ("missing-derivation", f"cannot build missing derivation {absent}")
+    assert (kind, reason) == ("machine", f"cannot build missing derivation {absent}")
+
+
+def test_a_rebuild_dry_run_names_the_inputs_that_are_missing(machine: Machine) -> None:
+    """b's output is there, a's (which b copied, not referred to) is not: the plain dry run
+    plans nothing, but the rebuild's (Guix: --check; Nix: the inputs' own) names a."""
+    backend, store = machine.backend, machine.store
+    a = derivation("a", "echo a > $out")
+    b = store.instantiate(derivation("b", "read x < $a; echo $x > $out", a=a))
+    (a_drv,) = [p for p in store.check(["nix-store", "-q", "--references", b]).decode().split()
+                if p.endswith(".drv")]  # fmt: skip
+    built = backend.parse_build_outputs(
+        machine.ok(backend.build(b, max_silent_time=None, timeout=None)).stdout)
+    machine.ok(backend.delete(store.outputs(a_drv)))
+    assert backend.parse_missing(machine.ok(backend.missing(built)).stdout) == []
+    with pytest.raises(RemoteError, match="could not read the plan"):
+        backend.parse_dry_run(*_out_err(machine.ok(backend.dry_run(b))), target=b)
+    rebuild = backend.dry_run(b, rebuild=True, inputs=[(a_drv, ["out"])])
+    target = b if backend.dry_run_names_target(rebuild=True) else None
+    plan = backend.parse_dry_run(*_out_err(machine.ok(rebuild)), target=target)
+    assert a_drv in plan.would_build and (b in plan.would_build) == (target is not None)
+
+
+def test_gc_roots_keep_paths_through_a_collection(machine: Machine, tmp_path: Path) -> None:
+    """Roots in the user's profiles directory hold paths through a collection (Nix's
+    nix-store --gc; the emulator's `guix gc`), until the attempt drops them; an attempt's
+    roots go when another starts without keeping them."""
+    backend, store = machine.backend, machine.store
+    files = []
+    for name in ("kept", "other", "late"):
+        (tmp_path / name).write_text(f"{name} {uuid.uuid4().hex}\n")
+        files.append(store.check(["nix-store", "--add", str(tmp_path / name)]).decode().strip())
+    kept, other, late = files
+    machine.ok(backend.gc_roots("f00d", "1", ["1"], [kept, other]))
+    machine.ok(backend.gc_roots("f00d", "2", ["1", "2"], [late]))
+    machine.ok(backend.drop_gc_roots("f00d", "1"))
+    machine.ok(backend.gc_roots("f00d", "3", ["3"], [other]))  # 2 ended long ago
+    collect = ["guix", "gc"] if backend is GUIX else ["nix-store", "--gc"]
+    done = store.run(collect)
+    assert done.returncode == 0, done.stderr
+    assert backend.parse_missing(machine.ok(backend.missing(files)).stdout) == [kept, late]
+    if backend is GUIX:
+        assert done.stderr.decode().splitlines()[-1].startswith("guix gc: freed ")
 
 
 def test_delete_outputs(machine: Machine) -> None:

@@ -13,11 +13,12 @@ from typing import Literal, Protocol
 
 from buildfarm.errors import RemoteError, UsageError
 
-# Kinds returned by `Backend.classify_build_failure`.
-FailureKind = Literal["failed", "timeout", "silent", "missing-derivation", "other"]
-FAILURE_KINDS: frozenset[str] = frozenset(
-    {"failed", "timeout", "silent", "missing-derivation", "other"}
-)
+# Kinds returned by `Backend.classify_build_failure`: the builder's own failure ("failed"), its
+# timeouts ("timeout", "silent"), or anything else, which is the machine's ("machine": a daemon
+# that is down, a full disk, a platform it cannot build for, a substitute that failed, ...).
+FailureKind = Literal["failed", "timeout", "silent", "machine"]
+FAILURE_KINDS: frozenset[str] = frozenset({"failed", "timeout", "silent", "machine"})
+BUILDER_FAILURES: frozenset[str] = frozenset({"failed", "timeout", "silent"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +63,11 @@ class Backend(Protocol):
     def export(self, paths: Sequence[str]) -> Command: ...
     def export_to_file(self, paths: Sequence[str], file: str) -> Command: ...
     def export_to_temp(self, paths: Sequence[str]) -> Command: ...
-    def dry_run(self, drv: str) -> Command: ...
-    def parse_dry_run(self, stdout: bytes, stderr: bytes) -> DryRun: ...
+    def dry_run(
+        self, drv: str, *, rebuild: bool = False, inputs: Sequence[tuple[str, Sequence[str]]] = ()
+    ) -> Command: ...
+    def dry_run_names_target(self, rebuild: bool) -> bool: ...
+    def parse_dry_run(self, stdout: bytes, stderr: bytes, target: str | None = None) -> DryRun: ...
     def delete(self, paths: Sequence[str]) -> Command: ...
     def build(
         self, drv: str, *, max_silent_time: int | None, timeout: int | None, check: bool = False
@@ -72,10 +76,18 @@ class Backend(Protocol):
         self, exit_status: int | None, log_tail: bytes
     ) -> tuple[FailureKind, str]: ...
     def check_differs(self, exit_status: int | None, log_tail: bytes) -> bool: ...
+    def substitute(
+        self, paths: Sequence[str], urls: Sequence[str], trusted_keys: Sequence[str] = ()
+    ) -> Command: ...
+    def parse_substituted(self, log: bytes) -> dict[str, str]: ...
+    def gc_roots(self, farm: str, attempt: str, keep: Sequence[str],
+                 paths: Sequence[str]) -> Command: ...
+    def drop_gc_roots(self, farm: str, attempt: str) -> Command: ...
     def nar_hash(self, path: str) -> Command: ...
     def parse_nar_hash(self, stdout: bytes) -> tuple[str, int | None]: ...
     def version(self) -> Command: ...
     def parse_version(self, stdout: bytes) -> str: ...
+    def version_problem(self, version: str) -> str | None: ...
     def parse_build_outputs(self, stdout: bytes) -> list[str]: ...
 
 
@@ -127,6 +139,62 @@ def shell_export_to_temp(program: Sequence[str], paths: Sequence[str]) -> Comman
         + " ".join(program) + ' "$@" > "$f"'
     )
     return Command(("sh", "-c", script, "export", *paths))
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _check_token(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise UsageError(f"{what} {value!r} is not a plain name")
+    return value
+
+
+def _roots_base(state_dir: str) -> str:
+    """Where a user may put GC roots of its own: the profiles directory of its user, which the
+    daemon makes and gives to each user that connects (Guix nix/nix-daemon/nix-daemon.cc
+    createUser; Nix src/libstore/local-store.cc createUser), and which the collector scans for
+    roots, recursively (nix/libstore/gc.cc LocalStore::findRoots: "{gcroots,manifests,profiles}").
+    `state_dir` is a shell expression; "$0" is the farm's directory there."""
+    return f'"{state_dir}/profiles/per-user/${{USER:-$(id -un)}}/$0"'
+
+
+def shell_gc_roots(state_dir: str, farm: str, attempt: str, keep: Sequence[str],
+                   paths: Sequence[str]) -> Command:
+    """GC roots for `paths` (on stdin), one symlink each in the attempt's own directory under
+    the farm's; directories of the farm's other attempts not in `keep` (ended, or left by a
+    coordinator that died) are removed first. A root to a path not yet valid is harmless: the
+    collector roots what it points to once that is valid (gc.cc foundRoot)."""
+    names = [_check_token(a, "attempt name") for a in (attempt, *keep)]
+    checked = check_paths(paths)
+    for path in checked:
+        if any(c.isspace() or c in "'\"\\" for c in path):
+            raise UsageError(f"store path {path!r} cannot be rooted: it has blanks or quotes")
+    script = (
+        f"b={_roots_base(state_dir)} && mkdir -p \"$b/$1\" && cd \"$b\" && "
+        'for x in *; do case " $* " in *" $x "*) ;; *) rm -rf "./$x" ;; esac; done && '
+        'cd "$1" && exec xargs sh -c \'exec ln -sf "$@" .\' ln'
+    )
+    stdin = "".join(f"{path}\n" for path in checked).encode()
+    return Command(("sh", "-c", script, f"buildfarm-{_check_token(farm, 'farm name')}", *names),
+                   stdin=stdin)
+
+
+def shell_drop_gc_roots(state_dir: str, farm: str, attempt: str) -> Command:
+    script = f'exec rm -rf {_roots_base(state_dir)}/"$1"'
+    return Command(("sh", "-c", script, f"buildfarm-{_check_token(farm, 'farm name')}",
+                    _check_token(attempt, "attempt name")))
+
+
+def check_urls(urls: Sequence[str]) -> tuple[str, ...]:
+    checked = tuple(urls)
+    if not checked:
+        raise UsageError("no substitute URL given")
+    for url in checked:
+        if not isinstance(url, str) or not url or any(c.isspace() for c in url) or \
+                not re.match(r"(?:https?|file)://", url):
+            raise UsageError(f"substitute URL {url!r} is not an http(s):// or file:// URL")
+    return checked
 
 
 def decode(data: bytes, what: str) -> str:
@@ -220,6 +288,16 @@ def parse_plan(text: str, headers: Sequence[PlanHeader], what: str) -> DryRun:
     return DryRun(tuple(found["build"]), tuple(found["download"]), tuple(found["unknown"]))
 
 
+def require_target(plan: DryRun, target: str | None, what: str) -> DryRun:
+    """`plan`, if it names `target` among the builds (the dry runs the coordinator asks for
+    always do), else RemoteError: a plan in words not recognised (translated, or a new
+    wording) must never pass for "nothing else to build"."""
+    if target is not None and target not in plan.would_build:
+        raise RemoteError(f"{what}: could not read the plan, which should name {target} (an "
+                          "unexpected wording or language?)")
+    return plan
+
+
 def _match_header(line: str, headers: Sequence[PlanHeader]) -> tuple[str, int | None] | None:
     for header in headers:
         match = header.pattern.fullmatch(line)
@@ -231,25 +309,26 @@ def _match_header(line: str, headers: Sequence[PlanHeader]) -> tuple[str, int | 
 
 # --------------------------------------------------------------------------------------------
 # Build failures. Guix's daemon (nix/libstore/build.cc in Guix) and Nix's share these messages;
-# each pattern cites where its text comes from.
+# each pattern cites where its text comes from. Guix sources: wahjava/guix 3652bbe6.
 
-# Guix nix/libstore/build.cc and Nix src/libstore/build/worker.cc, Worker::waitForInput:
-#   "%1% timed out after %2% seconds of silence" / "%1% timed out after %2% seconds"
-# where %1% is the goal name ("building of `X'" in Guix, "building of 'X!*' from .drv file" in
-# Nix 2.8, "building derivation 'X'" in newer Nix).
-_SILENT = re.compile(r"timed out after (?P<seconds>\d+) seconds of silence")
-_TIMEOUT = re.compile(r"timed out after (?P<seconds>\d+) seconds(?! of silence)")
 # Daemons quote paths as `X' (old Guix, Nix 1.x), \u2018X\u2019 (Guix since 2015) or 'X' (Nix 2).
 _OPEN = "[`'\u2018\"]"
 _CLOSE = "['\u2019\"]"
 _QUOTED_DRV = _OPEN + "(?P<drv>[^'\u2019\"\\s]+)" + _CLOSE
-# Guix nix/libstore/build.cc DerivationGoal::haveDerivation: "cannot build missing derivation
-# \u2018%1%\u2019" (older Guix: `%1%'); Nix src/libstore/build/derivation-goal.cc: "... '%s'".
-_MISSING = re.compile("cannot build missing derivation " + _QUOTED_DRV, re.I)
-# Guix nix/libstore/build.cc: BuildError(format("builder for `%1%' %2%") % drvPath %
-# statusToString(status)); Nix 2.8 src/libstore/build/local-derivation-goal.cc: "builder for
-# '%s' %s". statusToString (libutil/util.cc): "failed with exit code %1%", "failed due to signal
-# %1% (%2%)", "died abnormally".
+# Guix nix/libstore/build.cc Worker::waitForInput: format("%1% timed out after %2% seconds of
+# silence") and "%1% timed out after %2% seconds", where %1% is the goal's name, "building of
+# `%1%'" (DerivationGoal's constructor). Nix 2.8 src/libstore/build/worker.cc: the same, with
+# the name "building of '%s' from .drv file" ('X.drv!out'); newer Nix "building derivation
+# '%s'". Only the daemon's line counts: a builder may print "timed out after" itself.
+_GOAL = ("(?:building of|building derivation) " + _OPEN + "[^'\u2019\"\\s]+" + _CLOSE
+         + r"(?: from \.drv file)? ")
+_TIMED_OUT = re.compile(
+    _GOAL + r"timed out after (?P<seconds>\d+) seconds(?P<silence> of silence)?"
+)
+# Guix nix/libstore/build.cc DerivationGoal::buildDone: BuildError(format("builder for `%1%'
+# %2%") % drvPath % statusToString(status)); Nix 2.8 src/libstore/build/local-derivation-goal.cc:
+# "builder for '%s' %s". statusToString (libutil/util.cc): "failed with exit code %1%", "failed
+# due to signal %1% (%2%)", "died abnormally".
 _STATUS = (
     r"(?P<status>failed with exit code (?P<code>\d+)"
     r"|failed due to signal (?P<signal>\d+)(?: \([^)\n]*\))?|died abnormally)"
@@ -258,9 +337,23 @@ _BUILDER_FOR = re.compile("builder for " + _QUOTED_DRV + " " + _STATUS)
 # Nix >= 2.30 src/libstore/build/derivation-building-goal.cc fixupBuilderFailureErrorMessage:
 #   "Cannot build '%s'.\nReason: builder %s."
 _CANNOT_BUILD = re.compile(r"Cannot build '(?P<drv>[^'\s]+)'\.\s*Reason: builder " + _STATUS)
-# Guix nix/libstore/build.cc Worker::run / buildPaths: "build of %1% failed" % showPaths(failed),
-# printed by the client as "guix build: error: build of `X' failed".
-_BUILD_OF = re.compile("build of (?P<drvs>" + _OPEN + "[^\n]*?" + _CLOSE + ") failed")
+# Failures of a builder that never ran its code, or ran out of disk: the machine's, not the
+# derivation's. Guix nix/libstore/build.cc DerivationGoal::startBuilder, in the child:
+# "while setting up the build environment: " + e.what() (e.g. "a `aarch64-linux' is required to
+# build `X', but I am a `x86_64-linux'"), then _exit(1), which buildDone reports as "builder for
+# `X' failed with exit code 1"; buildDone's heuristic, when the store's or the build directory's
+# file system has less than 8 MiB left: "note: build failure may have been caused by lack of free
+# disk space" (Nix 2.8: the same words); and strerror(ENOSPC) in any line (libutil/util.cc
+# SysError: "%1%: %2%" % strerror(errno), e.g. "writing to file: No space left on device").
+_MACHINE_SIDE = re.compile(
+    r"while setting up the build environment: (?P<why>.+)"
+    r"|(?P<note>note: build failure may have been caused by lack of free disk space)"
+    r"|(?P<enospc>.*No space left on device.*)"
+)
+# Guix nix/libstore/build.cc DerivationGoal::haveDerivation: "cannot build missing derivation
+# \u2018%1%\u2019" (older Guix: `%1%'); Nix src/libstore/build/derivation-goal.cc: "... '%s'". The
+# .drv was not in the machine's store: not the builder's doing.
+_MISSING = re.compile("cannot build missing derivation " + _QUOTED_DRV, re.I)
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.-]+(?: [\w.-]+)?: )?error: (?P<message>.+)$", re.M)
 # A rebuild with --check whose result differs from the output the store holds. Guix
 # nix/libstore/build.cc DerivationGoal::registerOutputs (bmCheck): Error(format("derivation
@@ -289,30 +382,31 @@ def classify_failure(
     failed_statuses: frozenset[int] = frozenset(),
     timeout_statuses: frozenset[int] = frozenset(),
 ) -> tuple[FailureKind, str]:
-    """(kind, one-line reason) from the end of a build log and the command's exit status."""
+    """(kind, one-line reason) from the end of a build log and the command's exit status.
+
+    Only the builder's own failure and the daemon's timeouts are the build's; the last of them
+    in the log is the one reported. Anything else, and a builder that could not start or ran
+    out of disk, is the machine's ("machine"), with its last error line as the reason."""
     if isinstance(log_tail, bytes | bytearray | memoryview):
         text = strip_ansi(bytes(log_tail).decode("utf-8", errors="replace"))
     else:
         text = ""
-
-    silent = _last(_SILENT, text)
-    if silent is not None:
-        return "silent", f"timed out after {silent['seconds']} seconds of silence"
-    timeout = _last(_TIMEOUT, text)
-    if timeout is not None:
-        return "timeout", f"timed out after {timeout['seconds']} seconds"
+    status = "no exit status" if exit_status is None else f"exit status {exit_status}"
+    machine_side = _last(_MACHINE_SIDE, text)
+    if machine_side is not None:
+        why = machine_side["why"] or machine_side["note"] or machine_side["enospc"]
+        return "machine", _one_line(why.strip())
     missing = _last(_MISSING, text)
     if missing is not None:
-        return "missing-derivation", f"cannot build missing derivation {missing['drv']}"
-    builder = _last_of((_BUILDER_FOR, _CANNOT_BUILD), text)
-    if builder is not None:
-        return "failed", _one_line(f"builder for {builder['drv']} {builder['status']}")
-    build_of = _last(_BUILD_OF, text)
-    if build_of is not None:
-        drvs = re.sub(_OPEN + "|" + _CLOSE, "", build_of["drvs"])
-        return "failed", _one_line(f"build of {drvs} failed (builder exit code not reported)")
+        return "machine", f"cannot build missing derivation {missing['drv']}"
+    ended = _last_of((_TIMED_OUT, _BUILDER_FOR, _CANNOT_BUILD), text)
+    if ended is not None and ended.re is _TIMED_OUT:
+        if ended["silence"]:
+            return "silent", f"timed out after {ended['seconds']} seconds of silence"
+        return "timeout", f"timed out after {ended['seconds']} seconds"
+    if ended is not None:
+        return "failed", _one_line(f"builder for {ended['drv']} {ended['status']}")
     error = _last(_ERROR_LINE, text)
-    status = "no exit status" if exit_status is None else f"exit status {exit_status}"
     detail = error["message"].strip() if error is not None else None
     if exit_status is not None and exit_status in timeout_statuses:
         return "timeout", _one_line(f"{detail or 'build timed out'} ({status})")
@@ -321,8 +415,8 @@ def classify_failure(
             f"{detail or 'build failed, builder exit code not reported'} ({status})"
         )
     if detail is not None:
-        return "other", _one_line(f"{detail} ({status})")
-    return "other", f"build command ended with {status}"
+        return "machine", _one_line(f"{detail} ({status})")
+    return "machine", f"build command ended with {status}"
 
 
 def builder_exit_code(log_tail: bytes) -> int | None:

@@ -17,6 +17,7 @@ from buildfarm.backends.base import (
     PlanHeader,
     check_paths,
     check_seconds,
+    check_urls,
     classify_failure,
     decode,
     differs_on_check,
@@ -24,8 +25,12 @@ from buildfarm.backends.base import (
     is_nix32_sha256,
     parse_path_lines,
     parse_plan,
+    require_target,
+    shell_drop_gc_roots,
     shell_export_to_temp,
+    shell_gc_roots,
     shell_redirect,
+    strip_ansi,
 )
 from buildfarm.errors import RemoteError, UsageError
 
@@ -64,6 +69,17 @@ _FAILED_STATUSES = frozenset(s for s in range(0x60, 0x70) if s & 0x0E and not s 
 _TIMEOUT_STATUSES = frozenset(s for s in range(0x60, 0x70) if s & 0x01)
 _CHECK_STATUSES = frozenset(s for s in range(0x60, 0x70) if s & 0x08 and not s & 0x05)
 
+# src/libstore/globals.hh: the state directory (NIX_STATE_DIR, by default /nix/var/nix), where
+# profiles are kept, and with them the roots a user may add (base.shell_gc_roots).
+STATE_DIR = "${NIX_STATE_DIR:-/nix/var/nix}"
+# src/libstore/substitution-goal.cc (Nix 2.8) PathSubstitutionGoal::tryToRun: printInfo
+# "copying path '%s' from '%s'..." with the store path and the substituter's URI.
+_COPYING = re.compile(r"^copying path '(?P<path>/[^']+)' from '(?P<url>[^']+)'\.\.\.$", re.M)
+# Never substitute the outputs of the build, nor hand it to another machine: Nix's settings
+# "substitute" (use substituters at all) and "builders" (remote builders; empty: none),
+# src/libstore/globals.hh.
+_BUILD_HERE = ("--option", "substitute", "false", "--option", "builders", "")
+
 # One remote command for both numbers: src/nix-store/nix-store.cc refuses two query types at
 # once ("query type '--size' conflicts with earlier flag").
 _NAR_HASH_SCRIPT = 'nix-store --query --hash "$1" && exec nix-store --query --size "$1"'
@@ -96,14 +112,33 @@ class NixBackend:
     def export_to_temp(self, paths: Sequence[str]) -> Command:
         return shell_export_to_temp(("nix-store", "--export"), check_paths(paths))
 
-    def dry_run(self, drv: str) -> Command:
+    def dry_run(
+        self, drv: str, *, rebuild: bool = False, inputs: Sequence[tuple[str, Sequence[str]]] = ()
+    ) -> Command:
+        # src/libstore/misc.cc queryMissing does not look into a derivation whose outputs are
+        # valid (and ignores --check): for a rebuild (`rebuild`: the outputs are there) the plan
+        # asked is that of the inputs `inputs` (derivation, output names), each as
+        # "DRV!OUT,OUT" (src/libstore/derived-path.cc DerivedPath::parse).
         (checked,) = check_paths((drv,), "derivation")
-        return Command(("nix-store", "--realise", "--dry-run", checked))
+        if not rebuild:
+            return Command(("nix-store", "--realise", "--dry-run", *_BUILD_HERE, checked))
+        wanted = []
+        for input_drv, outputs in inputs:
+            (path,) = check_paths((input_drv,), "derivation")
+            if not outputs or any(not re.fullmatch(r"[A-Za-z0-9+._?=-]+", o) for o in outputs):
+                raise UsageError(f"output names {list(outputs)!r} of {path} are not usable")
+            wanted.append(f"{path}!{','.join(outputs)}")
+        if not wanted:
+            raise UsageError(f"{checked} has no input derivation to ask about")
+        return Command(("nix-store", "--realise", "--dry-run", *_BUILD_HERE, *wanted))
 
-    def parse_dry_run(self, stdout: bytes, stderr: bytes) -> DryRun:
+    def dry_run_names_target(self, rebuild: bool) -> bool:
+        return not rebuild
+
+    def parse_dry_run(self, stdout: bytes, stderr: bytes, target: str | None = None) -> DryRun:
         # opRealise prints the plan (printMissing) on stderr and returns before building.
         what = "nix-store --dry-run"
-        return parse_plan(decode(stderr, what), _PLAN_HEADERS, what)
+        return require_target(parse_plan(decode(stderr, what), _PLAN_HEADERS, what), target, what)
 
     def delete(self, paths: Sequence[str]) -> Command:
         checked = check_paths(paths)
@@ -119,7 +154,8 @@ class NixBackend:
         # nix-store.cc opRealise: --check builds again and compares with the valid outputs
         # (bmCheck), which stay as they are.
         (checked,) = check_paths((drv,), "derivation")
-        argv = ["nix-store", "--realise", *(["--check"] if check else []), checked]
+        argv = ["nix-store", "--realise", *(["--check"] if check else []), checked,
+                *_BUILD_HERE]
         silent = check_seconds(max_silent_time, "max-silent-time")
         total = check_seconds(timeout, "timeout")
         if silent is not None:
@@ -143,6 +179,41 @@ class NixBackend:
         # against Nix 2.8 on the test bed: "error: derivation '…' may not be deterministic:
         # output '…' differs", exit 104).
         return exit_status in _CHECK_STATUSES or differs_on_check(log_tail)
+
+    def substitute(
+        self, paths: Sequence[str], urls: Sequence[str], trusted_keys: Sequence[str] = ()
+    ) -> Command:
+        # Realising a path that is not a derivation substitutes it; --keep-going goes on past
+        # one that fails (the command then exits 1, as it does for a path no server offers:
+        # "don't know how to build these paths"). "substituters" replaces the machine's list
+        # for this command; "narinfo-cache-negative-ttl" 0 forgets that a server lacked a path
+        # (the farm's own server gains outputs all the time);
+        # "extra-trusted-public-keys" adds to the keys it trusts (src/libstore/globals.hh; a
+        # setting's "extra-" form appends, src/libutil/config.cc). Both need a trusted user
+        # (or a store of its own), as importing does.
+        checked = check_paths(paths)
+        if not checked:
+            raise UsageError("nothing to substitute: give at least one store path")
+        argv = ["nix-store", "--realise", "--keep-going", "--option", "substituters",
+                " ".join(check_urls(urls)), "--option", "narinfo-cache-negative-ttl", "0"]
+        keys = [k for k in trusted_keys if k]
+        for key in keys:
+            if any(c.isspace() for c in key) or ":" not in key:
+                raise UsageError(f"public key {key!r} is not NAME:BASE64")
+        if keys:
+            argv += ["--option", "extra-trusted-public-keys", " ".join(keys)]
+        return Command((*argv, *checked))
+
+    def parse_substituted(self, log: bytes) -> dict[str, str]:
+        text = strip_ansi(decode(log, "nix-store --realise"))
+        return {m["path"]: m["url"] for m in _COPYING.finditer(text)}
+
+    def gc_roots(self, farm: str, attempt: str, keep: Sequence[str],
+                 paths: Sequence[str]) -> Command:
+        return shell_gc_roots(STATE_DIR, farm, attempt, keep, paths)
+
+    def drop_gc_roots(self, farm: str, attempt: str) -> Command:
+        return shell_drop_gc_roots(STATE_DIR, farm, attempt)
 
     def nar_hash(self, path: str) -> Command:
         (checked,) = check_paths((path,))
@@ -174,6 +245,9 @@ class NixBackend:
         if match is None:
             raise RemoteError(f"nix-store --version: unexpected answer {line[:200]!r}")
         return match["version"]
+
+    def version_problem(self, version: str) -> str | None:
+        return None
 
     def parse_build_outputs(self, stdout: bytes) -> list[str]:
         # src/nix-store/nix-store.cc opRealise: prints each output path on its own line.

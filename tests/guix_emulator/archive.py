@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from guix_emulator import pki
 from guix_emulator.gcrypt import GcryptError, Sexp
+from guix_emulator.i18n import G_
 from guix_emulator.options import (
     BUILD_OPTIONS,
     HELP_VERSION,
@@ -45,11 +46,13 @@ from guix_emulator.serialization import (
 )
 from guix_emulator.store import (
     PathInfo,
+    add_temp_roots,
     assert_store_path,
     closure_infos,
     in_store,
     invalid_paths,
     nix_error,
+    open_connection,
 )
 
 ARCHIVE_OPTIONS = (
@@ -100,8 +103,10 @@ def missing_paths() -> int:
 def export_paths(files: list[str], recursive: bool) -> int:
     # [A] export-from-store, [S] export-paths and topologically-sorted
     if not files:
-        say("guix archive: warning: no arguments specified; creating an empty archive\n")
+        say(f"guix archive: {G_('warning: ')}no arguments specified; creating an empty "
+            "archive\n")
     infos = closure_infos(files)
+    add_temp_roots()  # [LS] exportPath: addTempRoot(path)
     ordered: list[str] = []  # depth first, a path after its references
     visited: set[str] = set()
     for root in files:
@@ -196,14 +201,15 @@ def import_paths() -> int:
         except (Leave, ArchiveError) as error:
             problem = str(error)
         if accepted:
-            _nix_import(accepted)
+            nix_import(accepted)
     if problem is not None:
         raise Leave(problem)
     return 0
 
 
-def _nix_import(accepted: list[Accepted]) -> None:
+def nix_import(accepted: list[Accepted]) -> None:
     """The accepted items as one unsigned Nix export, imported by `nix-store --import`."""
+    add_temp_roots()  # [LS] importPath: addTempRoot of each item
     derivers = {deriver for *_, deriver in accepted if deriver}
     valid = derivers - invalid_paths(derivers)
     with tempfile.TemporaryFile() as bundle:
@@ -236,6 +242,7 @@ def cmd_archive(argv: Sequence[str]) -> int:
         return generate_key(parsed.last("generate-key"))
     if parsed.has("authorize"):
         return authorize_key()
+    open_connection()  # [A] guix-archive: with-store, after the key operations
     if parsed.has("export"):
         files = list(reversed(parsed.operands))  # [A] fold2 restores the command-line order
         for spec in parsed.operands:

@@ -1,8 +1,14 @@
 """`guix build DRV...` ([B] guix/scripts/build.scm) on top of `nix-store --realise`.
 
-The plan is Guix's ([D] derivation-build-plan, [UI] show-what-to-build); the build's stderr is
-what Guix's client shows at a verbosity ([ST] guix/status.scm) for the daemon's events ([BC]
-nix/libstore/build.cc), rebuilt from Nix's `--log-format internal-json` events.
+The plan is Guix's ([D] derivation-build-plan, [UI] show-what-to-build), substitutes included
+(substitute.py); the build's stderr is what Guix's client shows at a verbosity ([ST]
+guix/status.scm) for the daemon's events ([BC] nix/libstore/build.cc), rebuilt from Nix's
+`--log-format internal-json` events.  The daemon substitutes first, then builds what is left
+([BC] DerivationGoal::haveDerivation, outputsSubstituted): substitutions are the emulator's
+own, so Nix is always run with substitutes off.  Offloading ([BC] tryBuildHook, guix/scripts/
+offload.scm) is emulated as far as the client can see: a build the hook would take is
+announced as offloaded to the first machine of /etc/guix/machines.scm for its system, then
+built here.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import re
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from guix_emulator.derivation import Derivation, read_derivation
+from guix_emulator.i18n import G_, N_
 from guix_emulator.options import (
     BUILD_OPTIONS,
     HELP_VERSION,
@@ -25,6 +32,7 @@ from guix_emulator.options import (
     Leave,
     Opt,
     Parsed,
+    config_dir,
     number,
     parse_command_line,
     say,
@@ -33,11 +41,19 @@ from guix_emulator.options import (
 )
 from guix_emulator.store import (
     ANSI,
+    add_temp_roots,
     assert_store_path,
     guix_quotes,
     in_store,
     invalid_paths,
+    open_connection,
     quote,
+)
+from guix_emulator.substitute import (
+    Narinfo,
+    Substituter,
+    daemon_substitute_urls,
+    substitute_items,
 )
 
 BUILD_COMMAND_OPTIONS = (
@@ -63,10 +79,11 @@ def verbosity_of(parsed: Parsed) -> int:
     return level
 
 
-def build_plan(tops: Sequence[tuple[str, Derivation]], check: bool = False) -> list[str]:
-    """[D] derivation-build-plan with no substitutes (the oracle answers #f for every item):
-    the .drv files to build, in Guix's order; in check mode ("assume that DRV is not built")
-    the tops are built whatever their state."""
+def build_plan(tops: Sequence[tuple[str, Derivation]], substituter: Substituter | None,
+               check: bool = False) -> tuple[list[str], list[Narinfo]]:
+    """[D] derivation-build-plan: the .drv files to build, in Guix's order, and the items to
+    download, with `substituter` as the substitution oracle (None: --no-substitutes, the
+    oracle answers #f).  In check mode the requested derivations count as not built."""
     drvs = dict(tops)
     queue = list(drvs)
     while queue:
@@ -75,7 +92,9 @@ def build_plan(tops: Sequence[tuple[str, Derivation]], check: bool = False) -> l
                 drvs[path] = read_derivation(path)
                 queue.append(path)
     invalid = invalid_paths(p for d in drvs.values() for p in d.output_paths)
+    requested = {(p, tuple(name for name, _ in d.outputs)) for p, d in tops}
     plan: list[str] = []
+    downloads: list[Narinfo] = []
     visited: set[tuple[str, tuple[str, ...]]] = set()
     work = deque((p, tuple(name for name, _ in d.outputs)) for p, d in tops)
     while work:
@@ -85,12 +104,64 @@ def build_plan(tops: Sequence[tuple[str, Derivation]], check: bool = False) -> l
             continue
         visited.add(key)
         paths = dict(drvs[path].outputs)
-        top = check and any(path == p for p, _ in tops)
-        if not top and all(paths.get(name) not in invalid for name in outputs):
+        wanted = [paths.get(name, "") for name in outputs]
+        if not (check and key in requested) and all(p not in invalid for p in wanted):
             continue  # input-built?
+        infos = [substituter.lookup(p) for p in wanted] if substituter is not None else []
+        if infos and all(infos):  # input-substitutable-info
+            found = [i for i in infos if i is not None]
+            downloads.extend(i for i in found if i not in downloads)
+            referenced = {r for i in found for r in i.references}
+            # dependencies-of-substitutables: the inputs whose outputs they refer to
+            work.extendleft(reversed([(p, o) for p, o in drvs[path].inputs
+                                      if set(dict(drvs[p].outputs).values()) & referenced]))
+            continue
         plan.append(path)
         work.extendleft(reversed(drvs[path].inputs))  # (append deps rest)
-    return plan
+    return plan, downloads
+
+
+def show_what_to_build(plan: list[str], downloads: list[Narinfo], dry_run: bool,
+                       verbosity: int) -> None:
+    """[UI] show-what-to-build (three-space indent, as 1.4-era Guix)."""
+    if verbosity < 1:
+        return
+    mood = "would" if dry_run else "will"
+    if plan:
+        header = N_(f"The following derivation {mood} be built:",
+                    f"The following derivations {mood} be built:", len(plan))
+        say(header + "\n" + "".join(f"   {d}\n" for d in plan)
+            + ("\n" if verbosity == 1 else ""))
+    if downloads and verbosity >= 2:
+        sizes = [info.download_size for info in downloads]
+        if all(sizes):  # display-download-size?
+            total = sum(size or 0 for size in sizes) / 1e6
+            header = G_(f"{{}} MB {mood} be downloaded:").format(f"{total:.1f}")
+        else:
+            header = N_(f"The following file {mood} be downloaded:",
+                        f"The following files {mood} be downloaded:", len(downloads))
+        say(header + "\n" + "".join(f"  {info.path}\n" for info in downloads))
+
+
+def offload_host(drv: Derivation, parsed: Parsed) -> str | None:
+    """The machine the build hook would send `drv` to: none under --no-offload (or
+    --keep-failed, [B] set-build-options-from-command-line), none without a machines.scm
+    (guix/scripts/offload.scm build-machines: "Silently ignore missing file"), else the first
+    machine of that file for its system.  Emulator detail: machines.scm is read for
+    `(host-name "…")` and `(systems (list "…" …))` or `(system "…")` of each build-machine."""
+    if parsed.has("no-offload") or parsed.has("keep-failed"):
+        return None
+    try:
+        with open(os.path.join(config_dir(), "machines.scm"), encoding="utf-8") as stream:
+            text = stream.read()
+    except FileNotFoundError:
+        return None
+    for machine in re.split(r"\(build-machine\b", text)[1:]:
+        host = re.search(r'\(host-name\s+"([^"]+)"\)', machine)
+        systems = re.findall(r'"([a-z0-9_]+-[a-z0-9_]+)"', machine)
+        if host is not None and drv.system in systems:
+            return host.group(1)
+    return None
 
 
 def derivation_log_file(drv: str) -> str | None:
@@ -116,15 +187,19 @@ _NOT_DETERMINISTIC = re.compile(
     r"derivation '([^']+)' may not be deterministic: output '([^']+)' differs$")
 _NOT_CHECKABLE = re.compile(
     r"some outputs of '([^']+)' are not valid, so checking is not possible$")
+# [BC] DerivationGoal::buildDone, when the store's file system has less than 8 MiB left.
+_DISK_FULL = "note: build failure may have been caused by lack of free disk space"
 
 
 class BuildReport:
     """Turns `nix-store --realise --log-format internal-json` events into Guix's stderr: the
     daemon's lines ([BC]) and the client's status lines at a verbosity ([ST] print-build-event)."""
 
-    def __init__(self, verbosity: int, drvs: dict[str, Derivation]) -> None:
+    def __init__(self, verbosity: int, drvs: dict[str, Derivation],
+                 offload: Callable[[Derivation], str | None] = lambda _: None) -> None:
         self.verbosity = verbosity
         self.drvs = drvs
+        self.offload = offload
         self.ids: dict[int, str] = {}
         self.building: list[str] = []  # most recently started first, as [ST] build-status
         self.reasons: set[str] = set()  # failed, reason printed, build-failed still due
@@ -156,7 +231,10 @@ class BuildReport:
             self.ids[ident] = drv
             self.building.insert(0, drv)
             if self.verbosity >= 1:
-                say(f"building {drv}...\n")  # [ST]
+                say(G_("building {}...").format(drv) + "\n")  # [ST]
+            host = self.offload(self.derivation(drv))
+            if host is not None and self.verbosity >= 1:  # "@ build-remote DRV HOST"
+                say(G_("offloading build of {} to '{}'").format(drv, host) + "\n")
         elif action == "result" and event.get("type") == 101 and ident in self.ids:
             if self.verbosity >= 3:
                 say(f"{event['fields'][0]}\n")  # builder output, print-log? at level 3
@@ -171,7 +249,7 @@ class BuildReport:
             self.build_failed(drv)
         elif not invalid_paths(self.derivation(drv).output_paths):
             if self.verbosity >= 3:
-                say(f"successfully built {drv}\n")  # [ST] build-succeeded, print-log?
+                say(G_("successfully built {}").format(drv) + "\n")  # [ST] print-log?
             if self.building and self.verbosity >= 1:
                 plural = len(self.building) > 1
                 say(f"The following build{'s are' if plural else ' is'} still in progress:\n"
@@ -185,8 +263,9 @@ class BuildReport:
         self.pending.discard(drv)
         if self.verbosity >= 1:
             log = derivation_log_file(drv)
-            say(f"build of {drv} failed\n" + (f"View build log at '{log}'.\n" if log else
-                                             f"Could not find build log for '{drv}'.\n"))
+            say(G_("build of {} failed").format(drv) + "\n"
+                + (G_("View build log at '{}'.").format(log) if log else
+                   G_("Could not find build log for '{}'.").format(drv)) + "\n")
 
     def fail(self, drv: str, line: str, build_failed: bool) -> None:
         self.daemon(line)
@@ -201,6 +280,8 @@ class BuildReport:
         # The first line; Nix may go on with ";\n       last 10 log lines: ...".
         first = (message.splitlines()[0] if message else "").removesuffix(";")
         if m := _BUILDER_FAILED.match(first):  # [BC] buildDone
+            if _DISK_FULL in message:  # Nix 2.8 appends it to the error; [BC] prints it first
+                self.daemon(_DISK_FULL)
             self.fail(m[1], f"builder for `{m[1]}' {guix_quotes(m[2])}", True)
         elif m := _TIMED_OUT.match(first):  # [BC] waitForInput; goal name "building of `%1%'"
             self.fail(m[1], f"building of `{m[1]}' timed out after {m[2]} seconds{m[3] or ''}",
@@ -239,10 +320,12 @@ def terminate(process: subprocess.Popen[bytes]) -> None:
 
 
 def realise(targets: list[str], parsed: Parsed, report: BuildReport) -> None:
-    """[B] build-derivations through the daemon, done by nix-store --realise."""
-    command = ["nix-store", "--realise", "--log-format", "internal-json"]
-    flags = {"keep-going": "--keep-going", "keep-failed": "--keep-failed",
-             "fallback": "--fallback", "check": "--check"}
+    """[B] build-derivations through the daemon, done by nix-store --realise (substitutes off:
+    they were the emulator's to make, before)."""
+    add_temp_roots()
+    command = ["nix-store", "--realise", "--log-format", "internal-json",
+               "--option", "substitute", "false"]
+    flags = {"keep-going": "--keep-going", "keep-failed": "--keep-failed", "check": "--check"}
     command += [flag for key, flag in flags.items() if parsed.has(key)]
     settings = {"max-silent-time": "max-silent-time", "timeout": "timeout", "cores": "cores",
                 "max-jobs": "max-jobs"}
@@ -251,8 +334,6 @@ def realise(targets: list[str], parsed: Parsed, report: BuildReport) -> None:
             command += ["--option", setting, str(parsed.last(key))]
     if parsed.has("rounds"):
         command += ["--option", "repeat", str(max(0, int(str(parsed.last("rounds"))) - 1))]
-    if parsed.has("no-substitutes"):
-        command += ["--option", "substitute", "false"]
     process = subprocess.Popen([*command, *targets], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     try:
@@ -270,6 +351,21 @@ def realise(targets: list[str], parsed: Parsed, report: BuildReport) -> None:
         raise Leave(report.errors[-1] if report.errors else "build failed")
 
 
+def substitute_outputs(downloads: list[Narinfo], drvs: dict[str, Derivation],
+                       substituter: Substituter, fallback: bool) -> None:
+    """[BC] DerivationGoal::haveDerivation for the derivations the plan downloads: a
+    SubstitutionGoal per invalid output; then outputsSubstituted: when one failed (not merely
+    had no substitute), without --fallback the build stops with the error below; with it, the
+    derivation is built instead."""
+    by_output = {p: drv_path for drv_path, d in drvs.items() for p in d.output_paths}
+    for info in downloads:
+        if substituter.substitute(info.path) is False and not fallback:
+            drv = by_output.get(info.path, info.deriver)
+            raise Leave(f"some substitutes for the outputs of derivation `{drv}' failed "
+                        "(usually happens due to networking issues); try `--fallback' to "
+                        "build derivation from source ")
+
+
 def cmd_build(argv: Sequence[str]) -> int:
     parsed = parse_command_line(argv, BUILD_COMMAND_OPTIONS, True, "build")
     if parsed.has("help"):
@@ -279,6 +375,7 @@ def cmd_build(argv: Sequence[str]) -> int:
     if parsed.has("version"):
         return show_version("guix build")
     verbosity = verbosity_of(parsed)
+    open_connection()  # [B] with-store
     # [B] options->things-to-build walks the operands in alist order, i.e. the last one
     # first: that is the order of the plan's top level and of the outputs on stdout.
     drvs: list[tuple[str, Derivation]] = []
@@ -289,25 +386,35 @@ def cmd_build(argv: Sequence[str]) -> int:
                 drvs.append((path, read_derivation(path)))
         elif not in_store(spec):
             raise Leave(f"{spec}: unknown package")  # (gnu packages) specification->package
-    # Non-.drv store items only ask the daemon to substitute them: a no-op here either way
-    # (valid, or no substituter: ecNoSubstituters is not a failure in [BC] buildPaths).
+    # Store items that are not .drv files are substituted ([B] `items`), and so would be a
+    # missing .drv; [UI] build-notifier shows no plan for either.
+    items = [s for s in parsed.operands if in_store(s) and not s.endswith(".drv")]
     missing = [s for s in parsed.operands if in_store(s) and s.endswith(".drv")
                and not os.path.exists(s)]
     if parsed.has("derivations"):
         sys.stdout.write("".join(f"{path}\n" for path, _ in drvs))
         return 0
-    for path, _ in drvs:
+    for path in (*(p for p, _ in drvs), *items):
         assert_store_path(path)
-    plan = build_plan(drvs, parsed.has("check"))
-    if plan and verbosity >= 1:  # [UI] show-what-to-build, three-space indent
-        mood = "would" if parsed.has("dry-run") else "will"
-        noun = "derivation" if len(plan) == 1 else "derivations"
-        say(f"The following {noun} {mood} be built:\n" + "".join(f"   {d}\n" for d in plan)
-            + ("\n" if verbosity == 1 else ""))
-    if plan and parsed.has("dry-run"):
-        return 0  # [UI] build-notifier: no `continue' when dry-run and something to build
-    if plan or missing:
-        realise([p for p, _ in drvs] + missing, parsed, BuildReport(verbosity, dict(drvs)))
+    urls = None
+    if not parsed.has("no-substitutes"):  # [B] --substitute-urls, else the daemon's own
+        option = parsed.last("substitute-urls")
+        urls = str(option).split() if option is not None else daemon_substitute_urls()
+    substituter = Substituter(urls or [], verbosity) if urls is not None else None
+    plan, downloads = build_plan(drvs, substituter, parsed.has("check"))
+    show_what_to_build(plan, downloads, parsed.has("dry-run"), verbosity)
+    if (plan or downloads) and parsed.has("dry-run"):
+        return 0  # [UI] build-notifier: no `continue' when dry-run and something to do
+    failed: list[str] = []
+    if items and substituter is not None:
+        failed = substitute_items(items, substituter, parsed.has("keep-going"))
+    if downloads and substituter is not None:
+        substitute_outputs(downloads, dict(drvs), substituter, parsed.has("fallback"))
+    if plan or missing or (parsed.has("check") and drvs):
+        report = BuildReport(verbosity, dict(drvs), lambda d: offload_host(d, parsed))
+        realise([p for p, _ in drvs] + missing, parsed, report)
+    if failed:  # [BC] buildPaths: the failed goals, substitutions included
+        raise Leave(f"build of {', '.join(map(quote, failed))} failed")
     for _, drv in drvs:  # [UI] show-derivation-outputs, derivation-output-names order
         sys.stdout.write("".join(f"{path}\n" for path in drv.output_paths))
     return 0

@@ -1,7 +1,10 @@
-"""`guix gc` ([GC] guix/scripts/gc.scm): --delete and the reference queries.
+"""`guix gc` ([GC] guix/scripts/gc.scm): collecting garbage, --delete and the reference queries.
 
 Deletion follows the daemon's gcDeleteSpecific ([GCC] nix/libstore/gc.cc) and is done by
-`nix-store --delete`, one path at a time as the daemon's loop goes.
+`nix-store --delete`, one path at a time as the daemon's loop goes.  A collection
+([GCC] collectGarbage, gcDeleteDead) holds the GC lock and is done by `nix-store --gc`, whose
+roots are the daemon's: %state-directory/gcroots and /profiles, recursively ([GCC] findRoots),
+and the temporary roots of the connections alive.
 """
 
 from __future__ import annotations
@@ -29,20 +32,25 @@ from guix_emulator.options import (
 from guix_emulator.store import (
     assert_store_path,
     closure_infos,
+    gc_lock,
     invalid_paths,
     nix_error,
     nix_store,
+    open_connection,
     path_infos,
     valid_infos,
 )
 
-GC_ACTIONS = {"delete": ("D", "delete"), "references": ("references",),
+GC_ACTIONS = {"collect-garbage": ("C", "collect-garbage"), "delete": ("D", "delete"),
+              "references": ("references",),
               "requisites": ("R", "requisites"), "referrers": ("referrers",),
               "derivers": ("derivers",)}
 GC_OPTIONS = (
-    *HELP_VERSION, *(Opt(names, key) for key, names in GC_ACTIONS.items()),
+    *HELP_VERSION,
+    *(Opt(names, key, OPTIONAL if key == "collect-garbage" else NONE)
+      for key, names in GC_ACTIONS.items()),
     *unsupported(
-        (("C", "collect-garbage"), OPTIONAL), (("F", "free-space"), REQUIRED),
+        (("F", "free-space"), REQUIRED),
         (("d", "delete-generations"), OPTIONAL), (("optimize",), NONE), (("verify",), OPTIONAL),
         (("list-roots",), NONE), (("list-busy",), NONE), (("list-dead",), NONE),
         (("list-live",), NONE), (("list-failures",), NONE), (("clear-failures",), NONE),
@@ -99,6 +107,20 @@ def derivers(path: str) -> list[str]:
     return [deriver] if deriver and not invalid_paths([deriver]) else []
 
 
+def collect_garbage(minimum: object) -> None:
+    """[GC] collect-garbage, then (info (G_ "freed ~,2h MiBs~%")); [GCC] collectGarbage holds
+    the GC lock for writing throughout, and says what it does (printMsg lvlError)."""
+    if minimum is not None:
+        raise NotEmulated("guix gc --collect-garbage=MIN is not emulated")
+    with gc_lock(exclusive=True):
+        say("finding garbage collector roots...\ndeleting garbage...\n")
+        done = nix_store("--gc")
+    if done.returncode:
+        raise Leave(nix_error(done.stderr))
+    freed = re.search(r"([0-9.]+) MiB freed", done.stdout.decode() + done.stderr.decode())
+    say(f"guix gc: freed {float(freed[1]) if freed else 0.0:.2f} MiBs\n")
+
+
 def delete_paths(paths: list[str]) -> None:
     """[GC] delete-paths -> [GCC] collectGarbage with gcDeleteSpecific.
 
@@ -131,12 +153,16 @@ def cmd_gc(argv: Sequence[str]) -> int:
         return 0
     if parsed.has("version"):
         return show_version("guix gc")
-    actions = [key for key, _, _ in parsed.options if key in GC_ACTIONS]
-    if not actions:
-        raise NotEmulated("guix gc without -D/--references/-R/--referrers/--derivers")
+    # [GC] %default-options: (action . collect-garbage)
+    actions = [key for key, _, _ in parsed.options if key in GC_ACTIONS] or ["collect-garbage"]
+    open_connection()  # [GC] guix-gc: with-store
     paths = parsed.operands  # in alist order: the last argument first, as [GC] walks them
+    if actions[-1] == "collect-garbage":
+        collect_garbage(parsed.last("collect-garbage"))
+        return 0
     if actions[-1] == "delete":
-        delete_paths([direct_store_path(p) for p in paths])
+        with gc_lock(exclusive=True):
+            delete_paths([direct_store_path(p) for p in paths])
         return 0
     relatives = {"references": references, "requisites": requisites, "referrers": referrers,
                  "derivers": derivers}[actions[-1]]

@@ -8,30 +8,34 @@ guix/scripts/gc.scm, [UI] guix/ui.scm, [SC] guix/scripts.scm, [ST] guix/status.s
 guix/store.scm, [D] guix/derivations.scm, [SER] guix/serialization.scm, [AU]
 guix/scripts/authenticate.scm, [PKI] guix/pki.scm, [GG] guile-gcrypt's gcrypt/pk-crypto.scm,
 [37] Guile's srfi-37.scm, and the daemon's nix/libstore/ [BC] build.cc, [LS] local-store.cc,
-[GCC] gc.cc, [SA] store-api.cc, nix/libutil/ [AR] archive.cc, [SZ] serialise.cc.  The builds,
+[GCC] gc.cc, [SA] store-api.cc, [PL] pathlocks.cc, nix/libutil/ [AR] archive.cc, [SZ]
+serialise.cc; [SU] guix/scripts/substitute.scm, [SS] guix/substitutes.scm, [NI]
+guix/narinfo.scm.  Line-level citations are to wahjava/guix 3652bbe6 where not said.  The builds,
 queries, deletions and the final step of an import are done by `nix-store` on the host's store
 (NIX_STORE_DIR, default /nix/store); the formats (derivation.py, serialization.py) and the
 cryptography (gcrypt.py on libgcrypt, pki.py) are the emulator's own, never buildfarm's.
 
-Emulated: `guix build`, `guix archive --export/--import/--missing/--authorize/--generate-key`,
-`guix gc --delete/--references/--requisites/--referrers/--derivers`, `guix hash` ([H]
-guix/scripts/hash.scm), `guix --version`.
+Emulated: `guix build` (substitutes over HTTP, --check, --fallback, --no-offload and offloading
+as the client sees it), `guix archive --export/--import/--missing/--authorize/--generate-key`,
+`guix gc` (collecting garbage, --delete/--references/--requisites/--referrers/--derivers),
+`guix hash` ([H] guix/scripts/hash.scm), `guix --version`; a daemon that is down, the
+garbage collector's lock, and Guix's messages in German and French (i18n.py).
 
 Emulator details, which real Guix does not have:
 - Build logs are Nix's: "View build log at" names $GUIX_LOG_DIRECTORY or $NIX_LOG_DIR/drvs/..
   (default /nix/var/log/nix).  No colours (Guix colours only a terminal), no "hint:" lines.
 - The daemon's informational lines (e.g. "[0.00 MiB] deleting '...'") are not reproduced; only
   its error-level lines are.  `gc --derivers` lists the registered deriver when it is valid.
+- The daemon is up while its socket path exists (store.py); its own --substitute-urls is
+  GUIX_EMULATOR_DAEMON_SUBSTITUTE_URLS (substitute.py); machines.scm is read, not loaded.
 - Real Guix commands and options this program does not emulate, and inputs on which Guix would
   crash with a backtrace (an unreadable .drv file), exit with status 2 and a "guix-emulator:"
   line, so a test can never mistake them for Guix behaviour.
 
-Where to add what is not emulated yet: the daemon's conditions (a daemon that is down, a full
-disk, the GC lock) in store.py, whose functions are the only store queries; substitutes in
-build.py's `build_plan` (Guix's substitution oracle) and `realise`; garbage collection of
-unrooted paths in gc.py's `cmd_gc`, whose unemulated actions are listed in GC_OPTIONS; options
-such as --no-offload in options.py's BUILD_OPTIONS; a translated locale where `say` and the
-`Leave` handler in `main` write every message.
+Where things are: the daemon's conditions in store.py, whose functions are the only store
+queries; substitutes in substitute.py, used by build.py's `build_plan` (Guix's substitution
+oracle); collection in gc.py, whose unemulated actions are listed in GC_OPTIONS; options in
+options.py's BUILD_OPTIONS; translations in i18n.py (G_ and N_ at each message).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from guix_emulator.archive import cmd_archive
 from guix_emulator.build import cmd_build
 from guix_emulator.gc import cmd_gc
 from guix_emulator.hash import cmd_hash
+from guix_emulator.i18n import G_
 from guix_emulator.options import Leave, NotEmulated, say, show_version
 
 TRY = "Try `guix --help' for more information.\n"  # [UI] show-guix-usage
@@ -88,7 +93,7 @@ def main(argv: Sequence[str]) -> int:
             return 1
         return command(args[1:])
     except Leave as error:
-        say(f"guix {first}: error: {error}\n")
+        say(f"guix {first}: {G_('error: ')}{error}\n")
         return 1
     except NotEmulated as error:
         say(f"guix-emulator: {error}\n")

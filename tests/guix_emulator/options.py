@@ -37,6 +37,15 @@ def config_dir() -> str:
     return os.environ.get("GUIX_CONFIGURATION_DIRECTORY", "/etc/guix")
 
 
+def state_dir() -> str | None:
+    """guix/config.scm %state-directory (GUIX_STATE_DIRECTORY, else /var/guix), when set.
+
+    Emulator detail: on an emulated machine the test bed sets it to the Nix store's own state
+    directory (the same layout: gc.lock, temproots, gcroots, profiles); unset, the emulator
+    has no daemon state of its own, and the daemon is taken to be up, its GC lock free."""
+    return os.environ.get("GUIX_STATE_DIRECTORY")
+
+
 def show_version(command: str) -> int:
     # [UI] show-version-and-exit
     sys.stdout.write(
@@ -175,7 +184,8 @@ BUILD_OPTIONS = (  # [B] %standard-build-options
     Opt(("debug",), "debug", REQUIRED, number),
     Opt(("c", "cores"), "cores", REQUIRED, count),
     Opt(("M", "max-jobs"), "max-jobs", REQUIRED, count),
-    *unsupported((("L", "load-path"), REQUIRED), (("substitute-urls",), REQUIRED)),
+    Opt(("substitute-urls",), "substitute-urls", REQUIRED),
+    *unsupported((("L", "load-path"), REQUIRED),),
 )
 
 
@@ -190,7 +200,9 @@ def parse_command_line(argv: Sequence[str], options: Sequence[Opt], build_option
     parse_args(argv, options, parsed)
     for _, _, name in parsed.options:
         if name == "no-build-hook":
-            say(f"guix {command}: warning: '--no-build-hook' is deprecated; use "
+            from guix_emulator.i18n import G_
+
+            say(f"guix {command}: {G_('warning: ')}'--no-build-hook' is deprecated; use "
                 "'--no-offload' instead\n")
     parsed.operands.reverse()
     return parsed

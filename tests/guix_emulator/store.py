@@ -2,18 +2,25 @@
 
 Messages follow the daemon ([SA] nix/libstore/store-api.cc, [LS] local-store.cc): Guix quotes
 paths `like this', where Nix writes 'like this'.  Every store query the commands make is a
-function here, so the daemon's own conditions (one that is down, a full disk, the GC lock) have
-one place to be emulated.
+function here, and so are the daemon's own conditions: one that is down (`open_connection`)
+and the garbage collector's lock (`wait_for_gc`).  A full disk needs no emulation: on a store
+whose file system is full, Nix underneath fails as the daemon would ("No space left on
+device"), and the daemon's note on a failed build is reproduced in build.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import re
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from guix_emulator.options import STORE, Leave
+from guix_emulator.i18n import G_
+from guix_emulator.options import STORE, Leave, say, state_dir
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _QUOTED_PATH = re.compile(r"'(/[^']*)'")
@@ -21,6 +28,57 @@ _QUOTED_PATH = re.compile(r"'(/[^']*)'")
 # refuses outright, where Guix's daemon just answers "not valid".
 _NIX_STORE_PATH = re.compile(
     re.escape(STORE) + r"/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]{1,211}")
+
+
+def daemon_socket() -> str | None:
+    """[S] %daemon-socket-uri: GUIX_DAEMON_SOCKET, else %state-directory/daemon-socket/socket."""
+    state = state_dir()
+    return os.environ.get("GUIX_DAEMON_SOCKET") or (
+        f"{state}/daemon-socket/socket" if state else None)
+
+
+def open_connection() -> None:
+    """[S] open-connection: a socket that is not there raises &store-connection-error, which
+    [UI] call-with-error-handling reports as (G_ "failed to connect to `~a': ~a~%") with
+    strerror; the exit status is 1.  Emulator detail: a daemon is running when its socket
+    path exists (the test bed puts a file there; a test removes it to stop the daemon)."""
+    socket = daemon_socket()
+    if socket is not None and not os.path.exists(socket):
+        raise Leave(G_("failed to connect to `{}': {}").format(socket,
+                                                              os.strerror(errno.ENOENT)))
+
+
+@contextlib.contextmanager
+def gc_lock(exclusive: bool = False) -> Iterator[None]:
+    """[GCC] LocalStore::openGCLock: a read lock (a write lock for the collector) on
+    %state-directory/gc.lock, a POSIX record lock ([PL] nix/libstore/pathlocks.cc lockFile:
+    fcntl F_SETLK, then F_SETLKW); when it is not granted at once, the daemon says so
+    (printMsg lvlError, which the client shows) and waits."""
+    state = state_dir()
+    if state is None:
+        yield
+        return
+    fd = os.open(os.path.join(state, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        kind = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.lockf(fd, kind | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            say("waiting for the big garbage collector lock...\n")
+            fcntl.lockf(fd, kind)
+        yield
+    finally:
+        os.close(fd)
+
+
+def add_temp_roots() -> None:
+    """[GCC] addTempRoot, the first time a connection adds one (imports, exports, builds): it
+    creates the connection's temporary-roots file under the GC lock, read-locked, so it waits
+    for a collection in progress."""
+    with gc_lock():
+        pass
 
 
 def nix_store(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
