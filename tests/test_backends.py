@@ -14,7 +14,7 @@ import shlex
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -732,7 +732,7 @@ def _make_store(root: Path, extra_env: Mapping[str, str] | None = None) -> Store
     if problem is not None:
         needs.unavailable(problem)
     for sub in ("nix", "conf", "home"):
-        (root / sub).mkdir(parents=True)
+        (root / sub).mkdir(parents=True, exist_ok=sub == "nix")
     (root / "conf" / "nix.conf").write_text(NIX_CONF)
     home = root / "home"
     env = {
@@ -948,6 +948,41 @@ def test_gc_roots_keep_paths_through_a_collection(machine: Machine, tmp_path: Pa
     assert backend.parse_missing(machine.ok(backend.missing(files)).stdout) == [kept, late]
     if backend is GUIX:
         assert done.stderr.decode().splitlines()[-1].startswith("guix gc: freed ")
+
+
+@pytest.fixture(params=["nix", "guix"])
+def full_machine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Machine]:
+    """A machine whose store is a 16 MiB file system of its own (a tmpfs)."""
+    root = tmp_path / request.param
+    (root / "store" / "nix").mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs",
+                              str(root / "store" / "nix")], capture_output=True, check=False)
+    if mounted.returncode:
+        needs.unavailable(f"cannot mount a tmpfs: {mounted.stderr.decode()}")
+    try:
+        yield (Machine(NIX, _make_store(root / "store")) if request.param == "nix"
+               else _guix_machine(root))
+    finally:
+        subprocess.run(["umount", "-l", str(root / "store" / "nix")], check=False)
+
+
+def test_a_full_disk_is_the_machines_fault(full_machine: Machine) -> None:
+    """The builder writes more than the store's file system holds, which also holds the build
+    logs: the daemon cannot write the log (libutil SysError "writing to file: No space left on
+    device", Nix 2.8 as Guix's daemon), and the failure is the machine's, to be tried
+    elsewhere, not the derivation's."""
+    machine = full_machine
+    drv = machine.store.instantiate(derivation(
+        "big", "/bin/dd if=/dev/zero of=$out bs=1M count=64"))
+    done = machine.run(machine.backend.build(drv, max_silent_time=None, timeout=None))
+    assert done.returncode != 0
+    log = done.stderr.decode(errors="replace")
+    assert "No space left on device" in log, log
+    kind, reason = machine.backend.classify_build_failure(done.returncode, done.stderr)
+    assert kind == "machine", reason
+    last = log.splitlines()[-1]
+    assert last == ("guix build: " if machine.backend is GUIX else "") + (
+        "error: writing to file: No space left on device"), log
 
 
 def test_delete_outputs(machine: Machine) -> None:

@@ -9,6 +9,7 @@ an independent implementation: the emulator itself imports nothing of buildfarm.
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import io
 import os
@@ -16,13 +17,14 @@ import struct
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from guix_emulator import PACKAGE, install_emulator
-from testbed import instantiate, nix_expr_trivial
+from substitutes import SubstituteServer, substitute_server
+from testbed import current_system, instantiate, nix_expr_trivial
 
 from buildfarm.formats import derivation, nar
 from buildfarm.formats.signing import guix_public_key_from_sexp, verify_guix
@@ -496,3 +498,257 @@ def test_hash_of_the_nar_matches_nix(guix: Guix, store: Callable[..., str]) -> N
     assert flat.stdout == f"{hashlib.sha256(Path(out).read_bytes()).hexdigest()}\n"
     nowhere = guix("hash", "/nonexistent/file")
     assert nowhere.lines == ["guix hash: error: /nonexistent/file No such file or directory"]
+
+
+# --- substitutes, the daemon's conditions, languages, offloading -------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path, private_nix: Path) -> Iterator[SubstituteServer]:
+    """A real substitute server: buildfarm's own output store and publish server."""
+    del private_nix
+    with substitute_server(tmp_path / "served") as server:
+        yield server
+
+
+def authorizing(guix: Guix, config: Path, server: SubstituteServer) -> Path:
+    """A configuration directory whose ACL authorizes the server's key."""
+    done = guix("archive", "--authorize", stdin=server.key.guix_public_sexp().encode(),
+                config=config)
+    assert done.status == 0, done.err
+    return config
+
+
+def built_then_served(guix: Guix, store: Callable[..., str], server: SubstituteServer
+                      ) -> tuple[str, str, str, str]:
+    """top and dep built here, their outputs served, then deleted here: (top, dep, top's
+    output, dep's output), none of the outputs valid."""
+    top, dep = top_and_dep(store)
+    assert guix("build", top).status == 0
+    (top_out,), (dep_out,) = outputs(top), outputs(dep)
+    server.offer([dep_out, top_out])
+    subprocess.run(["nix-store", "--delete", top_out, dep_out], capture_output=True, check=True)
+    assert invalid(top_out, dep_out) == [top_out, dep_out]
+    return top, dep, top_out, dep_out
+
+
+def nar_url(server: SubstituteServer, path: str) -> str:
+    """The gzip nar the server's narinfo of `path` names."""
+    info = server.store.read_narinfo(path)
+    assert info is not None
+    (url,) = [f.url for f in info.files if f.compression == "gzip"]
+    return f"{server.url}/{url}"
+
+
+def nar_line(server: SubstituteServer, path: str) -> str:
+    return f"downloading from {nar_url(server, path)} ..."
+
+
+def test_substitutes_come_before_building_and_say_where_they_come_from(
+    guix: Guix, store: Callable[..., str], served: SubstituteServer, tmp_path: Path
+) -> None:
+    """[D] derivation-build-plan with the substitution oracle, [UI] show-what-to-build's
+    download list, [ST] the download lines; nothing is built."""
+    top, _, top_out, dep_out = built_then_served(guix, store, served)
+    config = authorizing(guix, tmp_path / "config", served)
+    urls = f"--substitute-urls={served.url}"
+    plan = guix("build", "--dry-run", urls, top, config=config)
+    assert (plan.status, plan.out) == (0, b"")
+    assert plan.lines[0].endswith(" MB would be downloaded:")
+    assert plan.lines[1:] == [f"  {top_out}", f"  {dep_out}"]
+    assert invalid(top_out, dep_out) == [top_out, dep_out]
+    done = guix("build", urls, top, config=config)
+    assert (done.status, done.stdout) == (0, f"{top_out}\n")
+    assert done.lines[3:] == [
+        f"substituting {dep_out}...", nar_line(served, dep_out),
+        f"substituting {top_out}...", nar_line(served, top_out)]
+    assert invalid(top_out, dep_out) == []
+    assert not any(line.startswith("building ") for line in done.lines)
+
+
+def test_no_substitutes_and_unauthorized_servers_mean_building(
+    guix: Guix, store: Callable[..., str], served: SubstituteServer, tmp_path: Path
+) -> None:
+    top, dep, top_out, _ = built_then_served(guix, store, served)
+    urls = f"--substitute-urls={served.url}"
+    stranger = tmp_path / "unauthorized"  # its ACL: its own key only ([PKI] ensure-acl)
+    assert guix("archive", "--generate-key", config=stranger).status == 0
+    for args, config in (((urls, top), stranger),
+                         (("--no-substitutes", urls, top), authorizing(guix, tmp_path / "c",
+                                                                        served))):
+        plan = guix("build", "--dry-run", *args, config=config)
+        assert plan.lines == ["The following derivations would be built:", f"   {top}",
+                              f"   {dep}"]
+    built = guix("build", "--no-substitutes", urls, top, config=tmp_path / "c")
+    assert built.status == 0 and f"building {top}..." in built.lines
+    assert not any("substituting" in line for line in built.lines)
+    assert invalid(top_out) == []
+
+
+def test_a_failing_substitute_fails_the_build_unless_fallback(
+    guix: Guix, store: Callable[..., str], served: SubstituteServer, tmp_path: Path
+) -> None:
+    """[SU] process-substitution: the nar's download fails (404), no other URL has it; [BC]
+    outputsSubstituted: without --fallback the build stops with its hint; with it, it builds."""
+    top, dep, top_out, dep_out = built_then_served(guix, store, served)
+    nar = nar_url(served, dep_out)
+    served.break_nars()
+    config = authorizing(guix, tmp_path / "config", served)
+    urls = f"--substitute-urls={served.url}"
+    failed = guix("build", urls, top, config=config)
+    assert (failed.status, failed.out) == (1, b"")
+    nar = nar_url(served, dep_out)
+    assert failed.lines[3:] == [
+        f"substituting {dep_out}...",
+        nar_line(served, dep_out),
+        f"guix substitute: warning: download from '{nar}' failed: 404, \"Not Found\"",
+        f"retrying download of '{dep_out}' with other substitute URLs...",
+        nar_line(served, dep_out),
+        f"guix substitute: warning: download from '{nar}' failed: 404, \"Not Found\"",
+        f"guix substitute: error: failed to find alternative substitute for '{dep_out}'",
+        f"substitution of {dep_out} failed",
+        f"guix build: error: some substitutes for the outputs of derivation `{top}' failed "
+        "(usually happens due to networking issues); try `--fallback' to build derivation "
+        "from source ",
+    ]
+    assert invalid(top_out, dep_out) == [top_out, dep_out]
+    fallen_back = guix("build", "--fallback", urls, top, config=config)
+    assert fallen_back.status == 0, fallen_back.err
+    assert f"building {dep}..." in fallen_back.lines and f"building {top}..." in fallen_back.lines
+    assert invalid(top_out, dep_out) == []
+
+
+def test_store_items_are_substituted_and_a_failure_named(
+    guix: Guix, store: Callable[..., str], served: SubstituteServer, tmp_path: Path
+) -> None:
+    """[B] store items are handed to the daemon ([BC] buildPaths: SubstitutionGoals); one no
+    server offers is no failure (ecNoSubstituters); with --keep-going one that fails does not
+    stop the others, and [BC] names it."""
+    _, _, top_out, dep_out = built_then_served(guix, store, served)
+    config = authorizing(guix, tmp_path / "config", served)
+    urls = f"--substitute-urls={served.url}"
+    nowhere = f"/nix/store/{'3' * 32}-nowhere"
+    done = guix("build", "--keep-going", urls, nowhere, top_out, config=config)
+    assert (done.status, done.out) == (0, b"")
+    assert invalid(top_out, dep_out, nowhere) == [nowhere]
+    subprocess.run(["nix-store", "--delete", top_out, dep_out], capture_output=True, check=True)
+    served.break_nars()
+    failed = guix("build", "--keep-going", urls, top_out, config=config)
+    assert failed.status == 1
+    assert failed.lines[-2:] == [f"substitution of {dep_out} failed",
+                                 f"guix build: error: build of `{top_out}' failed"]
+
+
+def test_a_daemon_that_is_down(guix: Guix, store: Callable[..., str], tmp_path: Path) -> None:
+    """[S] open-connection, [UI]: "failed to connect to `SOCKET': STRERROR", exit 1, for
+    every command that talks to the daemon; key operations and hashes do not."""
+    drv = store("unbuilt", "echo x > $out")
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {"GUIX_STATE_DIRECTORY": str(state)}
+    socket = state / "daemon-socket" / "socket"
+    line = f"failed to connect to `{socket}': No such file or directory"
+    for command, stdin in ((("build", drv), b""), (("build", "-n", drv), b""),
+                           (("archive", "--missing"), f"{drv}\n".encode()),
+                           (("archive", "--import"), b""), (("gc", "--references", drv), b"")):
+        done = guix(*command, stdin=stdin, env=env)
+        assert (done.status, done.out, done.lines) == (
+            1, b"", [f"guix {command[0]}: error: {line}"]), command
+    assert guix("archive", "--generate-key", config=tmp_path / "k", env=env).status == 0
+    socket.parent.mkdir()
+    socket.touch()
+    assert guix("archive", "--missing", stdin=f"{drv}\n".encode(), env=env).status == 0
+
+
+def test_messages_in_the_users_language(guix: Guix, store: Callable[..., str],
+                                        tmp_path: Path) -> None:
+    """glibc's rule ([i18n]): LC_ALL, LC_MESSAGES, LANG; "C" ignores LANGUAGE; LANGUAGE first
+    otherwise. The words are Guix's catalogues'; daemon errors stay English."""
+    drv = store("translated", "echo x > $out")
+    cases = {
+        (("LANG", "de_DE.UTF-8"),): "Folgende Ableitung würde erstellt:",
+        (("LC_ALL", "fr_FR.UTF-8"), ("LANG", "de_DE.UTF-8")):
+            "La dérivation suivante serait compilée :",
+        (("LANG", "de_DE.UTF-8"), ("LANGUAGE", "fr")): "La dérivation suivante serait compilée :",
+        (("LC_ALL", "C"), ("LANGUAGE", "de")): "The following derivation would be built:",
+        (("LC_ALL", "C.UTF-8"), ("LANGUAGE", ""), ("LANG", "de_DE.UTF-8")):
+            "The following derivation would be built:",
+    }
+    clean = {k: "" for k in ("LC_ALL", "LC_MESSAGES", "LANG", "LANGUAGE")}
+    for settings, header in cases.items():
+        done = guix("build", "--dry-run", drv, env={**clean, **dict(settings)})
+        assert done.lines == [header, f"   {drv}"], settings
+    state = tmp_path / "state"
+    state.mkdir()
+    down = guix("build", drv, env={**clean, "LANG": "de_DE.UTF-8",
+                                   "GUIX_STATE_DIRECTORY": str(state)})
+    assert down.lines == [f"guix build: Fehler: Verbindung zu „{state}/daemon-socket/socket“ "
+                          "fehlgeschlagen: No such file or directory"]
+
+
+def test_the_gc_lock_makes_the_daemon_wait(guix: Guix, store: Callable[..., str],
+                                           tmp_path: Path) -> None:
+    """[GCC] openGCLock: while a collection holds the lock, what adds temporary roots says
+    "waiting for the big garbage collector lock..." and waits; it goes on once released."""
+    drv = store("locked", "echo x > $out")
+    state = tmp_path / "state"
+    (state / "daemon-socket").mkdir(parents=True)
+    (state / "daemon-socket" / "socket").touch()
+    lock = os.open(state / "gc.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.lockf(lock, fcntl.LOCK_EX)  # as the collector holds it ([PL] lockFile, fcntl)
+    environment = {**os.environ, "GUIX_STATE_DIRECTORY": str(state),
+                   "GUIX_CONFIGURATION_DIRECTORY": str(tmp_path / "none")}
+    program = install_emulator(tmp_path / "bin")
+    waiting = subprocess.Popen([str(program), "build", drv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=environment)
+    try:
+        assert waiting.stderr is not None
+        lines = [waiting.stderr.readline().decode() for _ in range(3)]
+        assert lines[-1] == "waiting for the big garbage collector lock...\n", lines
+        assert waiting.poll() is None
+    finally:
+        os.close(lock)  # the collection ends
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert out.decode() == "".join(f"{p}\n" for p in outputs(drv))
+
+
+def test_offloading_with_a_machines_file_unless_no_offload(
+    guix: Guix, store: Callable[..., str], tmp_path: Path
+) -> None:
+    """[B] (offload? . #t) by default: with /etc/guix/machines.scm the build hook takes the
+    build ([ST] "offloading build of ~a to '~a'"); --no-offload keeps it here."""
+    config = tmp_path / "config"
+    config.mkdir()
+    plain = store("here", "echo here > $out")
+    done = guix("build", plain, config=config)
+    assert done.status == 0 and not any("offloading" in line for line in done.lines)
+    (config / "machines.scm").write_text(
+        f'(list (build-machine (name "far") (host-name "far.example.org") '
+        f'(systems (list "{current_system()}")) (host-key "ssh-ed25519 AAAA") (user "b")))\n')
+    for name, options, offloaded in (("hooked", (), True), ("kept", ("--no-offload",), False)):
+        drv = store(name, f"echo {name} > $out")
+        done = guix("build", *options, drv, config=config)
+        assert done.status == 0, done.err
+        line = f"offloading build of {drv} to 'far.example.org'"
+        assert (line in done.lines) == offloaded, done.lines
+
+
+def test_check_plans_and_builds_the_derivation_again(guix: Guix,
+                                                     store: Callable[..., str]) -> None:
+    """[D] derivation-build-plan in check mode: the requested derivation counts as not built,
+    so the plan goes on into its inputs."""
+    top = store("copies", "read x < $dep; echo $x > $out",  # no reference to dep's output
+                dep=expr(f"dep-{uuid.uuid4().hex[:8]}", "echo dep > $out"))
+    dep = input_drv(top)
+    assert guix("build", top).status == 0
+    subprocess.run(["nix-store", "--delete", *outputs(dep)], capture_output=True, check=True)
+    plan = guix("build", "--dry-run", top)
+    assert (plan.status, plan.err, plan.stdout) == (0, "", f"{outputs(top)[0]}\n")
+    checked = guix("build", "--dry-run", "--check", top)
+    assert checked.lines == ["The following derivations would be built:", f"   {top}",
+                             f"   {dep}"]
+    assert guix("build", dep).status == 0
+    rebuilt = guix("build", "--check", top)
+    assert rebuilt.status == 0, rebuilt.err
+    assert f"building {top}..." in rebuilt.lines

@@ -187,8 +187,6 @@ _NOT_DETERMINISTIC = re.compile(
     r"derivation '([^']+)' may not be deterministic: output '([^']+)' differs$")
 _NOT_CHECKABLE = re.compile(
     r"some outputs of '([^']+)' are not valid, so checking is not possible$")
-# [BC] DerivationGoal::buildDone, when the store's file system has less than 8 MiB left.
-_DISK_FULL = "note: build failure may have been caused by lack of free disk space"
 
 
 class BuildReport:
@@ -280,8 +278,6 @@ class BuildReport:
         # The first line; Nix may go on with ";\n       last 10 log lines: ...".
         first = (message.splitlines()[0] if message else "").removesuffix(";")
         if m := _BUILDER_FAILED.match(first):  # [BC] buildDone
-            if _DISK_FULL in message:  # Nix 2.8 appends it to the error; [BC] prints it first
-                self.daemon(_DISK_FULL)
             self.fail(m[1], f"builder for `{m[1]}' {guix_quotes(m[2])}", True)
         elif m := _TIMED_OUT.match(first):  # [BC] waitForInput; goal name "building of `%1%'"
             self.fail(m[1], f"building of `{m[1]}' timed out after {m[2]} seconds{m[3] or ''}",
@@ -352,18 +348,22 @@ def realise(targets: list[str], parsed: Parsed, report: BuildReport) -> None:
 
 
 def substitute_outputs(downloads: list[Narinfo], drvs: dict[str, Derivation],
-                       substituter: Substituter, fallback: bool) -> None:
+                       substituter: Substituter, fallback: bool) -> bool:
     """[BC] DerivationGoal::haveDerivation for the derivations the plan downloads: a
     SubstitutionGoal per invalid output; then outputsSubstituted: when one failed (not merely
     had no substitute), without --fallback the build stops with the error below; with it, the
-    derivation is built instead."""
+    derivation is built instead. Whether something is left to build."""
     by_output = {p: drv_path for drv_path, d in drvs.items() for p in d.output_paths}
+    left = False
     for info in downloads:
-        if substituter.substitute(info.path) is False and not fallback:
-            drv = by_output.get(info.path, info.deriver)
-            raise Leave(f"some substitutes for the outputs of derivation `{drv}' failed "
-                        "(usually happens due to networking issues); try `--fallback' to "
-                        "build derivation from source ")
+        if substituter.substitute(info.path) is not True:
+            left = True
+            if substituter.substitute(info.path) is False and not fallback:
+                drv = by_output.get(info.path, info.deriver)
+                raise Leave(f"some substitutes for the outputs of derivation `{drv}' failed "
+                            "(usually happens due to networking issues); try `--fallback' to "
+                            "build derivation from source ")
+    return left
 
 
 def cmd_build(argv: Sequence[str]) -> int:
@@ -408,9 +408,9 @@ def cmd_build(argv: Sequence[str]) -> int:
     failed: list[str] = []
     if items and substituter is not None:
         failed = substitute_items(items, substituter, parsed.has("keep-going"))
-    if downloads and substituter is not None:
-        substitute_outputs(downloads, dict(drvs), substituter, parsed.has("fallback"))
-    if plan or missing or (parsed.has("check") and drvs):
+    left = downloads and substituter is not None and substitute_outputs(
+        downloads, dict(drvs), substituter, parsed.has("fallback"))
+    if plan or missing or left or (parsed.has("check") and drvs):
         report = BuildReport(verbosity, dict(drvs), lambda d: offload_host(d, parsed))
         realise([p for p, _ in drvs] + missing, parsed, report)
     if failed:  # [BC] buildPaths: the failed goals, substitutions included

@@ -3,9 +3,9 @@
 Messages follow the daemon ([SA] nix/libstore/store-api.cc, [LS] local-store.cc): Guix quotes
 paths `like this', where Nix writes 'like this'.  Every store query the commands make is a
 function here, and so are the daemon's own conditions: one that is down (`open_connection`)
-and the garbage collector's lock (`wait_for_gc`).  A full disk needs no emulation: on a store
-whose file system is full, Nix underneath fails as the daemon would ("No space left on
-device"), and the daemon's note on a failed build is reproduced in build.py.
+and the garbage collector's lock (`gc_lock`, `add_temp_roots`).  A full disk needs no
+emulation: on a store whose file system is full, Nix underneath fails as the daemon would
+("writing to file: No space left on device", libutil/util.cc SysError).
 """
 
 from __future__ import annotations

@@ -105,6 +105,7 @@ class Substituter:
     acl: list[Sexp] = field(default_factory=list)
     unreachable: set[str] = field(default_factory=set)
     narinfos: dict[str, Narinfo | None] = field(default_factory=dict)
+    results: dict[str, bool | None] = field(default_factory=dict)  # one goal per path
 
     def __post_init__(self) -> None:
         self.urls = [url.rstrip("/") for url in self.urls]
@@ -142,17 +143,22 @@ class Substituter:
         say(f"guix substitute: {G_('warning: ')}{message}\n")
 
     def substitute(self, path: str) -> bool | None:
-        """[BC] a SubstitutionGoal for `path`: True once valid, False if its substitution
-        failed (ecFailed), None if no server offers it or its closure (ecNoSubstituters,
-        ecIncompleteClosure)."""
+        """[BC] the SubstitutionGoal of `path` (one per path: Worker::makeSubstitutionGoal):
+        True once valid, False if it failed (ecFailed: its own download, or a reference's),
+        None if no server offers it or a reference (ecNoSubstituters, ecIncompleteClosure)."""
+        if path not in self.results:
+            self.results[path] = self._substitute(path)
+        return self.results[path]
+
+    def _substitute(self, path: str) -> bool | None:
         if path not in invalid_paths([path]):
             return True
         info = self.lookup(path)
         if info is None:
             return None
-        for reference in info.references:
-            if reference != path and self.substitute(reference) is not True:
-                return None
+        for reference in info.references:  # [BC] referencesValid
+            if reference != path and (done := self.substitute(reference)) is not True:
+                return done
         if self.verbosity >= 3:  # [ST] 'substituter-started, with print-log?
             say(G_("substituting {}...").format(path) + "\n")
         if self.download(info):
