@@ -55,6 +55,9 @@ class Machine:
     answer_timeout: float = 120.0
     max_silent_time: int | None = None
     timeout: int | None = None
+    # Where the machine may download inputs from (Guix --substitute-urls; Nix substituters),
+    # instead of having them pushed by the coordinator; none: everything is pushed.
+    substitute_urls: tuple[str, ...] = ()
     enabled: bool = True
 
     @property
@@ -242,6 +245,12 @@ def _check_store_dir(value: str) -> str | None:
     return None
 
 
+def _check_url(value: str) -> str | None:
+    if re.fullmatch(r"(?:https?|file)://\S+", value):
+        return None
+    return "write an http://, https:// or file:// URL without spaces, e.g. http://farm:8080"
+
+
 def _check_system(value: str) -> str | None:
     if _SYSTEM_RE.fullmatch(value):
         return None
@@ -296,6 +305,8 @@ _FIELDS: dict[str, _Field] = {
     "max_silent_time": _Field("int", "max_silent_time: 3600", True, minimum=1,
                               maximum=_MAX_SECONDS),
     "timeout": _Field("int", "timeout: 86400", True, minimum=1, maximum=_MAX_SECONDS),
+    "substitute_urls": _Field("list", "substitute_urls: [http://farm.example.org:8080]",
+                              check=_check_url),
     "enabled": _Field("bool", "enabled: true"),
 }
 assert list(_FIELDS) == [f.name for f in dataclasses.fields(Machine)]

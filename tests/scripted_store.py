@@ -10,8 +10,11 @@ against its ACL with libgcrypt (the emulator's pki): nothing here is the coordin
 
 Being the boundary, it also lets a test script what no real machine does on demand: any kind
 of command may be answered with a given status and message (`answer`), the store left as it
-was, or drop the connection (`lost`). Every command is logged by kind (`commands`), every
-accepted import by its paths (`imported`).
+was, drop the connection (`lost`), or outlive its time after printing something (`stall`);
+a garbage collection may run before any kind of command (`collect_before`), deleting what no
+GC root (`roots`, made by the attempt's root commands) keeps alive. Substitute servers
+(`servers`: URL -> the items it offers) answer substitutions. Every command is logged by kind
+(`commands`), every accepted import by its paths (`imported`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ from guix_emulator.serialization import (
 )
 
 from buildfarm.errors import RemoteError
-from buildfarm.ssh.remote import RunResult
+from buildfarm.ssh.remote import CommandTimeoutError, RunResult
 from buildfarm.ssh.store_session import PathInfo, SessionFailed
 
-KINDS = ("missing", "import", "dry-run", "build", "check", "export", "hash")
+KINDS = ("missing", "import", "dry-run", "build", "check", "export", "hash", "substitute",
+         "roots", "unroot")
+ENV = ["env", "LC_ALL=C.UTF-8", "LANGUAGE="]
 
 
 def text_nar(contents: bytes) -> bytes:
@@ -88,6 +93,10 @@ class ScriptedStore:
     files: dict[str, bytes] = field(default_factory=dict)  # the machine's temporary files
     # A Guix machine's key pair, as libgcrypt's genkey makes it: made on first use if not given.
     key: Sexp | None = field(default=None, repr=False)
+    servers: dict[str, dict[str, Item]] = field(default_factory=dict)  # substitute servers
+    stall: dict[str, bytes] = field(default_factory=dict)  # kind -> what it says, then hangs
+    collect_before: set[str] = field(default_factory=set)  # kinds a collection precedes
+    roots: dict[str, set[str]] = field(default_factory=dict)  # attempt -> paths it roots
 
     # --- the model ----------------------------------------------------------------------
 
@@ -107,6 +116,20 @@ class ScriptedStore:
 
     def _outputs(self, drv: str) -> dict[str, str]:
         return dict(parse_derivation(_nar_contents(self.items[drv].nar), drv).outputs)
+
+    def collect(self) -> list[str]:
+        """A garbage collection: every item not reachable from a root goes (what it deleted)."""
+        alive: set[str] = set()
+        todo = [p for paths in self.roots.values() for p in paths if p in self.items]
+        while todo:
+            path = todo.pop()
+            if path not in alive:
+                alive.add(path)
+                todo.extend(r for r in self.items[path].references if r in self.items)
+        dead = [p for p in self.items if p not in alive]
+        for path in dead:
+            del self.items[path]
+        return dead
 
     # --- Remote ---------------------------------------------------------------------------
 
@@ -149,35 +172,62 @@ class ScriptedStore:
         words = list(argv)
         if words[:2] == ["sh", "-c"] and words[3] in ("export", "nar-hash"):
             return ("export" if words[3] == "export" else "hash"), words[4:]
+        if words[:2] == ["sh", "-c"] and words[3].startswith("buildfarm-"):
+            return ("roots" if "mkdir" in words[2] else "unroot"), words[4:]
+        if self.kind == "guix":
+            assert words[:3] == ENV, f"a Guix command not in the C locale: {shlex.join(words)}"
+            words = words[3:]
         shapes = {
             "nix": [(["nix-store", "--check-validity", "--print-invalid"], "missing"),
                     (["nix-store", "--import"], "import"),
-                    (["nix-store", "--realise", "--dry-run"], "dry-run"),
+                    (["nix-store", "--realise", "--dry-run", "--option", "substitute", "false",
+                      "--option", "builders", ""], "dry-run"),
+                    (["nix-store", "--realise", "--keep-going", "--option", "substituters"],
+                     "substitute"),
                     (["nix-store", "--realise", "--check"], "check"),
                     (["nix-store", "--realise"], "build")],
             "guix": [(["guix", "archive", "--missing"], "missing"),
                      (["guix", "archive", "--import"], "import"),
-                     (["guix", "build", "--dry-run", "--no-grafts"], "dry-run"),
-                     (["guix", "build", "--no-grafts", "--check"], "check"),
-                     (["guix", "build", "--no-grafts"], "build"),
+                     (["guix", "build", "--dry-run", "--no-grafts", "--no-substitutes",
+                       "--no-offload"], "dry-run"),
+                     (["guix", "build", "--no-grafts", "--no-offload", "--keep-going"],
+                      "substitute"),
+                     (["guix", "build", "--no-grafts", "--no-substitutes", "--no-offload",
+                       "--check"], "check"),
+                     (["guix", "build", "--no-grafts", "--no-substitutes", "--no-offload"],
+                      "build"),
                      (["guix", "hash", "--serializer=nar"], "hash")],
         }[self.kind]
         for prefix, kind in shapes:
             if words[:len(prefix)] == prefix:
                 rest = words[len(prefix):]
                 if kind in ("build", "check"):  # the options, then the derivation
+                    if self.kind == "nix":
+                        assert rest[1:7] == ["--option", "substitute", "false", "--option",
+                                             "builders", ""], rest
                     rest = [w for w in rest if w.startswith("/")]
                     rest = rest[:1]
                 elif kind == "hash":
                     rest = rest[-1:]
+                elif kind == "substitute":
+                    urls = rest[0].removeprefix("--substitute-urls=")
+                    rest = [urls, *(w for w in rest[1:] if w.startswith("/"))]
+                elif kind == "dry-run":
+                    rest = [w for w in rest if w.startswith("/") or w == "--check"]
                 return kind, rest
         raise AssertionError(f"a command no {self.kind} backend runs: {shlex.join(words)}")
 
     def _answer(self, argv: Sequence[str], kind: str,
                 handle: Callable[[], tuple[int, bytes, bytes]]) -> RunResult:
         self.commands.append(kind)
+        if kind in self.collect_before:
+            self.collect()
         if kind in self.lost:
             raise RemoteError(f"machine: connection lost during {kind}")
+        if kind in self.stall:
+            raise CommandTimeoutError(
+                f"machine: {shlex.join(argv)} still running after 120s (timeout); killed it",
+                reason="timeout", result=RunResult(tuple(argv), None, b"", self.stall[kind]))
         if kind in self.answers:
             status, stderr = self.answers[kind]
             return RunResult(tuple(argv), status, b"", stderr)
@@ -191,8 +241,18 @@ class ScriptedStore:
         if kind == "import":
             problem = self.import_bundle(data)
             return (0, b"", b"") if problem is None else (1, b"", self._error("archive", problem))
+        if kind == "roots":
+            attempt, *_keep = operands
+            self.roots.setdefault(attempt, set()).update(data.decode().split())
+            for other in [a for a in self.roots if a not in operands]:
+                del self.roots[other]
+            return 0, b"", b""
+        if kind == "unroot":
+            self.roots.pop(operands[0], None)
+            return 0, b"", b""
         handler = {"dry-run": self._dry_run, "build": self._build, "check": self._check_build,
-                   "export": self._export, "hash": self._hash}[kind]
+                   "export": self._export, "hash": self._hash,
+                   "substitute": self._substitute}[kind]
         return handler(operands)
 
     def _error(self, command: str, message: str) -> bytes:
@@ -232,9 +292,23 @@ class ScriptedStore:
                 self.imported.append(done)
         return None
 
-    def plan(self, drv: str) -> tuple[list[str], list[str]]:
+    def _nix_plan(self, build: list[str], unknown: list[str]) -> bytes:
+        """Nix 2.8 printMissing, as captured in the test bed."""
+        text = ""
+        if build:
+            text += ("this derivation will be built:\n" if len(build) == 1
+                     else f"these {len(build)} derivations will be built:\n")
+            text += "".join(f"  {d}\n" for d in build)
+        if unknown:
+            text += "don't know how to build these paths:\n"
+            text += "".join(f"  {p}\n" for p in unknown)
+        return text.encode()
+
+    def plan(self, drv: str, wanted_outputs: Sequence[str] | None = None,
+             check: bool = False) -> tuple[list[str], list[str]]:
         """What realising `drv` needs: the derivations to build (dependencies first) and the
-        paths the store cannot build (an invalid .drv: Nix's queryMissing "unknown")."""
+        paths the store cannot build (an invalid .drv: Nix's queryMissing "unknown"). With
+        `check` (Guix's check mode), `drv` counts as not built."""
         build: list[str] = []
         unknown: list[str] = []
 
@@ -245,28 +319,31 @@ class ScriptedStore:
                 return
             outputs = self._outputs(path)
             names = list(outputs) if wanted is None else wanted
-            if path in build or all(outputs[n] in self.items for n in names):
+            built = all(outputs[n] in self.items for n in names)
+            if path in build or (built and not (check and path == drv)):
                 return
             for input_drv, input_outputs in self._inputs(path):
                 visit(input_drv, input_outputs)
             build.append(path)
 
-        visit(drv, None)
+        visit(drv, wanted_outputs)
         return build, unknown
 
     def _dry_run(self, operands: list[str]) -> tuple[int, bytes, bytes]:
-        (drv,) = operands
-        build, unknown = self.plan(drv)
-        if self.kind == "nix":  # Nix 2.8 printMissing, as captured in the test bed
-            text = ""
-            if build:
-                text += ("this derivation will be built:\n" if len(build) == 1
-                         else f"these {len(build)} derivations will be built:\n")
-                text += "".join(f"  {d}\n" for d in build)
-            if unknown:
-                text += "don't know how to build these paths:\n"
-                text += "".join(f"  {p}\n" for p in unknown)
-            return 0, b"", text.encode()
+        check = "--check" in operands
+        targets = [o for o in operands if o != "--check"]
+        if len(targets) > 1 or "!" in targets[0]:  # Nix: the inputs of a rebuild, DRV!OUTS
+            build, unknown = [], []
+            for target in targets:
+                path, _, names = target.partition("!")
+                more_build, more_unknown = self.plan(path, names.split(","))
+                build += [d for d in more_build if d not in build]
+                unknown += [d for d in more_unknown if d not in unknown]
+            return 0, b"", self._nix_plan(build, unknown)
+        (drv,) = targets
+        build, unknown = self.plan(drv, check=check)
+        if self.kind == "nix":
+            return 0, b"", self._nix_plan(build, unknown)
         if drv in unknown:  # the emulator: the missing .drv is asked for and fails
             return 1, b"", (f"cannot build missing derivation ‘{drv}’\n"  # noqa: RUF001
                             + f"guix build: error: build of `{drv}' failed\n").encode()
@@ -280,7 +357,12 @@ class ScriptedStore:
     def _build(self, operands: list[str]) -> tuple[int, bytes, bytes]:
         (drv,) = operands
         build, unknown = self.plan(drv)
-        assert not unknown and build[-1:] in ([drv], []), (build, unknown)
+        if unknown:  # the .drv is gone: Guix's haveDerivation, Nix 2.8's wording
+            if self.kind == "nix":
+                return 1, b"", f"error: cannot build missing derivation '{unknown[0]}'\n".encode()
+            return 1, b"", (f"cannot build missing derivation \u2018{unknown[0]}\u2019\n"
+                            f"guix build: error: build of `{drv}' failed\n").encode()
+        assert build[-1:] in ([drv], []), (build, unknown)
         assert build[:-1] == [], f"the test did not provide the inputs of {drv}: {build}"
         recipe = self.recipes[drv]
         if self.kind == "nix":  # as Nix 2.8 printed it in the test bed
@@ -325,6 +407,41 @@ class ScriptedStore:
                     f"derivation {quoted} may not be deterministic: output "
                     f"{self._quote(path)} differs"))
         return 0, "".join(f"{p}\n" for p in outputs.values()).encode(), err
+
+    def _substitute(self, operands: list[str]) -> tuple[int, bytes, bytes]:
+        """Each path from the first server offering it, its references first (Guix:
+        guix/status.scm's lines at verbosity 3; Nix 2.8: "copying path '…' from '…'...", and
+        exit 1 with "don't know how to build" for a path no server offers)."""
+        urls, *paths = operands
+        said: list[str] = []
+        lacking: list[str] = []
+
+        def fetch(path: str) -> bool:
+            if path in self.items:
+                return True
+            url = next((u for u in urls.split() if path in self.servers.get(u, {})), None)
+            if url is None:
+                return False
+            item = self.servers[url][path]
+            if not all(fetch(r) for r in item.references if r != path):
+                return False
+            if self.kind == "guix":
+                said.append(f"substituting {path}...\ndownloading from {url}/nar/gzip/"
+                            f"{path.rsplit('/', 1)[1]} ...\n")
+            else:
+                said.append(f"copying path '{path}' from '{url}'...\n")
+            self.items[path] = item
+            return True
+
+        for path in paths:
+            if not fetch(path):
+                lacking.append(path)
+        if self.kind == "nix" and lacking:
+            said.append("don't know how to build these paths:\n"
+                        + "".join(f"  {p}\n" for p in lacking)
+                        + f"error: build of '{lacking[0]}' failed\n")
+            return 1, b"", "".join(said).encode()
+        return 0, b"", "".join(said).encode()
 
     def _export(self, paths: list[str]) -> tuple[int, bytes, bytes]:
         name = f"/tmp/buildfarm.{len(self.files):010d}"

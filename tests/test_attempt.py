@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,10 +93,12 @@ class Coordinator:
         return self.outputs.import_bundle(str(bundle), [path], {path: (item.nar_hash,
                                                                         len(item.nar))}, deriver)
 
-    def attempt(self, kind: str, store: ScriptedStore,
-                may_move: bool = False) -> list[records.OutputRecord]:
-        """Run the attempt of top on `store` (`may_move`: another machine could take it);
-        what it stored, or its exception. What a rebuild with --check found: `self.check`."""
+    def attempt(self, kind: str, store: ScriptedStore, may_move: bool = False, *,
+                running: Sequence[int] = (), **machine: Any) -> list[records.OutputRecord]:
+        """Run the attempt of top on `store` (a machine with the inventory fields `machine`;
+        `may_move`: another machine could take it); what it stored, or its exception. What a
+        rebuild with --check found: `self.check`. `running`: the other attempts on the
+        machine."""
         backend = kind.removesuffix("-session")
 
         async def db(call: Callable[..., Any], *args: Any) -> Any:
@@ -104,16 +106,22 @@ class Coordinator:
 
         run = AttemptRun(
             attempt_id=self.attempt_id, build_uuid=self.build_uuid, drv_path=TOP_DRV,
-            machine=Machine(name="m", host="h", store=backend), remote=store,
+            machine=Machine(name="m", host="h", store=backend, **machine), remote=store,
             backend=get_backend(backend), outputs=self.outputs, db=db, key=self.key,
             log_path=str(self.tmp / "top.log.gz"), max_log_bytes=1 << 20,
             sessions=store.sessions() if kind.endswith("-session") else None,
             may_move=may_move,
+            running=lambda: [*running, self.attempt_id],
+            trusted_keys=(self.key.nix_public("farm-1"),),
         )
         try:
             return asyncio.run(run.run())
         finally:
             self.check = run.check_result
+
+    def input_sources(self) -> dict[str, str]:
+        (attempt,) = builds.show_build(self.build_uuid)["attempts"]
+        return {i["path"]: i["source"] for i in attempt["input_sources"]}
 
     def steps(self) -> list[tuple[str, str | None]]:
         (attempt,) = builds.show_build(self.build_uuid)["attempts"]
@@ -192,6 +200,13 @@ def fetched(kind: str) -> list[str]:
     return ["export", "hash"]
 
 
+def rooted(kind: str, commands: list[str]) -> list[str]:
+    """An attempt by commands holds GC roots from the survey on and drops them at its end."""
+    if kind == "nix-session":
+        return commands
+    return [commands[0], "roots", *commands[1:], "unroot"]
+
+
 def failure(kind: str, command: str) -> str:
     """A store's error line for `command`: Nix 2.8's when its database is out of reach, Guix's
     client's when the daemon is down (guix/store.scm open-connection), or `guix hash`'s when
@@ -219,7 +234,9 @@ def test_a_machine_that_has_everything_gets_nothing_and_builds(
     assert Path(side.outputs.stored_nar(stored.file)).read_bytes() == TOP_ITEM.nar
     assert store.imported == []
     session = "session " if kind == "nix-session" else ""
-    assert store.commands == [f"{session}missing", f"{session}build", *fetched(kind)]
+    assert store.commands == rooted(kind, [f"{session}missing", f"{session}build",
+                                           *fetched(kind)])
+    assert store.roots == {}
     steps = side.steps()
     assert [name for name, _ in steps] == [
         s for s in ALL_STEPS if kind != "nix-session" or s != "export-outputs"]
@@ -255,17 +272,21 @@ def test_an_input_goes_with_what_it_refers_to_that_the_machine_lacks(
     assert store.items[DEP_OUT] == LAYERED_DEP_ITEM
 
 
-def test_a_guix_machine_that_does_not_trust_the_coordinator_refuses_the_push(
+def test_a_guix_machine_that_does_not_trust_the_coordinator_is_at_fault(
     side: Coordinator
 ) -> None:
+    """Not missing inputs (with no paths, retried for ever): the machine's fault, which says
+    what to do."""
     store = machine_with(side, "guix", DEP_DRV, DEP_OUT)
     store.authorized = [SigningKey.generate().guix_public_sexp()]
-    with pytest.raises(SetupFailed) as caught:
+    with pytest.raises(StoreCommandFailed) as caught:
         side.attempt("guix", store)
-    assert (caught.value.kind, caught.value.paths) == (MISSING_INPUTS, ())
-    assert caught.value.detail.startswith(
+    detail = str(caught.value)
+    assert detail.startswith(
         "1 derivation(s) could not be imported: guix archive: error: unauthorized public key: "
         "(public-key (ecc (curve Ed25519) (q #")
+    assert detail.endswith("; the machine does not authorize the coordinator's key: see "
+                           "`buildfarm machines test` for where to authorize it")
     assert store.imported == [] and TOP_DRV not in store.items
 
 
@@ -334,6 +355,23 @@ def test_an_input_nobody_holds_is_reported_missing_after_the_dry_run(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_inputs_missing_behind_outputs_already_there_are_seen(bare: Coordinator, kind: str
+                                                              ) -> None:
+    """top's outputs are on the machine (a copy, not referring to dep's output), dep's output
+    nowhere: a plain plan would not look into top's inputs; the rebuild's plan (Guix --check,
+    Nix the inputs' own) names dep, and dep is reported missing before the rebuild with
+    --check, which would build it itself."""
+    store = machine_with(bare, kind, DEP_DRV, TOP_DRV)
+    store.items[TOP_OUT] = Item(text_nar(b"top output, copied\n"), (), TOP_DRV)
+    with pytest.raises(SetupFailed) as caught:
+        bare.attempt(kind, store)
+    assert (caught.value.kind, caught.value.paths, caught.value.detail) == (
+        MISSING_INPUTS, (DEP_OUT, DEP_DRV), "1 input derivation(s) would be built first")
+    assert "check" not in store.commands and "build" not in store.commands
+    assert TOP_OUT in store.items
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_dry_run_with_nothing_else_to_build_goes_on(alone: Coordinator, kind: str) -> None:
     """The coordinator cannot tell whether top's inputs are there (dep.drv unknown to it): the
     dry run is asked, finds only top to build, and the build goes on."""
@@ -360,14 +398,33 @@ def test_what_the_store_does_not_know_how_to_build_is_missing(
 
 
 @pytest.mark.parametrize("kind", ["guix", "nix"])
-def test_a_dry_run_that_fails_is_a_setup_failure(alone: Coordinator, kind: str) -> None:
+def test_a_dry_run_that_fails_is_the_machines_fault(alone: Coordinator, kind: str) -> None:
+    """Not a missing-inputs setup failure with no paths: the machine failed a command."""
     store = machine_with(alone, kind, DEP_DRV, TOP_DRV, DEP_OUT)
     message = failure(kind, "dry-run")
     store.answer("dry-run", 1, message + "\n")
-    with pytest.raises(SetupFailed) as caught:
+    with pytest.raises(StoreCommandFailed) as caught:
         alone.attempt(kind, store)
-    assert (caught.value.kind, caught.value.paths, caught.value.detail) == (
-        MISSING_INPUTS, (), f"dry run failed: {message}")
+    assert str(caught.value) == f"dry run failed: {message}"
+    assert "build" not in store.commands
+
+
+@pytest.mark.parametrize(("kind", "plan"), [
+    ("guix", "Folgende Ableitung würde erstellt:\n   {top}\n"),  # po/guix/de.po
+    ("guix", "La dérivation suivante serait compilée :\n   {top}\n"),  # po/guix/fr.po
+    ("guix", ""),
+    ("nix", ""),
+])
+def test_a_plan_in_words_not_understood_is_not_nothing_to_build(
+    alone: Coordinator, kind: str, plan: str
+) -> None:
+    """A dry run's plan always names the target: one that does not (a translated one, an
+    empty one) was not read, and the build does not go on."""
+    store = machine_with(alone, kind, DEP_DRV, TOP_DRV)  # dep's output is missing
+    store.answer("dry-run", 0, plan.format(top=TOP_DRV))
+    with pytest.raises(StoreCommandFailed, match="could not read the plan"):
+        alone.attempt(kind, store)
+    assert "build" not in store.commands
 
 
 # --- outputs already on the machine ----------------------------------------------------------
@@ -416,17 +473,6 @@ def test_a_rebuild_with_check_whose_builder_fails_fails_the_build(
         side.attempt(kind, store)
     assert caught.value.reason == f"builder for {TOP_DRV} failed with exit code 2"
     assert side.check is None
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_rebuild_with_check_needs_the_inputs_first(bare: Coordinator, kind: str) -> None:
-    """The store would build a missing input itself before checking: reported missing
-    instead, without a dry run."""
-    store = machine_with(bare, kind, DEP_DRV, TOP_DRV, TOP_OUT)
-    with pytest.raises(SetupFailed) as caught:
-        bare.attempt(kind, store)
-    assert (caught.value.kind, caught.value.paths) == (MISSING_INPUTS, (DEP_OUT,))
-    assert "check" not in store.commands and "dry-run" not in store.commands
 
 
 # --- whose failure is it ---------------------------------------------------------------------
@@ -494,3 +540,157 @@ def test_a_lost_connection_is_the_machines_failure(
     store.lost.add(command)
     with pytest.raises(RemoteError, match=f"connection lost during {command}"):
         side.attempt(kind, store)
+
+
+# --- the builder's failure, or the machine's ----------------------------------------------------
+
+
+# Guix's words for failures that are not the builder's (nix/libstore/build.cc, guix/ui.scm).
+MACHINE_SIDE = {
+    "daemon down": "guix build: error: failed to connect to `/var/guix/daemon-socket/socket': "
+                   "Connection refused",
+    "wrong system": f"while setting up the build environment: a `aarch64-linux' is required "
+                    f"to build `{TOP_DRV}', but I am a `x86_64-linux'\nbuilder for `{TOP_DRV}' "
+                    f"failed with exit code 1\nguix build: error: build of `{TOP_DRV}' failed",
+    "substitutes": f"guix build: error: some substitutes for the outputs of derivation "
+                   f"`{TOP_DRV}' failed (usually happens due to networking issues); try "
+                   "`--fallback' to build derivation from source ",
+    "full disk": "guix build: error: writing to file: No space left on device",
+    "missing .drv": f"cannot build missing derivation \u2018{TOP_DRV}\u2019\nguix build: error: "
+                    f"build of `{TOP_DRV}' failed",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(MACHINE_SIDE))
+def test_a_build_that_fails_on_the_machines_side_is_not_the_builds(
+    side: Coordinator, fault: str
+) -> None:
+    """Every daemon error exits 1 (guix/ui.scm): only the builder's own failure fails the
+    build; the rest is retried elsewhere."""
+    store = machine_with(side, "guix", DEP_DRV, TOP_DRV, DEP_OUT)
+    store.answer("build", 1, MACHINE_SIDE[fault] + "\n")
+    with pytest.raises(StoreCommandFailed, match=r"^the build did not run: "):
+        side.attempt("guix", store)
+    assert not Path(side.outputs.nar_path(TOP_OUT)).exists()
+
+
+# --- garbage collection on the machine ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["guix", "nix"])
+@pytest.mark.parametrize("before", ["build", "export"])
+def test_a_collection_between_steps_takes_nothing_the_attempt_needs(
+    side: Coordinator, kind: str, before: str
+) -> None:
+    """What it pushed (top.drv, dep's output) and what it built are held by GC roots until
+    the attempt ends; roots of attempts no longer running go, its own go at its end."""
+    store = machine_with(side, kind, DEP_DRV)
+    store.roots["99"] = {DEP_DRV}  # an attempt of a coordinator that died
+    store.collect_before.add(before)
+    (stored,) = side.attempt(kind, store, running=[7])
+    assert stored.path == TOP_OUT
+    assert store.imported == [[TOP_DRV], [DEP_OUT]]
+    assert store.roots == {}
+    held = {TOP_DRV, DEP_DRV, DEP_OUT, TOP_OUT}
+    assert held <= set(store.items)
+    assert store.commands.count("roots") == 1 and store.commands[-1] == "unroot"
+
+
+@pytest.mark.parametrize("kind", ["guix", "nix"])
+@pytest.mark.parametrize("before", ["check", "export"])
+def test_outputs_a_rebuild_compares_with_are_held(side: Coordinator, kind: str,
+                                                  before: str) -> None:
+    """Outputs already on the machine are rooted with the rest, up front: a collection before
+    the rebuild with --check or the export takes none of them."""
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT, TOP_OUT)
+    store.collect_before.add(before)
+    (stored,) = side.attempt(kind, store)
+    assert stored.path == TOP_OUT and side.check == IDENTICAL
+    assert store.commands.count("roots") == 1 and store.commands[-1] == "unroot"
+
+
+def waits_for_the_collector(coordinator: Coordinator, kind: str, command: str,
+                            present: Sequence[str]) -> None:
+    """A collection holds the GC lock for as long as it runs: a command that waits on it past
+    its time is a busy machine (tried again later), not a dead connection; any other command
+    that outlives its time is still taken for one."""
+    for said, error, match in ((b"waiting for the big garbage collector lock...\n",
+                                StoreCommandFailed, "garbage collector past its time"),
+                               (b"something else\n", RemoteError, "still running after")):
+        store = machine_with(coordinator, kind, *present)
+        store.stall[command] = said
+        with pytest.raises(error, match=match):
+            coordinator.attempt(kind, store)
+        assert command in store.commands
+
+
+@pytest.mark.parametrize("kind", ["guix", "nix"])
+@pytest.mark.parametrize("command", ["missing", "import", "roots", "export"])
+def test_a_command_that_waits_for_the_collector_is_the_machines_fault(
+    side: Coordinator, kind: str, command: str
+) -> None:
+    present = (DEP_DRV, DEP_OUT) if command == "import" else (DEP_DRV, TOP_DRV, DEP_OUT)
+    waits_for_the_collector(side, kind, command, present)
+
+
+@pytest.mark.parametrize("kind", ["guix", "nix"])
+def test_a_dry_run_that_waits_for_the_collector_is_the_machines_fault(
+    alone: Coordinator, kind: str
+) -> None:
+    waits_for_the_collector(alone, kind, "dry-run", (DEP_DRV, TOP_DRV, DEP_OUT))
+
+
+# --- inputs from substitute servers ------------------------------------------------------------
+
+FARM = "http://farm.example.org:8080"
+UPSTREAM = "https://ci.example.org"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_a_server_offers_are_downloaded_not_pushed(
+    layered: Coordinator, kind: str
+) -> None:
+    """dep's output (referring to LIB) is on the farm's server; nothing is pushed but the .drv
+    files, and the attempt says where each input came from."""
+    store = machine_with(layered, kind, DEP_DRV)
+    store.servers = {UPSTREAM: {}, FARM: {DEP_OUT: LAYERED_DEP_ITEM, LIB: LIB_ITEM}}
+    layered.attempt(kind, store, substitute_urls=(UPSTREAM, FARM))
+    assert store.imported == [[TOP_DRV]]
+    assert store.items[DEP_OUT] == LAYERED_DEP_ITEM and LIB in store.items
+    assert layered.input_sources() == {DEP_OUT: FARM}
+    steps = dict(layered.steps())
+    assert steps["substitute-inputs"] == f"1 input(s) asked of {UPSTREAM} {FARM}"
+    assert steps["push-inputs"] == "skipped: every input output is on the machine"
+    log = gzip.decompress((layered.tmp / "top.log.gz").read_bytes()).decode()
+    assert log.index(DEP_OUT) < log.index("building top")  # the step's output, then the build
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_what_no_server_offers_is_pushed(layered: Coordinator, kind: str) -> None:
+    """The server has LIB but not dep's output: only the inputs are asked for, so dep's output
+    is pushed with LIB, and so recorded."""
+    store = machine_with(layered, kind, DEP_DRV)
+    store.servers = {FARM: {LIB: LIB_ITEM}}
+    layered.attempt(kind, store, substitute_urls=(FARM,))
+    assert store.imported == [[TOP_DRV], [LIB, DEP_OUT]]
+    assert layered.input_sources() == {DEP_OUT: "pushed"}
+    assert "substitute" in store.commands
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_substitute_urls_nothing_is_downloaded(side: Coordinator, kind: str) -> None:
+    store = machine_with(side, kind, DEP_DRV)
+    store.servers = {FARM: {DEP_OUT: DEP_ITEM}}
+    side.attempt(kind, store)
+    assert "substitute" not in store.commands
+    assert store.imported == [[TOP_DRV], [DEP_OUT]]
+    assert side.input_sources() == {DEP_OUT: "pushed"}
+    assert "substitute-inputs" not in dict(side.steps())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_already_there_are_said_to_be(side: Coordinator, kind: str) -> None:
+    store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT)
+    side.attempt(kind, store, substitute_urls=(FARM,))
+    assert "substitute" not in store.commands
+    assert side.input_sources() == {DEP_OUT: "machine"}

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from buildfarm.errors import RemoteError, UsageError
+from buildfarm.errors import ProtocolError, RemoteError, UsageError
 
 # Kinds returned by `Backend.classify_build_failure`: the builder's own failure ("failed"), its
 # timeouts ("timeout", "silent"), or anything else, which is the machine's ("machine": a daemon
@@ -293,7 +293,7 @@ def require_target(plan: DryRun, target: str | None, what: str) -> DryRun:
     always do), else RemoteError: a plan in words not recognised (translated, or a new
     wording) must never pass for "nothing else to build"."""
     if target is not None and target not in plan.would_build:
-        raise RemoteError(f"{what}: could not read the plan, which should name {target} (an "
+        raise ProtocolError(f"{what}: could not read the plan, which should name {target} (an "
                           "unexpected wording or language?)")
     return plan
 

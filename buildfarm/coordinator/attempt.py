@@ -1,8 +1,11 @@
 """One attempt of one build on one machine: the steps of ARCHITECTURE.md, "The life of one build",
-step 3 (survey, push, dry run, build, fetch and verify the outputs).
+step 3 (survey, push, substitute inputs, dry run, build, fetch and verify the outputs).
 
 Every step is recorded on the attempt before it starts. The steps only talk to the machine and
-the output store; how an attempt ends is decided by the exception it raises (or not).
+the output store; how an attempt ends is decided by the exception it raises (or not): only the
+builder's own failure is the build's (BuildFailed); whatever else the machine fails at is its
+own (StoreCommandFailed), and the build is tried again. What the attempt puts in a machine's
+store by command is held there by GC roots until it ends (a Nix store session holds its own).
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import io
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
 from buildfarm.backends import Backend, Command, builder_exit_code
+from buildfarm.backends.base import BUILDER_FAILURES
 from buildfarm.coordinator import localstore
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import closure
@@ -27,7 +32,7 @@ from buildfarm.formats.signing import SigningKey
 from buildfarm.inventory import Machine
 from buildfarm.logs import LogWriter
 from buildfarm.outputs.store import OutputStore
-from buildfarm.ssh.remote import Remote, RunResult
+from buildfarm.ssh.remote import CommandTimeoutError, Remote, RunResult
 from buildfarm.ssh.store_session import PathInfo, SessionFailed, StoreSession, StoreSessions
 
 T = TypeVar("T")
@@ -38,6 +43,13 @@ TRANSFER = 3600.0  # seconds an import or export may take
 # Outputs (total nar bytes) a store session sends back on its own channel, held in memory;
 # larger ones are exported into a file on the machine and pulled over SFTP, resumably.
 STREAM_LIMIT = 4 << 20
+# What a daemon prints while a garbage collection holds its lock (Guix nix/libstore/gc.cc
+# openGCLock; Nix 2.8 the same): a command waiting past its time is a busy machine, not a
+# dead connection.
+GC_LOCK_WAIT = b"waiting for the big garbage collector lock..."
+# Where an input came from (AttemptInput.source), when not from a substitute server.
+ON_THE_MACHINE, PUSHED = "machine", "pushed"
+SUBSTITUTION_LOG_LIMIT = 4 << 20  # bytes of the substitution's output read for its sources
 
 
 class SetupFailed(Exception):
@@ -68,7 +80,10 @@ class TransferFailed(Exception):
 
 
 class StoreCommandFailed(Exception):
-    """A store query failed on a machine that is still reachable: retried later."""
+    """The machine failed a store command (a query, an import, a dry run, or a build whose
+    builder did not fail: its daemon, its disk, its keys, its locale...) while it is still
+    reachable: not the build's doing. The build is tried again later, elsewhere, and the
+    machine backed off."""
 
 
 DbCall = Callable[..., Awaitable[Any]]
@@ -98,6 +113,10 @@ class AttemptRun:
     may_move: bool = False
     sessions: StoreSessions | None = None  # a Nix machine's store sessions
     session: StoreSession | None = None  # the one this attempt uses, when one was free
+    # The attempts running on the machine now (this one included): their GC roots stay.
+    running: Callable[[], Collection[int]] = tuple
+    # Public keys a Nix machine trusts for this attempt's substitutions (the farm's own).
+    trusted_keys: tuple[str, ...] = ()
     # What survey() found.
     known: list[closure.KnownDerivation] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -109,11 +128,17 @@ class AttemptRun:
     # Every output is on the machine already: the build runs again with --check and compares.
     check: bool = False
     check_result: str | None = None  # IDENTICAL or DIFFERS once the check build ran
+    sources_of: dict[str, str] = field(default_factory=dict)  # input -> where it came from
+    origins: list[tuple[str, str]] = field(default_factory=list)  # recorded with the next step
+    rooted: set[str] = field(default_factory=set)  # paths held by this attempt's GC roots
+    log: LogWriter | None = None  # the attempt's log, from its first step that writes one
 
     async def step(self, name: str, detail: str | None = None, log_path: str | None = None) -> None:
         skipped, self.skipped = self.skipped, []
+        origins, self.origins = self.origins, []
         await self.db(functools.partial(
-            records.step, self.attempt_id, name, detail, skipped=skipped, log_path=log_path
+            records.step, self.attempt_id, name, detail, skipped=skipped, log_path=log_path,
+            inputs=origins,
         ))
         if self.on_step is not None:
             self.on_step(name)
@@ -122,10 +147,15 @@ class AttemptRun:
         """A step with nothing to do: recorded with the next one, saving a transaction."""
         self.skipped.append((name, why))
 
-    async def _ask(self, command: Command) -> RunResult:
-        """Run a store query, which the machine has its answer_timeout to answer."""
-        return await self.remote.run(command.argv, input=command.stdin,
-                                     timeout=self.machine.answer_timeout)
+    async def _ask(self, command: Command, timeout: float | None = None) -> RunResult:
+        """Run a store command, which the machine has `timeout` (by default its answer_timeout)
+        to answer. One that waits past it for the store's garbage collector (which holds its
+        lock for as long as it runs) is the machine's failure, not a dead connection."""
+        try:
+            return await self.remote.run(command.argv, input=command.stdin,
+                                         timeout=timeout or self.machine.answer_timeout)
+        except CommandTimeoutError as e:
+            raise _gc_lock_failure(e, command, e.result.stderr) from None
 
     async def missing(self, paths: Sequence[str]) -> list[str]:
         if not paths:
@@ -139,7 +169,7 @@ class AttemptRun:
         command = self.backend.missing(paths)
         result = await self._ask(command)
         if not result.ok:
-            raise StoreCommandFailed(f"{command.argv[0]}: {_first_error(result.stderr)}")
+            raise StoreCommandFailed(f"{_program(command)}: {_first_error(result.stderr)}")
         return self.backend.parse_missing(result.stdout)
 
     async def import_bundle(self, bundle: str | bytes, what: str, kind: str) -> None:
@@ -155,17 +185,44 @@ class AttemptRun:
             try:
                 await self.session.import_paths(_chunks(bundle, sent), TRANSFER)
             except SessionFailed as e:
-                detail = f"{what} could not be imported: {e}"
-                raise SetupFailed(MISSING_INPUTS, (), detail) from None
+                raise StoreCommandFailed(f"{what} could not be imported: {e}") from None
             return
         command = self.backend.import_bundle()
-        result = await self.remote.run_streaming(
-            command.argv, stdin=_chunks(bundle, sent), timeout=TRANSFER
-        )
-        if not result.ok:
-            raise SetupFailed(
-                MISSING_INPUTS, (), f"{what} could not be imported: {_first_error(result.stderr)}"
+        try:
+            result = await self.remote.run_streaming(
+                command.argv, stdin=_chunks(bundle, sent), timeout=TRANSFER
             )
+        except CommandTimeoutError as e:
+            raise _gc_lock_failure(e, command, e.result.stderr) from None
+        if not result.ok:
+            raise StoreCommandFailed(_import_problem(what, _first_error(result.stderr)))
+
+    async def hold(self, paths: Iterable[str]) -> None:
+        """GC roots on the machine for `paths` (valid or to be), until the attempt ends: a
+        collection (a cron `guix gc`, or one run by hand) must not take what this one pushed,
+        built or still needs, nor the outputs a rebuild with --check compares with (a root
+        keeps its closure alive). A store session holds its own (temporary roots)."""
+        wanted = sorted(set(paths) - self.rooted)
+        if self.session is not None or not wanted:
+            return
+        keep = sorted({str(a) for a in self.running()} | {str(self.attempt_id)})
+        command = self.backend.gc_roots(self._farm(), str(self.attempt_id), keep, wanted)
+        result = await self._ask(command)
+        if not result.ok:
+            raise StoreCommandFailed(
+                f"cannot add GC roots on the machine: {_first_error(result.stderr)}")
+        self.rooted.update(wanted)
+
+    async def release(self) -> None:
+        if self.rooted:
+            command = self.backend.drop_gc_roots(self._farm(), str(self.attempt_id))
+            with contextlib.suppress(RemoteError, OSError, StoreCommandFailed):
+                await self._ask(command)
+            self.rooted.clear()
+
+    def _farm(self) -> str:
+        """This farm's name among GC roots (two farms may share a machine): its key's."""
+        return hashlib.sha256(self.key.public_bytes).hexdigest()[:12]
 
     # The steps, in order. One store query up front tells what the machine lacks among the
     # .drv closure, its sources, the input outputs and the outputs; later steps use its answer.
@@ -185,6 +242,7 @@ class AttemptRun:
         self.sources = sorted(sources)
         everything = [k.path for k in self.known] + self.sources + self.inputs + self.outputs_paths
         self.absent = set(await self.missing(sorted(set(everything))))
+        self.sources_of = {p: ON_THE_MACHINE for p in self.inputs if p not in self.absent}
         if self.outputs_paths and not self.absent & set(self.outputs_paths):
             if self.may_move:
                 raise SetupFailed(OUTPUTS_PRESENT, self.outputs_paths,
@@ -225,10 +283,43 @@ class AttemptRun:
         finally:
             os.unlink(bundle)
 
+    async def substitute_inputs(self) -> None:
+        """The inputs the machine lacks are downloaded from its substitute servers, where one
+        has them (`guix build --substitute-urls`, `nix-store --realise`); what none offers is
+        pushed next. The output goes to the attempt's log."""
+        urls = self.machine.substitute_urls
+        wanted = [p for p in self.inputs if p in self.absent]
+        if not urls or not wanted:
+            return
+        await self.step("substitute-inputs", f"{len(wanted)} input(s) asked of "
+                        f"{' '.join(urls)}", log_path=self.log_path)
+        log, said = self._log(), bytearray()
+
+        def out(data: bytes) -> None:
+            log.write(data)
+            if len(said) < SUBSTITUTION_LOG_LIMIT:
+                said.extend(data)
+
+        command = self.backend.substitute(wanted, urls, self.trusted_keys)
+        try:
+            await self.remote.run_streaming(command.argv, on_stdout=out, on_stderr=out,
+                                            timeout=TRANSFER)
+        except CommandTimeoutError as e:
+            raise _gc_lock_failure(e, command, log.tail) from None
+        # Its exit status says little (Nix exits 1 when a server lacks one): what is valid now
+        # says what it did.
+        lacking = set(await self.missing(wanted))
+        downloads = self.backend.parse_substituted(bytes(said))
+        for path in wanted:
+            if path not in lacking:
+                self.absent.discard(path)
+                self.sources_of[path] = _server_of(downloads.get(path), urls)
+
     async def push_inputs(self) -> list[str]:
         """Push the input outputs the output store holds and the machine lacks; return the rest."""
         missing = [p for p in self.inputs if p in self.absent]
         if not missing:
+            self.origins = sorted(self.sources_of.items())
             self.skip("push-inputs", "skipped: every input output is on the machine")
             return []
         await self.step("push-inputs")
@@ -242,25 +333,36 @@ class AttemptRun:
             finally:
                 os.unlink(bundle)
         pushed = {h.path for h in to_push}
+        held_here = {h.path for h in held}
+        for path in missing:
+            if path in pushed:
+                self.sources_of[path] = PUSHED
+            elif path in held_here:  # it reached the machine meanwhile
+                self.sources_of[path] = ON_THE_MACHINE
+        self.origins = sorted(self.sources_of.items())
         return [p for p in missing if p not in pushed]
 
     async def dry_run(self, unavailable: Sequence[str]) -> None:
         """Ask the store what it would build, unless every input is known to be present. Every
         derivation it would build is reported missing, not only the direct inputs: the
-        missing-inputs hook submits them all at once."""
+        missing-inputs hook submits them all at once. When the outputs are there already (a
+        rebuild with --check), a plain plan would not look into the inputs: the plan asked is a
+        rebuild's (Guix --check; the input derivations', on Nix)."""
         if self.inputs_complete and not unavailable:
             self.skip("dry-run", "skipped: every input output is on the machine")
             return
-        if self.check:
-            # The store would build the inputs itself before checking: they must come first.
-            raise SetupFailed(MISSING_INPUTS, unavailable or self.inputs,
-                              "inputs missing for a rebuild with --check")
+        inputs = self._input_derivations() if self.check else ()
+        names_target = self.backend.dry_run_names_target(self.check)
+        if self.check and not inputs and not names_target:
+            self.skip("dry-run", "skipped: no input derivation")
+            return
         await self.step("dry-run")
-        command = self.backend.dry_run(self.drv_path)
+        command = self.backend.dry_run(self.drv_path, rebuild=self.check, inputs=inputs)
         result = await self._ask(command)
         if not result.ok:
-            raise SetupFailed(MISSING_INPUTS, (), f"dry run failed: {_first_error(result.stderr)}")
-        plan = self.backend.parse_dry_run(result.stdout, result.stderr)
+            raise StoreCommandFailed(f"dry run failed: {_first_error(result.stderr)}")
+        plan = self.backend.parse_dry_run(
+            result.stdout, result.stderr, self.drv_path if names_target else None)
         others = [d for d in (*plan.would_build, *plan.unknown) if d != self.drv_path]
         if others:
             raise SetupFailed(
@@ -268,8 +370,20 @@ class AttemptRun:
                 f"{len(others)} input derivation(s) would be built first",
             )
 
+    def _input_derivations(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The target's input derivations and the outputs it wants of each, from its .drv."""
+        for item in self.known:
+            if item.path == self.drv_path:
+                return list(drvmod.parse(item.contents, source=item.path).input_drvs)
+        return []
+
+    def _log(self) -> LogWriter:
+        if self.log is None:
+            self.log = LogWriter(self.log_path, self.max_log_bytes)
+        return self.log
+
     async def build(self) -> None:
-        log = LogWriter(self.log_path, self.max_log_bytes)
+        log = self._log()
         try:
             detail = "with --check: compared with the outputs on the machine"
             await self.step("build", detail if self.check else None, log_path=self.log_path)
@@ -283,8 +397,14 @@ class AttemptRun:
             self.check_result = IDENTICAL if result.ok else DIFFERS
             return
         if not result.ok:
-            _kind, reason = self.backend.classify_build_failure(result.exit_status, log.tail)
-            raise BuildFailed(builder_exit_code(log.tail), reason)
+            self._failed(result.exit_status, log.tail)
+
+    def _failed(self, status: int | None, log_tail: bytes) -> None:
+        """The builder's own failure fails the build; anything else is the machine's."""
+        kind, reason = self.backend.classify_build_failure(status, log_tail)
+        if kind in BUILDER_FAILURES:
+            raise BuildFailed(builder_exit_code(log_tail), reason)
+        raise StoreCommandFailed(f"the build did not run: {reason}")
 
     async def _build_by_command(self, log: LogWriter) -> RunResult:
         machine = self.machine
@@ -292,16 +412,19 @@ class AttemptRun:
             self.drv_path, max_silent_time=machine.max_silent_time, timeout=machine.timeout,
             check=self.check,
         )
-        return await self.remote.run_streaming(
-            command.argv,
-            on_stdout=log.write,
-            on_stderr=log.write,
-            # The store enforces both limits; these are the coordinator's safety net.
-            timeout=None if machine.timeout is None else machine.timeout + 60,
-            silence_timeout=None
-            if machine.max_silent_time is None
-            else machine.max_silent_time + 60,
-        )
+        try:
+            return await self.remote.run_streaming(
+                command.argv,
+                on_stdout=log.write,
+                on_stderr=log.write,
+                # The store enforces both limits; these are the coordinator's safety net.
+                timeout=None if machine.timeout is None else machine.timeout + 60,
+                silence_timeout=None
+                if machine.max_silent_time is None
+                else machine.max_silent_time + 60,
+            )
+        except CommandTimeoutError as e:
+            raise _gc_lock_failure(e, command, log.tail) from None
 
     async def _build_in_session(self, session: StoreSession, log: LogWriter) -> None:
         machine = self.machine
@@ -318,8 +441,7 @@ class AttemptRun:
             raise StoreCommandFailed(str(e)) from None
         if status:
             log.write(f"error: {message}\n".encode(errors="replace"))
-            _kind, reason = self.backend.classify_build_failure(status, log.tail)
-            raise BuildFailed(builder_exit_code(log.tail), reason)
+            self._failed(status, log.tail)
 
     async def fetch_outputs(self, outputs: Sequence[str]) -> list[records.OutputRecord]:
         """Export on the machine, pull over SFTP, verify, store atomically. A store session
@@ -338,7 +460,7 @@ class AttemptRun:
         remote_file = ""
         try:
             command = self.backend.export_to_temp(outputs)
-            result = await self.remote.run(command.argv, input=command.stdin, timeout=TRANSFER)
+            result = await self._ask(command, TRANSFER)
             remote_file = result.stdout.decode(errors="replace").partition("\n")[0]
             if not result.ok or not remote_file.startswith("/"):
                 raise TransferFailed(f"export failed: {_first_error(result.stderr)}")
@@ -397,7 +519,7 @@ class AttemptRun:
 
     async def _reported_hash(self, path: str) -> tuple[str, int | None]:
         command = self.backend.nar_hash(path)
-        result = await self.remote.run(command.argv, input=command.stdin, timeout=TRANSFER)
+        result = await self._ask(command, TRANSFER)
         if not result.ok:
             raise TransferFailed(f"cannot hash {path}: {_first_error(result.stderr)}")
         return self.backend.parse_nar_hash(result.stdout)
@@ -410,12 +532,18 @@ class AttemptRun:
             self.session = await self.sessions.take()
         try:
             await self.survey()
+            await self.hold([*(k.path for k in self.known), *self.sources, *self.inputs,
+                             *self.outputs_paths])
             await self.push_derivations()
+            await self.substitute_inputs()
             unavailable = await self.push_inputs()
             await self.dry_run(unavailable)
             await self.build()
             return await self.fetch_outputs(self.outputs_paths)
         finally:
+            if self.log is not None:
+                self.log.close()
+            await self.release()
             if self.sessions is not None and self.session is not None:
                 self.sessions.give_back(self.session)
 
@@ -427,6 +555,39 @@ def _what_the_datastore_knows(
     input outputs (and whether we know them all), the outputs by name."""
     return (closure.derivations(drv_path), closure.input_outputs(drv_path),
             records.output_paths(drv_path))
+
+
+def _program(command: Command) -> str:
+    """A command's program and subcommand, e.g. "guix archive" (past `env VAR=VALUE`)."""
+    words = [w for w in command.argv if w != "env" and "=" not in w]
+    return " ".join(words[:2]) if words[:1] == ["guix"] else (words or ["?"])[0]
+
+
+def _gc_lock_failure(error: CommandTimeoutError, command: Command, said: bytes) -> Exception:
+    """A command that timed out: the machine's failure when it was waiting for the garbage
+    collector's lock (`said`: its output so far), else the timeout as it is."""
+    if GC_LOCK_WAIT in said:
+        return StoreCommandFailed(
+            f"{_program(command)} waited for the store's garbage collector past its time "
+            "(\"waiting for the big garbage collector lock...\"): tried again later")
+    return error
+
+
+def _import_problem(what: str, error: str) -> str:
+    problem = f"{what} could not be imported: {error}"
+    if "unauthorized public key" in error:
+        problem += ("; the machine does not authorize the coordinator's key: see `buildfarm "
+                    "machines test` for where to authorize it")
+    return problem
+
+
+def _server_of(url: str | None, servers: Sequence[str]) -> str:
+    """Which of `servers` a nar URL (or a server's own URL) belongs to: the longest prefix."""
+    if url is not None:
+        matches = [s for s in servers if url.rstrip("/").startswith(s.rstrip("/"))]
+        if matches:
+            return max(matches, key=len)
+    return servers[0] if len(servers) == 1 else "a substitute server"
 
 
 def _first_error(stderr: bytes) -> str:

@@ -557,6 +557,8 @@ class Coordinator:
             ),
             system=run.system,
             may_move=self._other_taker(moving, also=machine.name),
+            running=lambda: list(slots.running),
+            trusted_keys=(self.key.nix_public(key_name(self.settings.state_dir)),),
         )
         uuid, name = run.build_uuid, machine.name
         outcome, setup_kind = "interrupted", None
@@ -601,7 +603,8 @@ class Coordinator:
                 records.retry_later, run.attempt_id, f"{what}: {e}", retry, wait=False))
             until = slots.remote.backed_off_until
             await self.db(_note_machine, name, str(e), until)
-            line = f"build {uuid} interrupted on {name}: {e}"
+            line = f"build {uuid} interrupted on {name}: " + (
+                f"{what}: {e}" if isinstance(e, StoreCommandFailed) else str(e))
             if until is not None:
                 clock = time.strftime("%H:%M:%S", time.localtime(until))
                 line += f"; {name} backed off until {clock}"

@@ -21,6 +21,7 @@ from .models import (
     SUCCEEDED,
     SUCCESS,
     Attempt,
+    AttemptInput,
     AttemptStep,
     Build,
     Derivation,
@@ -49,11 +50,17 @@ class OutputRecord:
 def step(
     attempt_id: int, name: str, detail: str | None = None, *,
     skipped: Sequence[tuple[str, str]] = (), log_path: str | None = None,
+    inputs: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Start step `name`, after the `skipped` ones (name, why), recorded as taking no time;
-    `log_path` names the attempt's log from now on."""
+    `log_path` names the attempt's log from now on; `inputs` (path, source) say where the
+    attempt's inputs came from (AttemptInput)."""
     now = time.time()
     with database_proxy.atomic():
+        if inputs:
+            AttemptInput.insert_many(
+                [{"attempt": attempt_id, "path": p, "source": s} for p, s in inputs]
+            ).execute()
         AttemptStep.update(ended_at=now).where(
             (AttemptStep.attempt == attempt_id) & AttemptStep.ended_at.is_null()
         ).execute()

@@ -22,6 +22,7 @@ from .models import (
     QUEUED,
     RUNNING,
     Attempt,
+    AttemptInput,
     AttemptStep,
     Build,
     BuildTag,
@@ -132,13 +133,14 @@ def list_builds(
 
 
 def _attempts_json(build: Build) -> list[dict[str, Any]]:
-    """The build's attempts, oldest first, each with its steps, setup failure and missing
-    inputs: four queries whatever the number of attempts."""
+    """The build's attempts, oldest first, each with its steps, setup failure, missing inputs
+    and where its inputs came from: five queries whatever the number of attempts."""
     attempts = list(build.attempts.order_by(Attempt.id))
     ids = [a.id for a in attempts]
     steps: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
     failures: dict[int, tuple[int, str]] = {}  # attempt id -> (setup failure id, kind)
     missing: dict[int, list[str]] = {}
+    sources: dict[int, list[dict[str, str]]] = {}
     if ids:
         query: Any = (
             AttemptStep.select(AttemptStep.attempt, AttemptStep.name, AttemptStep.started_at,
@@ -172,6 +174,14 @@ def _attempts_json(build: Build) -> list[dict[str, Any]]:
             )
             for failure_id, path in query:
                 missing.setdefault(by_failure[failure_id], []).append(path)
+        query = (
+            AttemptInput.select(AttemptInput.attempt, AttemptInput.path, AttemptInput.source)
+            .where(AttemptInput.attempt.in_(ids))
+            .order_by(AttemptInput.id)
+            .tuples()
+        )
+        for attempt_id, path, source in query:
+            sources.setdefault(attempt_id, []).append({"path": path, "source": source})
     return [
         {
             "machine": a.machine,
@@ -183,6 +193,7 @@ def _attempts_json(build: Build) -> list[dict[str, Any]]:
             "detail": a.detail,
             "setup_failure": failures[a.id][1] if a.id in failures else None,
             "missing_inputs": missing.get(a.id, []),
+            "input_sources": sources.get(a.id, []),
             "log": a.log_path,
             "check": a.check_result,
             "steps": steps[a.id],

@@ -353,6 +353,18 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[Step]]] = (
             "CREATE INDEX event_undelivered ON event (build_id) WHERE delivered_at IS NULL",
         ),
     ),
+    (
+        6,
+        "where each input of an attempt came from: the machine, the coordinator, a server",
+        (
+            """CREATE TABLE attempt_input (
+                id {pk},
+                attempt_id {big} NOT NULL REFERENCES attempt (id) ON DELETE CASCADE,
+                path TEXT NOT NULL,
+                source TEXT NOT NULL)""",
+            "CREATE INDEX attempt_input_attempt ON attempt_input (attempt_id)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

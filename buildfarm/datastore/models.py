@@ -146,6 +146,15 @@ class MissingInput(BaseModel):
     path = pw.TextField()
 
 
+class AttemptInput(BaseModel):
+    """Where an input output of an attempt came from: `source` is "machine" (it was there),
+    "pushed" (by the coordinator) or the substitute server it was downloaded from."""
+
+    attempt = pw.ForeignKeyField(Attempt, backref="input_sources", on_delete="CASCADE")
+    path = pw.TextField()
+    source = pw.TextField()
+
+
 class MachineState(BaseModel):
     id = None  # type: ignore[assignment]  # keyed by name
     name = pw.TextField(primary_key=True)
@@ -177,5 +186,5 @@ class StoredOutput(BaseModel):
 
 ALL_MODELS = (
     Derivation, DerivationOutput, DerivationInput, Build, BuildTag, Attempt, AttemptStep,
-    SetupFailure, MissingInput, MachineState, Event, StoredOutput,
+    SetupFailure, MissingInput, AttemptInput, MachineState, Event, StoredOutput,
 )
