@@ -2,8 +2,9 @@
 
 Groups (--only NAME selects some): startup, submit, scheduler, queries, memory, e2e, graph
 (benchmarks/bench_graph.py: a whole graph with a failure, against Nix's remote building),
-transfer, web (benchmarks/web.py: every page and API call of `buildfarm web` on an aged
-datastore).
+transfer, substitutes (benchmarks/bench_substitutes.py: bytes the coordinator pushes with and
+without substitute_urls), web (benchmarks/web.py: every page and API call of `buildfarm web` on
+an aged datastore).
 --quick stops the datastore sizes at 100,000 builds and does fewer trivial builds: a few
 minutes instead of an hour; the full run is the one BENCHMARKS.md records.
 
@@ -34,7 +35,7 @@ from figures import Figure, Report, machine, table
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ("startup", "submit", "scheduler", "queries", "memory", "e2e", "graph", "transfer",
-          "web")
+          "substitutes", "web")
 ENGINE_CHOICES = {"sqlite": ("sqlite",), "postgresql": ("postgresql",),
                   "both": ("sqlite", "postgresql")}
 MARK_BEGIN = "<!-- benchmarks/run --write: begin -->"
@@ -340,6 +341,12 @@ class Suite:
                 many["verify-outputs"], "s",
                 note="reading the nar's entries, hashing, compressing, signing: local work",
             ))
+
+    def substitutes(self) -> None:
+        import bench_substitutes
+
+        bench_substitutes.inputs_from_servers(self.report, self.work,
+                                              leaves=10 if self.quick else 20)
 
     def web(self) -> None:
         import web

@@ -209,6 +209,26 @@ def running(farm: Farm, *args: str) -> Iterator[Background]:
         assert "Traceback" not in out, out
 
 
+@contextlib.contextmanager
+def publishing(farm: Farm) -> Iterator[str]:
+    """`buildfarm publish` of the farm's output store on a free port of 127.0.0.1, for the
+    `with` block; yields its URL (no final /)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "buildfarm", "publish", "--listen", "127.0.0.1:0"],
+        env=farm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # "buildfarm publish: serving DIR at URL"
+        assert " at http://127.0.0.1:" in line, (line, process.poll())
+        yield line.rsplit(" at ", 1)[1].strip().rstrip("/")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert "Traceback" not in err, err
+
+
 def check_stored(farm: Farm, build: str, host: Host) -> None:
     """The build's output is in the output store whole, with the nar hash the machine that
     built it reports, and no transfer is left behind in the store's tmp/."""

@@ -27,6 +27,7 @@ defaults:
   identity: keys/id_ed25519
   known_hosts: /etc/buildfarm/known_hosts
   max_silent_time: 600
+  substitute_urls: [http://farm.example.org:8080, https://ci.guix.gnu.org]
 machines:
   - name: x86-a
     host: build1.example.org
@@ -49,6 +50,7 @@ machines:
     answer_timeout: 30
     max_silent_time: 1_200
     timeout: 7200
+    substitute_urls: ["file:///srv/cache"]
     enabled: false
   - name: here
     transport: local
@@ -72,13 +74,14 @@ def test_full_inventory_loads_into_frozen_machines(tmp_path: Path,
                 store_dir="/opt/nix/store", overload_threshold=0.8, max_sessions=4,
                 connect_timeout=3.0, keepalive_interval=0.0, answer_timeout=30.0,
                 max_silent_time=1200, timeout=7200,
-                enabled=False,
+                substitute_urls=("file:///srv/cache",), enabled=False,
             ),
             Machine(
                 name="here", host=None, user="buildfarm",
                 identity=str(tmp_path / "keys" / "id_ed25519"),
                 known_hosts="/etc/buildfarm/known_hosts", transport="local",
                 systems=(local_system(),), max_silent_time=600,
+                substitute_urls=("http://farm.example.org:8080", "https://ci.guix.gnu.org"),
             ),
         ),
     )
@@ -367,6 +370,10 @@ ERRORS = [
      "remove one of them"),
     (m("features: [kvm, 'big parallel']"), "4:21: bad feature 'big parallel'; write a feature as "
      "one word, e.g. kvm or big-parallel"),
+    (m("substitute_urls: [ftp://farm]"), "4:23: bad substitute_url 'ftp://farm'; write an "
+     "http://, https:// or file:// URL without spaces, e.g. http://farm:8080"),
+    (m("substitute_urls: http://farm"), "4:22: substitute_urls must be a list of strings, not "
+     "'http://farm'; write e.g. substitute_urls: [http://farm.example.org:8080]"),
     # errors inside defaults point into defaults
     ("defaults:\n  max_builds: many\nmachines: []\n", "2:15: max_builds must be an integer, not "
      "'many'; write e.g. max_builds: 4"),

@@ -199,12 +199,14 @@ def test_machines_test_passes_good_machines_and_names_what_to_fix(
     reports = json.loads(done.stdout)
     assert validate(reports, SCHEMAS["machines test"].shape) == []
     results = {r["name"]: r for r in reports}
-    for name in (up.name, trusting.name):
+    for name, checks in ((up.name, ["login", "store", "push", "pull"]),
+                         (trusting.name, ["login", "store", "version", "daemon", "signing-key",
+                                          "authorized", "push", "pull"])):
         report = results[name]
         assert report["ok"], report
-        assert [c["name"] for c in report["checks"]] == ["login", "store", "push", "pull"]
+        assert [c["name"] for c in report["checks"]] == checks
         assert all(c["ok"] and c["fix"] is None for c in report["checks"])
-    assert "signed with the coordinator's key" in results[trusting.name]["checks"][2]["detail"]
+    assert "signed with the coordinator's key" in results[trusting.name]["checks"][6]["detail"]
     assert "nar hash" in results[up.name]["checks"][3]["detail"]
 
     def failed(name: str) -> dict[str, Any]:
@@ -214,16 +216,19 @@ def test_machines_test_passes_good_machines_and_names_what_to_fix(
         assert not check["ok"] and check["fix"], report
         return check
 
-    push = failed(wary.name)
-    assert push["name"] == "push" and "unauthorized public key" in push["detail"]
-    assert push["fix"].startswith("authorize the coordinator's key: buildfarm key show "
-                                  "--format guix | ssh -p")
-    assert push["fix"].endswith("guix archive --authorize")
+    acl = failed(wary.name)
+    assert (acl["name"], acl["detail"]) == (
+        "authorized", f"{wary.guix_dir}/acl does not authorize the coordinator's key")
+    assert acl["fix"].startswith("authorize it, as root (the ACL belongs to root): buildfarm "
+                                 "key show --format guix | ssh -p")
+    assert acl["fix"].endswith("sudo guix archive --authorize")
     login = failed("dead")
     assert login["name"] == "login" and "connection refused" in login["detail"]
     assert login["fix"].startswith("start sshd on 127.0.0.1, or correct port ")
     store = failed("no-guix")
-    assert store["name"] == "store" and "install Guix" in store["fix"]
+    assert (store["name"], store["detail"]) == (
+        "store", "guix: command not found in a non-interactive SSH command")
+    assert "install Guix" in store["fix"] and "~/.ssh/environment" in store["fix"]
 
     # The test item was removed from the machines it reached.
     for host in (up, trusting):
@@ -238,6 +243,66 @@ def test_machines_test_passes_good_machines_and_names_what_to_fix(
     assert farm.cli("machines", "test", up.name).returncode == 0
 
 
+def test_machines_test_says_what_a_guix_machine_lacks_and_how_to_fix_it(
+    farm: Farm, testbed: Testbed, coordinator_key: SigningKey
+) -> None:
+    """A Guix too old for `guix hash -S nar`, a daemon that is down, no signing key, and on
+    Guix System an ACL made by the system configuration (a symbolic link into the store) with
+    or without the coordinator's key: each check says what is wrong and where to fix it."""
+    save_key(coordinator_key, farm.state)
+    farm_key = coordinator_key.guix_public_sexp()
+    old_bin = testbed.directory / f"old-guix-{token()[:6]}"
+    old_bin.mkdir(mode=0o755)
+    real = testbed.guix_bin_dir() / "guix"
+    wrapper = old_bin / "guix"  # a machine that never pulled past 1.3.0
+    wrapper.write_text('#!/bin/sh\nfor a; do [ "$a" = --version ] && { echo "guix (GNU Guix) '
+                       f'1.3.0"; exit 0; }}; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    made = {
+        "old": testbed.add_guix_host(f"guix-o-{token()[:6]}", authorized=[farm_key], env={
+            "PATH": f"{old_bin}:/usr/local/bin:/usr/bin:/bin"}),
+        "down": testbed.add_guix_host(f"guix-d-{token()[:6]}", authorized=[farm_key]),
+        "keyless": testbed.add_guix_host(f"guix-k-{token()[:6]}", authorized=[farm_key]),
+        "system": testbed.add_guix_host(f"guix-s-{token()[:6]}"),
+        "system-ok": testbed.add_guix_host(f"guix-s-{token()[:6]}"),
+    }
+    try:
+        made["down"].guix_daemon(False)
+        (made["keyless"].guix_dir / "signing-key.sec").unlink()
+        for name, keys in (("system", []), ("system-ok", [farm_key])):
+            host = made[name]  # the ACL activation made: a file in the store, linked to
+            entries = "".join(f"(entry {k} (tag (guix import)))" for k in keys)
+            in_store = host.store_dir / f"{'4' * 32}-acl"
+            in_store.write_text(f"(acl {entries})\n")
+            (host.guix_dir / "acl").unlink()
+            (host.guix_dir / "acl").symlink_to(f"/nix/store/{in_store.name}")
+        write(farm, *(entry(host) for host in made.values()))
+        done = farm.cli("machines", "test", "--json", check=False)
+        assert done.returncode == 1
+        reports = {r["name"]: r for r in json.loads(done.stdout)}
+        last = {key: reports[host.name]["checks"][-1] for key, host in made.items()}
+        assert (last["old"]["name"], last["old"]["ok"]) == ("version", False)
+        assert "older than 1.4.0" in last["old"]["detail"] and "guix pull" in last["old"]["fix"]
+        assert (last["down"]["name"], last["down"]["ok"]) == ("daemon", False)
+        assert "failed to connect to `/nix/var/nix/daemon-socket/socket'" in last["down"][
+            "detail"] and "start the Guix daemon" in last["down"]["fix"]
+        keyless = last["keyless"]
+        assert (keyless["name"], keyless["ok"]) == ("signing-key", False)
+        assert keyless["detail"].startswith("no signing-key.sec in ")
+        assert keyless["fix"].endswith("sudo guix archive --generate-key")
+        system = last["system"]
+        assert (system["name"], system["ok"]) == ("authorized", False)
+        assert "made by the system configuration" in system["detail"]
+        assert "(authorized-keys (cons (local-file \"farm.pub\")" in system["fix"]
+        assert "guix system reconfigure" in system["fix"]
+        assert reports[made["system-ok"].name]["ok"], reports[made["system-ok"].name]
+        authorized = reports[made["system-ok"].name]["checks"][5]
+        assert authorized["detail"].endswith("(from the system configuration)")
+    finally:
+        for host in made.values():
+            testbed.remove_host(host)
+
+
 def test_machines_test_without_a_key_says_how_to_make_one(
     farm: Farm, guix_hosts: dict[str, Host]
 ) -> None:
@@ -245,9 +310,9 @@ def test_machines_test_without_a_key_says_how_to_make_one(
     done = farm.cli("machines", "test", "--json", check=False)
     assert done.returncode == 1
     (report,) = json.loads(done.stdout)
-    push = report["checks"][-1]
-    assert push["name"] == "push" and "no signing key" in push["detail"]
-    assert "buildfarm key generate" in push["fix"]
+    check = report["checks"][-1]
+    assert check["name"] == "authorized" and "no signing key" in check["detail"]
+    assert "buildfarm key generate" in check["fix"]
 
 
 def test_machines_test_rejects_unknown_names(farm: Farm, hosts: list[Host]) -> None:

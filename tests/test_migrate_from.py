@@ -58,7 +58,9 @@ def populate(url: str) -> dict[str, str]:
 
         uuids["hello"] = _submit(HELLO, 20)
         attempt = _allocate(uuids["hello"])
-        records.step(attempt, "build")
+        records.step(attempt, "build", inputs=[
+            ("/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-glibc", "http://farm:8080"),
+            ("/nix/store/yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy-gcc", "pushed")])
         records.step(attempt, "fetch-outputs")
         output = records.OutputRecord(
             path="/nix/store/mjs27ix6ig2bkbi3s3sm470vrv4lf7ic-hello",
@@ -109,9 +111,9 @@ def shown(url: str, uuids: dict[str, str]) -> dict[str, Any]:
 
 
 DATA_TABLES = (
-    "attempt", "attempt_step", "build", "build_tag", "derivation", "derivation_input",
-    "derivation_output", "event", "machine_state", "missing_input", "setup_failure",
-    "stored_output",
+    "attempt", "attempt_input", "attempt_step", "build", "build_tag", "derivation",
+    "derivation_input", "derivation_output", "event", "machine_state", "missing_input",
+    "setup_failure", "stored_output",
 )
 
 

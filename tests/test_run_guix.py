@@ -11,14 +11,22 @@ import hashlib
 import os
 import signal
 import sqlite3
-from collections.abc import Iterator, Mapping
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from farm import Farm, chain, token, wait_for
-from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
+from farm import Farm, chain, publishing, token, wait_for
+from testbed import (
+    Host,
+    Testbed,
+    current_system,
+    instantiate,
+    inventory_yaml,
+    nix_expr_trivial,
+)
 
 from buildfarm.formats import nar
 from buildfarm.formats.signing import (
@@ -192,7 +200,7 @@ def test_max_silent_time_stops_a_silent_guix_build(
     assert f"building of `{drv}' timed out after 1 seconds of silence" in log.splitlines()
 
 
-def test_a_machine_that_does_not_trust_the_coordinator_is_a_setup_failure(
+def test_a_machine_that_does_not_trust_the_coordinator_is_at_fault(
     farm: Farm, guix_bed: Testbed, coordinator_key: SigningKey
 ) -> None:
     tag = token()
@@ -217,15 +225,18 @@ def test_a_machine_that_does_not_trust_the_coordinator_is_a_setup_failure(
     info = farm.show(build)
     assert info["state"] == "queued", info  # requeued, to be tried again later
     attempt = info["attempts"][0]
-    assert attempt["result"] == "setup-failure"
-    assert attempt["setup_failure"] == "missing-inputs"
-    assert attempt["detail"].startswith("1 derivation(s) could not be imported: ")
-    assert "guix archive: error: unauthorized public key: (public-key" in attempt["detail"]
+    # Not "missing inputs" naming nothing, retried for ever: the machine's fault, and what to do.
+    assert (attempt["result"], attempt["setup_failure"], attempt["missing_inputs"]) == (
+        "interrupted", None, [])
+    assert attempt["detail"].startswith(
+        "store command failed: 1 derivation(s) could not be imported: guix archive: error: "
+        "unauthorized public key: (public-key")
+    assert attempt["detail"].endswith("the machine does not authorize the coordinator's key: "
+                                      "see `buildfarm machines test` for where to authorize it")
     assert [s["name"] for s in attempt["steps"]] == ["push-derivations"]
     shown = farm.cli("builds", "show", build).stdout
-    assert "setup-failure missing-inputs: 1 derivation(s) could not be imported" in shown
     assert "unauthorized public key" in shown
-    assert f"build {build} setup failure on {host.name}: missing-inputs" in out
+    assert f"build {build} interrupted on {host.name}: store command failed: " in out
     assert not host.local_path(drv).exists()
     assert coordinator_key.public_bytes != stranger.public_bytes
 
@@ -308,3 +319,197 @@ def test_a_rebuild_on_a_guix_machine_that_holds_the_outputs_uses_guix_build_chec
     assert [host.local_path(out).read_text() for out in outputs] == kept
     log = farm.cli("log", again[1]).stdout
     assert f"may not be deterministic: output `{outputs[1]}' differs" in log, log
+
+
+# --- what a real Guix farm hits: substitutes, locales, collections, offloading -----------------
+
+
+@pytest.fixture
+def extra_host(guix_bed: Testbed) -> Iterator[Callable[..., Host]]:
+    """Guix hosts made for one test (removed after it): extra_host(name, **add_guix_host)."""
+    made: list[Host] = []
+
+    def make(name: str, **options: Any) -> Host:
+        host = guix_bed.add_guix_host(f"{name}-{token()[:6]}", **options)
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        guix_bed.remove_host(host)
+
+
+def restart_with(host: Host, **env: str) -> None:
+    """The machine's daemon and SSH commands see `env` from now on (sshd restarted)."""
+    host.env.update(env)
+    host.stop()
+    host.start()
+
+
+def attempt_log(farm: Farm, build: str) -> list[str]:
+    return farm.cli("log", build).stdout.splitlines()
+
+
+def test_the_target_is_built_never_downloaded(
+    farm: Farm, machines: dict[str, Host], extra_host: Callable[..., Host],
+    coordinator_key: SigningKey,
+) -> None:
+    """A machine whose daemon substitutes from the farm's own server, which has the outputs
+    of the very derivation asked for (an earlier build): a rebuild is built there, not
+    downloaded (guix build --no-substitutes), and recorded so."""
+    tag = token()
+    drv = instantiate(nix_expr_trivial(f"rebuilt-{tag}", f"echo rebuilt {tag} > $out"))
+    write_inventory(farm, {machines["guix-b"]: {}})
+    (first,) = farm.submit(drv)
+    assert farm.run().returncode == 0
+    assert farm.show(first)["state"] == "succeeded"
+    host = extra_host("guix-subst", authorized=[coordinator_key.guix_public_sexp()])
+    with publishing(farm) as url:
+        restart_with(host, GUIX_EMULATOR_DAEMON_SUBSTITUTE_URLS=url)
+        write_inventory(farm, {host: {}})
+        (again,) = farm.submit(drv)
+        done = farm.run()
+    assert done.returncode == 0, done.stdout
+    info = farm.show(again)
+    assert info["state"] == "succeeded", (info, done.stdout)
+    (attempt,) = info["attempts"]
+    assert attempt["machine"] == host.name and "build" in [s["name"] for s in attempt["steps"]]
+    assert build_log_exists(host, drv)  # its builder ran there
+    log = attempt_log(farm, again)
+    assert f"building {drv}..." in log and not any("substituting" in line for line in log)
+
+
+def test_inputs_come_from_substitute_servers_and_say_so(
+    farm: Farm, machines: dict[str, Host]
+) -> None:
+    """substitute_urls: the machine downloads the input the farm's server (buildfarm publish)
+    has, after an unreachable server; the coordinator pushes none of it; the attempt's log has
+    the download and the build page says where the input came from. A Nix machine likewise
+    (Nix's substituter, trusting the farm's key for the command)."""
+    tag = token()
+    leaf, top = chain(2, tag)
+    write_inventory(farm, {machines["guix-a"]: {}})
+    (leaf_build,) = farm.submit(leaf)
+    assert farm.run().returncode == 0
+    leaf_out = farm.show(leaf_build)["outputs"]["out"]
+    unreachable = "http://127.0.0.1:1"
+    with publishing(farm) as url:
+        for host in (machines["guix-b"], machines["nix-c"]):
+            write_inventory(farm, {host: {"substitute_urls": [unreachable, url]}})
+            (build,) = farm.submit(top)
+            done = farm.run()
+            assert done.returncode == 0, done.stdout
+            info = farm.show(build)
+            assert info["state"] == "succeeded", (info, done.stdout)
+            (attempt,) = info["attempts"]
+            steps = {s["name"]: s["detail"] for s in attempt["steps"]}
+            assert steps["substitute-inputs"] == f"1 input(s) asked of {unreachable} {url}"
+            assert steps["push-inputs"] == "skipped: every input output is on the machine"
+            assert attempt["input_sources"] == [{"path": leaf_out, "source": url}]
+            assert host.local_path(leaf_out).read_text() == f"leaf-{tag}\n"
+            assert not build_log_exists(host, leaf)
+            log = attempt_log(farm, build)
+            if host.store == "guix":
+                assert f"substituting {leaf_out}..." in log
+                assert any(line.startswith(f"downloading from {url}/nar/gzip/") for line in log)
+                assert "guix substitute: warning: 127.0.0.1: connection failed: Connection " \
+                       "refused" in log
+            else:
+                assert f"copying path '{leaf_out}' from '{url}'..." in log
+            shown = farm.cli("builds", "show", build).stdout.splitlines()
+            assert f"  input {leaf_out} from {url}" in shown
+    # Already there, the input is neither downloaded nor pushed, and said so.
+    write_inventory(farm, {machines["guix-a"]: {"substitute_urls": [unreachable]}})
+    (built_here,) = farm.submit(top)
+    farm.run()
+    (attempt,) = farm.show(built_here)["attempts"]
+    assert attempt["input_sources"] == [{"path": leaf_out, "source": "machine"}]
+
+
+def test_a_translated_machine_cannot_hide_missing_inputs(
+    farm: Farm, extra_host: Callable[..., Host], coordinator_key: SigningKey
+) -> None:
+    """A machine in German (LANG and LANGUAGE for SSH commands, as Guix System's .bashrc can
+    give them): Guix's plan is translated unless the command says otherwise. The input that
+    is nowhere is still reported missing, not built by the machine on the side."""
+    tag = token()
+    leaf, top = chain(2, tag)
+    host = extra_host("guix-de", authorized=[coordinator_key.guix_public_sexp()],
+                      env={"LANG": "de_DE.UTF-8", "LANGUAGE": "de"})
+    write_inventory(farm, {host: {}})
+    (build,) = farm.submit(top)
+    coordinator = farm.start()
+    try:
+        wait_for("the attempt's end", lambda: coordinator.poll() is not None or any(
+            a["result"] for a in farm.show(build)["attempts"]))
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        out, _ = coordinator.communicate(timeout=60)
+    assert coordinator.returncode == 0, out
+    attempt = farm.show(build)["attempts"][0]
+    assert (attempt["result"], attempt["setup_failure"]) == ("setup-failure", "missing-inputs"), (
+        attempt, out)
+    leaf_out = subprocess.run(["nix-store", "-q", "--outputs", leaf], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    assert attempt["missing_inputs"] == [leaf_out]
+    assert not build_log_exists(host, leaf) and not build_log_exists(host, top)
+
+
+def test_a_collection_on_the_machine_takes_nothing_an_attempt_needs(
+    farm: Farm, machines: dict[str, Host], extra_host: Callable[..., Host],
+    coordinator_key: SigningKey, guix_bed: Testbed,
+) -> None:
+    """A machine that collects garbage (`guix gc`) right before each build and each export,
+    the worst moments: what the attempt pushed (the .drv, the input) and built is held by its
+    GC roots, so nothing is built again nor lost; the roots go when it ends."""
+    tag = token()
+    leaf, top = chain(2, tag)
+    write_inventory(farm, {machines["guix-a"]: {}})
+    (leaf_build,) = farm.submit(leaf)
+    assert farm.run().returncode == 0
+    wrapper_dir = guix_bed.directory / f"gc-guix-{tag}"
+    wrapper_dir.mkdir(mode=0o755)
+    real = guix_bed.guix_bin_dir() / "guix"
+    (wrapper_dir / "guix").write_text(
+        "#!/bin/sh\ncase \" $* \" in\n"
+        "  *' build --no-grafts --no-substitutes '*|*' archive --export '*)\n"
+        f"    {real} gc > /dev/null 2>&1 || exit 99 ;;\nesac\nexec {real} \"$@\"\n")
+    (wrapper_dir / "guix").chmod(0o755)
+    host = extra_host("guix-gc", authorized=[coordinator_key.guix_public_sexp()],
+                      env={"PATH": f"{wrapper_dir}:/usr/local/bin:/usr/bin:/bin"})
+    write_inventory(farm, {host: {}})
+    (build,) = farm.submit(top)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    info = farm.show(build)
+    assert info["state"] == "succeeded", (info, done.stdout)
+    assert len(info["attempts"]) == 1
+    assert not build_log_exists(host, leaf)  # the input pushed was not collected, nor rebuilt
+    leaf_out = farm.show(leaf_build)["outputs"]["out"]
+    assert stored_nar(farm.state, info["outputs"]["out"]).exists()
+    roots = host.nix_dir / "var" / "nix" / "profiles" / "per-user" / host.user
+    assert [list(d.iterdir()) for d in roots.iterdir()] == [[]]  # the attempt's went
+    # Nothing holds them now: the next collection takes them.
+    host.run("guix gc")
+    assert not host.local_path(leaf_out).exists()
+
+
+def test_a_machine_with_machines_scm_does_not_offload_farm_builds(
+    farm: Farm, extra_host: Callable[..., Host], coordinator_key: SigningKey
+) -> None:
+    """guix build offloads by default (guix/scripts/build.scm `(offload? . #t)`) when the
+    machine has /etc/guix/machines.scm: the farm's builds stay where the farm sent them."""
+    host = extra_host("guix-offloader", authorized=[coordinator_key.guix_public_sexp()])
+    (host.guix_dir / "machines.scm").write_text(
+        f'(list (build-machine (name "far") (host-name "far.example.org") '
+        f'(systems (list "{current_system()}")) (host-key "ssh-ed25519 AAAA") (user "b")))\n')
+    tag = token()
+    drv = instantiate(nix_expr_trivial(f"stays-{tag}", f"echo {tag} > $out"))
+    write_inventory(farm, {host: {}})
+    (build,) = farm.submit(drv)
+    done = farm.run()
+    assert done.returncode == 0, done.stdout
+    assert farm.show(build)["state"] == "succeeded"
+    log = attempt_log(farm, build)
+    assert f"building {drv}..." in log
+    assert not any(line.startswith("offloading build of") for line in log), log

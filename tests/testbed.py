@@ -388,6 +388,15 @@ class Host:
             self.guix_as_root("archive", "--authorize", stdin=key.encode())
         self._give_guix_files()
 
+    def guix_daemon(self, running: bool) -> None:
+        """Start or stop the emulated Guix daemon: its socket is there, or not."""
+        socket = self.nix_dir / "var" / "nix" / "daemon-socket" / "socket"
+        socket.parent.mkdir(mode=0o755, exist_ok=True)
+        if running:
+            socket.touch()
+        else:
+            socket.unlink(missing_ok=True)
+
     def guix_as_root(self, *args: str, stdin: bytes = b"") -> None:
         """Run the emulator on this host's configuration directory, as the test process."""
         guix = self.testbed.guix_bin_dir() / "guix"
@@ -661,18 +670,23 @@ class Testbed:
         return host
 
     def add_guix_host(
-        self, name: str | None = None, *, authorized: Sequence[str] = (), start: bool = True
+        self, name: str | None = None, *, authorized: Sequence[str] = (), start: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> Host:
         """A new host whose ``guix`` is the emulator (tests/guix_emulator) over its private
         Nix store: its own Guix signing key pair, made by `guix archive --generate-key`
         (``host.guix_public_key``), and an ACL authorizing the public keys ``authorized``
-        (e.g. the coordinator's), in ``host.guix_dir``.
+        (e.g. the coordinator's), in ``host.guix_dir``; its daemon's state is the Nix store's
+        (GUIX_STATE_DIRECTORY=/nix/var/nix: gc.lock, gcroots, profiles), and it runs
+        (``host.guix_daemon(False)`` stops it). ``env`` adds to its commands' environment.
         """
         host = self.add_host(name, start=False, env={
-            "PATH": f"{self.guix_bin_dir()}:/usr/local/bin:/usr/bin:/bin",
+            "PATH": f"{self.guix_bin_dir()}:/usr/local/bin:/usr/bin:/bin", **(env or {}),
         })
         host.store = "guix"
         host.env["GUIX_CONFIGURATION_DIRECTORY"] = str(host.guix_dir)
+        host.env["GUIX_STATE_DIRECTORY"] = "/nix/var/nix"
+        host.guix_daemon(True)
         host.guix_dir.mkdir(mode=0o755)
         os.chown(host.guix_dir, self.account.pw_uid, self.account.pw_gid)
         host.guix_as_root("archive", "--generate-key")

@@ -223,6 +223,10 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
         print(one_line(line))
         for path in attempt["missing_inputs"]:
             print(f"  missing {one_line(path)}")
+        for item in attempt["input_sources"]:
+            source = {"machine": "already on the machine",
+                      "pushed": "pushed"}.get(item["source"], f"from {item['source']}")
+            print(one_line(f"  input {item['path']} {source}"))
 
 
 @builds.command("cancel")

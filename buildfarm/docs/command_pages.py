@@ -193,11 +193,13 @@ def _extra_sections(path: tuple[str, ...]) -> list[str]:
             lines += roff.tagged(state, meaning)
         return lines
     if path == ("machines", "test"):
-        from buildfarm.machines.checks import CHECKS
+        from buildfarm.machines.checks import CHECKS, CHECKS_FOR
 
+        order = "; ".join(f"{store} machines: {', '.join(names)}"
+                          for store, names in CHECKS_FOR.items())
         lines = roff.section(
-            "CHECKS", "The checks run in this order; a machine's first failed check ends its "
-            "test, and the item pushed is deleted from the machine afterwards.")
+            "CHECKS", f"The checks run in this order ({order}); a machine's first failed check "
+            "ends its test, and the item pushed is deleted from the machine afterwards.")
         for name, meaning in CHECKS.items():
             lines += roff.tagged(name, meaning, code=True)
         return lines

@@ -74,8 +74,9 @@ F = Field
 TIME = "ISO 8601 UTC time"
 
 _STEP = obj(
-    F("name", string(), "push-derivations, push-inputs, dry-run, build, export-outputs, "
-      "fetch-outputs or verify-outputs (delete-outputs in attempts of older versions)."),
+    F("name", string(), "push-derivations, substitute-inputs, push-inputs, dry-run, build, "
+      "export-outputs, fetch-outputs or verify-outputs (delete-outputs in attempts of older "
+      "versions)."),
     F("started_at", string(), f"When it started ({TIME})."),
     F("ended_at", string(True), "When it ended (null while it runs)."),
     F("detail", string(True), "Why it was skipped, or other detail."),
@@ -96,6 +97,11 @@ _ATTEMPT = obj(
       "could-not-delete-outputs in attempts of older versions."),
     F("missing_inputs", list_of(string()), "Store paths the machine lacked (for "
       "outputs-present: the outputs it held)."),
+    F("input_sources", list_of(obj(
+        F("path", string(), "An input output of the build."),
+        F("source", string(), "machine (it was there), pushed (by the coordinator), or the "
+          "substitute server it was downloaded from."),
+    )), "Where each input output came from."),
     F("log", string(True), "The gzip-compressed build log on the coordinator."),
     F("check", string(True), "identical or differs: the build ran again over the outputs the "
       "machine held (guix build --check, nix-store --check) and compared; null otherwise."),

@@ -412,6 +412,24 @@ def guix_public_key_from_sexp(text: str | bytes) -> bytes:
     raise SignatureError("key", "s-expression does not denote a public key (Ed25519 expected)")
 
 
+def guix_acl_keys(text: str | bytes) -> list[bytes]:
+    """The Ed25519 keys (q) an /etc/guix/acl authorizes: `(acl (entry PUBLIC-KEY (tag (guix
+    import))) ...)` (Guix guix/pki.scm acl->public-keys); other entries are skipped."""
+    try:
+        value = sexp.parse(text)
+    except sexp.SexpError as error:
+        raise SignatureError("key", f"not an access-control list: {error}") from None
+    if isinstance(value, bytes) or not value or value[0] != b"acl":
+        raise SignatureError("key", "not an access-control list: (acl ...) expected")
+    keys: list[bytes] = []
+    for entry in value[1:]:
+        match entry:
+            case (b"entry", (b"public-key", (b"ecc", (b"curve", b"Ed25519"), (b"q", bytes(q)))),
+                  (b"tag", (b"guix", b"import"))) if len(q) == 32:
+                keys.append(q)
+    return keys
+
+
 # --- Guix verification ------------------------------------------------------------------------
 
 _HASH_MISMATCH = (

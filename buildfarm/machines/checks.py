@@ -1,5 +1,6 @@
 """`buildfarm machines test`: can a machine do what a build needs? Log in, run the store tool,
-import an archive from the coordinator, export it back (like `guix offload test`).
+(on Guix) check its version, daemon, signing key and ACL, import an archive from the
+coordinator, export it back (like `guix offload test`).
 
 Every machine is tested at once, each on a fresh connection; a failed check says what to fix.
 The test item is a small text file made for the test, removed from the machine afterwards.
@@ -23,7 +24,7 @@ from typing import Any
 from buildfarm.backends import Backend, get_backend
 from buildfarm.errors import ArchiveError, RemoteError
 from buildfarm.formats import nar
-from buildfarm.formats.signing import SigningKey
+from buildfarm.formats.signing import SignatureError, SigningKey, guix_acl_keys
 from buildfarm.inventory import Machine
 from buildfarm.machines.status import (
     STORE_DIRS,
@@ -44,7 +45,16 @@ TEST_ITEM_NAME = "buildfarm-machine-test"
 CHECKS: dict[str, str] = {
     "login": "An SSH connection and login with the inventory's settings, host key checked "
     "(nothing to do for transport: local).",
-    "store": "The store tool runs: guix --version, or nix-store --version.",
+    "store": "The store tool runs from a non-interactive SSH command (sshd gives those no login "
+    "shell): guix --version, or nix-store --version.",
+    "version": "Guix is 1.4.0 or later (`guix hash -S nar`, which checks what the machine "
+    "sends, came with 1.4.0); a pulled Guix, which names its commit, is taken as recent.",
+    "daemon": "The Guix daemon answers (guix archive --missing).",
+    "signing-key": "The machine has a signing key (/etc/guix/signing-key.pub and .sec), which "
+    "its exports are signed with.",
+    "authorized": "The machine's ACL (/etc/guix/acl) authorizes the coordinator's key, which "
+    "signs what it pushes; on Guix System, through the system configuration (authorized-keys "
+    "of guix-service-type), which a reconfiguration keeps.",
     "push": "The machine imports an archive from the coordinator (guix archive --import or "
     "nix-store --import) holding a small text file made for the test — signed with the "
     "coordinator's key for Guix, which refuses unsigned or unauthorized archives — and then "
@@ -54,6 +64,29 @@ CHECKS: dict[str, str] = {
     "a Nix machine's small ones, which its store session sends), and finds the nar hash of "
     "what it sent.",
 }
+
+
+# The checks of each kind of machine.
+CHECKS_FOR: dict[str, tuple[str, ...]] = {
+    "guix": ("login", "store", "version", "daemon", "signing-key", "authorized", "push", "pull"),
+    "nix": ("login", "store", "push", "pull"),
+}
+# On Guix System the ACL is made from the system configuration at each activation
+# (gnu/services/base.scm substitute-key-authorization; a hand-edited one is moved to acl.bak).
+_GUIX_SYSTEM_FIX = (
+    "add the key to the system configuration, which rebuilds /etc/guix/acl at each "
+    "reconfiguration (a key added by `guix archive --authorize` is dropped then): put the "
+    "output of `buildfarm key show --format guix` in a file beside config.scm, e.g. farm.pub, "
+    "and in guix-configuration write (authorized-keys (cons (local-file \"farm.pub\") "
+    "%default-authorized-guix-keys)), then run `sudo guix system reconfigure config.scm`"
+)
+_ACL_SCRIPT = (
+    'd="${GUIX_CONFIGURATION_DIRECTORY:-/etc/guix}"; '
+    '[ -d /run/current-system ] && echo "system"; '
+    '[ -L "$d/acl" ] && echo "link $(readlink "$d/acl")"; '
+    'for f in signing-key.pub signing-key.sec acl; do [ -e "$d/$f" ] && echo "has $f"; done; '
+    'echo "dir $d"; echo ---; [ -r "$d/acl" ] && cat "$d/acl"; exit 0'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +104,11 @@ class TestReport:
     __test__ = False  # not a pytest class
     machine: str
     checks: tuple[Check, ...]
+    expected: tuple[str, ...] = tuple(CHECKS)  # the checks of its kind of machine
 
     @property
     def ok(self) -> bool:
-        return len(self.checks) == len(CHECKS) and all(c.ok for c in self.checks)
+        return len(self.checks) == len(self.expected) and all(c.ok for c in self.checks)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,13 +165,18 @@ class _MachineTest:
         self.contents = b""
         self.checks: list[Check] = []
         self.current = "login"
+        self.version = ""
+        self.guix_files: _GuixFiles | None = None
 
     async def run(self) -> TestReport:
         checks = self.checks
-        steps = (("login", self.login), ("store", self.store), ("push", self.push),
-                 ("pull", self.pull))
+        every = {"login": self.login, "store": self.store, "version": self.version_check,
+                 "daemon": self.daemon, "signing-key": self.signing_key,
+                 "authorized": self.authorized, "push": self.push, "pull": self.pull}
+        expected = CHECKS_FOR[self.machine.store]
         try:
-            for name, step in steps:
+            for name in expected:
+                step = every[name]
                 self.current = name
                 try:
                     detail = await step()
@@ -159,7 +198,7 @@ class _MachineTest:
         finally:
             await self.cleanup()
             await close_quietly(self.remote)
-        return TestReport(self.machine.name, tuple(checks))
+        return TestReport(self.machine.name, tuple(checks), expected)
 
     async def command(self, argv: Sequence[str], input: bytes | None = None) -> RunResult:
         return await self.remote.run(argv, input=input, timeout=self.timeout)
@@ -172,19 +211,86 @@ class _MachineTest:
         return f"logged in as {m.user or 'the current user'} at {m.host}:{m.port}"
 
     async def store(self) -> str:
-        result = await self.command(self.backend.version().argv)
+        command = self.backend.version()
+        result = await self.command(command.argv)
         program = STORE_PROGRAMS[self.machine.store]
+        tool = "guix" if self.machine.store == "guix" else "nix-store"
         if result.exit_status == 127:
             raise _Failed(
-                command_problem(result),
-                f"install {program} on {self.machine.name}, or put `{result.argv[0]}` on the "
-                "PATH of non-interactive SSH sessions (e.g. in ~/.ssh/environment or "
-                "/etc/environment)",
+                f"{tool}: command not found in a non-interactive SSH command",
+                f"install {program} on {self.machine.name}, or make `{tool}` reachable from "
+                f"commands run by `{ssh_command(self.machine)} {tool} --version` (sshd runs "
+                "them without a login shell, so ~/.profile is not read): link it into "
+                "/usr/local/bin, or set PATH in ~/.ssh/environment (with PermitUserEnvironment "
+                "yes in sshd_config) or in ~/.bashrc",
             )
         if not result.ok:
             raise _Failed(command_problem(result),
-                          f"run {result.argv[0]} --version on the machine and fix what it says")
-        return f"{program} {self.backend.parse_version(result.stdout)}"
+                          f"run {tool} --version on the machine and fix what it says")
+        self.version = self.backend.parse_version(result.stdout)
+        return f"{program} {self.version}"
+
+    async def version_check(self) -> str:
+        problem = self.backend.version_problem(self.version)
+        if problem is not None:
+            raise _Failed(problem, f"update Guix on {self.machine.name}: `guix pull` as the "
+                          "user whose guix the daemon runs (root on a foreign distribution, "
+                          "then `sudo systemctl restart guix-daemon`), or `sudo guix system "
+                          "reconfigure` on Guix System after a pull")
+        return f"Guix {self.version} has `guix hash -S nar`"
+
+    async def daemon(self) -> str:
+        command = self.backend.missing([])
+        result = await self.command(command.argv, input=command.stdin)
+        if not result.ok:
+            raise _Failed(command_problem(result), (
+                f"start the Guix daemon on {self.machine.name}: `sudo systemctl start "
+                "guix-daemon` on a foreign distribution, `sudo herd start guix-daemon` on Guix "
+                "System; for a daemon elsewhere, set GUIX_DAEMON_SOCKET for SSH commands"))
+        return "the daemon answers (guix archive --missing)"
+
+    async def files(self) -> _GuixFiles:
+        if self.guix_files is None:
+            result = await self.command(["sh", "-c", _ACL_SCRIPT])
+            self.guix_files = _GuixFiles.read(result.stdout.decode(errors="replace"))
+        return self.guix_files
+
+    async def signing_key(self) -> str:
+        files = await self.files()
+        missing = [f for f in ("signing-key.pub", "signing-key.sec") if f not in files.present]
+        if missing:
+            fix = ("on Guix System, reconfigure with generate-substitute-key? #t (the default "
+                   "of guix-configuration)" if files.guix_system else
+                   f"make it, as root: {ssh_command(self.machine)} sudo guix archive "
+                   "--generate-key")
+            raise _Failed(f"no {' nor '.join(missing)} in {files.directory}: the machine cannot "
+                          "sign what it exports", fix)
+        return f"{files.directory}/signing-key.pub"
+
+    async def authorized(self) -> str:
+        m, files = self.machine, await self.files()
+        if self.key is None:
+            raise _Failed(self.key_problem or "the coordinator has no signing key",
+                          "make the coordinator's key: buildfarm key generate")
+        acl = f"{files.directory}/acl"
+        managed = files.link is not None and files.link.startswith(("/gnu/store/", "/nix/store/"))
+        try:
+            keys = guix_acl_keys(files.acl) if files.acl.strip() else []
+        except SignatureError as e:
+            raise _Failed(f"{acl} cannot be read: {e}", f"check {acl} on {m.name}") from None
+        if self.key.public_bytes in keys:
+            if files.guix_system and not managed:
+                return (f"{acl} authorizes the coordinator's key, but by hand: the next system "
+                        "reconfiguration drops it (to acl.bak); " + _GUIX_SYSTEM_FIX)
+            return f"{acl} authorizes the coordinator's key" + (
+                " (from the system configuration)" if managed else "")
+        if managed or files.guix_system:
+            raise _Failed(f"{acl} (made by the system configuration) does not authorize the "
+                          "coordinator's key", _GUIX_SYSTEM_FIX)
+        raise _Failed(
+            f"{acl} does not authorize the coordinator's key",
+            "authorize it, as root (the ACL belongs to root): buildfarm key show --format guix "
+            f"| {ssh_command(m)} sudo guix archive --authorize")
 
     async def push(self) -> str:
         m = self.machine
@@ -211,8 +317,8 @@ class _MachineTest:
         self.item = path  # clean it up even if the import half worked
         if not result.ok:
             if signed:
-                fix = ("authorize the coordinator's key: buildfarm key show --format guix | "
-                       f"{ssh_command(m)} guix archive --authorize")
+                fix = ("authorize the coordinator's key, as root: buildfarm key show --format "
+                       f"guix | {ssh_command(m)} sudo guix archive --authorize")
             else:
                 fix = (f"let {m.user or 'the login user'} import archives: add it to "
                        "trusted-users in the machine's nix.conf (or use a single-user store it "
@@ -280,6 +386,27 @@ class _MachineTest:
             await self.command(self.backend.delete([self.item]).argv)
 
 
+@dataclass(frozen=True, slots=True)
+class _GuixFiles:
+    """What _ACL_SCRIPT found: Guix's configuration directory, its files, the ACL."""
+
+    directory: str
+    present: frozenset[str]
+    guix_system: bool
+    link: str | None  # where the ACL links to, if it is a symbolic link
+    acl: str
+
+    @classmethod
+    def read(cls, text: str) -> _GuixFiles:
+        head, _, acl = text.partition("---\n")
+        lines = head.splitlines()
+        words = [line.split(" ", 1) for line in lines]
+        found = {w[0]: w[1] for w in words if len(w) == 2 and w[0] in ("link", "dir")}
+        return cls(found.get("dir", "/etc/guix"),
+                   frozenset(w[1] for w in words if len(w) == 2 and w[0] == "has"),
+                   "system" in lines, found.get("link"), acl)
+
+
 async def test_all(machines: Sequence[Machine], key: SigningKey | None,
                    key_problem: str | None = None) -> list[TestReport]:
     """Test every machine at once, in the order given."""
@@ -292,7 +419,7 @@ async def test_all(machines: Sequence[Machine], key: SigningKey | None,
         except TimeoutError:
             stuck = Check(work.current, False, f"no end within {limit:g}s",
                           "check that the machine is responsive")
-            return TestReport(machine.name, (*work.checks, stuck))
+            return TestReport(machine.name, (*work.checks, stuck), CHECKS_FOR[machine.store])
 
     return list(await asyncio.gather(*(one(m) for m in machines)))
 
@@ -313,7 +440,7 @@ def report_lines(reports: Sequence[TestReport], colour: bool) -> list[str]:
             lines.append(f"  {check.name:<{width}}  {verdict}  {one_line(check.detail)}")
             if check.fix:
                 lines.append(f"  {'':<{width}}  fix: {one_line(check.fix)}")
-        skipped = [name for name in CHECKS if name not in {c.name for c in report.checks}]
+        skipped = [n for n in report.expected if n not in {c.name for c in report.checks}]
         if skipped:
             lines.append(f"  {'':<{width}}  not run: {', '.join(skipped)}")
     failed = sum(not r.ok for r in reports)

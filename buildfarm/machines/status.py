@@ -44,7 +44,8 @@ def reason(error: BaseException, machine: Machine) -> str:
 def command_problem(result: RunResult) -> str:
     """What went wrong, in one line: the command, its status, and its last error message (with
     the lines continuing it: Guix prints keys over several lines)."""
-    program = result.argv[0]
+    words = [w for w in result.argv if w != "env" and "=" not in w]  # past `env VAR=VALUE`
+    program = words[0] if words else result.argv[0]
     if result.exit_status == 127:
         return f"{program}: command not found"
     lines = [line.strip() for line in result.stderr.decode(errors="replace").splitlines()]
@@ -56,7 +57,7 @@ def command_problem(result: RunResult) -> str:
             break
     status = "killed by a signal" if result.exit_status is None else (
         f"exit status {result.exit_status}")
-    text = f"{' '.join(result.argv[:2])}: {status}" + (f": {message}" if message else "")
+    text = f"{' '.join(words[:2])}: {status}" + (f": {message}" if message else "")
     return text if len(text) <= 500 else text[:499] + "…"
 
 

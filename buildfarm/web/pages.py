@@ -356,8 +356,30 @@ def attempt_section(number: int, a: Mapping[str, Any]) -> Markup:
         ]),
         h("h4", None, "Missing inputs") if missing else None,
         h("ul", {"class": "missing"}, missing) if missing else None,
+        _input_sources(a["input_sources"]),
         table(("Step", "Started", ("Took", "num"), "Detail"), steps, "No steps recorded."),
     )
+
+
+_SOURCE_WORDS = {"machine": "already on the machine", "pushed": "pushed by the coordinator"}
+
+
+def _input_sources(sources: Sequence[Mapping[str, str]]) -> Markup | None:
+    """Where the attempt's inputs came from: a line per source, then each input's."""
+    if not sources:
+        return None
+    counts: dict[str, int] = {}
+    for item in sources:
+        counts[item["source"]] = counts.get(item["source"], 0) + 1
+    summary = "; ".join(
+        f"{n} {_SOURCE_WORDS.get(source, f'downloaded from {source}')}"
+        for source, n in counts.items())
+    rows = [h("tr", None, h("td", {"class": "path"}, item["path"]),
+              h("td", None, _SOURCE_WORDS.get(item["source"], item["source"])))
+            for item in sources]
+    return h("details", {"class": "inputs"},
+             h("summary", None, f"Inputs: {summary}"),
+             table(("Input", "From"), rows, ""))
 
 
 def build_page(data: Mapping[str, Any], log: Mapping[str, Any] | None,

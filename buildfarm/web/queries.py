@@ -32,6 +32,7 @@ from buildfarm.datastore.models import (
     SUCCEEDED,
     SUCCESS,
     Attempt,
+    AttemptInput,
     AttemptStep,
     Build,
     BuildTag,
@@ -432,6 +433,8 @@ def _attempt_detail(attempt: Attempt) -> dict[str, Any]:
     )
     producers = _producers(missing)
     steps = AttemptStep.select().where(AttemptStep.attempt == attempt).order_by(AttemptStep.id)
+    sources: Any = (AttemptInput.select(AttemptInput.path, AttemptInput.source)
+               .where(AttemptInput.attempt == attempt).order_by(AttemptInput.id).tuples())
     return {
         "id": attempt.id,
         "machine": attempt.machine,
@@ -446,6 +449,7 @@ def _attempt_detail(attempt: Attempt) -> dict[str, Any]:
         "setup_failure": failure.kind if failure is not None else None,
         "missing_inputs": [{"path": path, **producers.get(path, {})} for path in missing],
         "check": attempt.check_result,
+        "input_sources": [{"path": path, "source": source} for path, source in sources],
         "has_log": attempt.log_path is not None,
         "steps": [
             {
