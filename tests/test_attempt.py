@@ -419,10 +419,10 @@ def test_a_plan_in_words_not_understood_is_not_nothing_to_build(
     alone: Coordinator, kind: str, plan: str
 ) -> None:
     """A dry run's plan always names the target: one that does not (a translated one, an
-    empty one) was not read, and the build does not go on."""
+    empty one) was not read, and the build does not go on (the machine is backed off)."""
     store = machine_with(alone, kind, DEP_DRV, TOP_DRV)  # dep's output is missing
     store.answer("dry-run", 0, plan.format(top=TOP_DRV))
-    with pytest.raises(StoreCommandFailed, match="could not read the plan"):
+    with pytest.raises(ProtocolError, match="could not read the plan"):
         alone.attempt(kind, store)
     assert "build" not in store.commands
 
