@@ -513,3 +513,59 @@ def test_a_machine_with_machines_scm_does_not_offload_farm_builds(
     log = attempt_log(farm, build)
     assert f"building {drv}..." in log
     assert not any(line.startswith("offloading build of") for line in log), log
+
+
+@pytest.fixture
+def small_disk_host(guix_bed: Testbed, coordinator_key: SigningKey) -> Iterator[Host]:
+    """A Guix host whose /nix is a 16 MiB file system of its own (a tmpfs)."""
+    host = guix_bed.add_guix_host(f"guix-full-{token()[:6]}", start=False,
+                                  authorized=[coordinator_key.guix_public_sexp()])
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=755", "tmpfs",
+                              str(host.nix_dir)], capture_output=True, check=False)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        owner = guix_bed.account
+        for path in (host.nix_dir, host.store_dir, host.nix_dir / "var",
+                     host.nix_dir / "var" / "nix"):
+            path.mkdir(mode=0o755, exist_ok=True)
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+        host.guix_daemon(True)
+        host.start()
+        host.run("nix-store --dump-db")
+        yield host
+    finally:
+        host.stop()
+        subprocess.run(["umount", "-l", str(host.nix_dir)], check=False)
+        guix_bed.remove_host(host)
+
+
+def test_a_machine_at_fault_is_backed_off_and_the_build_goes_elsewhere(
+    farm: Farm, machines: dict[str, Host], small_disk_host: Host,
+) -> None:
+    """Guix's client exits 1 for every daemon error: a daemon that is down, or a full disk,
+    is not the build's failure. The attempt is the machine's fault, the machine is backed off,
+    and the build succeeds on the other machine, never failed."""
+    down = machines["guix-a"]
+    tag = token()
+    plain = instantiate(nix_expr_trivial(f"plain-{tag}", f"echo {tag} > $out"))
+    big = instantiate(nix_expr_trivial(
+        f"big-{tag}", "/bin/dd if=/dev/zero of=$out bs=1M count=24"))
+    down.guix_daemon(False)
+    try:
+        for first, drv in ((down, plain), (small_disk_host, big)):
+            write_inventory(farm, {first: {}, machines["guix-b"]: {}})
+            (build,) = farm.submit(drv)
+            done = farm.run()
+            assert done.returncode == 0, done.stdout
+            info = farm.show(build)
+            assert info["state"] == "succeeded", (info, done.stdout)
+            faulty, good = info["attempts"]
+            assert (faulty["machine"], faulty["result"]) == (first.name, "interrupted")
+            assert faulty["detail"].startswith("store command failed: ")
+            assert good["machine"] == machines["guix-b"].name
+            assert f"{first.name} backed off until" in done.stdout
+            expected = ("failed to connect to `/nix/var/nix/daemon-socket/socket'"
+                        if first is down else "No space left on device")
+            assert expected in faulty["detail"], faulty
+    finally:
+        down.guix_daemon(True)

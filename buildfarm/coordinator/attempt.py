@@ -169,7 +169,9 @@ class AttemptRun:
         command = self.backend.missing(paths)
         result = await self._ask(command)
         if not result.ok:
-            raise StoreCommandFailed(f"{_program(command)}: {_first_error(result.stderr)}")
+            error = _first_error(result.stderr)
+            program = _program(command)
+            raise StoreCommandFailed(error if error.startswith(program) else f"{program}: {error}")
         return self.backend.parse_missing(result.stdout)
 
     async def import_bundle(self, bundle: str | bytes, what: str, kind: str) -> None:
