@@ -33,7 +33,7 @@ sys.path.insert(0, str(TESTS))
 from testbed import Host, Testbed, instantiate_all, inventory_yaml, nix_expr_trivial  # noqa: E402
 
 RUN_TIMEOUT = 900.0
-_PUSHED = re.compile(r'^buildfarm_pushed_bytes_total\{machine="([^"]+)",kind="([^"]+)"\} (\S+)$',
+_PUSHED = re.compile(r'^buildfarm_pushed_bytes_total\{kind="([^"]+)",machine="[^"]+"\} (\S+)$',
                      re.M)
 
 
@@ -88,7 +88,7 @@ class Farm:
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=120)
         pushed: dict[str, float] = {"wall": wall}
-        for _, kind, value in _PUSHED.findall(text):
+        for kind, value in _PUSHED.findall(text):
             pushed[kind] = pushed.get(kind, 0.0) + float(value)
         return pushed
 
