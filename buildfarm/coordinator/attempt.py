@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, TypeVar
 from buildfarm.backends import Backend, Command, builder_exit_code
 from buildfarm.backends.base import BUILDER_FAILURES
 from buildfarm.coordinator import localstore
+from buildfarm.coordinator import machine_said as said
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import closure
 from buildfarm.datastore.models import DIFFERS, IDENTICAL, MISSING_INPUTS, OUTPUTS_PRESENT
@@ -169,8 +170,8 @@ class AttemptRun:
         command = self.backend.missing(paths)
         result = await self._ask(command)
         if not result.ok:
-            error = _first_error(result.stderr)
-            program = _program(command)
+            error = said.first_error(result.stderr)
+            program = said.program(command)
             raise StoreCommandFailed(error if error.startswith(program) else f"{program}: {error}")
         return self.backend.parse_missing(result.stdout)
 
@@ -197,7 +198,7 @@ class AttemptRun:
         except CommandTimeoutError as e:
             raise _gc_lock_failure(e, command, e.result.stderr) from None
         if not result.ok:
-            raise StoreCommandFailed(_import_problem(what, _first_error(result.stderr)))
+            raise StoreCommandFailed(said.import_problem(what, said.first_error(result.stderr)))
 
     async def hold(self, paths: Iterable[str]) -> None:
         """GC roots on the machine for `paths` (valid or to be), until the attempt ends: a
@@ -212,7 +213,7 @@ class AttemptRun:
         result = await self._ask(command)
         if not result.ok:
             raise StoreCommandFailed(
-                f"cannot add GC roots on the machine: {_first_error(result.stderr)}")
+                f"cannot add GC roots on the machine: {said.first_error(result.stderr)}")
         self.rooted.update(wanted)
 
     async def release(self) -> None:
@@ -295,12 +296,12 @@ class AttemptRun:
             return
         await self.step("substitute-inputs", f"{len(wanted)} input(s) asked of "
                         f"{' '.join(urls)}", log_path=self.log_path)
-        log, said = self._log(), bytearray()
+        log, output = self._log(), bytearray()
 
         def out(data: bytes) -> None:
             log.write(data)
-            if len(said) < SUBSTITUTION_LOG_LIMIT:
-                said.extend(data)
+            if len(output) < SUBSTITUTION_LOG_LIMIT:
+                output.extend(data)
 
         command = self.backend.substitute(wanted, urls, self.trusted_keys)
         try:
@@ -311,11 +312,11 @@ class AttemptRun:
         # Its exit status says little (Nix exits 1 when a server lacks one): what is valid now
         # says what it did.
         lacking = set(await self.missing(wanted))
-        downloads = self.backend.parse_substituted(bytes(said))
+        downloads = self.backend.parse_substituted(bytes(output))
         for path in wanted:
             if path not in lacking:
                 self.absent.discard(path)
-                self.sources_of[path] = _server_of(downloads.get(path), urls)
+                self.sources_of[path] = said.server_of(downloads.get(path), urls)
 
     async def push_inputs(self) -> list[str]:
         """Push the input outputs the output store holds and the machine lacks; return the rest."""
@@ -362,7 +363,7 @@ class AttemptRun:
         command = self.backend.dry_run(self.drv_path, rebuild=self.check, inputs=inputs)
         result = await self._ask(command)
         if not result.ok:
-            raise StoreCommandFailed(f"dry run failed: {_first_error(result.stderr)}")
+            raise StoreCommandFailed(f"dry run failed: {said.first_error(result.stderr)}")
         plan = self.backend.parse_dry_run(
             result.stdout, result.stderr, self.drv_path if names_target else None)
         others = [d for d in (*plan.would_build, *plan.unknown) if d != self.drv_path]
@@ -465,7 +466,7 @@ class AttemptRun:
             result = await self._ask(command, TRANSFER)
             remote_file = result.stdout.decode(errors="replace").partition("\n")[0]
             if not result.ok or not remote_file.startswith("/"):
-                raise TransferFailed(f"export failed: {_first_error(result.stderr)}")
+                raise TransferFailed(f"export failed: {said.first_error(result.stderr)}")
             await self.step("fetch-outputs")
             await self.remote.fetch(remote_file, local_file, progress=self.on_progress)
             await self.step("verify-outputs")
@@ -523,7 +524,7 @@ class AttemptRun:
         command = self.backend.nar_hash(path)
         result = await self._ask(command, TRANSFER)
         if not result.ok:
-            raise TransferFailed(f"cannot hash {path}: {_first_error(result.stderr)}")
+            raise TransferFailed(f"cannot hash {path}: {said.first_error(result.stderr)}")
         return self.backend.parse_nar_hash(result.stdout)
 
     def _signer(self) -> SigningKey | None:
@@ -559,47 +560,14 @@ def _what_the_datastore_knows(
             records.output_paths(drv_path))
 
 
-def _program(command: Command) -> str:
-    """A command's program and subcommand, e.g. "guix archive" (past `env VAR=VALUE`)."""
-    words = [w for w in command.argv if w != "env" and "=" not in w]
-    return " ".join(words[:2]) if words[:1] == ["guix"] else (words or ["?"])[0]
-
-
-def _gc_lock_failure(error: CommandTimeoutError, command: Command, said: bytes) -> Exception:
+def _gc_lock_failure(error: CommandTimeoutError, command: Command, output: bytes) -> Exception:
     """A command that timed out: the machine's failure when it was waiting for the garbage
-    collector's lock (`said`: its output so far), else the timeout as it is."""
-    if GC_LOCK_WAIT in said:
+    collector's lock (`output`: what it printed so far), else the timeout as it is."""
+    if GC_LOCK_WAIT in output:
         return StoreCommandFailed(
-            f"{_program(command)} waited for the store's garbage collector past its time "
+            f"{said.program(command)} waited for the store's garbage collector past its time "
             "(\"waiting for the big garbage collector lock...\"): tried again later")
     return error
-
-
-def _import_problem(what: str, error: str) -> str:
-    problem = f"{what} could not be imported: {error}"
-    if "unauthorized public key" in error:
-        problem += ("; the machine does not authorize the coordinator's key: see `buildfarm "
-                    "machines test` for where to authorize it")
-    return problem
-
-
-def _server_of(url: str | None, servers: Sequence[str]) -> str:
-    """Which of `servers` a nar URL (or a server's own URL) belongs to: the longest prefix."""
-    if url is not None:
-        matches = [s for s in servers if url.rstrip("/").startswith(s.rstrip("/"))]
-        if matches:
-            return max(matches, key=len)
-    return servers[0] if len(servers) == 1 else "a substitute server"
-
-
-def _first_error(stderr: bytes) -> str:
-    """The telling part of a store command's stderr: its last error line with the lines that
-    continue it (Guix prints keys and signatures over several lines), else its last line."""
-    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    for index in range(len(lines) - 1, -1, -1):
-        if "error:" in lines[index]:
-            return " ".join(lines[index:])[:1000]
-    return lines[-1][:1000] if lines else "no message"
 
 
 async def _chunks(
