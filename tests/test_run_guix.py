@@ -553,7 +553,8 @@ def test_a_machine_at_fault_is_backed_off_and_the_build_goes_elsewhere(
     down.guix_daemon(False)
     try:
         for first, drv in ((down, plain), (small_disk_host, big)):
-            write_inventory(farm, {first: {}, machines["guix-b"]: {}})
+            # The faulty machine first: among free machines the fastest is chosen.
+            write_inventory(farm, {first: {"speed": 1000.0}, machines["guix-b"]: {}})
             (build,) = farm.submit(drv)
             done = farm.run()
             assert done.returncode == 0, done.stdout
