@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from farm import Farm, chain, publishing, token, wait_for
+from farm import Farm, chain, publishing, running, token, wait_for
 from testbed import (
     Host,
     Testbed,
@@ -553,20 +553,25 @@ def test_a_machine_at_fault_is_backed_off_and_the_build_goes_elsewhere(
     down.guix_daemon(False)
     try:
         for first, drv in ((down, plain), (small_disk_host, big)):
-            # The faulty machine first: among free machines the fastest is chosen.
-            write_inventory(farm, {first: {"speed": 1000.0}, machines["guix-b"]: {}})
+            # The faulty machine alone first, then the other one too (the inventory reloaded).
+            write_inventory(farm, {first: {}})
             (build,) = farm.submit(drv)
-            done = farm.run()
-            assert done.returncode == 0, done.stdout
-            info = farm.show(build)
-            assert info["state"] == "succeeded", (info, done.stdout)
-            faulty, good = info["attempts"]
-            assert (faulty["machine"], faulty["result"]) == (first.name, "interrupted")
-            assert faulty["detail"].startswith("store command failed: ")
+            with running(farm) as run:
+                wait_for("the first attempt's end", lambda: any(
+                    a.result for a in farm.attempts(build)))  # noqa: B023
+                write_inventory(farm, {first: {}, machines["guix-b"]: {}})
+                run.process.send_signal(signal.SIGHUP)
+                farm.wait_for_state(build, "succeeded")
+            # The faulty machine, back after its backoff, may have been tried again first.
+            *faulty, good = farm.show(build)["attempts"]
+            assert faulty
             assert good["machine"] == machines["guix-b"].name
-            assert f"{first.name} backed off until" in done.stdout
+            assert f"{first.name} backed off until" in run.output
             expected = ("failed to connect to `/nix/var/nix/daemon-socket/socket'"
                         if first is down else "No space left on device")
-            assert expected in faulty["detail"], faulty
+            for attempt in faulty:
+                assert (attempt["machine"], attempt["result"]) == (first.name, "interrupted")
+                assert attempt["detail"].startswith("store command failed: ")
+                assert expected in attempt["detail"], attempt
     finally:
         down.guix_daemon(True)
