@@ -356,9 +356,10 @@ def substitute_outputs(downloads: list[Narinfo], drvs: dict[str, Derivation],
     by_output = {p: drv_path for drv_path, d in drvs.items() for p in d.output_paths}
     left = False
     for info in downloads:
-        if substituter.substitute(info.path) is not True:
+        done = substituter.substitute(info.path)
+        if done is not True:
             left = True
-            if substituter.substitute(info.path) is False and not fallback:
+            if done is False and not fallback:
                 drv = by_output.get(info.path, info.deriver)
                 raise Leave(f"some substitutes for the outputs of derivation `{drv}' failed "
                             "(usually happens due to networking issues); try `--fallback' to "
