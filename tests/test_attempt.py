@@ -596,12 +596,15 @@ def test_a_collection_between_steps_takes_nothing_the_attempt_needs(
     assert store.commands.count("roots") == 1 and store.commands[-1] == "unroot"
 
 
-@pytest.mark.parametrize("kind", ["guix", "nix"])
-@pytest.mark.parametrize("before", ["check", "export"])
+@pytest.mark.parametrize(("kind", "before"), [
+    ("guix", "check"), ("guix", "export"), ("nix", "check"), ("nix", "export"),
+    ("nix-session", "check"),  # a session exports on its own channel
+])
 def test_outputs_a_rebuild_compares_with_are_held(side: Coordinator, kind: str,
                                                   before: str) -> None:
-    """Outputs already on the machine are rooted with the rest, up front: a collection before
-    the rebuild with --check or the export takes none of them."""
+    """Outputs already on the machine are rooted with the rest, up front (also beside a store
+    session, which holds only what it imported or built): a collection before the rebuild with
+    --check or the export takes none of them."""
     store = machine_with(side, kind, DEP_DRV, TOP_DRV, DEP_OUT, TOP_OUT)
     store.collect_before.add(before)
     (stored,) = side.attempt(kind, store)

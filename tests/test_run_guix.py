@@ -451,7 +451,7 @@ def test_a_translated_machine_cannot_hide_missing_inputs(
         attempt, out)
     leaf_out = subprocess.run(["nix-store", "-q", "--outputs", leaf], capture_output=True,
                               text=True, check=True).stdout.strip()
-    assert attempt["missing_inputs"] == [leaf_out]
+    assert attempt["missing_inputs"] == [leaf_out, leaf]  # and what the plan would build
     assert not build_log_exists(host, leaf) and not build_log_exists(host, top)
 
 
@@ -543,8 +543,8 @@ def test_a_machine_at_fault_is_backed_off_and_the_build_goes_elsewhere(
     farm: Farm, machines: dict[str, Host], small_disk_host: Host,
 ) -> None:
     """Guix's client exits 1 for every daemon error: a daemon that is down, or a full disk,
-    is not the build's failure. The attempt is the machine's fault, the machine is backed off,
-    and the build succeeds on the other machine, never failed."""
+    is not the build's failure. The attempt is the machine's fault, the machine is paused
+    (its failure recorded), and the build succeeds on the other machine, never failed."""
     down = machines["guix-a"]
     tag = token()
     plain = instantiate(nix_expr_trivial(f"plain-{tag}", f"echo {tag} > $out"))
@@ -562,13 +562,16 @@ def test_a_machine_at_fault_is_backed_off_and_the_build_goes_elsewhere(
                 write_inventory(farm, {first: {}, machines["guix-b"]: {}})
                 run.process.send_signal(signal.SIGHUP)
                 farm.wait_for_state(build, "succeeded")
-            # The faulty machine, back after its backoff, may have been tried again first.
+            # The faulty machine, back after its pause, may have been tried again first.
             *faulty, good = farm.show(build)["attempts"]
             assert faulty
             assert good["machine"] == machines["guix-b"].name
-            assert f"{first.name} backed off until" in run.output
+            assert f"interrupted on {first.name}: store command failed: " in run.output
             expected = ("failed to connect to `/nix/var/nix/daemon-socket/socket'"
                         if first is down else "No space left on device")
+            ((failures, last_error),) = farm.rows(
+                "SELECT failures, last_error FROM machine_state WHERE name = ?", first.name)
+            assert failures >= 1 and expected in last_error, last_error
             for attempt in faulty:
                 assert (attempt["machine"], attempt["result"]) == (first.name, "interrupted")
                 assert attempt["detail"].startswith("store command failed: ")

@@ -83,8 +83,8 @@ class TransferFailed(Exception):
 class StoreCommandFailed(Exception):
     """The machine failed a store command (a query, an import, a dry run, or a build whose
     builder did not fail: its daemon, its disk, its keys, its locale...) while it is still
-    reachable: not the build's doing. The build is tried again later, elsewhere, and the
-    machine backed off."""
+    reachable: not the build's doing. The build is tried again, elsewhere if another machine
+    takes it first, and the machine pauses."""
 
 
 DbCall = Callable[..., Awaitable[Any]]
@@ -131,7 +131,7 @@ class AttemptRun:
     check_result: str | None = None  # IDENTICAL or DIFFERS once the check build ran
     sources_of: dict[str, str] = field(default_factory=dict)  # input -> where it came from
     origins: list[tuple[str, str]] = field(default_factory=list)  # recorded with the next step
-    rooted: set[str] = field(default_factory=set)  # paths held by this attempt's GC roots
+    rooted: bool = False  # the attempt holds GC roots on the machine
     log: LogWriter | None = None  # the attempt's log, from its first step that writes one
 
     async def step(self, name: str, detail: str | None = None, log_path: str | None = None) -> None:
@@ -204,9 +204,10 @@ class AttemptRun:
         """GC roots on the machine for `paths` (valid or to be), until the attempt ends: a
         collection (a cron `guix gc`, or one run by hand) must not take what this one pushed,
         built or still needs, nor the outputs a rebuild with --check compares with (a root
-        keeps its closure alive). A store session holds its own (temporary roots)."""
-        wanted = sorted(set(paths) - self.rooted)
-        if self.session is not None or not wanted:
+        keeps its closure alive). A store session holds what it imported or built (temporary
+        roots), but not the outputs a check finds there."""
+        wanted = sorted(set(paths))
+        if not wanted or (self.session is not None and not self.check):
             return
         keep = sorted({str(a) for a in self.running()} | {str(self.attempt_id)})
         command = self.backend.gc_roots(self._farm(), str(self.attempt_id), keep, wanted)
@@ -214,14 +215,14 @@ class AttemptRun:
         if not result.ok:
             raise StoreCommandFailed(
                 f"cannot add GC roots on the machine: {said.first_error(result.stderr)}")
-        self.rooted.update(wanted)
+        self.rooted = True
 
     async def release(self) -> None:
         if self.rooted:
             command = self.backend.drop_gc_roots(self._farm(), str(self.attempt_id))
             with contextlib.suppress(RemoteError, OSError, StoreCommandFailed):
                 await self._ask(command)
-            self.rooted.clear()
+            self.rooted = False
 
     def _farm(self) -> str:
         """This farm's name among GC roots (two farms may share a machine): its key's."""

@@ -603,8 +603,7 @@ class Coordinator:
                 records.retry_later, run.attempt_id, f"{what}: {e}", retry, wait=False))
             until = slots.remote.backed_off_until
             await self.db(_note_machine, name, str(e), until)
-            line = f"build {uuid} interrupted on {name}: " + (
-                f"{what}: {e}" if isinstance(e, StoreCommandFailed) else str(e))
+            line = f"build {uuid} interrupted on {name}: {e}"
             if until is not None:
                 clock = time.strftime("%H:%M:%S", time.localtime(until))
                 line += f"; {name} backed off until {clock}"
