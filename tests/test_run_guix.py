@@ -200,6 +200,19 @@ def test_max_silent_time_stops_a_silent_guix_build(
     assert f"building of `{drv}' timed out after 1 seconds of silence" in log.splitlines()
 
 
+def run_until_an_attempt_ends(farm: Farm, build: str) -> str:
+    """Run the coordinator until the build's first attempt has ended, stop it; its output."""
+    coordinator = farm.start()
+    try:
+        wait_for("an attempt that ends", lambda: coordinator.poll() is not None or any(
+            a["result"] for a in farm.show(build)["attempts"]))
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        out, _ = coordinator.communicate(timeout=60)
+    assert coordinator.returncode == 0, out
+    return out
+
+
 def test_a_machine_that_does_not_trust_the_coordinator_is_at_fault(
     farm: Farm, guix_bed: Testbed, coordinator_key: SigningKey
 ) -> None:
@@ -213,14 +226,7 @@ def test_a_machine_that_does_not_trust_the_coordinator_is_at_fault(
     guix_bed.ensure_running()
     write_inventory(farm, {host: {}})
     (build,) = farm.submit(drv)
-    coordinator = farm.start()
-    try:
-        wait_for("an attempt that ends", lambda: coordinator.poll() is not None or any(
-            a["result"] for a in farm.show(build)["attempts"]))
-    finally:
-        coordinator.send_signal(signal.SIGTERM)
-        out, _ = coordinator.communicate(timeout=60)
-    assert coordinator.returncode == 0, out
+    out = run_until_an_attempt_ends(farm, build)
     assert "Traceback" not in out and "internal error" not in out, out
     info = farm.show(build)
     assert info["state"] == "queued", info  # requeued, to be tried again later
@@ -438,14 +444,7 @@ def test_a_translated_machine_cannot_hide_missing_inputs(
                       env={"LANG": "de_DE.UTF-8", "LANGUAGE": "de"})
     write_inventory(farm, {host: {}})
     (build,) = farm.submit(top)
-    coordinator = farm.start()
-    try:
-        wait_for("the attempt's end", lambda: coordinator.poll() is not None or any(
-            a["result"] for a in farm.show(build)["attempts"]))
-    finally:
-        coordinator.send_signal(signal.SIGTERM)
-        out, _ = coordinator.communicate(timeout=60)
-    assert coordinator.returncode == 0, out
+    out = run_until_an_attempt_ends(farm, build)
     attempt = farm.show(build)["attempts"][0]
     assert (attempt["result"], attempt["setup_failure"]) == ("setup-failure", "missing-inputs"), (
         attempt, out)
