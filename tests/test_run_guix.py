@@ -485,7 +485,7 @@ def test_a_collection_on_the_machine_takes_nothing_an_attempt_needs(
     assert len(info["attempts"]) == 1
     assert not build_log_exists(host, leaf)  # the input pushed was not collected, nor rebuilt
     leaf_out = farm.show(leaf_build)["outputs"]["out"]
-    assert stored_nar(farm.state, info["outputs"]["out"]).exists()
+    assert farm.stored_nar(info["outputs"]["out"]).exists()
     roots = host.nix_dir / "var" / "nix" / "profiles" / "per-user" / host.user
     assert [list(d.iterdir()) for d in roots.iterdir()] == [[]]  # the attempt's went
     # Nothing holds them now: the next collection takes them.
