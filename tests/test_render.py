@@ -35,7 +35,10 @@ DATA = Path(__file__).parent / "data"
 HELLO = DATA / "nix" / "76w21n1f03fs5kw8fnffphx7qrqffw6r-hello.drv"
 TOP = DATA / "nix" / "mh9rm5mn3ff418ks6pxd8ixg08wlnzqf-top.drv"
 SGR = re.compile(r"\x1b\[([0-9;]*)m")
-TESTED_ELSEWHERE = {"machines", "machines test"}  # tests/test_machines.py, on the test bed
+TESTED_ELSEWHERE = {
+    "machines", "machines test",  # tests/test_machines.py, on the test bed
+    "builds cancel", "builds priority",  # tests/test_bulk_select.py
+}
 
 
 @pytest.fixture

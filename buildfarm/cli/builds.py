@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -229,18 +229,80 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
             print(one_line(f"  input {item['path']} {source}"))
 
 
+def _filters(func: Any) -> Any:
+    """The options that choose builds by what they are (datastore/selection.py)."""
+    options = [
+        click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+                     help="Only builds with this tag (repeat: all of them)."),
+        click.option("--system", type=TEXT, metavar="SYSTEM", help="Only builds for this system."),
+        click.option("--state", type=click.Choice(("queued", "running")),
+                     help="Only queued, or only running, builds (default: both)."),
+        click.option("--name", type=TEXT, metavar="GLOB",
+                     help="Only builds whose derivation's name (NAME of /STORE/HASH-NAME.drv) "
+                     "matches GLOB (*, ?, [...]; quote it for the shell)."),
+        click.option("--dry-run", is_flag=True, help="Say what would change; change nothing."),
+        click.option("--ignore-if-required-by-another", "spare_required", is_flag=True,
+                     help="Leave alone a build that a queued or running build not chosen "
+                     "needs (directly, or through other builds left alone)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print JSON: the builds changed and those left alone."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _filter(tags: Sequence[str], system: str | None, state: str | None,
+            name: str | None) -> Any:
+    from buildfarm.datastore.selection import Filter
+    from buildfarm.submission import parse_tag
+
+    return Filter(tuple(parse_tag(t) for t in tags), system, state, name)
+
+
+def _report(outcome: Any, verb: str, dry_run: bool, as_json: bool) -> None:
+    """How many builds a filtered command changed (the list with --json)."""
+    if as_json:
+        from buildfarm.render import print_json
+
+        print_json({"dry_run": dry_run, "changed": [c.json() for c in outcome.changed],
+                    "spared": [c.json() for c in outcome.spared], "raised": outcome.raised})
+        return
+    count = len(outcome.changed)
+    line = f"{'would have ' if dry_run else ''}{verb} {count} build{'s' * (count != 1)}"
+    if outcome.spared:
+        line += f"; {len(outcome.spared)} left alone: a build not chosen needs them"
+    if outcome.raised:
+        line += f"; {outcome.raised} builds they need raised to that priority"
+    click.echo(line)
+
+
 @builds.command("cancel")
-@click.argument("uuids", nargs=-1, required=True, metavar="UUID...")
+@click.argument("uuids", nargs=-1, metavar="[UUID...]")
+@_filters
 @click.pass_context
-def builds_cancel(ctx: click.Context, uuids: tuple[str, ...]) -> None:
-    """Cancel queued or running builds.
+def builds_cancel(ctx: click.Context, uuids: tuple[str, ...], tags: tuple[str, ...],
+                  system: str | None, state: str | None, name: str | None, dry_run: bool,
+                  spare_required: bool, as_json: bool) -> None:
+    """Cancel queued or running builds: those named by UUID, or every one the filters choose
+    (--tag, --system, --state, --name; all must hold), in one transaction. With filters it
+    prints how many it canceled.
 
-    Every build named that can be canceled is; those that cannot (unknown, or already ended)
-    are named in one line on standard error, and the exit status is then 1."""
+    By UUID (or a unique prefix of one), every build named that can be canceled is; those that
+    cannot (unknown, or already ended) are named in one line on standard error, and the exit
+    status is then 1."""
     from buildfarm.datastore import builds as queries
-    from buildfarm.errors import UsageError
+    from buildfarm.datastore import selection
 
+    which = _filter(tags, system, state, name)
+    if uuids and (which.given() or dry_run or spare_required or as_json):
+        raise UsageError("name builds by UUID or choose them with filters, not both")
     _open(ctx)
+    if not uuids:
+        outcome = selection.cancel_matching(which, dry_run=dry_run,
+                                            spare_required=spare_required)
+        _report(outcome, "canceled", dry_run, as_json)
+        return
     canceled, refused = queries.cancel_builds(uuids)
     for uuid in canceled:
         click.echo(f"canceled {uuid}")
@@ -251,17 +313,31 @@ def builds_cancel(ctx: click.Context, uuids: tuple[str, ...]) -> None:
 
 
 @builds.command("priority")
-@click.argument("uuid")
-@click.argument("priority", type=PRIORITY)
+@click.argument("words", nargs=-1, required=True, metavar="[UUID] PRIORITY")
+@_filters
 @click.pass_context
-def builds_priority(ctx: click.Context, uuid: str, priority: int) -> None:
-    """Change the priority of a queued or running build, and say from what to what
-    (PRIORITY: a whole number from -2147483648 to 2147483647; higher runs first); the queued
-    or running builds it needs get at least as much."""
+def builds_priority(ctx: click.Context, words: tuple[str, ...], tags: tuple[str, ...],
+                    system: str | None, state: str | None, name: str | None, dry_run: bool,
+                    spare_required: bool, as_json: bool) -> None:
+    """Change the priority of a queued or running build, and say from what to what, or of
+    every one the filters choose (PRIORITY: a whole number from -2147483648 to 2147483647;
+    higher runs first; write `--` before a negative one); the queued or running builds they
+    need get at least as much."""
     from buildfarm.datastore import builds as queries
+    from buildfarm.datastore import selection
 
+    which = _filter(tags, system, state, name)
+    filtered = which.given() or dry_run or spare_required or as_json
+    if len(words) != (1 if filtered else 2):
+        raise UsageError("give a UUID and a PRIORITY, or filters and a PRIORITY")
+    priority = PRIORITY.convert(words[-1], click.Argument(["priority"]), ctx)
     _open(ctx)
-    full, before, raised = queries.set_priority(uuid, priority)
+    if filtered:
+        outcome = selection.prioritise_matching(which, priority, dry_run=dry_run,
+                                                spare_required=spare_required)
+        _report(outcome, f"set priority {priority} on", dry_run, as_json)
+        return
+    full, before, raised = queries.set_priority(words[0], priority)
     if before == priority:
         click.echo(f"build {full}: priority already {priority}")
     else:

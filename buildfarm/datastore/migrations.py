@@ -365,6 +365,35 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[Step]]] = (
             "CREATE INDEX attempt_input_attempt ON attempt_input (attempt_id)",
         ),
     ),
+    (
+        7,
+        "operator controls: retries of builder failures and flaky builds, machine tags a "
+        "build needs (in the scheduler's index), what the coordinator knows of each machine",
+        (
+            # How many times a builder failure is tried again (NULL: the inventory's
+            # build_retries); how many builder failures the build has had.
+            "ALTER TABLE build ADD COLUMN retries INTEGER",
+            "ALTER TABLE build ADD COLUMN builder_failures INTEGER NOT NULL DEFAULT 0",
+            # Flaky: succeeded after a builder failure (builds list --flaky, newest first).
+            "CREATE INDEX build_flaky ON build (created_at, id) "
+            "WHERE state = 'succeeded' AND builder_failures > 0",
+            # The machine tags a build needs, sorted KEY=VALUE words joined by spaces (as
+            # required_features): one more column of the ranges the scheduler reads.
+            "ALTER TABLE build ADD COLUMN machine_tags TEXT NOT NULL DEFAULT ''",
+            "DROP INDEX build_ready",
+            "CREATE INDEX build_ready ON build "
+            "(system, required_features, machine_tags, priority DESC, created_at, id) "
+            "WHERE state = 'queued' AND waiting_on = 0",
+            # `buildfarm queue` and a queued build's reason: the queue by system and reason.
+            "CREATE INDEX build_waiting ON build "
+            "(state, system, waiting_on, required_features, machine_tags, defer_until, "
+            "retry_after, created_at)",
+            # What run last knew of each machine (JSON: what it offers, its status and until
+            # when), for the reason a queued build is not running.
+            "ALTER TABLE machine_state ADD COLUMN report TEXT",
+            "ALTER TABLE machine_state ADD COLUMN reported_at {real}",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -105,6 +105,9 @@ class Build(BaseModel):
     # The failed build at the bottom of the chain that made this one dependency-failed.
     cause = pw.ForeignKeyField("self", null=True, backref="caused")
     fruitless_attempts = pw.IntegerField(default=0)
+    retries = pw.IntegerField(null=True)  # builder failures tried again; None: the farm's
+    builder_failures = pw.IntegerField(default=0)
+    machine_tags = pw.TextField(default="")  # sorted KEY=VALUE words a machine must carry
 
 
 class BuildTag(BaseModel):
@@ -162,6 +165,8 @@ class MachineState(BaseModel):
     backoff_until = pw.FloatField(null=True)
     last_error = pw.TextField(null=True)
     updated_at = pw.FloatField()
+    report = pw.TextField(null=True)  # JSON: what run last knew of it (waiting.py)
+    reported_at = pw.FloatField(null=True)
 
 
 class Event(BaseModel):

@@ -126,7 +126,29 @@ _REMOVAL = obj(
     F("reason", string(), "age or size."),
 )
 
+_CHOSEN = obj(
+    F("uuid", string(), "The build's UUID."),
+    F("derivation", string(), "The .drv store path."),
+    F("state", string(), "queued, running, or (once canceled) canceled."),
+    F("priority", integer(), "Its priority (after the change)."),
+)
+
+
+def _filtered(what: str) -> Schema:
+    return Schema("One object (with filters; without, the command takes no --json).", obj(
+        F("dry_run", boolean(), "Whether this was a dry run (nothing changed)."),
+        F("changed", list_of(_CHOSEN), f"The builds {what} (or, with --dry-run, that would "
+          "be), oldest first."),
+        F("spared", list_of(_CHOSEN), "With --ignore-if-required-by-another: the builds "
+          "chosen but left alone, because a queued or running build not chosen needs them."),
+        F("raised", integer(), "builds priority: queued or running builds they need whose "
+          "priority was raised to it (0 for builds cancel)."),
+    ))
+
+
 SCHEMAS: dict[str, Schema] = {
+    "builds cancel": _filtered("canceled"),
+    "builds priority": _filtered("given the priority"),
     "submit": Schema("A list with one object per DRV, in the order given.", list_of(obj(
         F("uuid", string(), "The build's UUID."),
         F("derivation", string(), "The .drv store path."),
