@@ -45,6 +45,7 @@ class Machine:
     systems: tuple[str, ...] = ()
     max_builds: int = 1
     features: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()  # (key, value), sorted: submit --machine-tag
     speed: float = 1.0
     store: str = "guix"
     store_dir: str | None = None  # None: the store's usual one (STORE_DIRS)
@@ -72,6 +73,7 @@ class Inventory:
 
     path: str
     machines: tuple[Machine, ...]
+    build_retries: int = 0  # builder failures tried again, for builds without submit --retries
 
     def machine(self, name: str) -> Machine:
         """The machine called ``name``; KeyError if there is none."""
@@ -146,6 +148,10 @@ def parse(text: str, source: str = "<inventory>", *, base_dir: str | None = None
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SYSTEM_RE = re.compile(r"[a-z0-9_]+-[a-z0-9_]+")
 _FEATURE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# A machine tag: submit's tag key, and a value of one printable word (builds keep the tags they
+# need as KEY=VALUE words joined by spaces).
+_TAG_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
+_TAG_VALUE_RE = re.compile(r"[!-~]{1,128}")
 _NAME_MAX = 64
 _HOST_KEY_TYPES = (
     "ssh-ed25519",
@@ -172,7 +178,7 @@ _SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null
 _BOOLS = {"yes": True, "true": True, "on": True, "no": False, "false": False, "off": False}
 _CONSTRUCTOR = SafeConstructor()
 
-Value = str | int | float | bool | tuple[str, ...] | None
+Value = str | int | float | bool | tuple[str, ...] | tuple[tuple[str, str], ...] | None
 
 
 def _show(text: str) -> str:
@@ -267,7 +273,7 @@ def _check_feature(value: str) -> str | None:
 class _Field:
     """How to read one machine field: its kind, limits, and an example for hints."""
 
-    kind: str  # "str" | "int" | "float" | "bool" | "list"
+    kind: str  # "str" | "int" | "float" | "bool" | "list" | "map"
     example: str
     optional: bool = False
     check: Callable[[str], str | None] | None = None  # for "str" and each "list" item
@@ -291,6 +297,7 @@ _FIELDS: dict[str, _Field] = {
     "systems": _Field("list", "systems: [x86_64-linux]", check=_check_system, nonempty=True),
     "max_builds": _Field("int", "max_builds: 4", minimum=1, maximum=_MAX_SLOTS),
     "features": _Field("list", "features: [kvm, big-parallel]", check=_check_feature),
+    "tags": _Field("map", "tags: {site: paris, gpu: a100}"),
     "speed": _Field("float", "speed: 2.0", minimum=0, exclusive=True),
     "store": _Field("str", "store: guix", choices=_STORES),
     "store_dir": _Field("str", "store_dir: /gnu/store", True, _check_store_dir),
@@ -318,7 +325,9 @@ _KIND_WORDS = {
     "float": "a number",
     "bool": "true or false",
     "list": "a list",
+    "map": "a mapping",
 }
+_BUILD_RETRIES = _Field("int", "build_retries: 2", minimum=0, maximum=100)
 
 
 # --- the parser -----------------------------------------------------------------------------
@@ -342,8 +351,14 @@ class _Parser:
             self.fail(None, "the inventory is empty", "write at least 'machines: []'")
         top = self.mapping(root, "the inventory", "write 'defaults:' and 'machines:' keys")
         for key, (key_node, _) in top.items():
-            if key not in ("defaults", "machines"):
-                self.unknown_key(key, key_node, ("defaults", "machines"), top_level=True)
+            if key not in ("defaults", "machines", "build_retries"):
+                self.unknown_key(key, key_node, ("defaults", "machines", "build_retries"),
+                                 top_level=True)
+        retries = 0
+        if "build_retries" in top:
+            found = self.value("build_retries", _BUILD_RETRIES, top["build_retries"][1])
+            assert isinstance(found, int)
+            retries = found
         defaults: dict[str, Value] = {}
         if "defaults" in top:
             node = top["defaults"][1]
@@ -353,7 +368,7 @@ class _Parser:
             self.fail(root.start_mark, "no 'machines:' key", "add 'machines:' with a list")
         items = top["machines"][1]
         if self.is_null(items):
-            return Inventory(self.source, ())
+            return Inventory(self.source, (), retries)
         if not isinstance(items, SequenceNode) or items.tag != _TAG + "seq":
             self.fail(items.start_mark, "machines must be a list",
                       "write each machine as a '- name: ...' item under 'machines:'")
@@ -369,7 +384,7 @@ class _Parser:
                           "give each machine a unique name")
             first_seen[machine.name] = name_node
             machines.append(machine)
-        return Inventory(self.source, tuple(machines))
+        return Inventory(self.source, tuple(machines), retries)
 
     def compose(self, text: str) -> Node | None:
         try:
@@ -503,6 +518,8 @@ class _Parser:
         hint = f"write e.g. {field.example}"
         if field.kind == "list":
             return self.string_list(key, field, node, want, hint)
+        if field.kind == "map":
+            return self.tag_map(key, node, want, hint)
         if not isinstance(node, ScalarNode):
             self.fail(node.start_mark, f"{want}, not a {_node_kind(node)}", hint)
         if node.tag not in _SCALAR_TAGS:
@@ -550,6 +567,22 @@ class _Parser:
                           "remove one of them")
             items.append(text)
         return tuple(items)
+
+    def tag_map(self, key: str, node: Node, want: str, hint: str) -> tuple[tuple[str, str], ...]:
+        """KEY: VALUE pairs of words, sorted by key."""
+        pairs = self.mapping(node, key, hint)
+        found: dict[str, str] = {}
+        for name, (name_node, value_node) in pairs.items():
+            if not _TAG_KEY_RE.fullmatch(name):
+                self.fail(name_node.start_mark, f"bad tag key {_show(name)}",
+                          "use letters, digits and _.:/- (starting with a letter, digit or _)")
+            if (not isinstance(value_node, ScalarNode) or value_node.tag not in _SCALAR_TAGS
+                    or value_node.tag == _TAG + "null"
+                    or not _TAG_VALUE_RE.fullmatch(value_node.value)):
+                self.fail(value_node.start_mark, f"{want}: the value of {_show(name)} "
+                          "must be one word of printable ASCII (1 to 128 characters)", hint)
+            found[name] = value_node.value
+        return tuple(sorted(found.items()))
 
     def number(self, field: _Field, node: ScalarNode, want: str, hint: str) -> int | float:
         tag, text = node.tag, node.value

@@ -17,8 +17,8 @@ from buildfarm.formats import derivation as drvmod
 # The records a submission makes are the datastore's types; they are offered here too.
 __all__ = [
     "ReadDerivation", "SubmitOptions", "Submitted", "check_text", "derivation_store_path",
-    "parse_tag", "parse_time", "parse_uuid", "read_closure", "read_derivation", "submit",
-    "text_store_path",
+    "parse_machine_tag", "parse_tag", "parse_time", "parse_uuid", "read_closure",
+    "read_derivation", "submit", "text_store_path",
 ]
 
 TAG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
@@ -52,6 +52,18 @@ def parse_tag(text: str) -> tuple[str, str]:
             "(starting with a letter, digit or _)"
         )
     return key, check_text(value, f"bad tag {key!r}")
+
+
+_TAG_WORD = re.compile(r"[!-~]{1,128}\Z")
+
+
+def parse_machine_tag(text: str) -> tuple[str, str]:
+    """KEY=VALUE as a machine carries it in the inventory: a tag key and one word."""
+    key, value = parse_tag(text)
+    if not _TAG_WORD.match(value):
+        raise UsageError(f"bad machine tag {text[:60]!r}: the value is one word of printable "
+                         "ASCII (1 to 128 characters), as in the inventory's tags")
+    return key, value
 
 
 def parse_time(text: str) -> float:

@@ -40,6 +40,7 @@ machines:
     systems: [x86_64-linux, i686-linux]
     max_builds: 4
     features: [kvm, big-parallel]
+    tags: {{site: paris, gpu: a100}}
     speed: 2.5
     store: nix
     store_dir: /opt/nix/store
@@ -70,7 +71,8 @@ def test_full_inventory_loads_into_frozen_machines(tmp_path: Path,
                 name="x86-a", host="build1.example.org", port=2222, user="root",
                 identity="/keys/x86", known_hosts="/home/ops/kh", host_key=KEY,
                 transport="ssh", systems=("x86_64-linux", "i686-linux"), max_builds=4,
-                features=("kvm", "big-parallel"), speed=2.5, store="nix",
+                features=("kvm", "big-parallel"), tags=(("gpu", "a100"), ("site", "paris")),
+                speed=2.5, store="nix",
                 store_dir="/opt/nix/store", overload_threshold=0.8, max_sessions=4,
                 connect_timeout=3.0, keepalive_interval=0.0, answer_timeout=30.0,
                 max_silent_time=1200, timeout=7200,
@@ -92,6 +94,8 @@ def test_full_inventory_loads_into_frozen_machines(tmp_path: Path,
     assert type(first.connect_timeout) is float and type(first.keepalive_interval) is float
     assert type(first.port) is int and type(first.enabled) is bool
     assert inventory.machine("here") is inventory.machines[1]
+    assert inventory.build_retries == 0
+    assert parse("build_retries: 3\nmachines: []\n").build_retries == 3
     with pytest.raises(KeyError):
         inventory.machine("nowhere")
 
@@ -230,7 +234,8 @@ ERRORS = [
      "and 'machines:' keys"),
     ("defaults: {}\n", "1:1: no 'machines:' key; add 'machines:' with a list"),
     ("machines: []\nmachine: []\n", "2:1: unknown key 'machine'; did you mean 'machines'?"),
-    ("machines: []\ncolour: 1\n", "2:1: unknown key 'colour'; valid keys are: defaults, machines"),
+    ("machines: []\ncolour: 1\n", "2:1: unknown key 'colour'; valid keys are: defaults, machines, "
+     "build_retries"),
     ("machines: []\nport: 22\n", "2:1: unknown key 'port'; machine fields go under 'defaults:' or"
      " in an item of 'machines:'"),
     ("machines: []\nmachines: []\n", "2:1: duplicate key 'machines' (first at line 1); remove one"
@@ -299,6 +304,18 @@ ERRORS = [
      "enabled: true"),
     (m("enabled: 1"), "4:14: enabled must be true or false, not '1'; write e.g. enabled: true"),
     (m("user: [a]"), "4:11: user must be a string, not a list; write e.g. user: buildfarm"),
+    (m("tags: [a]"), "4:11: tags must be a mapping (key: value lines); write e.g. tags: "
+     "{site: paris, gpu: a100}"),
+    (m("tags: {a: two words}"), "4:15: tags must be a mapping: the value of 'a' must be one "
+     "word of printable ASCII (1 to 128 characters); write e.g. tags: {site: paris, gpu: a100}"),
+    (m("tags: {a: }"), "4:14: tags must be a mapping: the value of 'a' must be one word of "
+     "printable ASCII (1 to 128 characters); write e.g. tags: {site: paris, gpu: a100}"),
+    (m("tags: {-a: b}"), "4:12: bad tag key '-a'; use letters, digits and _.:/- (starting with "
+     "a letter, digit or _)"),
+    ("build_retries: -1\nmachines: []\n", "1:16: build_retries must be between 0 and 100, "
+     "not -1; write e.g. build_retries: 2"),
+    ("build_retries: x\nmachines: []\n", "1:16: build_retries must be an integer, not 'x'; "
+     "write e.g. build_retries: 2"),
     # values
     (m("port: 0"), "4:11: port must be between 1 and 65535, not 0; write e.g. port: 22"),
     (m("port: 70000"), "4:11: port must be between 1 and 65535, not 70000; write e.g. port: 22"),

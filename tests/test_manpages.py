@@ -157,6 +157,8 @@ def test_the_example_states_the_defaults_of_the_code() -> None:
             spelled = ["none"]
         elif isinstance(value, bool):
             spelled = [str(value).lower()]
+        elif isinstance(value, tuple) and field.name == "tags":
+            spelled = ["{}"] if not value else [str(dict(value))]
         elif isinstance(value, tuple):
             spelled = ["[]"] if not value else [f"[{', '.join(value)}]"]
         elif isinstance(value, float):

@@ -73,6 +73,8 @@ def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
                                   (3, "build-failure", 3.0), (4, "build-failure", 3.0)])
     sink.pushed("m1", "inputs", 1000)
     sink.pushed("m1", "inputs", 24)
+    sink.retries.inc()
+    sink.flaky.inc()
     text = sink.exposition().decode()
     assert families(text) == {spec.name for spec in metrics.METRICS}
     for spec in metrics.METRICS:
@@ -91,6 +93,8 @@ def test_the_metrics_are_the_declared_ones(tmp_path: Path) -> None:
     assert value(samples, "buildfarm_builds_ended_total", state="failed") == 2
     assert value(samples, "buildfarm_builds_ended_total", state="canceled") == 0
     assert value(samples, "buildfarm_fetched_bytes_total", machine="m1") == 4096
+    assert value(samples, "buildfarm_build_retries_total") == 1
+    assert value(samples, "buildfarm_flaky_builds_total") == 1
     assert value(samples, "buildfarm_pushed_bytes_total", machine="m1", kind="inputs") == 1024
     assert value(samples, "buildfarm_machine_up", machine="m1") == 1
     assert value(samples, "buildfarm_machine_slots", machine="m1") == 3

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from buildfarm.cli.group import BUILD_STATES, BuildfarmGroup, _open, cli
-from buildfarm.cli.params import COUNT, PRIORITY, PRIORITY_MAX, PRIORITY_MIN, TEXT
+from buildfarm.cli.params import COUNT, PRIORITY, PRIORITY_MAX, PRIORITY_MIN, RETRIES, TEXT
 from buildfarm.errors import UsageError
 
 PATH_MAX = 4096  # bytes of a file name read from stdin, its line break included
@@ -73,6 +73,15 @@ def _read_paths(paths: Sequence[str]) -> list[str]:
     "its failure is remembered, not retried (`builds retry` retries it).",
 )
 @click.option("--defer-until", metavar="ISO-8601", help="Do not start before this time.")
+@click.option(
+    "--retries", type=RETRIES, metavar="N",
+    help="Try a failed builder again up to N times (0 to 100), on another machine when there "
+    "is one; a build that then succeeds is flaky. Default: the inventory's build_retries.",
+)
+@click.option(
+    "--machine-tag", "machine_tags", multiple=True, metavar="KEY=VALUE",
+    help="Build only on machines whose inventory tags include this one (repeat: all of them).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def submit(
@@ -86,6 +95,8 @@ def submit(
     ignore_if_queued: bool,
     ignore_if_failed: bool,
     defer_until: str | None,
+    retries: int | None,
+    machine_tags: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Queue a build of each DRV and print its UUID ('-' reads paths from stdin).
@@ -103,6 +114,8 @@ def submit(
         ignore_if_failed=ignore_if_failed,
         closure=closure,
         defer_until=submission.parse_time(defer_until) if defer_until is not None else None,
+        retries=retries,
+        machine_tags=tuple(submission.parse_machine_tag(t) for t in machine_tags),
     )
     files = _read_paths(derivations)
     results = submission.submit(files, options, connect=lambda: _open(ctx, create=True),
@@ -154,6 +167,9 @@ def builds() -> None:
     "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only builds with this tag."
 )
 @click.option("--system", type=TEXT, metavar="SYSTEM", help="Only builds for this system.")
+@click.option("--flaky", is_flag=True,
+              help="Only flaky builds: succeeded after their builder had failed (submit "
+              "--retries).")
 @click.option(
     "--limit", type=COUNT, default=50, show_default=True, metavar="N",
     help=f"At most N (1 to {PRIORITY_MAX}).",
@@ -165,6 +181,7 @@ def builds_list(
     state: str | None,
     tags: tuple[str, ...],
     system: str | None,
+    flaky: bool,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -175,7 +192,8 @@ def builds_list(
 
     tag_filters = [parse_tag(t) for t in tags]
     _open(ctx)
-    rows = queries.list_builds(state=state, tags=tag_filters, system=system, limit=limit)
+    rows = queries.list_builds(state=state, tags=tag_filters, system=system, limit=limit,
+                               flaky=flaky)
     if as_json:
         print_json(rows)
     else:
@@ -206,7 +224,11 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
          for k in ("uuid", "state", "reason")]
         + [("cause", f"build {cause['build']} ({cause['derivation']})" if cause else None)]
         + [(k, info[k]) for k in ("derivation", "system", "priority", "tags")]
-        + [("reproducible", checked)]
+        + [("machine tags", info["machine_tags"] or None), ("reproducible", checked)]
+        + [("flaky", f"yes: succeeded after {info['builder_failures']} builder failure(s)"
+            if info["flaky"] else None)]
+        + [("retries", f"{info['builder_failures']} of {info['retries']}"
+            if info["retries"] else None)]
         + [("created", info["created_at"]), ("ended", info["ended_at"])]
         + [(f"output {name}", path) for name, path in info["outputs"].items()]
         + [("input", f"{i['derivation']} ({i['state'] or 'no build'})") for i in info["inputs"]]

@@ -84,4 +84,5 @@ class Text(click.ParamType):  # type: ignore[type-arg]
 PRIORITY = Integer(PRIORITY_MIN, PRIORITY_MAX)
 COUNT = Integer(1, PRIORITY_MAX)  # --limit: as many as a 32-bit count holds
 WORKERS = Integer(1, 1024)
+RETRIES = Integer(0, 100)  # submit --retries (the inventory's build_retries has the same range)
 TEXT = Text()

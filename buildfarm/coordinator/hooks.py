@@ -82,7 +82,8 @@ EVENTS: tuple[HookEvent, ...] = (
     ),
     HookEvent(
         "build-failure",
-        "the builder failed, or the build can never run because an input's build failed "
+        "the builder failed (once its retries, submit --retries, are spent: a failure tried "
+        "again records no event), or the build can never run because an input's build failed "
         "(reason dependency-failed: ..., when it is submitted, when the input fails or when a "
         "machine finds it missing; machine, attempt and log are then null), or attempts in a "
         "row made no progress (run --retry-limit)",

@@ -117,6 +117,11 @@ METRICS: tuple[MetricSpec, ...] = (
                "Connection failures in a row."),
     MetricSpec("buildfarm_machine_load", "gauge", ("machine",),
                "The machine's 1-minute load average (absent until measured)."),
+    MetricSpec("buildfarm_build_retries_total", "counter", (),
+               "Builder failures tried again (submit --retries, the inventory's "
+               "build_retries)."),
+    MetricSpec("buildfarm_flaky_builds_total", "counter", (),
+               "Builds that succeeded after their builder had failed: flaky."),
     MetricSpec("buildfarm_hook_runs_total", "counter", (), "Hook scripts run."),
     MetricSpec("buildfarm_hook_failures_total", "counter", (),
                "Hook scripts that failed: non-zero exit, killed, timed out or not started."),
@@ -220,6 +225,8 @@ class Metrics:
                                   buckets=DURATION_BUCKETS)
         self.fetched = Counter(**spec("buildfarm_fetched_bytes_total"))
         self.pushed_bytes = Counter(**spec("buildfarm_pushed_bytes_total"))
+        self.retries = Counter(**spec("buildfarm_build_retries_total"))
+        self.flaky = Counter(**spec("buildfarm_flaky_builds_total"))
         self.registry.register(_Live(self))
 
     def attempt_ended(self, machine: str, result: str, setup_kind: str | None, seconds: float,

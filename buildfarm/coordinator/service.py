@@ -88,8 +88,9 @@ class RunOptions:
 
 @dataclass
 class Moving:
-    """A build whose outputs some machines hold already: it goes to one that lacks them while
-    there is one (see AttemptRun.survey)."""
+    """A build some machines had better not get again while another could take it: they hold
+    its outputs already (it goes to one that lacks them: see AttemptRun.survey), or its
+    builder failed there (a retry goes elsewhere)."""
 
     system: str
     features: frozenset[str]
@@ -562,22 +563,36 @@ class Coordinator:
         )
         uuid, name = run.build_uuid, machine.name
         outcome, setup_kind = "interrupted", None
+        retried = False  # a builder failure tried again: the build goes on
         retry = self.options.retry
         ended: list[str] = []  # other builds that ended failed with this attempt (or it, given up)
         try:
             stored = await steps.run()
-            await self.db(records.succeed, run.attempt_id, stored, path, steps.check_result)
+            flaky = await self.db(records.succeed, run.attempt_id, stored, path,
+                                  steps.check_result)
             await asyncio.to_thread(self.outputs.remove_superseded, stored)
             checked = f", checked: {steps.check_result}" if steps.check_result else ""
-            self.reporter.event(f"build {uuid} succeeded (on {name}{checked})")
+            flaky_words = ", flaky: its builder failed before" if flaky else ""
+            self.reporter.event(f"build {uuid} succeeded (on {name}{checked}{flaky_words})")
+            if flaky and self.metrics is not None:
+                self.metrics.flaky.inc()
             outcome = "success"
             await self._machine_worked(slots)
         except BuildFailed as e:
             outcome = "failure"
             await self._publish_log(run.drv_path, path)
-            dependants = await self.db(records.fail, run.attempt_id, e.exit_status, e.reason, path)
-            self.reporter.event(f"build {uuid} failed (on {name}): {e.reason}")
-            ended = dependants
+            failed = await self.db(records.builder_failed, run.attempt_id, e.exit_status,
+                                   e.reason, path, self.fleet.inventory.build_retries, retry)
+            if failed.retry is not None:  # tried again, on another machine if one may take it
+                retried = True
+                if self.metrics is not None:
+                    self.metrics.retries.inc()
+                self.moving.setdefault(run.build_id, moving).holders.add(name)
+                self.reporter.event(f"build {uuid} failed (on {name}): {e.reason}; trying "
+                                    f"again (retry {failed.retry})")
+            else:
+                self.reporter.event(f"build {uuid} failed (on {name}): {e.reason}")
+            ended = failed.ended
             await self._machine_worked(slots)
         except SetupFailed as e:
             outcome, setup_kind = "setup-failure", e.kind
@@ -626,7 +641,7 @@ class Coordinator:
         finally:
             slots.running.pop(run.attempt_id, None)
             self.tally.add_attempt(outcome)
-            if setup_kind != OUTPUTS_PRESENT and outcome != "interrupted":
+            if setup_kind != OUTPUTS_PRESENT and outcome != "interrupted" and not retried:
                 self.moving.pop(run.build_id, None)
             if self.metrics is not None:
                 self.metrics.attempt_ended(

@@ -100,8 +100,9 @@ def record_outputs(records: Sequence[OutputRecord], now: float) -> None:
 def succeed(
     attempt_id: int, records: Sequence[OutputRecord], log_path: str | None,
     check_result: str | None = None,
-) -> None:
-    """The build succeeded (`check_result`: what a rebuild with --check found)."""
+) -> bool:
+    """The build succeeded (`check_result`: what a rebuild with --check found). Returns
+    whether it is flaky: its builder had failed before."""
     now = time.time()
     with database_proxy.atomic():
         attempt = Attempt.get_by_id(attempt_id)
@@ -129,17 +130,45 @@ def succeed(
             log=log_path,
             outputs={r.path: r.nar_hash for r in records},
         )
+        return build.builder_failures > 0
 
 
 def fail(attempt_id: int, exit_status: int | None, reason: str, log_path: str | None) -> list[str]:
     """The builder failed: the build ends failed, and every queued build that needs it ends
     dependency-failed. Returns the UUIDs of those dependants."""
+    return builder_failed(attempt_id, exit_status, reason, log_path).ended
+
+
+@dataclass(frozen=True, slots=True)
+class BuilderFailed:
+    """How a builder failure ended: tried again (the how-many-th retry), or failed."""
+
+    retry: int | None  # the retry this failure starts (1 for the first); None: it ended failed
+    ended: list[str]  # with retry None: the UUIDs of its dependants, dependency-failed now
+
+
+def builder_failed(
+    attempt_id: int, exit_status: int | None, reason: str, log_path: str | None,
+    retries: int = 0, retry: Retry | None = None,
+) -> BuilderFailed:
+    """The builder failed. While the build has retries left (its own, from submit --retries,
+    or else `retries`, the farm's) it is queued again after `retry`'s wait (doubling, with
+    jitter), its attempt kept as it is, and no event is recorded; otherwise it ends failed,
+    and every queued build that needs it ends dependency-failed."""
     now = time.time()
     with database_proxy.atomic():
         attempt = Attempt.get_by_id(attempt_id)
         _close(attempt, FAILURE, now, exit_status=exit_status, detail=reason, log_path=log_path)
         build = attempt.build
+        allowed = build.retries if build.retries is not None else retries
+        if build.state == RUNNING and build.builder_failures < allowed:
+            build.builder_failures += 1
+            build.state, build.reason = QUEUED, None
+            build.retry_after = now + (retry or Retry()).delay(build.builder_failures)
+            build.save()
+            return BuilderFailed(build.builder_failures, [])
         if build.state == RUNNING:
+            build.builder_failures += 1
             build.state, build.ended_at, build.reason = FAILED, now, reason
             build.save()
         events.record(
@@ -150,7 +179,7 @@ def fail(attempt_id: int, exit_status: int | None, reason: str, log_path: str | 
             log=log_path,
             result={"exit_status": exit_status, "reason": reason},
         )
-        return dependencies.fail_dependants(build, now)
+        return BuilderFailed(None, dependencies.fail_dependants(build, now))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from .models import (
     IDENTICAL,
     QUEUED,
     RUNNING,
+    SUCCEEDED,
     Attempt,
     AttemptInput,
     AttemptStep,
@@ -99,9 +100,13 @@ def list_builds(
     tags: Sequence[tuple[str, str]] = (),
     system: str | None = None,
     limit: int = 50,
+    flaky: bool = False,
 ) -> list[dict[str, Any]]:
-    """Newest first; every filter is served by an index."""
+    """Newest first; every filter is served by an index (`flaky`: succeeded after a builder
+    failure, by the partial index build_flaky)."""
     query = Build.select(Build, Derivation.path).join(Derivation)
+    if flaky:
+        query = query.where((Build.state == SUCCEEDED) & (Build.builder_failures > 0))
     if state is not None:
         query = query.where(Build.state == state)
     if system is not None:
@@ -258,10 +263,14 @@ def show_build(uuid: str) -> dict[str, Any]:
         "derivation": drv.path,
         "system": build.system,
         "required_features": build.required_features.split(),
+        "machine_tags": dict(word.split("=", 1) for word in build.machine_tags.split()),
         "state": build.state,
         "reason": build.reason,
         "cause": cause_json(build),
         "reproducible": reproducible(build),
+        "retries": build.retries,
+        "builder_failures": build.builder_failures,
+        "flaky": build.state == SUCCEEDED and build.builder_failures > 0,
         "priority": build.priority,
         "tags": {t.key: t.value for t in build.tags.order_by(BuildTag.key)},
         "outputs": outputs,

@@ -27,6 +27,13 @@ class SubmitOptions:
     ignore_if_failed: bool = False  # as ignore_if_built, and a failed build too
     closure: bool = False  # also a build of each input read that has none and is not held
     defer_until: float | None = None
+    retries: int | None = None  # builder failures tried again; None: the inventory's default
+    machine_tags: tuple[tuple[str, str], ...] = ()  # tags a machine must carry to take it
+
+
+def machine_tags(tags: Sequence[tuple[str, str]]) -> str:
+    """How a build keeps the machine tags it needs: sorted KEY=VALUE words (as features)."""
+    return " ".join(sorted(f"{key}={value}" for key, value in dict(tags).items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +240,8 @@ def _insert_builds(builds: Sequence[_NewBuild], ids: dict[str, int], options: Su
         "build",
         (
             "uuid", "derivation_id", "system", "required_features", "state", "priority",
-            "created_at", "defer_until", "ended_at", "reason", "cause_id",
+            "created_at", "defer_until", "ended_at", "reason", "cause_id", "retries",
+            "machine_tags",
         ),
         [
             (
@@ -244,6 +252,8 @@ def _insert_builds(builds: Sequence[_NewBuild], ids: dict[str, int], options: Su
                 None if b.cause is None else now,
                 None if b.cause is None else b.cause.reason(b.via),
                 None if b.cause is None else b.cause.id,
+                options.retries,
+                machine_tags(options.machine_tags),
             )
             for b in builds
         ],

@@ -109,7 +109,7 @@ def field_type(name: str) -> str:
     """What the parser accepts for a field, in words (from inventory's declarations)."""
     spec = inventory._FIELDS[name]  # the parser's own table of fields
     words = {"str": "string", "int": "integer", "float": "number", "bool": "true or false",
-             "list": "list of strings"}[spec.kind]
+             "list": "list of strings", "map": "mapping of words to words"}[spec.kind]
     if spec.choices:
         words = " or ".join(spec.choices)
     if spec.minimum is not None:

@@ -164,6 +164,8 @@ SCHEMAS: dict[str, Schema] = {
         F("derivation", string(), "The .drv store path."),
         F("system", string(), "The system type."),
         F("required_features", list_of(string()), "The derivation's requiredSystemFeatures."),
+        F("machine_tags", map_of(string()), "Tags a machine must carry to take it (submit "
+          "--machine-tag): key -> value."),
         F("state", string(), "queued, running, succeeded, failed or canceled."),
         F("reason", string(True), "Why it failed or was canceled."),
         F("cause", obj(
@@ -174,6 +176,11 @@ SCHEMAS: dict[str, Schema] = {
         F("reproducible", boolean(True), "true when a rebuild with --check gave outputs "
           "identical to those the machine held, false when they differed, null when no "
           "rebuild compared them."),
+        F("retries", integer(True), "How many times a builder failure is tried again (submit "
+          "--retries); null: the inventory's build_retries."),
+        F("builder_failures", integer(), "How many times its builder failed (each attempt is "
+          "kept in attempts)."),
+        F("flaky", boolean(), "true when it succeeded after its builder had failed."),
         F("priority", integer(), "Higher runs first."),
         F("tags", map_of(string()), "Tag key -> value."),
         F("outputs", map_of(string()), "Output name -> store path."),

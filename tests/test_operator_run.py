@@ -1,0 +1,77 @@
+"""Operator controls with `buildfarm run` on the real test bed: retries of builder failures and
+flaky builds, machine tags, and why a queued build is waiting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from farm import Farm, token
+from testbed import Host, Testbed, instantiate, nix_expr_trivial
+
+
+@pytest.fixture
+def farm(tmp_path: Path, testbed: Testbed, private_nix: Path) -> Iterator[Farm]:
+    yield Farm(tmp_path / "state", tmp_path / "inventory.yaml")
+
+
+def marks_dir(testbed: Testbed, tag: str) -> Path:
+    """A directory every host's builder may write (the test bed's own is root's)."""
+    marks = testbed.directory / f"marks-{tag}"
+    marks.mkdir()
+    marks.chmod(0o777)
+    return marks
+
+
+def fails_first(tag: str, marks: Path, times: int = 1) -> str:
+    """A derivation whose builder fails its first `times` runs (on any machine), then
+    succeeds: a flaky test suite."""
+    checks = "".join(
+        f"if [ ! -e {marks}/failed{n} ]; then echo failing {n} > {marks}/failed{n}; "
+        f"echo flaky {tag} failure {n}; exit 1; fi; " for n in range(times))
+    return instantiate(nix_expr_trivial(f"flaky-{tag}", checks + f"echo {tag} > $out"))
+
+
+def test_a_flaky_builder_is_tried_again_elsewhere_and_marked(
+    farm: Farm, hosts: list[Host], testbed: Testbed
+) -> None:
+    tag = token()
+    marks = marks_dir(testbed, tag)
+    flaky = fails_first(tag, marks)
+    always = instantiate(nix_expr_trivial(f"always-{tag}", f"echo always {tag}; exit 1"))
+    never = instantiate(nix_expr_trivial(f"never-{tag}", f"echo never {tag}; exit 1"))
+    farm.write_inventory(hosts, max_builds=1)
+    farm.inventory.write_text("build_retries: 1\n" + farm.inventory.read_text())
+    (flaky_build,) = farm.submit(flaky)  # the inventory's build_retries: 1
+    (always_build,) = farm.submit(always, extra=("--retries", "2"))
+    (never_build,) = farm.submit(never, extra=("--retries", "0"))
+    done = farm.run("--retry-delay", "0.2")
+    assert done.returncode == 0, done.stdout
+
+    info = farm.show(flaky_build)
+    assert info["state"] == "succeeded", (info, done.stdout)
+    assert (info["flaky"], info["builder_failures"], info["retries"]) == (True, 1, None)
+    first, second = info["attempts"]
+    assert (first["result"], second["result"]) == ("failure", "success")
+    assert first["machine"] != second["machine"]  # tried again on the other machine
+    assert first["log"] and first["log"] != second["log"]  # each attempt keeps its log
+    assert f"build {flaky_build} failed (on {first['machine']})" in done.stdout
+    assert "trying again (retry 1)" in done.stdout
+    assert "flaky: its builder failed before" in done.stdout
+    shown = farm.cli("builds", "show", flaky_build).stdout
+    assert "flaky" in shown and "succeeded after 1 builder failure(s)" in shown
+
+    info = farm.show(always_build)
+    assert info["state"] == "failed" and not info["flaky"]
+    assert [a["result"] for a in info["attempts"]] == ["failure"] * 3
+    assert info["builder_failures"] == 3
+    info = farm.show(never_build)
+    assert info["state"] == "failed" and len(info["attempts"]) == 1  # 0 wins over the default
+
+    flaky_rows = json.loads(farm.cli("builds", "list", "--flaky", "--json").stdout)
+    assert [row["uuid"] for row in flaky_rows] == [flaky_build]
+    # A failed build is announced once, when it ends: no build-failure event for a retry.
+    failures = [e.payload["build"]["uuid"] for e in farm.events() if e.name == "build-failure"]
+    assert sorted(failures) == sorted([always_build, never_build])
