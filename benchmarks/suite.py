@@ -1,6 +1,7 @@
 """Every benchmark, in one run, into one table (run it through benchmarks/run).
 
-Groups (--only NAME selects some): startup, submit, scheduler, queries, memory, e2e, graph
+Groups (--only NAME selects some): startup, submit, scheduler, queries, queue (benchmarks/
+bench_queue.py: why queued builds wait), memory, e2e, graph
 (benchmarks/bench_graph.py: a whole graph with a failure, against Nix's remote building),
 transfer, substitutes (benchmarks/bench_substitutes.py: bytes the coordinator pushes with and
 without substitute_urls), web (benchmarks/web.py: every page and API call of `buildfarm web` on
@@ -34,8 +35,8 @@ from datastores import LABELS, PostgresServer, engine_of, sqlite_url
 from figures import Figure, Report, machine, table
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUPS = ("startup", "submit", "scheduler", "queries", "memory", "e2e", "graph", "transfer",
-          "substitutes", "web")
+GROUPS = ("startup", "submit", "scheduler", "queries", "queue", "memory", "e2e", "graph",
+          "transfer", "substitutes", "web")
 ENGINE_CHOICES = {"sqlite": ("sqlite",), "postgresql": ("postgresql",),
                   "both": ("sqlite", "postgresql")}
 MARK_BEGIN = "<!-- benchmarks/run --write: begin -->"
@@ -268,6 +269,31 @@ class Suite:
                 target=("<=", 200.0), peer=peer[key] * 1000,
                 peer_name=f"the same at {self.sizes[0]:,} builds",
             ))
+
+    def queue(self) -> None:
+        for engine in self.engines:
+            self._queue(engine)
+
+    def _queue(self, engine: str) -> None:
+        import bench_queue
+
+        on = self.suffix(engine)
+        print(f"why queued builds wait, {self.biggest:,} queued{on} ...", flush=True)
+        found = bench_queue.measure(self.datastore(self.biggest, engine))
+        count = found["queued"]
+        self.report.add(Figure(
+            f"buildfarm queue: the queue by reason and system, {count:,} queued{on}",
+            found["summary"] * 1000, "ms", target=("<=", 1000.0), peer=found["depth"] * 1000,
+            peer_name="queue depth per system (scheduler.queue_depth), same datastore",
+            note=f"{found['groups']} groups",
+        ))
+        self.report.add(Figure(
+            f"one queued build's reason p50, {count:,} queued{on}",
+            found["reason_p50"] * 1000, "ms", target=("<=", 50.0),
+            peer=found["lookup_p50"] * 1000, peer_name="reading the build by UUID (get_build)",
+            note=f"p99 {found['reason_p99'] * 1000:.1f} ms, max "
+                 f"{found['reason_max'] * 1000:.1f} ms; reasons: {', '.join(found['reasons'])}",
+        ))
 
     def memory(self) -> None:
         import bench_memory

@@ -62,6 +62,11 @@ class Machine:
     enabled: bool = True
 
     @property
+    def tag_words(self) -> frozenset[str]:
+        """Its tags as builds name them: KEY=VALUE words."""
+        return frozenset(f"{key}={value}" for key, value in self.tags)
+
+    @property
     def store_directory(self) -> str:
         """The store directory whose derivations the machine builds."""
         return self.store_dir or STORE_DIRS[self.store]

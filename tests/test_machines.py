@@ -115,7 +115,7 @@ def test_machines_shows_each_machine_with_the_reason_when_down(
 
     table = farm.cli("machines").stdout.splitlines()  # not a terminal: tab-separated lines
     assert table[0].split("\t") == [
-        "NAME", "STATE", "STORE", "SYSTEMS", "CORES", "LOAD", "FREE", "SKEW", "BUILDS",
+        "NAME", "STATE", "STORE", "SYSTEMS", "TAGS", "CORES", "LOAD", "FREE", "SKEW", "BUILDS",
         "BACKOFF", "NOTE",
     ]
     states = {line.split("\t")[0]: line.split("\t")[1] for line in table[1:]}

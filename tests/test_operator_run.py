@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from farm import Farm, token
-from testbed import Host, Testbed, instantiate, nix_expr_trivial
+import yaml
+from farm import Farm, gated_build, token, wait_for
+from testbed import Host, Testbed, current_system, instantiate, inventory_yaml, nix_expr_trivial
 
 
 @pytest.fixture
@@ -75,3 +76,60 @@ def test_a_flaky_builder_is_tried_again_elsewhere_and_marked(
     # A failed build is announced once, when it ends: no build-failure event for a retry.
     failures = [e.payload["build"]["uuid"] for e in farm.events() if e.name == "build-failure"]
     assert sorted(failures) == sorted([always_build, never_build])
+
+
+def test_a_tagged_build_waits_for_the_only_tagged_machine_and_says_why(
+    farm: Farm, hosts: list[Host], testbed: Testbed
+) -> None:
+    """Machine tags restrict builds to the machines carrying them, while `builds show` and
+    `buildfarm queue` say why each queued build waits: the tagged machine busy, no machine
+    carrying a tag, run stopped."""
+    tag = token()
+    tagged, plain_host = hosts
+    gate = testbed.directory / f"gate-{tag}"
+    machines = yaml.safe_load(inventory_yaml(hosts, max_builds=1))
+    machines["machines"][0]["tags"] = {"gpu": "a100"}
+    farm.inventory.write_text(yaml.safe_dump(machines))
+    gpu = ("--machine-tag", "gpu=a100")
+    (first,) = farm.submit(gated_build(tag, gate), extra=gpu)
+    (second,) = farm.submit(
+        instantiate(nix_expr_trivial(f"second-{tag}", f"echo {tag} > $out")), extra=gpu)
+    (nowhere,) = farm.submit(
+        instantiate(nix_expr_trivial(f"nowhere-{tag}", f"echo {tag} > $out")),
+        extra=("--machine-tag", "gpu=h100"))
+    (plain,) = farm.submit(instantiate(nix_expr_trivial(f"plain-{tag}", f"echo {tag} > $out")))
+    run = farm.background()
+    try:
+        run.wait_line(f"build {first} started on {tagged.name}")
+        farm.wait_for_state(plain, "succeeded")
+        assert farm.show(plain)["attempts"][0]["machine"] == plain_host.name
+
+        def second_waits() -> bool:
+            waiting = farm.show(second)["waiting"]
+            return waiting is not None and waiting["reason"] == "machines-unavailable"
+
+        wait_for("the second tagged build waiting for the busy machine", second_waits)
+        waiting = farm.show(second)["waiting"]
+        assert waiting["machines"] == [
+            {"name": tagged.name, "status": "busy", "until": None, "error": None}]
+        assert f"{tagged.name} busy (1/1)" in farm.cli("builds", "show", second).stdout
+        assert farm.show(nowhere)["waiting"]["summary"] == (
+            f"no machine in the inventory for {current_system()} carries the machine tags "
+            "gpu=h100")
+        groups = json.loads(farm.cli("queue", "--json").stdout)
+        assert {(g["reason"], g["count"]) for g in groups} == {
+            ("machines-unavailable", 1), ("no-machine", 1)}
+        gate.touch()
+        farm.wait_for_state(second, "succeeded")
+    finally:
+        gate.touch()
+        out = run.stop()
+    assert run.process.returncode == 0, out
+    assert [a["machine"] for b in (first, second) for a in farm.show(b)["attempts"]] == [
+        tagged.name, tagged.name]
+    assert farm.show(second)["machine_tags"] == {"gpu": "a100"}
+    (late,) = farm.submit(instantiate(nix_expr_trivial(f"late-{tag}", f"echo {tag} > $out")))
+    assert farm.show(late)["waiting"]["reason"] == "no-coordinator"
+    assert farm.show(nowhere)["waiting"]["reason"] == "no-machine"
+    rows = json.loads(farm.cli("machines", "--json").stdout)
+    assert [row["tags"] for row in rows] == [{"gpu": "a100"}, {}]

@@ -38,6 +38,7 @@ SGR = re.compile(r"\x1b\[([0-9;]*)m")
 TESTED_ELSEWHERE = {
     "machines", "machines test",  # tests/test_machines.py, on the test bed
     "builds cancel", "builds priority",  # tests/test_bulk_select.py
+    "queue",  # tests/test_waiting.py
 }
 
 

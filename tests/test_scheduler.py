@@ -55,8 +55,10 @@ def make_drv(
 
 
 def queue(*drvs: ReadDerivation, priority: int = 0, now: float | None = None,
-          defer_until: float | None = None) -> list[str]:
-    options = SubmitOptions(priority=priority, defer_until=defer_until)
+          defer_until: float | None = None,
+          machine_tags: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    options = SubmitOptions(priority=priority, defer_until=defer_until,
+                            machine_tags=machine_tags)
     done = builds.record_submission(list(drvs), [], options, time.time() if now is None else now)
     return [s.uuid for s in done]
 
@@ -76,7 +78,7 @@ def reference(slot: scheduler.Slot, now: float) -> list[str]:
     p = db.param
     systems = ", ".join([p] * len(slot.systems))
     rows = db.execute_sql(
-        "SELECT b.uuid, b.required_features FROM build AS b "
+        "SELECT b.uuid, b.required_features, b.machine_tags FROM build AS b "
         f"WHERE b.state = 'queued' AND b.system IN ({systems}) "
         f"AND (b.defer_until IS NULL OR b.defer_until <= {p}) "
         f"AND (b.retry_after IS NULL OR b.retry_after <= {p}) "
@@ -87,7 +89,8 @@ def reference(slot: scheduler.Slot, now: float) -> list[str]:
         "ORDER BY b.priority DESC, b.created_at, b.id",
         (*slot.systems, now, now),
     ).fetchall()
-    return [uuid for uuid, required in rows if set(required.split()) <= slot.features]
+    return [uuid for uuid, required, tags in rows
+            if set(required.split()) <= slot.features and set(tags.split()) <= slot.tags]
 
 
 def miscounted() -> list[tuple[str, int, int]]:
@@ -155,6 +158,33 @@ def test_systems_and_features(store: Datastore) -> None:
         # More features than are listed as ranges of their own: filtered row by row.
         scheduler.Slot("m", (X86,), frozenset({"kvm", *(f"f{n}" for n in range(8))})):
             ["plain", "kvm"],
+    }
+    for slot, names in cases.items():
+        assert offered(slot, now) == [uuids[n] for n in names] == reference(slot, now), slot
+
+
+def test_machine_tags(store: Datastore) -> None:
+    """A build with machine tags goes only to a slot whose machine carries them all, beside
+    its features; past MAX_FEATURE_SETS pairs, rows are filtered one by one."""
+    uuids = {
+        "plain": queue(make_drv("plain"), now=1.0)[0],
+        "gpu": queue(make_drv("gpu"), machine_tags=(("gpu", "a100"),), now=2.0)[0],
+        "paris-gpu": queue(make_drv("paris-gpu"), now=3.0,
+                           machine_tags=(("site", "paris"), ("gpu", "a100")))[0],
+        "kvm-gpu": queue(make_drv("kvm-gpu", features="kvm"), now=4.0,
+                         machine_tags=(("gpu", "a100"),))[0],
+        "other-gpu": queue(make_drv("other-gpu"), machine_tags=(("gpu", "h100"),), now=5.0)[0],
+    }
+    assert Build.get(Build.uuid == uuids["paris-gpu"]).machine_tags == "gpu=a100 site=paris"
+    now = time.time() + 1
+    many = frozenset({"gpu=a100", *(f"t{n}=x" for n in range(8))})
+    cases = {
+        scheduler.Slot("m", (X86,), frozenset()): ["plain"],
+        scheduler.Slot("m", (X86,), frozenset(), tags=frozenset({"gpu=a100"})): ["plain", "gpu"],
+        scheduler.Slot("m", (X86,), frozenset({"kvm"}),
+                       tags=frozenset({"gpu=a100", "site=paris"})):
+            ["plain", "gpu", "paris-gpu", "kvm-gpu"],
+        scheduler.Slot("m", (X86,), frozenset({"kvm"}), tags=many): ["plain", "gpu", "kvm-gpu"],
     }
     for slot, names in cases.items():
         assert offered(slot, now) == [uuids[n] for n in names] == reference(slot, now), slot

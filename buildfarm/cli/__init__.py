@@ -6,7 +6,7 @@ web) and admin.py (db, key, outputs); group.py holds the group and what they sha
 
 from __future__ import annotations
 
-from buildfarm.cli import admin, builds, farm  # noqa: F401  (each registers its commands)
+from buildfarm.cli import admin, builds, farm, queue  # noqa: F401  (each registers its commands)
 from buildfarm.cli.group import cli
 
 __all__ = ["cli", "main"]

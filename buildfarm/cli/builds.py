@@ -230,6 +230,7 @@ def builds_show(ctx: click.Context, uuid: str, as_json: bool) -> None:
         + [("retries", f"{info['builder_failures']} of {info['retries']}"
             if info["retries"] else None)]
         + [("created", info["created_at"]), ("ended", info["ended_at"])]
+        + [("waiting", info["waiting"]["summary"] if info["waiting"] else None)]
         + [(f"output {name}", path) for name, path in info["outputs"].items()]
         + [("input", f"{i['derivation']} ({i['state'] or 'no build'})") for i in info["inputs"]]
     )

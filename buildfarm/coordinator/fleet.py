@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from buildfarm.datastore.waiting import MachineReport
 from buildfarm.errors import BuildfarmError
 from buildfarm.inventory import Inventory, Machine
 from buildfarm.inventory import load as load_inventory
 from buildfarm.ssh.remote import Remote
 from buildfarm.ssh.store_session import StoreSessions, session_limit
 
+REPORT_EVERY = 30.0  # seconds between records of the machines' reports when nothing changed
 # A machine whose attempts keep failing (transfers, store commands) takes no new build for a
 # while: 1 s after the first failure in a row, doubling up to a minute, with jitter.
 PAUSE_BASE = 1.0
@@ -80,11 +82,33 @@ class MachineSlots:
         failing, self.failed_attempts, self.paused_until = self.failed_attempts > 0, 0, 0.0
         return failing
 
-    def can_take(self, system: str, features: frozenset[str], store_dir: str) -> bool:
-        """Whether the machine builds for `system` with `features` from `store_dir`."""
+    def can_take(self, system: str, features: frozenset[str], store_dir: str,
+                 tags: frozenset[str] = frozenset()) -> bool:
+        """Whether the machine builds for `system` with `features` from `store_dir`, and
+        carries `tags` (KEY=VALUE words)."""
         machine = self.machine
         return (system in machine.systems and features <= set(machine.features)
-                and store_dir == machine.store_directory)
+                and store_dir == machine.store_directory and tags <= machine.tag_words)
+
+    def report(self, now: float) -> MachineReport:
+        """What it offers and what it is doing, for the reason a queued build waits."""
+        machine, until, status = self.machine, None, "free"
+        backed_off = self.remote.backed_off_until
+        if self.retiring:
+            status = "retiring"
+        elif not self.ready:
+            status = "down" if self.last_error else "connecting"
+            until = backed_off if backed_off is not None and backed_off > now else None
+        elif self.paused_until > now:
+            status, until = "paused", self.paused_until
+        elif self.overloaded():
+            status = "overloaded"
+        elif self.free <= 0:
+            status = "busy"
+        return MachineReport(
+            machine.name, machine.systems, frozenset(machine.features), machine.tag_words,
+            machine.store_directory, machine.max_builds, len(self.running), status, until,
+            None if status in ("free", "busy") else self.last_error)
 
     def overloaded(self) -> bool:
         threshold = self.machine.overload_threshold
@@ -117,6 +141,7 @@ class Fleet:
         self.background: set[asyncio.Task[None]] = set()  # connections closing
         self._requested = False
         self._stamp: tuple[float, int] | None = None
+        self._reported: tuple[list[MachineReport], float] = ([], float("-inf"))
 
     def start(self) -> None:
         """Connections for the inventory's enabled machines (they connect when first needed)."""
@@ -124,6 +149,16 @@ class Fleet:
         for machine in self.inventory.machines:
             if machine.enabled:
                 self.machines[machine.name] = machine_slots(machine)
+
+    def reports_to_record(self, now: float) -> list[MachineReport] | None:
+        """The machines' reports when they changed since last recorded (or REPORT_EVERY
+        passed), else None."""
+        reports = [slots.report(now) for slots in self.machines.values()]
+        last, when = self._reported
+        if reports == last and now - when < REPORT_EVERY:
+            return None
+        self._reported = (reports, now)
+        return reports
 
     def request_reload(self) -> None:
         """SIGHUP: read the file again at the next turn, changed or not."""

@@ -5,9 +5,9 @@ Testing that for every queued build in priority order is linear in the builds th
 (at 1,000,000 queued builds, most are), so the datastore keeps it instead: `build.waiting_on`
 counts those input builds, kept by triggers in the transaction of every change (migration 3),
 and the partial index `build_ready` holds exactly the queued builds whose count is 0, ordered
-by system, required features, priority, age. A decision reads, for each system the slot runs
-and each set of features it offers, the head of one index range, and merges them; only builds
-deferred or backed off until later are skipped over one by one.
+by system, required features, machine tags, priority, age. A decision reads, for each system
+the slot runs and each set of features and of tags it offers, the head of one index range, and
+merges them; only builds deferred or backed off until later are skipped over one by one.
 
 Two builds of one derivation never run at once: on one machine the second would wait on the
 store's lock behind the first, so the later one waits in the queue until the first ends. A
@@ -43,7 +43,7 @@ MAX_FEATURE_SETS = 64  # feature subsets read as ranges of their own; past that,
 # The ready builds of one system and feature set, best first, from `key` on (keyset paging).
 # State and count are literals so that both engines match the partial index build_ready.
 _READY = """
-SELECT b.id, b.priority, b.created_at, b.required_features FROM build AS b
+SELECT b.id, b.priority, b.created_at, b.required_features, b.machine_tags FROM build AS b
 WHERE b.state = 'queued' AND b.waiting_on = 0 AND b.system = {p} {features} {store}
   AND (b.defer_until IS NULL OR b.defer_until <= {p})
   AND (b.retry_after IS NULL OR b.retry_after <= {p})
@@ -76,11 +76,13 @@ class Slot:
     systems: tuple[str, ...]
     features: frozenset[str]
     store_dir: str | None = None  # None: derivations of any store
+    tags: frozenset[str] = frozenset()  # the machine's tags as KEY=VALUE words
 
 
 def feature_sets(features: frozenset[str]) -> list[str] | None:
     """Every `required_features` value a machine with `features` satisfies (sorted names joined
-    by spaces, as submissions store them), or None when there are too many to list."""
+    by spaces, as submissions store them), or None when there are too many to list; the same
+    for machine tags (KEY=VALUE words)."""
     names = sorted(features)
     if 2 ** len(names) > MAX_FEATURE_SETS:
         return None
@@ -92,44 +94,55 @@ def feature_sets(features: frozenset[str]) -> list[str] | None:
 
 
 def _ready_range(
-    system: str, features: str | None, store_dir: str | None, now: float
+    system: str, sets: tuple[str, str] | None, store_dir: str | None, now: float
 ) -> Iterator[tuple[Any, ...]]:
-    """(sort key, build id, required features) of one range of build_ready, best first."""
+    """(sort key, build id, required features, machine tags) of one range of build_ready
+    (`sets`: its required features and machine tags; None: every one), best first."""
     db = database_proxy.obj
     p = db.param
-    where = "" if features is None else f"AND b.required_features = {p}"
+    where = "" if sets is None else f"AND b.required_features = {p} AND b.machine_tags = {p}"
     store = "" if store_dir is None else _STORE.format(p=p)
     first = _READY.format(p=p, features=where, store=store, after="")
     more = _READY.format(p=p, features=where, store=store, after=_AFTER.format(p=p))
-    head: list[Any] = [system] + ([] if features is None else [features])
+    head: list[Any] = [system] + ([] if sets is None else list(sets))
     head += [] if store_dir is None else [store_dir + "/", store_dir + "0"]
     head += [now, now]
     size = FIRST_PAGE
     rows = db.execute_sql(first, (*head, size)).fetchall()
     while True:
-        for build_id, priority, created_at, required in rows:
-            yield (-priority, created_at, build_id), build_id, required
+        for build_id, priority, created_at, required, tags in rows:
+            yield (-priority, created_at, build_id), build_id, required, tags
         if len(rows) < size:
             return
-        last_id, last_priority, last_created, _ = rows[-1]
+        last_id, last_priority, last_created, _, _ = rows[-1]
         after = (last_priority, last_priority, last_created, last_created, last_id)
         size = PAGE
         rows = db.execute_sql(more, (*head, *after, size)).fetchall()
 
 
+def _range_sets(slot: Slot) -> list[tuple[str, str]] | None:
+    """Every (required features, machine tags) pair the slot satisfies, or None when there are
+    too many to read as ranges of their own."""
+    features, tags = feature_sets(slot.features), feature_sets(slot.tags)
+    if features is None or tags is None or len(features) * len(tags) > MAX_FEATURE_SETS:
+        return None
+    return [(f, t) for f in features for t in tags]
+
+
 def candidate_ids(slot: Slot, now: float, exclude: Iterable[int] = ()) -> Iterator[int]:
     """Ids of the queued builds this slot may run, best first: priority, then age."""
-    sets = feature_sets(slot.features)
+    sets = _range_sets(slot)
     ranges = [
-        _ready_range(system, features, slot.store_dir, now)
+        _ready_range(system, pair, slot.store_dir, now)
         for system in dict.fromkeys(slot.systems)
-        for features in (sets if sets is not None else [None])
+        for pair in (sets if sets is not None else [None])
     ]
     excluded = set(exclude)
-    for _key, build_id, required in heapq.merge(*ranges):
+    for _key, build_id, required, tags in heapq.merge(*ranges):
         if build_id in excluded:
             continue
-        if sets is None and not set(required.split()) <= slot.features:
+        if sets is None and not (set(required.split()) <= slot.features
+                                 and set(tags.split()) <= slot.tags):
             continue
         yield build_id
 
@@ -212,6 +225,7 @@ class Stuck:
     store_dir: str
     count: int
     example: str  # one derivation among them
+    tags: frozenset[str] = frozenset()  # the machine tags they need (KEY=VALUE)
 
 
 STUCK_ROWS = 100_000  # ready builds read to say what is stuck (the counts stop there)
@@ -220,19 +234,20 @@ STUCK_ROWS = 100_000  # ready builds read to say what is stuck (the counts stop 
 def stuck() -> tuple[list[Stuck], int]:
     """The queued builds that could start (none of their inputs is queued or running), by
     system, features and store; and how many queued builds wait for other queued builds."""
-    groups: dict[tuple[str, str, str], list[str]] = {}
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
     query: Any = (
-        Build.select(Build.system, Build.required_features, Derivation.path)
+        Build.select(Build.system, Build.required_features, Build.machine_tags, Derivation.path)
         .join(Derivation)
         .where((Build.state == QUEUED) & (SQL("waiting_on") == 0))
         .limit(STUCK_ROWS)
         .tuples()
     )
-    for system, features, path in query:
-        groups.setdefault((system, features, path.rsplit("/", 1)[0]), []).append(path)
+    for system, features, tags, path in query:
+        groups.setdefault((system, features, path.rsplit("/", 1)[0], tags), []).append(path)
     waiting = Build.select().where((Build.state == QUEUED) & (SQL("waiting_on") > 0)).count()
     found = [
-        Stuck(system, frozenset(features.split()), store_dir, len(paths), min(paths))
-        for (system, features, store_dir), paths in sorted(groups.items())
+        Stuck(system, frozenset(features.split()), store_dir, len(paths), min(paths),
+              frozenset(tags.split()))
+        for (system, features, store_dir, tags), paths in sorted(groups.items())
     ]
     return found, waiting

@@ -37,6 +37,7 @@ from buildfarm.datastore import attempts as records
 from buildfarm.datastore import events as event_rows
 from buildfarm.datastore import open_datastore, without_password
 from buildfarm.datastore.models import OUTPUTS_PRESENT, Attempt, Build, MachineState
+from buildfarm.datastore.waiting import record_machines, stopped
 from buildfarm.errors import (
     AlreadyRunningError,
     BuildfarmError,
@@ -96,6 +97,7 @@ class Moving:
     features: frozenset[str]
     store_dir: str
     holders: set[str]
+    tags: frozenset[str] = frozenset()  # the machine tags it needs
 
 
 class Reporter(Protocol):
@@ -272,6 +274,8 @@ class Coordinator:
             self.probe_loads()
             await self.check_cancellations()
             await self.allocate()
+            if (reports := self.fleet.reports_to_record(time.time())) is not None:
+                await self.db(record_machines, reports, time.time())
             await self.hooks.dispatch()
             if time.monotonic() - depth_probed > 5:
                 depth_probed = time.monotonic()
@@ -322,6 +326,8 @@ class Coordinator:
         )
         if self.metrics is not None:
             await self.metrics.stop()
+        with contextlib.suppress(DatastoreError):  # queued builds say run is not running
+            await self.db(stopped, time.time())
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -379,6 +385,10 @@ class Coordinator:
         able = [m for m in with_features if m.machine.store_directory == group.store_dir]
         if not able:
             return "no machine for that system has that store"
+        able = [m for m in able if group.tags <= m.machine.tag_words]
+        if not able:
+            return "no machine for that system carries the machine tags " + " ".join(
+                sorted(group.tags))
         unreachable = [m for m in able if not m.ready]
         if unreachable:
             return "; ".join(f"machine {m.machine.name} is unreachable: {m.last_error}"
@@ -492,6 +502,7 @@ class Coordinator:
                 slots.machine.systems,
                 frozenset(slots.machine.features),
                 slots.machine.store_directory,
+                slots.machine.tag_words,
             )
             avoided = [b for b, moving in self.moving.items()
                        if slots.machine.name in moving.holders and self._other_taker(moving)]
@@ -509,7 +520,7 @@ class Coordinator:
         return any(
             m.ready and not m.retiring and m.machine.name not in moving.holders
             and m.machine.name != also
-            and m.can_take(moving.system, moving.features, moving.store_dir)
+            and m.can_take(moving.system, moving.features, moving.store_dir, moving.tags)
             for m in self.machines.values()
         )
 
@@ -526,7 +537,7 @@ class Coordinator:
         )
         moving = self.moving.get(build.id) or Moving(
             build.system, frozenset(build.required_features.split()),
-            drv_path.rsplit("/", 1)[0], set(),
+            drv_path.rsplit("/", 1)[0], set(), frozenset(build.machine_tags.split()),
         )
         run.task = asyncio.create_task(self._run_attempt(slots, run, moving),
                                        name=f"attempt-{attempt.id}")

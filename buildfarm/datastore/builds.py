@@ -7,12 +7,11 @@ import time
 import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from buildfarm.errors import NotFoundError, UsageError
 
-from . import dependencies, events
+from . import dependencies, events, waiting
 from .bulk import chunks
 from .models import (
     CANCELED,
@@ -35,6 +34,7 @@ from .models import (
     database_proxy,
 )
 from .submissions import ReadDerivation, SubmitOptions, Submitted, record_submission
+from .waiting import iso
 
 __all__ = [
     "LogState", "ReadDerivation", "SubmitOptions", "Submitted", "cancel_builds", "cause_json",
@@ -42,12 +42,6 @@ __all__ = [
     "resolve_uuid", "retry_builds",
     "set_priority", "show_build",
 ]
-
-
-def iso(moment: float | None) -> str | None:
-    if moment is None:
-        return None
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds")
 
 
 UUID_PREFIX_MIN = 8  # characters of a UUID that may name a build (the live view shows 8)
@@ -279,6 +273,7 @@ def show_build(uuid: str) -> dict[str, Any]:
         "defer_until": iso(build.defer_until),
         "started_at": iso(build.started_at),
         "ended_at": iso(build.ended_at),
+        "waiting": why.json() if (why := waiting.why_waiting(build)) is not None else None,
         "attempts": _attempts_json(build),
     }
 

@@ -126,6 +126,27 @@ _REMOVAL = obj(
     F("reason", string(), "age or size."),
 )
 
+_WAITING = obj(
+    F("reason", string(), "deferred, waiting-for-inputs, backed-off, waiting-for-hooks, "
+      "same-derivation-running, no-machine, machines-unavailable, no-coordinator or "
+      "starts-next."),
+    F("summary", string(), "The reason in one line, with what it waits for."),
+    F("until", string(True), f"When it may start ({TIME}): deferred or backed off until "
+      "then, or the soonest an unavailable machine is back; null otherwise."),
+    F("inputs", list_of(obj(
+        F("build", string(), "The input build's UUID."),
+        F("derivation", string(), "Its .drv store path."),
+        F("state", string(), "queued or running."),
+    )), "waiting-for-inputs: the input builds it waits for (at most 20)."),
+    F("machines", list_of(obj(
+        F("name", string(), "The machine's name."),
+        F("status", string(), "busy, down, connecting, paused, overloaded, retiring or "
+          "stopped."),
+        F("until", string(True), "When it is back, if known."),
+        F("error", string(True), "Its last error."),
+    )), "machines-unavailable: each machine that could take it, as buildfarm run last "
+        "recorded it."),
+nullable=True)
 _CHOSEN = obj(
     F("uuid", string(), "The build's UUID."),
     F("derivation", string(), "The .drv store path."),
@@ -147,6 +168,15 @@ def _filtered(what: str) -> Schema:
 
 
 SCHEMAS: dict[str, Schema] = {
+    "queue": Schema("A list of groups of queued builds, largest first.", list_of(obj(
+        F("reason", string(), "Why they are not running (see builds show's waiting.reason; "
+          "the waiting-for-hooks and same-derivation-running builds count as starts-next "
+          "here)."),
+        F("system", string(), "Their system."),
+        F("count", integer(), "How many."),
+        F("oldest", string(), f"When the oldest was submitted ({TIME})."),
+        F("detail", string(), "The machines unavailable, or what no machine serves."),
+    ))),
     "builds cancel": _filtered("canceled"),
     "builds priority": _filtered("given the priority"),
     "submit": Schema("A list with one object per DRV, in the order given.", list_of(obj(
@@ -194,6 +224,8 @@ SCHEMAS: dict[str, Schema] = {
         F("defer_until", string(True), "Not started before this time."),
         F("started_at", string(True), "When its first attempt started."),
         F("ended_at", string(True), "When it reached its final state."),
+        F("waiting", _WAITING, "For a queued build: the one reason it is not running now "
+          "(null otherwise)."),
         F("attempts", list_of(_ATTEMPT), "Each attempt, oldest first."),
     )),
     "hooks list": Schema("One object.", obj(
@@ -235,6 +267,7 @@ SCHEMAS: dict[str, Schema] = {
         F("enabled", boolean(), "false: the machine gets no builds and is not probed."),
         F("systems", list_of(string()), "The systems it builds for."),
         F("features", list_of(string()), "The features it offers."),
+        F("tags", map_of(string()), "Its inventory tags (submit --machine-tag): key -> value."),
         F("reachable", boolean(True), "Whether the probe could log in (null: not probed)."),
         F("error", string(True), "Why it is unreachable, or what the probe found wrong."),
         F("probe_seconds", number(True), "How long the probe took."),

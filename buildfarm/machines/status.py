@@ -234,6 +234,7 @@ def status(machine: Machine, found: Probe | None, seen: Seen | None, now: float)
         "enabled": machine.enabled,
         "systems": list(machine.systems),
         "features": list(machine.features),
+        "tags": dict(machine.tags),
         "reachable": probed.reachable if found is not None else None,
         "error": probed.error,
         "probe_seconds": probed.seconds if found is not None else None,
@@ -255,8 +256,8 @@ def status(machine: Machine, found: Probe | None, seen: Seen | None, now: float)
 
 # --- for people -----------------------------------------------------------------------------
 
-COLUMNS = ("name", "state", "store", "systems", "cores", "load", "free", "skew", "builds",
-           "backoff", "note")
+COLUMNS = ("name", "state", "store", "systems", "tags", "cores", "load", "free", "skew",
+           "builds", "backoff", "note")
 STATES = {
     "up": "The probe logged in and the store tool answered.",
     "broken": "The probe logged in, but found something wrong (NOTE says what), e.g. no store "
@@ -289,6 +290,7 @@ def table_row(row: dict[str, Any]) -> dict[str, Any]:
         "state": state,
         "store": f"{row['store']} {version}" if version else row["store"],
         "systems": ",".join(row["systems"]),
+        "tags": ",".join(f"{k}={v}" for k, v in row["tags"].items()) or None,
         "cores": row["cores"],
         "load": f"{row['load']:.2f}" if row["load"] is not None else None,
         "free": format_size(row["free_disk"]) if row["free_disk"] is not None else None,

@@ -54,9 +54,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "One build: derivation, outputs, inputs and dependants (each with the UUID and state "
         "of its newest build), tags, times, other builds of the same derivation, cause (the "
         "failed build at the bottom of the chain, for a dependency-failed build), reproducible "
-        "(what a rebuild with --check found, or null), and attempts (machine, result, times, "
-        "steps with durations, setup failure and missing inputs, check: identical or differs "
-        "after a rebuild with --check).",
+        "(what a rebuild with --check found, or null), flaky (it succeeded after its builder "
+        "failed) and builder_failures, machine_tags (those a machine must carry), waiting (for "
+        "a queued build, the one reason it is not running: reason, summary, until, the input "
+        "builds or machines it waits for; as in builds show --json), and attempts (machine, "
+        "result, times, steps with durations, setup failure and missing inputs, check: "
+        "identical or differs after a rebuild with --check).",
     ),
     Endpoint(
         "log", "GET", "/api/builds/{uuid}/log",
@@ -78,7 +81,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "machines", "GET", "/api/machines",
         "Every machine of the inventory (and any other that has running attempts or a "
         "recorded state): name, state (idle, building, busy, offline, backing-off, disabled, "
-        "retired), systems, features, slots, busy, free, failures, last_error.",
+        "retired), systems, features, tags, slots, busy, free, failures, last_error.",
     ),
     Endpoint(
         "machine", "GET", "/api/machines/{name}",

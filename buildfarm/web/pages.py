@@ -390,6 +390,9 @@ def build_page(data: Mapping[str, Any], log: Mapping[str, Any] | None,
         h("p", None, badge(data["state"]), " ", data["reason"] or ""),
         _fields([
             ("UUID", uuid),
+            ("Waiting", data["waiting"]["summary"] if data["waiting"] else None),
+            ("Flaky", f"yes: it succeeded after {data['builder_failures']} builder failure(s)"
+             if data["flaky"] else None),
             ("Root cause", join(build_link(data["cause"]["build"], data["cause"]["derivation"],
                                            class_="path"), " (its failure blocks this build)")
              if data["cause"] else None),
@@ -399,6 +402,8 @@ def build_page(data: Mapping[str, Any], log: Mapping[str, Any] | None,
             ("Derivation", h("span", {"class": "path"}, data["derivation"])),
             ("System", data["system"]),
             ("Features", " ".join(data["required_features"])),
+            ("Machine tags", " ".join(f"{k}={v}" for k, v in data["machine_tags"].items())
+             or None),
             ("Priority", str(data["priority"])),
             ("Tags", tag_links(data["tags"]) if data["tags"] else None),
             ("Submitted", when(data["created_at"])),
@@ -503,6 +508,7 @@ def machine_page(data: Mapping[str, Any]) -> Markup:
         _fields([
             ("Systems", " ".join(data["systems"]) or "-"),
             ("Features", " ".join(data["features"])),
+            ("Tags", " ".join(f"{k}={v}" for k, v in data["tags"].items()) or None),
             ("Slots", slots_meter(data["busy"], data["slots"])),
             ("Store", data["store"]),
             ("Speed", str(data["speed"]) if data["speed"] is not None else None),

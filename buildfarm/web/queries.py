@@ -45,6 +45,7 @@ from buildfarm.datastore.models import (
     SetupFailure,
     database_proxy,
 )
+from buildfarm.datastore.waiting import why_waiting
 from buildfarm.errors import NotFoundError
 from buildfarm.inventory import Inventory, Machine
 
@@ -118,6 +119,7 @@ def _machine_json(
         "enabled": machine.enabled if machine is not None else False,
         "systems": list(machine.systems) if machine is not None else [],
         "features": list(machine.features) if machine is not None else [],
+        "tags": dict(machine.tags) if machine is not None else {},
         "store": machine.store if machine is not None else None,
         "speed": machine.speed if machine is not None else None,
         "slots": slots,
@@ -523,6 +525,10 @@ def build_detail(uuid: str) -> dict[str, Any]:
         "reason": build.reason,
         "cause": cause_json(build),
         "reproducible": reproducible(build),
+        "flaky": build.state == "succeeded" and build.builder_failures > 0,
+        "builder_failures": build.builder_failures,
+        "machine_tags": dict(word.split("=", 1) for word in build.machine_tags.split()),
+        "waiting": why.json() if (why := why_waiting(build)) is not None else None,
         "priority": build.priority,
         "tags": {t.key: t.value for t in build.tags.order_by(BuildTag.key)},
         "outputs": outputs,
