@@ -82,6 +82,18 @@ def _read_paths(paths: Sequence[str]) -> list[str]:
     "--machine-tag", "machine_tags", multiple=True, metavar="KEY=VALUE",
     help="Build only on machines whose inventory tags include this one (repeat: all of them).",
 )
+@click.option(
+    "--derivation-substitute-urls", "substitute_urls", multiple=True, metavar="URL",
+    help="Fetch each DRV the coordinator's Nix store lacks, with the missing items of its "
+    "closure, from these substitute servers (repeat, or separate by spaces; tried in order), "
+    "each narinfo signed by a trusted key (see --trusted-keys), before recording it.",
+)
+@click.option(
+    "--trusted-keys", "keys_file", metavar="FILE",
+    help="Public keys (NAME:BASE64, one per line) trusted to sign what "
+    "--derivation-substitute-urls fetches, beside the farm's own. Default: "
+    "CONFIG_DIR/trusted-keys (~/.config/buildfarm/trusted-keys).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def submit(
@@ -97,6 +109,8 @@ def submit(
     defer_until: str | None,
     retries: int | None,
     machine_tags: tuple[str, ...],
+    substitute_urls: tuple[str, ...],
+    keys_file: str | None,
     as_json: bool,
 ) -> None:
     """Queue a build of each DRV and print its UUID ('-' reads paths from stdin).
@@ -118,6 +132,18 @@ def submit(
         machine_tags=tuple(submission.parse_machine_tag(t) for t in machine_tags),
     )
     files = _read_paths(derivations)
+    urls = [url for text in substitute_urls for url in text.split()]
+    if urls:
+        from buildfarm import substitutes
+        from buildfarm.cli.group import _settings
+        from buildfarm.config import default_config_dir
+
+        settings = _settings(ctx)
+        fetched = substitutes.fetch_derivations(
+            files, urls, keys_file or os.path.join(default_config_dir(), "trusted-keys"),
+            settings.state_dir)
+        if fetched:
+            click.echo(f"fetched {fetched} store item(s) from substitute servers", err=True)
     results = submission.submit(files, options, connect=lambda: _open(ctx, create=True),
                                 store_dirs=_store_dirs(ctx))
     targets = [r for r in results if r.target]
