@@ -281,20 +281,24 @@ class Group:
                 "oldest": iso(self.oldest), "detail": self.detail}
 
 
-# Reads only the covering index build_waiting (state, system, waiting_on, required_features,
-# machine_tags, defer_until, retry_after, created_at).
+# One pass over the covering index build_waiting (state, system, waiting_on, required_features,
+# machine_tags, defer_until, retry_after, created_at), grouped in its own order (no sort): per
+# group, the deferred builds, and among the others those backed off, each with the oldest.
 _SUMMARY = """
-SELECT b.system,
-  CASE WHEN b.defer_until > {p} THEN 'deferred' WHEN b.waiting_on > 0 THEN 'inputs'
-       WHEN b.retry_after > {p} THEN 'backed-off' ELSE 'ready' END AS why,
-  CASE WHEN b.waiting_on > 0 OR b.defer_until > {p} OR b.retry_after > {p} THEN ''
-       ELSE b.required_features END,
-  CASE WHEN b.waiting_on > 0 OR b.defer_until > {p} OR b.retry_after > {p} THEN ''
-       ELSE b.machine_tags END,
-  COUNT(*), MIN(b.created_at)
+SELECT b.system, b.waiting_on, b.required_features, b.machine_tags, COUNT(*),
+  SUM(CASE WHEN b.defer_until > {p} THEN 1 ELSE 0 END),
+  MIN(CASE WHEN b.defer_until > {p} THEN b.created_at END),
+  SUM(CASE WHEN b.defer_until > {p} THEN 0 WHEN b.retry_after > {p} THEN 1 ELSE 0 END),
+  MIN(CASE WHEN b.defer_until > {p} THEN NULL WHEN b.retry_after > {p} THEN b.created_at END),
+  MIN(CASE WHEN b.defer_until > {p} OR b.retry_after > {p} THEN NULL ELSE b.created_at END)
 FROM build AS b WHERE b.state = 'queued'
-GROUP BY 1, 2, 3, 4
+GROUP BY b.system, b.waiting_on, b.required_features, b.machine_tags
 """
+
+
+def _earliest(*moments: float | None) -> float | None:
+    known = [m for m in moments if m is not None]
+    return min(known) if known else None
 
 
 def summary(now: float | None = None) -> list[Group]:
@@ -302,24 +306,30 @@ def summary(now: float | None = None) -> list[Group]:
     store directories are not told apart here), largest groups first."""
     moment = time.time() if now is None else now
     db = database_proxy.obj
-    p = db.param
-    rows = db.execute_sql(_SUMMARY.format(p=p), (moment,) * 6).fetchall()
+    rows = db.execute_sql(_SUMMARY.format(p=db.param), (moment,) * 8).fetchall()
     machines = machine_reports()
-    merged: dict[tuple[str, str, str], list[float]] = {}  # (reason, system, detail)
-    plain = {"deferred": (DEFERRED, "submit --defer-until"), "inputs": (INPUTS, ""),
-             "backed-off": (BACKED_OFF, "after attempts without progress or a failure retried")}
-    for system, why, features, tags, count, oldest in rows:
-        if why in plain:
-            reason, detail = plain[why]
-        else:
-            found = _by_machines(system, frozenset(features.split()), frozenset(tags.split()),
-                                 None, moment, *machines)
-            reason = found.reason
-            detail = "; ".join(m.describe() for m in found.machines) if found.machines else (
-                found.summary if reason != NEXT else "")
-        entry = merged.setdefault((reason, system, detail), [0, oldest])
-        entry[0] += count
-        entry[1] = min(entry[1], oldest)
+    merged: dict[tuple[str, str, str], list[Any]] = {}  # (reason, system, detail)
+
+    def add(reason: str, system: str, detail: str, count: int, oldest: float | None) -> None:
+        if count and oldest is not None:
+            entry = merged.setdefault((reason, system, detail), [0, oldest])
+            entry[0] += count
+            entry[1] = min(entry[1], oldest)
+
+    for (system, waiting_on, features, tags, count, deferred, deferred_oldest, backed,
+         backed_oldest, rest_oldest) in rows:
+        add(DEFERRED, system, "submit --defer-until", int(deferred or 0), deferred_oldest)
+        rest = count - int(deferred or 0)
+        if waiting_on:
+            add(INPUTS, system, "", rest, _earliest(backed_oldest, rest_oldest))
+            continue
+        add(BACKED_OFF, system, "after attempts without progress or a failure retried",
+            int(backed or 0), backed_oldest)
+        found = _by_machines(system, frozenset(features.split()), frozenset(tags.split()), None,
+                             moment, *machines)
+        detail = "; ".join(m.describe() for m in found.machines) if found.machines else (
+            found.summary if found.reason != NEXT else "")
+        add(found.reason, system, detail, rest - int(backed or 0), rest_oldest)
     groups = [Group(r, s, int(c), o, d) for (r, s, d), (c, o) in merged.items()]
     return sorted(groups, key=lambda g: (-g.count, g.reason, g.system))
 
