@@ -412,6 +412,21 @@ def test_build_page_shows_derivation_inputs_dependants_attempts_and_log(
     assert headers["X-Content-Type-Options"] == "nosniff"
 
 
+def test_build_page_says_why_a_build_waits_and_that_one_is_flaky(
+    server: WebServer, farm: Farm, database: ScratchDatabase
+) -> None:
+    queued = server.json(f"/api/builds/{farm.builds['queued']}")
+    assert queued["waiting"]["reason"] == "no-coordinator"
+    page = assert_safe(server.get(f"/builds/{farm.builds['queued']}")[2])
+    assert queued["waiting"]["summary"] in "".join(page.text)
+    assert server.json(f"/api/builds/{farm.builds['leaf']}")["waiting"] is None
+    database.execute(f"UPDATE build SET builder_failures = 2 WHERE uuid = '{farm.builds['leaf']}'")
+    leaf = server.json(f"/api/builds/{farm.builds['leaf']}")
+    assert (leaf["flaky"], leaf["builder_failures"]) == (True, 2)
+    assert "yes: it succeeded after 2 builder failure(s)" in server.get(
+        f"/builds/{farm.builds['leaf']}")[2]
+
+
 def test_machine_pages_show_status_attempts_and_success_rate(
     server: WebServer, farm: Farm
 ) -> None:
