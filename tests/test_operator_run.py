@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from farm import Farm, gated_build, token, wait_for
+from farm import Farm, chain, gated_build, token, wait_for
 from testbed import Host, Testbed, current_system, instantiate, inventory_yaml, nix_expr_trivial
 
 
@@ -133,3 +133,31 @@ def test_a_tagged_build_waits_for_the_only_tagged_machine_and_says_why(
     assert farm.show(nowhere)["waiting"]["reason"] == "no-machine"
     rows = json.loads(farm.cli("machines", "--json").stdout)
     assert [row["tags"] for row in rows] == [{"gpu": "a100"}, {}]
+
+
+def test_cancel_by_filter_stops_what_runs_and_spares_what_others_need(
+    farm: Farm, hosts: list[Host], testbed: Testbed
+) -> None:
+    """On a running farm: the builds of an old branch are canceled by tag, sparing the input a
+    build of the new branch needs; a running one among them is stopped on its machine."""
+    tag = token()
+    gate = testbed.directory / f"gate-{tag}"
+    leaf, top = chain(2, tag)
+    farm.write_inventory(hosts[:1], max_builds=1)
+    (gated,) = farm.submit(gated_build(tag, gate), extra=("--tag", "branch=old"))
+    (leaf_build,) = farm.submit(leaf, extra=("--tag", "branch=old"))
+    (top_build,) = farm.submit(top, extra=("--tag", "branch=new"))
+    run = farm.background()
+    try:
+        run.wait_line(f"build {gated} started")
+        done = farm.cli("builds", "cancel", "--tag", "branch=old",
+                        "--ignore-if-required-by-another")
+        assert done.stdout == "canceled 1 build; 1 left alone: a build not chosen needs them\n"
+        run.wait_line(f"build {gated} canceled: stopping it")
+        farm.wait_for_state(top_build, "succeeded")
+    finally:
+        gate.touch()
+        out = run.stop()
+    assert run.process.returncode == 0, out
+    assert farm.state_of(gated) == "canceled" and farm.state_of(leaf_build) == "succeeded"
+    assert [a.result for a in farm.attempts(gated)] == ["interrupted"]
