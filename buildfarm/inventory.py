@@ -7,15 +7,11 @@ raises InventoryError; nothing else escapes from load() or parse().
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import difflib
 import math
 import os
 import platform
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -26,6 +22,18 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from buildfarm.errors import InventoryError
+from buildfarm.inventory_fields import (
+    BUILD_RETRIES,
+    FIELDS,
+    KIND_WORDS,
+    PATH_FIELDS,
+    STORE_DIRS,
+    SYSTEM_RE,
+    TAG_KEY_RE,
+    TAG_VALUE_RE,
+    Field,
+    show,
+)
 
 __all__ = ["Inventory", "Machine", "load", "local_system", "parse"]
 
@@ -110,7 +118,7 @@ def local_system() -> str:
     arch = _ARCH_ALIASES.get(arch, arch)
     kernel = platform.system().lower() or "linux"
     system = f"{arch}-{kernel}"
-    return system if _SYSTEM_RE.fullmatch(system) else "x86_64-linux"
+    return system if SYSTEM_RE.fullmatch(system) else "x86_64-linux"
 
 
 def load(path: str | os.PathLike[str]) -> Inventory:
@@ -148,36 +156,6 @@ def parse(text: str, source: str = "<inventory>", *, base_dir: str | None = None
         parser.fail(None, "the inventory is nested too deeply", "flatten the structure")
 
 
-# --- field checks ---------------------------------------------------------------------------
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_SYSTEM_RE = re.compile(r"[a-z0-9_]+-[a-z0-9_]+")
-_FEATURE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-# A machine tag: submit's tag key, and a value of one printable word (builds keep the tags they
-# need as KEY=VALUE words joined by spaces).
-_TAG_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
-_TAG_VALUE_RE = re.compile(r"[!-~]{1,128}")
-_NAME_MAX = 64
-_HOST_KEY_TYPES = (
-    "ssh-ed25519",
-    "ssh-ed448",
-    "ssh-rsa",
-    "ssh-dss",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-)
-_TRANSPORTS = ("ssh", "local")
-_MAX_SLOTS = 1024  # max_builds, max_sessions
-_DAY = 86400  # connect_timeout, keepalive_interval, answer_timeout
-# max_silent_time, timeout: what the stores take (Guix's daemon reads them into an unsigned int,
-# Nix's into a time_t), as a signed 32-bit number of seconds (68 years) for both.
-_MAX_SECONDS = 2**31 - 1
-_STORES = ("guix", "nix")
-STORE_DIRS = {"guix": "/gnu/store", "nix": "/nix/store"}  # each store's usual directory
-
 _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
 _BOOLS = {"yes": True, "true": True, "on": True, "no": False, "false": False, "off": False}
@@ -185,154 +163,7 @@ _CONSTRUCTOR = SafeConstructor()
 
 Value = str | int | float | bool | tuple[str, ...] | tuple[tuple[str, str], ...] | None
 
-
-def _show(text: str) -> str:
-    """A user's text, quoted and cut short, safe inside a one-line message."""
-    return repr(text if len(text) <= 40 else text[:37] + "...")
-
-
-def _check_name(value: str) -> str | None:
-    if not _NAME_RE.fullmatch(value):
-        return "use letters, digits, '.', '_' and '-', starting with a letter or digit"
-    if len(value) > _NAME_MAX:
-        return f"use at most {_NAME_MAX} characters"
-    return None
-
-
-def _check_host(value: str) -> str | None:
-    if not value.strip():
-        return "write a host name or address, e.g. host: build1.example.org"
-    if any(c.isspace() for c in value):
-        return "a host name has no spaces"
-    if "@" in value:
-        return "put the user name in user: and only the host in host:"
-    if value.count(":") == 1:
-        return "put the port number in port: and only the host in host:"
-    if value.startswith("[") or "/" in value:
-        return "write a bare host name or address, e.g. host: 2001:db8::1"
-    return None
-
-
-def _check_user(value: str) -> str | None:
-    if not value or any(c.isspace() or c in "@:/" for c in value):
-        return "write a login name, or remove user: to use the current user or ~/.ssh/config"
-    return None
-
-
-def _check_path(value: str) -> str | None:
-    if not value.strip() or "\0" in value:
-        return "write a file path, e.g. ~/.ssh/id_ed25519"
-    return None
-
-
-def _check_host_key(value: str) -> str | None:
-    example = "write the key as '<type> <base64>', e.g. 'ssh-ed25519 AAAAC3Nza...'"
-    parts = value.split()
-    if len(parts) < 2:
-        return example + " (see ssh-keyscan HOST)"
-    if parts[0] not in _HOST_KEY_TYPES:
-        if parts[1] in _HOST_KEY_TYPES:
-            return "drop the host name in front of the key type"
-        close = difflib.get_close_matches(parts[0], _HOST_KEY_TYPES, n=1)
-        if close:
-            return f"unknown key type {_show(parts[0])}; did you mean {close[0]!r}?"
-        return f"unknown key type {_show(parts[0])}; use one of: " + ", ".join(_HOST_KEY_TYPES)
-    try:
-        blob = base64.b64decode(parts[1], validate=True)
-    except (binascii.Error, ValueError):
-        return "the key data is not valid base64; " + example
-    kind = parts[0].encode()
-    if blob[:4] != len(kind).to_bytes(4, "big") or blob[4 : 4 + len(kind)] != kind:
-        return f"the key data does not match the type {parts[0]}; copy it from ssh-keyscan"
-    return None
-
-
-def _check_store_dir(value: str) -> str | None:
-    segments = value.split("/")
-    if (not value.startswith("/") or value == "/" or value.endswith("/")
-            or any(s in ("", ".", "..") for s in segments[1:])
-            or any(not c.isprintable() or c.isspace() for c in value)):
-        return "write an absolute directory without a trailing slash, e.g. store_dir: /gnu/store"
-    return None
-
-
-def _check_url(value: str) -> str | None:
-    if re.fullmatch(r"(?:https?|file)://\S+", value):
-        return None
-    return "write an http://, https:// or file:// URL without spaces, e.g. http://farm:8080"
-
-
-def _check_system(value: str) -> str | None:
-    if _SYSTEM_RE.fullmatch(value):
-        return None
-    return "write a system as arch-kernel, e.g. x86_64-linux or aarch64-linux"
-
-
-def _check_feature(value: str) -> str | None:
-    if _FEATURE_RE.fullmatch(value):
-        return None
-    return "write a feature as one word, e.g. kvm or big-parallel"
-
-
-@dataclass(frozen=True, slots=True)
-class _Field:
-    """How to read one machine field: its kind, limits, and an example for hints."""
-
-    kind: str  # "str" | "int" | "float" | "bool" | "list" | "map"
-    example: str
-    optional: bool = False
-    check: Callable[[str], str | None] | None = None  # for "str" and each "list" item
-    choices: tuple[str, ...] = ()  # for "str": the only values allowed
-    minimum: float | None = None
-    exclusive: bool = False  # minimum itself is not allowed
-    maximum: int | None = None
-    nonempty: bool = False  # for "list"
-    in_defaults: bool = True
-
-
-_FIELDS: dict[str, _Field] = {
-    "name": _Field("str", "name: x86-a", check=_check_name, in_defaults=False),
-    "host": _Field("str", "host: build1.example.org", True, _check_host, in_defaults=False),
-    "port": _Field("int", "port: 22", minimum=1, maximum=65535),
-    "user": _Field("str", "user: buildfarm", True, _check_user),
-    "identity": _Field("str", "identity: ~/.ssh/id_ed25519", True, _check_path),
-    "known_hosts": _Field("str", "known_hosts: ~/.ssh/known_hosts", True, _check_path),
-    "host_key": _Field("str", "host_key: 'ssh-ed25519 AAAA...'", True, _check_host_key),
-    "transport": _Field("str", "transport: ssh", choices=_TRANSPORTS),
-    "systems": _Field("list", "systems: [x86_64-linux]", check=_check_system, nonempty=True),
-    "max_builds": _Field("int", "max_builds: 4", minimum=1, maximum=_MAX_SLOTS),
-    "features": _Field("list", "features: [kvm, big-parallel]", check=_check_feature),
-    "tags": _Field("map", "tags: {site: paris, gpu: a100}"),
-    "speed": _Field("float", "speed: 2.0", minimum=0, exclusive=True),
-    "store": _Field("str", "store: guix", choices=_STORES),
-    "store_dir": _Field("str", "store_dir: /gnu/store", True, _check_store_dir),
-    "overload_threshold": _Field("float", "overload_threshold: 0.8", True, minimum=0,
-                                 exclusive=True),
-    "max_sessions": _Field("int", "max_sessions: 8", minimum=1, maximum=_MAX_SLOTS),
-    "connect_timeout": _Field("float", "connect_timeout: 10", minimum=0, exclusive=True,
-                              maximum=_DAY),
-    "keepalive_interval": _Field("float", "keepalive_interval: 15", minimum=0, maximum=_DAY),
-    "answer_timeout": _Field("float", "answer_timeout: 120", minimum=0, exclusive=True,
-                             maximum=_DAY),
-    "max_silent_time": _Field("int", "max_silent_time: 3600", True, minimum=1,
-                              maximum=_MAX_SECONDS),
-    "timeout": _Field("int", "timeout: 86400", True, minimum=1, maximum=_MAX_SECONDS),
-    "substitute_urls": _Field("list", "substitute_urls: [http://farm.example.org:8080]",
-                              check=_check_url),
-    "enabled": _Field("bool", "enabled: true"),
-}
-assert list(_FIELDS) == [f.name for f in dataclasses.fields(Machine)]
-
-_PATH_FIELDS = ("identity", "known_hosts")
-_KIND_WORDS = {
-    "str": "a string",
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "list": "a list",
-    "map": "a mapping",
-}
-_BUILD_RETRIES = _Field("int", "build_retries: 2", minimum=0, maximum=100)
+assert list(FIELDS) == [f.name for f in dataclasses.fields(Machine)]
 
 
 # --- the parser -----------------------------------------------------------------------------
@@ -361,7 +192,7 @@ class _Parser:
                                  top_level=True)
         retries = 0
         if "build_retries" in top:
-            found = self.value("build_retries", _BUILD_RETRIES, top["build_retries"][1])
+            found = self.value("build_retries", BUILD_RETRIES, top["build_retries"][1])
             assert isinstance(found, int)
             retries = found
         defaults: dict[str, Value] = {}
@@ -385,7 +216,7 @@ class _Parser:
                 first = first_seen[machine.name].start_mark.line + 1
                 at = item if name_node is first_seen[machine.name] else name_node  # via <<
                 self.fail(at.start_mark,
-                          f"duplicate machine name {_show(machine.name)} (first at line {first})",
+                          f"duplicate machine name {show(machine.name)} (first at line {first})",
                           "give each machine a unique name")
             first_seen[machine.name] = name_node
             machines.append(machine)
@@ -450,7 +281,7 @@ class _Parser:
             if key in own:
                 first = own[key][0].start_mark.line + 1
                 self.fail(key_node.start_mark,
-                          f"duplicate key {_show(key)} (first at line {first})",
+                          f"duplicate key {show(key)} (first at line {first})",
                           "remove one of them")
             own[key] = (key_node, value_node)
         result = {**merged, **own}
@@ -462,11 +293,11 @@ class _Parser:
         close = difflib.get_close_matches(key.lower(), valid, n=1, cutoff=0.6)
         if close:
             hint = f"did you mean {close[0]!r}?"
-        elif top_level and key in _FIELDS:
+        elif top_level and key in FIELDS:
             hint = "machine fields go under 'defaults:' or in an item of 'machines:'"
         else:
             hint = "valid keys are: " + ", ".join(valid)
-        self.fail(node.start_mark, f"unknown key {_show(key)}", hint)
+        self.fail(node.start_mark, f"unknown key {show(key)}", hint)
 
     # -- machines
 
@@ -480,12 +311,12 @@ class _Parser:
         assert isinstance(name, str)
         values = {**defaults, **fields}
         if values.get("transport", "ssh") == "ssh" and values.get("host") is None:
-            self.fail(node.start_mark, f"machine {_show(name)} has no host",
+            self.fail(node.start_mark, f"machine {show(name)} has no host",
                       "add 'host: NAME' (or 'transport: local' for this host)")
         values.setdefault("host", None)
         if "systems" not in values:
             values["systems"] = (local_system(),)
-        for key in _PATH_FIELDS:
+        for key in PATH_FIELDS:
             path = values.get(key)
             if isinstance(path, str):
                 path = os.path.expanduser(path)
@@ -498,28 +329,28 @@ class _Parser:
                        ) -> tuple[dict[str, Value], dict[str, Node]]:
         """The checked values of one machine mapping (or the defaults) and their value nodes."""
         if in_defaults:
-            valid = tuple(k for k, f in _FIELDS.items() if f.in_defaults)
+            valid = tuple(k for k, f in FIELDS.items() if f.in_defaults)
             pairs = self.mapping(node, "defaults", "write 'key: value' lines under 'defaults:'")
         else:
-            valid = tuple(_FIELDS)
+            valid = tuple(FIELDS)
             pairs = self.mapping(node, "each machine",
                                  "write each machine as '- name: NAME' with keys below it")
         values: dict[str, Value] = {}
         nodes: dict[str, Node] = {}
         for key, (key_node, value_node) in pairs.items():
             if key not in valid:
-                if key in _FIELDS:
+                if key in FIELDS:
                     self.fail(key_node.start_mark, f"{key} cannot be set in defaults",
                               f"set {key} on each machine")
                 self.unknown_key(key, key_node, valid)
-            values[key] = self.value(key, _FIELDS[key], value_node)
+            values[key] = self.value(key, FIELDS[key], value_node)
             nodes[key] = value_node
         return values, nodes
 
-    def value(self, key: str, field: _Field, node: Node) -> Value:
+    def value(self, key: str, field: Field, node: Node) -> Value:
         if field.optional and self.is_null(node):
             return None
-        want = f"{key} must be {_KIND_WORDS[field.kind]}"
+        want = f"{key} must be {KIND_WORDS[field.kind]}"
         hint = f"write e.g. {field.example}"
         if field.kind == "list":
             return self.string_list(key, field, node, want, hint)
@@ -528,7 +359,7 @@ class _Parser:
         if not isinstance(node, ScalarNode):
             self.fail(node.start_mark, f"{want}, not a {_node_kind(node)}", hint)
         if node.tag not in _SCALAR_TAGS:
-            self.fail(node.start_mark, f"unsupported YAML tag {_show(node.tag)}",
+            self.fail(node.start_mark, f"unsupported YAML tag {show(node.tag)}",
                       "remove the tag")
         if node.tag == _TAG + "null":
             self.fail(node.start_mark, f"{want}, not empty", hint + ", or remove the key")
@@ -537,26 +368,26 @@ class _Parser:
         if field.kind == "bool":
             if node.tag == _TAG + "bool" and node.value.lower() in _BOOLS:
                 return _BOOLS[node.value.lower()]
-            self.fail(node.start_mark, f"{want}, not {_show(node.value)}", hint)
+            self.fail(node.start_mark, f"{want}, not {show(node.value)}", hint)
         number = self.number(field, node, want, hint)
         self.check_range(key, field, node, number)
         return number
 
-    def string(self, key: str, field: _Field, node: ScalarNode) -> str:
+    def string(self, key: str, field: Field, node: ScalarNode) -> str:
         text: str = node.value
         if field.choices and text not in field.choices:
             close = difflib.get_close_matches(text.lower(), field.choices, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "use " + " or ".join(field.choices)
-            self.fail(node.start_mark, f"unknown {key} {_show(text)}", hint)
+            self.fail(node.start_mark, f"unknown {key} {show(text)}", hint)
         problem = field.check(text) if field.check is not None else None
         if problem is not None:
-            self.fail(node.start_mark, f"bad {key} {_show(text)}", problem)
+            self.fail(node.start_mark, f"bad {key} {show(text)}", problem)
         return text
 
-    def string_list(self, key: str, field: _Field, node: Node, want: str, hint: str,
+    def string_list(self, key: str, field: Field, node: Node, want: str, hint: str,
                     ) -> tuple[str, ...]:
         if not isinstance(node, SequenceNode) or node.tag != _TAG + "seq":
-            what = _show(node.value) if isinstance(node, ScalarNode) else f"a {_node_kind(node)}"
+            what = show(node.value) if isinstance(node, ScalarNode) else f"a {_node_kind(node)}"
             self.fail(node.start_mark, f"{want} of strings, not {what}", hint)
         if field.nonempty and not node.value:
             self.fail(node.start_mark, f"{key} must not be empty",
@@ -568,7 +399,7 @@ class _Parser:
                 self.fail(item.start_mark, f"each item of {key} must be a string", hint)
             text = self.string(key.rstrip("s"), field, item)
             if text in items:
-                self.fail(item.start_mark, f"{_show(text)} appears twice in {key}",
+                self.fail(item.start_mark, f"{show(text)} appears twice in {key}",
                           "remove one of them")
             items.append(text)
         return tuple(items)
@@ -578,21 +409,21 @@ class _Parser:
         pairs = self.mapping(node, key, hint)
         found: dict[str, str] = {}
         for name, (name_node, value_node) in pairs.items():
-            if not _TAG_KEY_RE.fullmatch(name):
-                self.fail(name_node.start_mark, f"bad tag key {_show(name)}",
+            if not TAG_KEY_RE.fullmatch(name):
+                self.fail(name_node.start_mark, f"bad tag key {show(name)}",
                           "use letters, digits and _.:/- (starting with a letter, digit or _)")
             if (not isinstance(value_node, ScalarNode) or value_node.tag not in _SCALAR_TAGS
                     or value_node.tag == _TAG + "null"
-                    or not _TAG_VALUE_RE.fullmatch(value_node.value)):
-                self.fail(value_node.start_mark, f"{want}: the value of {_show(name)} "
+                    or not TAG_VALUE_RE.fullmatch(value_node.value)):
+                self.fail(value_node.start_mark, f"{want}: the value of {show(name)} "
                           "must be one word of printable ASCII (1 to 128 characters)", hint)
             found[name] = value_node.value
         return tuple(sorted(found.items()))
 
-    def number(self, field: _Field, node: ScalarNode, want: str, hint: str) -> int | float:
+    def number(self, field: Field, node: ScalarNode, want: str, hint: str) -> int | float:
         tag, text = node.tag, node.value
         if tag == _TAG + "bool":
-            self.fail(node.start_mark, f"{want}, not the boolean {_show(text)}",
+            self.fail(node.start_mark, f"{want}, not the boolean {show(text)}",
                       f"YAML reads yes/no/on/off/true/false as booleans; {hint}")
         try:
             if tag == _TAG + "int":
@@ -605,16 +436,16 @@ class _Parser:
                 raise ValueError(text)
         except (ValueError, IndexError, OverflowError):
             if node.style in ("'", '"') and _looks_numeric(text):
-                self.fail(node.start_mark, f"{want}, not the quoted string {_show(text)}",
+                self.fail(node.start_mark, f"{want}, not the quoted string {show(text)}",
                           f"remove the quotes; {hint}")
-            self.fail(node.start_mark, f"{want}, not {_show(text)}", hint)
+            self.fail(node.start_mark, f"{want}, not {show(text)}", hint)
         if field.kind == "float":
             number = float(number)
             if not math.isfinite(number):
-                self.fail(node.start_mark, f"{want}, not {_show(text)}", hint)
+                self.fail(node.start_mark, f"{want}, not {show(text)}", hint)
         return number
 
-    def check_range(self, key: str, field: _Field, node: Node, number: float) -> None:
+    def check_range(self, key: str, field: Field, node: Node, number: float) -> None:
         low, high = field.minimum, field.maximum
         if low is not None and (number < low or (field.exclusive and number == low)):
             bound = f"greater than {low:g}" if field.exclusive else f"at least {low:g}"

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from buildfarm import __version__, inventory
+from buildfarm import __version__, inventory, inventory_fields
 from buildfarm.docs import roff
 
 _ITEM = re.compile(r"^  (\S+?)\s{2,}(\S.*)$")  # "  name   description" under "# "
@@ -107,7 +107,7 @@ def read_example(path: Path) -> Example:
 
 def field_type(name: str) -> str:
     """What the parser accepts for a field, in words (from inventory's declarations)."""
-    spec = inventory._FIELDS[name]  # the parser's own table of fields
+    spec = inventory_fields.FIELDS[name]  # the parser's own table of fields
     words = {"str": "string", "int": "integer", "float": "number", "bool": "true or false",
              "list": "list of strings", "map": "mapping of words to words"}[spec.kind]
     if spec.choices:
@@ -129,7 +129,7 @@ def field_type(name: str) -> str:
 
 def page(example: Example) -> str:
     out = roff.header("buildfarm-inventory", 5, __version__,
-                      "buildfarm/inventory.py and inventory.example.yaml")
+                      "buildfarm/inventory.py, inventory_fields.py and inventory.example.yaml")
     out += [".SH NAME", "buildfarm\\-inventory \\- the machines buildfarm builds on, in YAML",
             ".SH SYNOPSIS", "\\fI~/.config/buildfarm/inventory.yaml\\fR",
             ".br", "buildfarm \\-\\-inventory \\fIPATH\\fR ...",
