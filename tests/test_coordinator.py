@@ -279,8 +279,9 @@ def test_the_live_view_counts_builds_and_attempts_apart(tmp_path: Path) -> None:
     summary counts builds from the events that end them, and the rate is a count over the
     last minute, never an extrapolation of the first seconds."""
     from buildfarm.config import Settings
-    from buildfarm.coordinator.live import summary_line
-    from buildfarm.coordinator.service import Coordinator, LineReporter, RunOptions
+    from buildfarm.coordinator.live import LineReporter, summary_line
+    from buildfarm.coordinator.options import RunOptions
+    from buildfarm.coordinator.service import Coordinator
     from buildfarm.inventory import Inventory
 
     settings = Settings.resolve(state_dir=str(tmp_path), hooks_dir=str(tmp_path / "hooks"))

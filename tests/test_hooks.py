@@ -669,7 +669,7 @@ def test_the_man_page_is_clean_roff() -> None:
 
 
 def test_documented_defaults_are_the_run_defaults() -> None:
-    from buildfarm.coordinator.service import RunOptions
+    from buildfarm.coordinator.options import RunOptions
 
     options = {p.name: p.default for p in cli.commands["run"].params}  # type: ignore[union-attr]
     defaults = manpages.DEFAULTS
@@ -680,7 +680,9 @@ def test_documented_defaults_are_the_run_defaults() -> None:
 
 def test_the_coordinator_passes_the_declared_environment(tmp_path: Path) -> None:
     from buildfarm.config import Settings
-    from buildfarm.coordinator.service import Coordinator, LineReporter, RunOptions
+    from buildfarm.coordinator.live import LineReporter
+    from buildfarm.coordinator.options import RunOptions
+    from buildfarm.coordinator.service import Coordinator
     from buildfarm.inventory import Inventory
 
     settings = Settings.resolve(state_dir=str(tmp_path), hooks_dir=str(tmp_path / "h"))
@@ -699,7 +701,9 @@ def test_hooks_get_no_secret_of_the_coordinator(
     """Not the datastore's password, not the coordinator's whole environment: only what
     buildfarm-hooks(7) lists, and what `run --hook-env` names."""
     from buildfarm.config import Settings
-    from buildfarm.coordinator.service import Coordinator, LineReporter, RunOptions
+    from buildfarm.coordinator.live import LineReporter
+    from buildfarm.coordinator.options import RunOptions
+    from buildfarm.coordinator.service import Coordinator
     from buildfarm.inventory import Inventory
 
     monkeypatch.setenv("CLOUD_TOKEN", "tok-TopSecret9")

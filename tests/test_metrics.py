@@ -21,7 +21,9 @@ from testbed import Host, Testbed, instantiate, inventory_yaml, nix_expr_trivial
 from buildfarm.config import Settings
 from buildfarm.coordinator import metrics
 from buildfarm.coordinator.fleet import MachineSlots
-from buildfarm.coordinator.service import Coordinator, LineReporter, RunOptions
+from buildfarm.coordinator.live import LineReporter
+from buildfarm.coordinator.options import RunOptions
+from buildfarm.coordinator.service import Coordinator
 from buildfarm.errors import UsageError
 from buildfarm.inventory import Inventory, Machine
 from buildfarm.ssh.remote import Remote

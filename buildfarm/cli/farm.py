@@ -152,7 +152,9 @@ def run(
     """Run the coordinator: allocate queued builds to machines and build them."""
     import asyncio
 
-    from buildfarm.coordinator.service import Coordinator, LineReporter, Reporter, RunOptions
+    from buildfarm.coordinator.live import LineReporter, LiveReporter
+    from buildfarm.coordinator.options import RunOptions
+    from buildfarm.coordinator.service import Coordinator, Reporter
     from buildfarm.datastore.attempts import Retry
     from buildfarm.formats.compression import parse_compressions
     from buildfarm.outputs.gc import parse_size
@@ -183,8 +185,6 @@ def run(
     if no_ui or not sys.stdout.isatty():
         reporter = LineReporter()
     else:
-        from buildfarm.coordinator.live import LiveReporter
-
         reporter = live = LiveReporter()
     try:
         asyncio.run(Coordinator(settings, inventory, options, reporter, metrics).serve())

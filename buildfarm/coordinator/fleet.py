@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from buildfarm.coordinator.scheduler import Stuck
 from buildfarm.datastore.waiting import MachineReport
-from buildfarm.errors import BuildfarmError
+from buildfarm.errors import BuildfarmError, RemoteError
 from buildfarm.inventory import Inventory, Machine
 from buildfarm.inventory import load as load_inventory
 from buildfarm.ssh.remote import Remote
@@ -116,6 +117,24 @@ class MachineSlots:
             return False
         return self.load / self.cores > threshold
 
+    async def probe_load(self) -> None:
+        """load1 and cores, on the open connection: for overload_threshold, for choosing
+        among machines, and for the live view."""
+        self.load_probed = time.monotonic()
+        try:
+            result = await self.remote.run(["sh", "-c", "nproc; cat /proc/loadavg"], timeout=30)
+            lines = result.stdout.decode().split("\n")
+            self.cores = int(lines[0])
+            self.load = float(lines[1].split()[0])
+        except (RemoteError, ValueError, IndexError, TimeoutError):
+            self.load = None
+
+    async def probe_in_background(self) -> None:
+        try:
+            await self.probe_load()
+        finally:
+            self.probing = None
+
 
 def machine_slots(machine: Machine) -> MachineSlots:
     """A machine's connection, with a pool of store sessions if it is a Nix machine."""
@@ -149,6 +168,46 @@ class Fleet:
         for machine in self.inventory.machines:
             if machine.enabled:
                 self.machines[machine.name] = machine_slots(machine)
+
+    def ordered(self) -> list[MachineSlots]:
+        """Free slot first, then lowest load ÷ speed."""
+
+        def key(s: MachineSlots) -> float:
+            load = s.load / (s.cores or 1) if s.load is not None else 0.0
+            return (load + len(s.running) / s.machine.max_builds) / s.machine.speed
+
+        return sorted(self.machines.values(), key=key)
+
+    def probe_loads(self, interval: float) -> None:
+        """Read again, in the background, the load of every connected machine whose reading
+        is older than `interval` seconds."""
+        now = time.monotonic()
+        for slots in self.machines.values():
+            if (slots.ready and not slots.retiring and slots.probing is None
+                    and now - slots.load_probed >= interval):
+                slots.probing = asyncio.create_task(slots.probe_in_background())
+
+    def why_stuck(self, group: Stuck) -> str:
+        """Why no machine takes a group of queued builds, for run --exit-when-idle."""
+        machines = [m for m in self.machines.values() if not m.retiring]
+        for_system = [m for m in machines if group.system in m.machine.systems]
+        if not for_system:
+            return "no machine builds for that system"
+        with_features = [m for m in for_system if group.features <= set(m.machine.features)]
+        if not with_features:
+            return "no machine for that system offers those features"
+        able = [m for m in with_features if m.machine.store_directory == group.store_dir]
+        if not able:
+            return "no machine for that system has that store"
+        able = [m for m in able if group.tags <= m.machine.tag_words]
+        if not able:
+            return "no machine for that system carries the machine tags " + " ".join(
+                sorted(group.tags))
+        unreachable = [m for m in able if not m.ready]
+        if unreachable:
+            return "; ".join(f"machine {m.machine.name} is unreachable: {m.last_error}"
+                             for m in unreachable)
+        return "no machine took them"
 
     def reports_to_record(self, now: float) -> list[MachineReport] | None:
         """The machines' reports when they changed since last recorded (or REPORT_EVERY

@@ -95,3 +95,24 @@ def summary_line(c: Coordinator, now: float) -> str:
               ((SETUP_FAILURE, "setup failures"), (INTERRUPTED, "interrupted"))
               if tally.attempts[result]]
     return f"{builds}   attempts: {attempts}" + (f" ({', '.join(others)})" if others else "")
+
+
+class LineReporter:
+    """One log line per event (no terminal, or --no-ui); if its reader goes away, the
+    coordinator goes on without printing."""
+
+    def __init__(self) -> None:
+        self.quiet = False
+
+    def event(self, line: str) -> None:
+        if self.quiet:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            # Escape sequences a machine's message holds dropped, what is left escaped.
+            print(f"{stamp} {one_line(plain(line))}", flush=True)
+        except BrokenPipeError:
+            self.quiet = True
+
+    def update(self, coordinator: Coordinator) -> None:
+        pass

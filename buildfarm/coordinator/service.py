@@ -31,13 +31,15 @@ from buildfarm.coordinator.attempt import (
 )
 from buildfarm.coordinator.fleet import Fleet, MachineSlots, RunningAttempt, close_connection
 from buildfarm.coordinator.hooks import HookRunner, HookSettings
+from buildfarm.coordinator.options import RunOptions
+from buildfarm.coordinator.reconnecting import DatastoreLost, reconnecting
 from buildfarm.coordinator.runlock import RunLock
 from buildfarm.coordinator.tally import Tally
 from buildfarm.datastore import attempts as records
 from buildfarm.datastore import events as event_rows
 from buildfarm.datastore import open_datastore, without_password
-from buildfarm.datastore.models import OUTPUTS_PRESENT, Attempt, Build, MachineState
-from buildfarm.datastore.waiting import record_machines, stopped
+from buildfarm.datastore.models import OUTPUTS_PRESENT, Attempt, Build
+from buildfarm.datastore.waiting import note_machine, record_machines, stopped
 from buildfarm.errors import (
     AlreadyRunningError,
     BuildfarmError,
@@ -45,13 +47,11 @@ from buildfarm.errors import (
     ProtocolError,
     RemoteError,
 )
-from buildfarm.formats.compression import DEFAULT_COMPRESSIONS, Compression
 from buildfarm.formats.keys import key_name
 from buildfarm.formats.signing import SigningKey, load_key, save_key
 from buildfarm.inventory import Inventory
-from buildfarm.logs import DEFAULT_MAX_LOG_BYTES, log_path
+from buildfarm.logs import log_path
 from buildfarm.outputs.store import OutputStore, Publisher
-from buildfarm.render import one_line, plain
 
 if TYPE_CHECKING:
     from buildfarm.coordinator.metrics import Metrics
@@ -59,32 +59,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("buildfarm")
 T = TypeVar("T")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-LOAD_PROBE_EVERY = 20.0  # default seconds between two reads of a machine's load
 TALLY_EVERY = 1.0  # seconds between two reads of the events that end builds
 LOCAL_FAILURE_RETRY = 10.0  # seconds a build waits after the coordinator's own disk failed it
 # --exit-when-idle: a machine that failed to connect this many times in a row counts as gone.
 GIVE_UP_CONNECTING = 5
-DEFAULT_RETRY = records.Retry()
 RUN_LOCK_CHECK_EVERY = 5.0
-# PostgreSQL: how long run waits for a lost server to come back (retrying each datastore
-# call on a new connection) before it gives up; the delays between tries.
-DATASTORE_OUTAGE_LIMIT = 600.0
-RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
-
-
-@dataclass(frozen=True, slots=True)
-class RunOptions:
-    exit_when_idle: bool = False
-    hook_timeout: float = 60.0
-    hook_workers: int = 4
-    hook_parallelism: int = 2  # scripts of one event running at once
-    hook_env: tuple[str, ...] = ()  # more of the coordinator's variables hooks get
-    grace: float = 30.0  # seconds running builds get to finish on SIGINT/SIGTERM
-    tick: float = 1.0
-    max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
-    compressions: tuple[Compression, ...] = DEFAULT_COMPRESSIONS  # of published nars
-    load_interval: float = LOAD_PROBE_EVERY  # seconds between two reads of each machine's load
-    retry: records.Retry = DEFAULT_RETRY  # after attempts that made no progress
 
 
 @dataclass
@@ -105,27 +84,6 @@ class Reporter(Protocol):
 
     def event(self, line: str) -> None: ...
     def update(self, coordinator: Coordinator) -> None: ...
-
-
-class LineReporter:
-    """One log line per event (no terminal, or --no-ui); if its reader goes away, the
-    coordinator goes on without printing."""
-
-    def __init__(self) -> None:
-        self.quiet = False
-
-    def event(self, line: str) -> None:
-        if self.quiet:
-            return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        try:
-            # Escape sequences a machine's message holds dropped, what is left escaped.
-            print(f"{stamp} {one_line(plain(line))}", flush=True)
-        except BrokenPipeError:
-            self.quiet = True
-
-    def update(self, coordinator: Coordinator) -> None:
-        pass
 
 
 class Coordinator:
@@ -183,7 +141,7 @@ class Coordinator:
             loop.call_soon_threadsafe(self.reporter.event, line)
 
         call = functools.partial(
-            _reconnecting, functools.partial(fn, *args), notify,
+            reconnecting, functools.partial(fn, *args), notify,
             lambda: self.force_exit or self._datastore_lost,
         )
         try:
@@ -271,7 +229,7 @@ class Coordinator:
             await self.check_run_lock()
             await self.fleet.maybe_reload()  # before allocating: new machines start connecting
             self.fleet.drop_retired()
-            self.probe_loads()
+            self.fleet.probe_loads(self.options.load_interval)
             await self.check_cancellations()
             await self.allocate()
             if (reports := self.fleet.reports_to_record(time.time())) is not None:
@@ -369,31 +327,10 @@ class Coordinator:
         for group in groups:
             self.reporter.event(f"stuck: {group.count} queued build(s) for {group.system}"
                                 f"{_features(group.features)} of {group.store_dir}: "
-                                f"{self._why_stuck(group)} (e.g. {group.example})")
+                                f"{self.fleet.why_stuck(group)} (e.g. {group.example})")
         if waiting:
             self.reporter.event(f"stuck: {waiting} queued build(s) wait for those")
         self.reporter.event("nothing else can make progress: exiting")
-
-    def _why_stuck(self, group: scheduler.Stuck) -> str:
-        machines = [m for m in self.machines.values() if not m.retiring]
-        for_system = [m for m in machines if group.system in m.machine.systems]
-        if not for_system:
-            return "no machine builds for that system"
-        with_features = [m for m in for_system if group.features <= set(m.machine.features)]
-        if not with_features:
-            return "no machine for that system offers those features"
-        able = [m for m in with_features if m.machine.store_directory == group.store_dir]
-        if not able:
-            return "no machine for that system has that store"
-        able = [m for m in able if group.tags <= m.machine.tag_words]
-        if not able:
-            return "no machine for that system carries the machine tags " + " ".join(
-                sorted(group.tags))
-        unreachable = [m for m in able if not m.ready]
-        if unreachable:
-            return "; ".join(f"machine {m.machine.name} is unreachable: {m.last_error}"
-                             for m in unreachable)
-        return "no machine took them"
 
     async def check_cancellations(self) -> None:
         running = {r.attempt_id: r for m in self.machines.values() for r in m.running.values()}
@@ -415,15 +352,15 @@ class Coordinator:
         name = slots.machine.name
         try:
             await slots.remote.connect()
-            await self._probe_load(slots)  # before the first allocation there
+            await slots.probe_load()  # before the first allocation there
             slots.ready = True
             slots.last_error = None
-            await self.db(_note_machine, name, None, None)
+            await self.db(note_machine, name, None, None)
             self.reporter.event(f"machine {name} connected")
         except RemoteError as e:
             slots.last_error = str(e)
             until = slots.remote.backed_off_until
-            await self.db(_note_machine, name, str(e), until)
+            await self.db(note_machine, name, str(e), until)
             self.reporter.event(f"machine {name} unavailable: {e}")
         finally:
             slots.connecting = None
@@ -442,47 +379,11 @@ class Coordinator:
             if len(rows) < event_rows.PAGE:
                 return
 
-    def probe_loads(self) -> None:
-        """Read again the load of every connected machine whose reading is older than
-        load_interval, in the background, on its open connection: for overload_threshold, for
-        choosing among machines, and for the live view."""
-        now = time.monotonic()
-        for slots in self.machines.values():
-            if (slots.ready and not slots.retiring and slots.probing is None
-                    and now - slots.load_probed >= self.options.load_interval):
-                slots.probing = asyncio.create_task(self._probe_in_background(slots))
-
-    async def _probe_in_background(self, slots: MachineSlots) -> None:
-        try:
-            await self._probe_load(slots)
-        finally:
-            slots.probing = None
-
-    async def _probe_load(self, slots: MachineSlots) -> None:
-        """load1 and cores, for overload_threshold and for choosing among machines."""
-        slots.load_probed = time.monotonic()
-        try:
-            result = await slots.remote.run(["sh", "-c", "nproc; cat /proc/loadavg"], timeout=30)
-            lines = result.stdout.decode().split("\n")
-            slots.cores = int(lines[0])
-            slots.load = float(lines[1].split()[0])
-        except (RemoteError, ValueError, IndexError, TimeoutError):
-            slots.load = None
-
-    def _ordered_machines(self) -> list[MachineSlots]:
-        """Free slot first, then lowest load ÷ speed."""
-
-        def key(s: MachineSlots) -> float:
-            load = s.load / (s.cores or 1) if s.load is not None else 0.0
-            return (load + len(s.running) / s.machine.max_builds) / s.machine.speed
-
-        return sorted(self.machines.values(), key=key)
-
     async def allocate(self) -> None:
         if self.should_exit:
             return
         settled = True
-        for slots in self._ordered_machines():
+        for slots in self.fleet.ordered():
             if slots.retiring:
                 continue  # removed: finishes its builds on the connection it has
             self._ensure_connecting(slots)
@@ -628,7 +529,7 @@ class Coordinator:
             ended = await self.db(functools.partial(
                 records.retry_later, run.attempt_id, f"{what}: {e}", retry, wait=False))
             until = slots.remote.backed_off_until
-            await self.db(_note_machine, name, str(e), until)
+            await self.db(note_machine, name, str(e), until)
             line = f"build {uuid} interrupted on {name}: {e}"
             if until is not None:
                 clock = time.strftime("%H:%M:%S", time.localtime(until))
@@ -660,19 +561,19 @@ class Coordinator:
                 )
             self._wake.set()
         if ended:
-            for other, reason in await self.db(_reasons_of, ended):
+            for other, reason in await self.db(records.failure_reasons, ended):
                 self.reporter.event(f"build {other} failed: {reason}")
 
     async def _machine_failed(self, slots: MachineSlots, error: str) -> None:
         """An attempt failed on the machine's side: it takes no new build for a while."""
         until = slots.attempt_failed()
         slots.last_error = error
-        await self.db(_note_machine, slots.machine.name, error, until)
+        await self.db(note_machine, slots.machine.name, error, until)
 
     async def _machine_worked(self, slots: MachineSlots) -> None:
         if slots.attempt_worked():
             slots.last_error = None
-            await self.db(_note_machine, slots.machine.name, None, None)
+            await self.db(note_machine, slots.machine.name, None, None)
 
     async def _publish_log(self, drv_path: str, log_file: str) -> None:
         """A failed build's log is published as a successful one's is (with its outputs), for
@@ -684,63 +585,5 @@ class Coordinator:
             self.reporter.event(f"log of {drv_path} not published: {e}")
 
 
-class DatastoreLost(DatastoreError):
-    """The PostgreSQL server stayed away longer than DATASTORE_OUTAGE_LIMIT."""
-
-
-def _reconnecting(call: Callable[[], T], notify: Callable[[str], None],
-                  give_up: Callable[[], bool]) -> T:
-    """In the datastore thread: `call`, made again on a new connection while a PostgreSQL
-    server is away. A lost connection means the server rolled the transaction back."""
-    import peewee as pw
-
-    from buildfarm.datastore import postgresql
-    from buildfarm.datastore.models import database_proxy
-
-    began, tries = time.monotonic(), 0
-    while True:
-        try:
-            result = call()
-        except (pw.OperationalError, pw.InterfaceError) as e:
-            db = database_proxy.obj
-            if not postgresql.connection_lost(db, e):
-                raise
-            postgresql.drop_connection(db)
-            message = postgresql.one_line(e)
-            if give_up() or time.monotonic() - began > DATASTORE_OUTAGE_LIMIT:
-                raise DatastoreLost(f"lost the datastore: {message}") from None
-            if not tries:
-                notify(f"datastore connection lost ({message}): reconnecting")
-            time.sleep(RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS) - 1)])
-            tries += 1
-            continue
-        if tries:
-            notify("datastore connection back")
-        return result
-
-
 def _features(features: frozenset[str]) -> str:
     return f" with features {', '.join(sorted(features))}" if features else ""
-
-
-def _reasons_of(uuids: list[str]) -> list[tuple[str, str]]:
-    """(UUID, why it failed) of the builds that ended failed with an attempt."""
-    reasons: dict[str, str | None] = {}
-    for start in range(0, len(uuids), 500):
-        query: Any = Build.select(Build.uuid, Build.reason).where(
-            Build.uuid.in_(uuids[start:start + 500])).tuples()
-        reasons.update(query)
-    return [(uuid, reasons.get(uuid) or "failed") for uuid in uuids]
-
-
-def _note_machine(name: str, error: str | None, backoff_until: float | None) -> None:
-    now = time.time()
-    with MachineState._meta.database.atomic():
-        state = MachineState.get_or_none(MachineState.name == name)
-        failures = 0 if error is None else (state.failures if state else 0) + 1
-        fields = {"last_error": error, "backoff_until": backoff_until, "failures": failures,
-                  "updated_at": now}
-        if state is None:
-            MachineState.create(name=name, **fields)
-        else:
-            MachineState.update(**fields).where(MachineState.name == name).execute()

@@ -6,6 +6,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from . import dependencies, events
 from .models import (
@@ -336,3 +337,13 @@ def canceled(attempt_ids: Sequence[int]) -> list[int]:
 def output_paths(drv_path: str) -> dict[str, str]:
     query = DerivationOutput.select().join(Derivation).where(Derivation.path == drv_path)
     return {o.name: o.path for o in query}
+
+
+def failure_reasons(uuids: list[str]) -> list[tuple[str, str]]:
+    """(UUID, why it failed) of the builds that ended failed with an attempt."""
+    reasons: dict[str, str | None] = {}
+    for start in range(0, len(uuids), 500):
+        query: Any = Build.select(Build.uuid, Build.reason).where(
+            Build.uuid.in_(uuids[start:start + 500])).tuples()
+        reasons.update(query)
+    return [(uuid, reasons.get(uuid) or "failed") for uuid in uuids]

@@ -107,6 +107,20 @@ def record_machines(reports: Sequence[MachineReport], now: float) -> None:
                                     updated_at=now)
 
 
+def note_machine(name: str, error: str | None, backoff_until: float | None) -> None:
+    """What an attempt or a connection found of a machine: its error and backoff, and its
+    failures in a row (none once it worked)."""
+    now = time.time()
+    with database_proxy.atomic():
+        state = MachineState.get_or_none(MachineState.name == name)
+        failures = 0 if error is None else (state.failures if state else 0) + 1
+        fields = {"last_error": error, "backoff_until": backoff_until, "failures": failures,
+                  "updated_at": now}
+        if state is None:
+            MachineState.create(name=name, **fields)
+        else:
+            MachineState.update(**fields).where(MachineState.name == name).execute()
+
 def stopped(now: float) -> None:
     """`run` stops: its machines take no build until it runs again."""
     with database_proxy.atomic():
