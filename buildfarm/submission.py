@@ -13,6 +13,7 @@ from datetime import datetime
 from buildfarm.datastore.submissions import ReadDerivation, SubmitOptions, Submitted
 from buildfarm.errors import BuildfarmError, UsageError
 from buildfarm.formats import derivation as drvmod
+from buildfarm.inventory_fields import TAG_KEY_RE, TAG_VALUE_RE
 
 # The records a submission makes are the datastore's types; they are offered here too.
 __all__ = [
@@ -21,7 +22,6 @@ __all__ = [
     "read_derivation", "submit", "text_store_path",
 ]
 
-TAG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
 MAX_TAG_VALUE = 1024
 LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last moment datetime can name
 # Not text a user means: control characters (C0, DEL, C1, Unicode's line and paragraph
@@ -46,7 +46,7 @@ def check_text(text: str, what: str, limit: int = MAX_TAG_VALUE) -> str:
 def parse_tag(text: str) -> tuple[str, str]:
     """KEY=VALUE, with a key made for filtering and a value of printable text."""
     key, sep, value = text.partition("=")
-    if not sep or not TAG_KEY.match(key):
+    if not sep or not TAG_KEY_RE.fullmatch(key):
         raise UsageError(
             f"bad tag {text!r}: use KEY=VALUE, KEY of letters, digits and _.:/- "
             "(starting with a letter, digit or _)"
@@ -54,13 +54,10 @@ def parse_tag(text: str) -> tuple[str, str]:
     return key, check_text(value, f"bad tag {key!r}")
 
 
-_TAG_WORD = re.compile(r"[!-~]{1,128}\Z")
-
-
 def parse_machine_tag(text: str) -> tuple[str, str]:
     """KEY=VALUE as a machine carries it in the inventory: a tag key and one word."""
     key, value = parse_tag(text)
-    if not _TAG_WORD.match(value):
+    if not TAG_VALUE_RE.fullmatch(value):
         raise UsageError(f"bad machine tag {text[:60]!r}: the value is one word of printable "
                          "ASCII (1 to 128 characters), as in the inventory's tags")
     return key, value

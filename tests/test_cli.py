@@ -208,6 +208,10 @@ def test_priority_says_which_inputs_it_raised(state: Path, database: ScratchData
         (("submit", str(DATA)), "is a directory"),
         (("submit", str(HELLO), "--tag", "novalue"), "bad tag 'novalue'"),
         (("submit", str(HELLO), "--tag", "=x"), "bad tag"),
+        # A machine tag follows the inventory's grammar: a tag key, one word of printable ASCII.
+        (("submit", str(HELLO), "--machine-tag", "gpu=two words"), "bad machine tag "
+         "'gpu=two words': the value is one word"),
+        (("submit", str(HELLO), "--machine-tag", "-gpu=yes"), "bad tag '-gpu=yes'"),
         (("submit", str(HELLO), "--defer-until", "next tuesday"), "bad date 'next tuesday'"),
         (("submit", str(HELLO), "--uuid", "not-a-uuid"), "is not a UUID"),
         (("submit", str(HELLO), str(TOP), "--uuid", str(uuidlib.uuid4())), "exactly one"),
