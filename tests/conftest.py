@@ -27,6 +27,7 @@ from engines import (
     server_from_environment,
     sqlite_url,
 )
+from hypothesis import settings
 from testbed import (
     DEFAULT_HOSTS,
     Host,
@@ -37,6 +38,11 @@ from testbed import (
 )
 
 _TESTBED_FIXTURES = {"testbed", "hosts", "private_nix"}
+
+# Tests never assert a duration: Hypothesis's default deadline (200 ms per example) is one,
+# and failed test_nar's tree round trip on a loaded machine.
+settings.register_profile("buildfarm", deadline=None)
+settings.load_profile("buildfarm")
 
 
 def _unavailable(problem: str) -> NoReturn:

@@ -51,6 +51,11 @@ HOSTILE = [
 ]
 
 
+class _ShortestBackoff(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
 class _LongestBackoff(random.Random):
     """Full jitter that always picks the longest delay, so back-off tests are deterministic."""
 
@@ -730,6 +735,17 @@ def test_note_failure_backs_off_and_note_success_resets() -> None:
         await remote.close()
 
     asyncio.run(scenario())
+
+
+def test_a_backoff_is_at_least_half_its_ceiling() -> None:
+    """The shortest jitter still backs a machine off for half the doubling delay: a backoff of
+    next to nothing let a misbehaving machine connect again at once."""
+    remote = Remote(LOCAL, backoff_base=10.0, backoff_max=25.0, rng=_ShortestBackoff())
+    for delay in (5, 10, 12.5):
+        before = time.time()
+        remote.note_failure("disk on fire")
+        until = remote.backed_off_until
+        assert until is not None and until >= before + delay
 
 
 def test_run_result_ok() -> None:

@@ -373,7 +373,9 @@ class Host:
         finally:
             os.close(handle)
         if self._load_namespace != self._namespace:
-            done = _run(["nsenter", f"--target={self.pid}", "--mount", "--",
+            # --root: entering a mount namespace sets the root to the namespace's own, which
+            # is not ours when the test bed runs in a chroot (a fresh machine's, say).
+            done = _run(["nsenter", f"--target={self.pid}", "--mount", "--root", "--",
                          "mount", "--bind", str(path), "/proc/loadavg"])
             if done.returncode != 0:
                 raise TestbedError(f"{self.name}: cannot set its load: {done.stderr.strip()}")

@@ -525,10 +525,10 @@ class Coordinator:
             slots.ready = False
             slots.last_error = str(e)
             slots.remote.note_failure(str(e))
+            until = slots.remote.backed_off_until  # now: a short backoff may end while we wait
             what = "machine misbehaved" if isinstance(e, ProtocolError) else "connection lost"
             ended = await self.db(functools.partial(
                 records.retry_later, run.attempt_id, f"{what}: {e}", retry, wait=False))
-            until = slots.remote.backed_off_until
             await self.db(note_machine, name, str(e), until)
             line = f"build {uuid} interrupted on {name}: {e}"
             if until is not None:

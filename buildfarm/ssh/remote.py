@@ -182,11 +182,12 @@ class Remote:
         return self._failures
 
     def note_failure(self, reason: str) -> None:
-        """Count a failure; calls fail fast for a random time up to base * 2**(failures-1)."""
+        """Count a failure; calls fail fast for a random time between half of and the whole
+        of base * 2**(failures-1) (jitter that never makes a backoff vanish)."""
         self._failures += 1
         self._last_failure = reason
         ceiling = min(self._backoff_max, self._backoff_base * 2 ** min(self._failures - 1, 60))
-        self._backed_off_until = time.time() + self._rng.uniform(0.0, ceiling)
+        self._backed_off_until = time.time() + self._rng.uniform(ceiling / 2, ceiling)
 
     def note_success(self) -> None:
         self._failures, self._backed_off_until, self._last_failure = 0, None, ""
