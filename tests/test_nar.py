@@ -318,6 +318,29 @@ def test_write_bundle_reproduces_export() -> None:
     assert streamed.getvalue() == EXPORT
 
 
+def test_max_bundle_size_is_what_the_longest_legitimate_bundle_takes() -> None:
+    """Items whose store path, references, deriver and signature are all at the longest
+    read_bundle accepts (4096-byte paths, a 64 KiB signature) make a bundle exactly as long as
+    max_bundle_size says, and read_bundle accepts it; the real export is shorter."""
+    items, nars = _read_all(EXPORT)
+    name = "-x" + "y" * 200
+    store = "/" + "s" * (4096 - 2 - 32 - len(name))
+
+    def path(i: int) -> str:
+        return f"{store}/{nar.nix_base32_encode(hashlib.sha256(b'%d' % i).digest()[:20])}{name}"
+
+    longest = [(n, path(i), [path(100 + 10 * i + r) for r in range(3 * i)], path(99 - i),
+                b"s" * (1 << 16)) for i, n in enumerate(nars)]
+    assert all(len(p) == 4096 for _, p, _, _, _ in longest)
+    out = io.BytesIO()
+    nar.write_bundle(out, longest)
+    sizes = [(len(n), 3 * i) for i, n in enumerate(nars)]
+    assert len(out.getvalue()) == nar.max_bundle_size(sizes)
+    assert len(list(nar.read_bundle(io.BytesIO(out.getvalue())))) == len(nars)
+    assert len(EXPORT) < nar.max_bundle_size([(i.nar_size, len(i.references)) for i in items])
+    assert nar.max_bundle_size([(len(nars[0]), 0), (None, 0)]) is None
+
+
 def test_write_bundle_signs_in_one_pass() -> None:
     items, nars = _read_all(EXPORT)
     seen: list[bytes] = []

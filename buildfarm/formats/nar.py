@@ -27,6 +27,7 @@ __all__ = [
     "Signature",
     "dump_path",
     "export_trailer",
+    "max_bundle_size",
     "nar_bytes",
     "nix_base32_decode",
     "nix_base32_encode",
@@ -435,6 +436,22 @@ def export_trailer(path: str, references: Iterable[str], deriver: str) -> bytes:
         + [_str(ref.encode()) for ref in refs]
         + [_str(deriver.encode())]
     )
+
+
+def max_bundle_size(items: Iterable[tuple[int | None, int | None]]) -> int | None:
+    """The most bytes a bundle of items with these (nar size, reference count) can hold and
+    still pass read_bundle: per item its nar, the item marker, the export magic, the reference
+    count and the signature marker (8 bytes each), and its store path, references, deriver and
+    signature each at the longest read_bundle accepts. An unknown count (None) counts as the
+    most read_bundle accepts, a loose bound; an unknown nar size (None) leaves no bound."""
+    path = 8 + _MAX_PATH  # a length, then the bytes padded to 8 (_MAX_PATH is a multiple of 8)
+    total = 8  # the end marker
+    for nar_size, references in items:
+        if nar_size is None:
+            return None
+        count = _MAX_REFERENCES if references is None else references
+        total += 4 * 8 + nar_size + (2 + count) * path + 8 + _MAX_SIGNATURE
+    return total
 
 
 def read_bundle(
