@@ -40,7 +40,7 @@ from guix_emulator.serialization import (
     write_string,
 )
 
-from buildfarm.errors import RemoteError
+from buildfarm.errors import ProtocolError, RemoteError
 from buildfarm.ssh.remote import CommandTimeoutError, RunResult
 from buildfarm.ssh.store_session import PathInfo, SessionFailed
 
@@ -91,6 +91,7 @@ class ScriptedStore:
     commands: list[str] = field(default_factory=list)
     imported: list[list[str]] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # the machine's temporary files
+    fetch_limits: list[int | None] = field(default_factory=list)  # what each fetch allowed
     # A Guix machine's key pair, as libgcrypt's genkey makes it: made on first use if not given.
     key: Sexp | None = field(default=None, repr=False)
     servers: dict[str, dict[str, Item]] = field(default_factory=dict)  # substitute servers
@@ -157,8 +158,12 @@ class ScriptedStore:
         return RunResult(result.argv, result.exit_status, out, err)
 
     async def fetch(self, remote_path: str, local_path: str, *,
-                    progress: Callable[[int], None] | None = None) -> int:
+                    progress: Callable[[int], None] | None = None,
+                    limit: int | None = None) -> int:
         data = self.files[remote_path]
+        self.fetch_limits.append(limit)
+        if limit is not None and len(data) > limit:  # as Remote.fetch refuses it
+            raise ProtocolError(f"{remote_path} is {len(data)} bytes, more than the {limit}")
         with open(local_path, "wb") as stream:
             stream.write(data)
         if progress is not None:

@@ -10,6 +10,7 @@ is submitted once both machines are connected. Its answer_timeout is 3 s.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +121,40 @@ def test_a_hostile_machine_is_backed_off_and_the_build_finishes_elsewhere(
     assert f"; {hostile.name} backed off until " in output, output
     assert peak < PEAK_RSS, f"coordinator peak RSS {peak} KiB ({cue})"
     print(f"{cue}: coordinator peak RSS {peak / 1024:.0f} MiB")
+
+
+@pytest.mark.parametrize(("cue", "claimed"), [
+    # The sftp-server says the export is 2^40 bytes long (it is not).
+    ("sftp-claims-huge", 1 << 40),
+    # The export is 64 MiB longer than the nar the machine reported (it is, on its disk).
+    ("export-padded", None),
+])
+def test_an_export_larger_than_its_nars_is_refused_before_it_is_pulled(
+    tmp_path: Path, hostile: Host, hosts: list[Host], cue: str, claimed: int | None,
+) -> None:
+    """The export of one output whose nar is a bit over STREAM_LIMIT bytes (a file of
+    STREAM_LIMIT + 4096 bytes and no references) can hold that nar and at most about 80 KiB
+    more (its store path, deriver and signature at their longest, and markers: the bundle
+    format, formats/nar.py); a longer export is refused before a byte of it is read."""
+    healthy = hosts[0]
+    sent = hostile.home_dir / "sftp-sent"
+    sent.unlink(missing_ok=True)
+    farm, build, output, peak = misbehave(tmp_path, hostile, healthy, cue, big=True)
+    first, *others = farm.attempts(build)
+    assert (first.machine, first.result) == (hostile.name, "interrupted"), first
+    found = re.fullmatch(
+        rf"machine misbehaved: {re.escape(hostile.name)}: (/\S+) is (\d+) bytes, more than the "
+        r"(\d+) it can legitimately hold; refused it", first.detail or "")
+    assert found is not None, first
+    size, limit = int(found[2]), int(found[3])
+    assert STREAM_LIMIT + 4096 < limit <= STREAM_LIMIT + 4096 + 96 * 1024, limit
+    padded = (64 << 20) + STREAM_LIMIT + 4096 < size <= (64 << 20) + limit  # real one + 64 MiB
+    assert size == claimed if claimed is not None else padded, size
+    assert [(a.machine, a.result) for a in others] == [(healthy.name, "success")]
+    assert f"; {hostile.name} backed off until " in output, output
+    # What the coordinator could have written into its store's tmp/: nothing of the export.
+    given = sum(int(line) for line in sent.read_text().split()) if sent.exists() else 0
+    assert given <= limit, f"the hostile sftp-server sent {given} bytes of data"
+    assert list((farm.state / "outputs" / "tmp").iterdir()) == []
+    assert peak < PEAK_RSS, f"coordinator peak RSS {peak} KiB ({cue})"
+    print(f"{cue}: coordinator peak RSS {peak / 1024:.0f} MiB, {given} bytes of data sent")

@@ -26,8 +26,9 @@ import asyncssh
 import pytest
 from testbed import Host, Testbed
 
-from buildfarm.errors import RemoteError
+from buildfarm.errors import ProtocolError, RemoteError
 from buildfarm.inventory import Machine
+from buildfarm.ssh import transfer
 from buildfarm.ssh.remote import CommandTimeoutError, Remote, RunResult
 
 BOUND = 30.0  # an upper bound for anything that should fail "quickly"; never a measurement
@@ -714,6 +715,46 @@ def test_local_transport_files(tmp_path: Path) -> None:
                 await remote.fetch(source, str(tmp_path / "never"))
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("transport", ["ssh", "local"])
+def test_fetch_refuses_a_file_larger_than_its_limit(
+    hosts: list[Host], tmp_path: Path, transport: str,
+) -> None:
+    """A file one byte over the limit is refused before any of it is read (nothing local is
+    created), with both sizes; at the limit it is fetched whole. A local copy also stops at the
+    limit when the file grows after it was measured."""
+    data = os.urandom(1_000_003)
+    machine = LOCAL if transport == "local" else machine_for(hosts[0])
+
+    async def scenario() -> None:
+        async with opened(machine) as remote:
+            source = await remote.mktemp()
+            created.append(source)
+            await remote.run(["sh", "-c", 'cat > "$1"', "sh", source], input=data, check=True)
+            never = tmp_path / "never"
+            with pytest.raises(ProtocolError, match=rf"^{machine.name}: {source} is {len(data)} "
+                               rf"bytes, more than the {len(data) - 1} it can legitimately hold"):
+                await remote.fetch(source, str(never), limit=len(data) - 1)
+            assert not never.exists()
+            whole = tmp_path / "whole"
+            assert await remote.fetch(source, str(whole), limit=len(data)) == len(data)
+            assert whole.read_bytes() == data
+            await remote.remove(source)
+
+    created: list[str] = []
+    try:
+        asyncio.run(scenario())
+    finally:
+        if transport == "ssh":
+            _remove_on(hosts[0], created)
+
+
+def test_a_local_copy_stops_at_its_limit(tmp_path: Path) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(b"y" * 5000)
+    assert asyncio.run(transfer.copy_local(str(source), str(target), None, limit=4096)) == 4096
+    assert target.read_bytes() == b"y" * 4096
 
 
 def test_note_failure_backs_off_and_note_success_resets() -> None:

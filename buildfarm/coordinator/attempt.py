@@ -29,6 +29,7 @@ from buildfarm.datastore import closure
 from buildfarm.datastore.models import DIFFERS, IDENTICAL, MISSING_INPUTS, OUTPUTS_PRESENT
 from buildfarm.errors import ArchiveError, ProtocolError, RemoteError
 from buildfarm.formats import derivation as drvmod
+from buildfarm.formats import nar
 from buildfarm.formats.signing import SigningKey
 from buildfarm.inventory import Machine
 from buildfarm.logs import LogWriter
@@ -449,16 +450,21 @@ class AttemptRun:
 
     async def fetch_outputs(self, outputs: Sequence[str]) -> list[records.OutputRecord]:
         """Export on the machine, pull over SFTP, verify, store atomically. A store session
-        sends small outputs itself: no export command, no temporary file, no SFTP."""
-        reported: dict[str, tuple[str, int | None]] | None = None
+        sends small outputs itself: no export command, no temporary file, no SFTP. The nar
+        hashes and sizes are asked first: an export larger than those nars can make it is
+        refused before it is pulled (unbounded if a size is unknown: RELIABILITY.md)."""
+        references: list[int | None] = [None] * len(outputs)
         if self.session is not None:
             infos = await self._session_infos(outputs)
             # A nar size of 0 is unknown (a path registered by an old Nix): the hash still
             # checks the transfer, but there is no length to read the stream to.
             reported = {p: (info.nar_hash, info.nar_size or None) for p, info in infos.items()}
+            references = [len(info.references) for info in infos.values()]
             sizes = [info.nar_size for info in infos.values()]
             if 0 not in sizes and sum(sizes) <= STREAM_LIMIT:
                 return await self._stream_outputs(self.session, infos, reported)
+        else:
+            reported = {p: await self._reported_hash(p) for p in outputs}
         await self.step("export-outputs")
         local_file = self.outputs.temp_path(f"attempt-{self.attempt_id}.bundle")
         remote_file = ""
@@ -469,10 +475,11 @@ class AttemptRun:
             if not result.ok or not remote_file.startswith("/"):
                 raise TransferFailed(f"export failed: {said.first_error(result.stderr)}")
             await self.step("fetch-outputs")
-            await self.remote.fetch(remote_file, local_file, progress=self.on_progress)
+            nar_sizes = [reported[p][1] for p in outputs]
+            limit = nar.max_bundle_size(zip(nar_sizes, references, strict=True))
+            await self.remote.fetch(remote_file, local_file, progress=self.on_progress,
+                                    limit=limit)
             await self.step("verify-outputs")
-            if reported is None:
-                reported = {p: await self._reported_hash(p) for p in outputs}
             return await self._store(local_file, outputs, reported)
         finally:
             if os.path.exists(local_file):

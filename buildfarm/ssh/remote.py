@@ -520,22 +520,28 @@ class Remote:
         yield sftp
 
     async def fetch(
-        self, remote_path: str, local_path: str, *, progress: Callable[[int], None] | None = None
+        self, remote_path: str, local_path: str, *, progress: Callable[[int], None] | None = None,
+        limit: int | None = None,
     ) -> int:
         """Copy ``remote_path`` to ``local_path`` and return its size. If ``local_path`` exists,
         its bytes are trusted as the file's beginning and only the rest is transferred (a file
         longer than the source is started again). ``progress`` gets the size of ``local_path``
         after every block. An error of ``local_path`` itself (a full disk) is an OSError, not
-        a RemoteError: the machine is not to blame."""
+        a RemoteError: the machine is not to blame. A file larger than ``limit`` bytes (what
+        the caller can legitimately expect) is refused before any byte of it is read, with a
+        ProtocolError; no more than the size the file had when opened is ever read, so a file
+        that grows meanwhile cannot take more either."""
         self._check_breaker()
         if self._local:
             async with self.boundary(f"cannot copy {remote_path} to {local_path}"):
-                return await transfer.copy_local(remote_path, local_path, progress)
+                self._within(remote_path, os.stat(remote_path).st_size, limit)
+                return await transfer.copy_local(remote_path, local_path, progress, limit)
         try:
             async with self.boundary(f"cannot fetch {remote_path}"), self._sftp_client() as sftp:
                 handle = await sftp.open(remote_path)
                 try:
                     size = await sftp.size(handle)
+                    self._within(remote_path, size, limit)
                     target = transfer.local(lambda: open(local_path, "ab"))  # noqa: SIM115
                     try:
                         offset = target.tell()
@@ -555,6 +561,11 @@ class Remote:
             raise exc.error from None
         except Violation as exc:
             raise self._violation(exc) from None
+
+    def _within(self, remote_path: str, size: int, limit: int | None) -> None:
+        if limit is not None and size > limit:
+            raise ProtocolError(f"{self.machine.name}: {remote_path} is {size} bytes, more than "
+                                f"the {limit} it can legitimately hold; refused it")
 
     async def remove(self, remote_path: str) -> None:
         """Delete a file on the machine; a file that is already gone is fine."""

@@ -31,19 +31,23 @@ def local(call: Callable[[], _T]) -> _T:
         raise LocalFileError(exc) from None
 
 
-async def copy_local(source: str, target: str, progress: Callable[[int], None] | None) -> int:
-    """Resumable local copy, done in a thread; progress is reported on the event loop."""
+async def copy_local(source: str, target: str, progress: Callable[[int], None] | None,
+                     limit: int | None = None) -> int:
+    """Resumable local copy, done in a thread, of at most the size the source had when opened
+    and at most `limit` bytes; progress is reported on the event loop."""
     loop = asyncio.get_running_loop()
 
     def copy() -> int:
         with open(source, "rb") as src, open(target, "ab") as dst:
             size = os.fstat(src.fileno()).st_size
+            if limit is not None:
+                size = min(size, limit)
             offset = dst.tell()
             if offset > size:
                 dst.truncate(0)
                 offset = 0
             src.seek(offset)
-            while block := src.read(1 << 20):
+            while offset < size and (block := src.read(min(1 << 20, size - offset))):
                 dst.write(block)
                 offset += len(block)
                 if progress is not None:

@@ -15,6 +15,8 @@ string is its length, its bytes and zero padding to 8 (src/libutil/serialise.cc)
 Cues for other commands:
     corrupt-nar     `--export`: the real bundle, with the length of the first file in it
                     rewritten to 2^62 bytes (a nar that ends long before what it declares)
+    export-padded   `--export`: the real bundle, then PADDING bytes of zeros (a file far
+                    larger than the nars the machine reported)
     endless-output  anything else (e.g. --check-validity): bytes on stdout without end
 Every misbehaviour sends at most LIMIT bytes, then stops (sleeps), so that a coordinator that
 does not defend itself fails its test instead of taking the test machine down.
@@ -29,6 +31,7 @@ import time
 REAL = "/usr/bin/nix-store"
 SERVE_MAGIC_1, SERVE_MAGIC_2, SERVE_VERSION = 0x390C9DEB, 0x5452EECB, 0x206
 LIMIT = 1 << 30
+PADDING = 64 << 20
 MIB = b"x" * (1 << 20)
 
 
@@ -107,6 +110,13 @@ def main() -> None:
         serve(misbehaviour)
     elif argv[:1] == ["--export"] and misbehaviour == "corrupt-nar":
         corrupt_export(argv)
+    elif argv[:1] == ["--export"] and misbehaviour == "export-padded":
+        done = subprocess.run([REAL, *argv], check=False)
+        if done.returncode != 0:
+            sys.exit(done.returncode)
+        zeros = bytes(1 << 20)
+        for _ in range(PADDING >> 20):
+            write(zeros)
     elif argv[:1] not in (["--serve"], ["--export"]) and misbehaviour == "endless-output":
         flood(b"", MIB)
     else:
