@@ -423,10 +423,8 @@ class AttemptRun:
                 on_stdout=log.write,
                 on_stderr=log.write,
                 # The store enforces both limits; these are the coordinator's safety net.
-                timeout=None if machine.timeout is None else machine.timeout + 60,
-                silence_timeout=None
-                if machine.max_silent_time is None
-                else machine.max_silent_time + 60,
+                timeout=_safety_net(machine.timeout),
+                silence_timeout=_safety_net(machine.max_silent_time),
             )
         except CommandTimeoutError as e:
             raise _gc_lock_failure(e, command, log.tail) from None
@@ -437,10 +435,8 @@ class AttemptRun:
             status, message = await session.build(
                 self.drv_path, max_silent_time=machine.max_silent_time, timeout=machine.timeout,
                 on_log=log.write,
-                safety_timeout=None if machine.timeout is None else machine.timeout + 60,
-                safety_silence=None
-                if machine.max_silent_time is None
-                else machine.max_silent_time + 60,
+                safety_timeout=_safety_net(machine.timeout),
+                safety_silence=_safety_net(machine.max_silent_time),
             )
         except SessionFailed as e:
             raise StoreCommandFailed(str(e)) from None
@@ -596,3 +592,8 @@ async def _chunks(
 async def _quietly(awaitable: Awaitable[T]) -> None:
     with contextlib.suppress(RemoteError, OSError):
         await awaitable
+
+
+def _safety_net(limit: int | None) -> int | None:
+    """The coordinator's own bound past a limit the store enforces (a minute more), or none."""
+    return None if limit is None else limit + 60

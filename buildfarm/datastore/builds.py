@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,18 +278,22 @@ def show_build(uuid: str) -> dict[str, Any]:
     }
 
 
+def _builds_named(texts: Sequence[str], refused: list[str]) -> Iterator[Build]:
+    """The build each UUID (or unique prefix) names; why not, in `refused`, for the others."""
+    for text in texts:
+        try:
+            yield get_build(text)
+        except NotFoundError as e:
+            refused.append(str(e))
+
+
 def cancel_builds(uuids: Sequence[str]) -> tuple[list[str], list[str]]:
     """Cancel every queued or running build named (a running one is stopped by the
     coordinator), in one transaction: the UUIDs canceled, and why each other could not be."""
     canceled: list[str] = []
     refused: list[str] = []
     with database_proxy.atomic():
-        for text in uuids:
-            try:
-                build = get_build(text)
-            except NotFoundError as e:
-                refused.append(str(e))
-                continue
+        for build in _builds_named(uuids, refused):
             if build.uuid in canceled:
                 continue
             if build.state in FINAL_STATES:
@@ -329,12 +333,7 @@ def retry_builds(uuids: Sequence[str], dependants: bool = False) -> tuple[list[s
     retried: list[Build] = []
     refused: list[str] = []
     with database_proxy.atomic():
-        for uuid in uuids:
-            try:
-                build = get_build(uuid)
-            except NotFoundError as e:
-                refused.append(str(e))
-                continue
+        for build in _builds_named(uuids, refused):
             if build.state != FAILED:
                 refused.append(f"build {build.uuid} is {build.state}: only a failed build is "
                                "retried")
